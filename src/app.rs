@@ -1,0 +1,180 @@
+//! The shared state of one patchbay instance, built once from a validated [`Config`] and a
+//! loaded [`Registry`], and the lifecycle that graceful shutdown drives.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::RoomTokens;
+use crate::bus::{Bus, MemoryBus};
+use crate::config::Config;
+use crate::dispatch::Dispatcher;
+use crate::registry::Registry;
+use crate::rooms::{ConnId, Rooms};
+
+/// Why an instance cannot start with this configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Some `http` action exists but no API URL is configured.
+    #[error("PATCHBAY_API_URL: required because some actions use the `http` handler")]
+    MissingApiUrl,
+    /// A configured feature that this version does not provide yet. Refusing to start is
+    /// safer than silently running without it (no authentication, or no cross-instance bus).
+    #[error("{0}: not supported by this version of patchbay yet; unset it")]
+    Unsupported(&'static str),
+}
+
+/// Everything a connection or an HTTP route needs, shared behind an `Arc`.
+pub struct App {
+    /// The configuration.
+    pub config: Config,
+    /// The actions.
+    pub registry: Registry,
+    /// Runs actions.
+    pub dispatcher: Dispatcher,
+    /// Local room membership.
+    pub rooms: Arc<Rooms>,
+    /// Carries server-fired actions between instances.
+    pub bus: Arc<dyn Bus>,
+    /// Signs room tokens.
+    pub room_tokens: RoomTokens,
+    /// Draining state, open connections and session tasks.
+    pub lifecycle: Lifecycle,
+    next_conn_id: AtomicU64,
+}
+
+impl App {
+    /// Builds an instance with the in-memory bus.
+    pub fn new(config: Config, registry: Registry) -> Result<Arc<App>, StartError> {
+        if config.redis_url.is_some() {
+            return Err(StartError::Unsupported("PATCHBAY_REDIS_URL"));
+        }
+        if config.jwt_secret.is_some() {
+            return Err(StartError::Unsupported("PATCHBAY_JWT_SECRET"));
+        }
+        if config.auth_url.is_some() {
+            return Err(StartError::Unsupported("PATCHBAY_AUTH_URL"));
+        }
+        if registry.needs_api_url() && config.api_url.is_none() {
+            return Err(StartError::MissingApiUrl);
+        }
+        let rooms = Arc::new(Rooms::default());
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(rooms.clone()));
+        Ok(Arc::new(App {
+            dispatcher: Dispatcher::new(config.api_url.clone()),
+            room_tokens: RoomTokens::new(&config.room_secret),
+            config,
+            registry,
+            rooms,
+            bus,
+            lifecycle: Lifecycle::default(),
+            next_conn_id: AtomicU64::new(1),
+        }))
+    }
+
+    /// A fresh process-local connection id.
+    pub fn next_conn_id(&self) -> ConnId {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Graceful-shutdown state and connection accounting.
+#[derive(Default)]
+pub struct Lifecycle {
+    draining: AtomicBool,
+    /// Cancelled when shutdown starts: sessions stop reading, finish in-flight requests, close.
+    drain: CancellationToken,
+    /// Every websocket session task, so shutdown can wait for them.
+    sessions: TaskTracker,
+    /// Open websocket connections, for `PATCHBAY_MAX_CONNECTIONS`.
+    connections: Arc<AtomicUsize>,
+}
+
+impl Lifecycle {
+    /// Whether shutdown has started.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Starts shutdown: `/readyz` turns 503 and sessions begin to drain.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.drain.cancel();
+        self.sessions.close();
+    }
+
+    /// Resolves when shutdown starts.
+    pub fn drain_started(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.drain.cancelled()
+    }
+
+    /// The tracker session tasks are spawned on.
+    pub fn sessions(&self) -> &TaskTracker {
+        &self.sessions
+    }
+
+    /// Takes a connection slot, or `None` when `max` connections are open.
+    pub fn try_connect(&self, max: usize) -> Option<ConnectionSlot> {
+        let counter = self.connections.clone();
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnectionSlot(counter))
+    }
+
+    /// Open websocket connections.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+}
+
+/// One open connection; the count drops when this does.
+#[derive(Debug)]
+pub struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_slots_are_capped_and_released() {
+        let l = Lifecycle::default();
+        let a = l.try_connect(2).unwrap();
+        let _b = l.try_connect(2).unwrap();
+        assert!(l.try_connect(2).is_none());
+        drop(a);
+        assert_eq!(l.connections(), 1);
+        assert!(l.try_connect(2).is_some());
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_do_yet() {
+        let cfg = Config {
+            jwt_secret: Some("s".into()),
+            ..Config::default()
+        };
+        assert!(matches!(
+            App::new(cfg, Registry::default()),
+            Err(StartError::Unsupported("PATCHBAY_JWT_SECRET"))
+        ));
+        let r = Registry::from_sources([(
+            std::path::Path::new("a.json"),
+            r#"{"X":{"http":{"method":"GET","path":"/x"}}}"#,
+        )])
+        .unwrap();
+        assert!(matches!(
+            App::new(Config::default(), r),
+            Err(StartError::MissingApiUrl)
+        ));
+    }
+}

@@ -1,0 +1,45 @@
+//! The embedded bus of a single instance: publishing is local delivery.
+
+use std::sync::Arc;
+
+use futures_util::future::{BoxFuture, FutureExt, ready};
+use serde_json::{Map, Value};
+
+use super::{Bus, BusError, BusStatus};
+use crate::rooms::Rooms;
+
+/// Delivers every publish straight to this instance's rooms.
+pub struct MemoryBus {
+    rooms: Arc<Rooms>,
+}
+
+impl MemoryBus {
+    /// A bus that delivers into `rooms`.
+    pub fn new(rooms: Arc<Rooms>) -> Self {
+        MemoryBus { rooms }
+    }
+}
+
+impl Bus for MemoryBus {
+    fn publish(
+        &self,
+        rooms: Vec<String>,
+        action: Map<String, Value>,
+    ) -> BoxFuture<'_, Result<(), BusError>> {
+        let delivery = self.rooms.deliver(&rooms, &action);
+        tracing::debug!(?delivery, rooms = rooms.len(), "published");
+        ready(Ok(())).boxed()
+    }
+
+    fn subscribe(&self, _room: &str) -> BoxFuture<'_, Result<(), BusError>> {
+        ready(Ok(())).boxed()
+    }
+
+    fn unsubscribe(&self, _room: &str) -> BoxFuture<'_, Result<(), BusError>> {
+        ready(Ok(())).boxed()
+    }
+
+    fn status(&self) -> BusStatus {
+        BusStatus::Memory
+    }
+}

@@ -1,0 +1,443 @@
+//! Typed configuration. `main` reads it from `PATCHBAY_*` variables with [`Config::from_env`];
+//! library code only ever sees the validated [`Config`], never the environment.
+//!
+//! Every field documents its default and unit; `.env.example` mirrors this file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hyper::header::HeaderName;
+use serde::Deserialize;
+
+use crate::rooms::RoomPattern;
+
+/// Why the configuration cannot be used. The message always names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn var(name: &str, msg: impl std::fmt::Display) -> Self {
+        ConfigError(format!("PATCHBAY_{}: {msg}", name.to_ascii_uppercase()))
+    }
+}
+
+/// The raw variables as `envy` reads them; [`Config::from_raw`] validates them.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct Raw {
+    listen: String,
+    api_url: Option<String>,
+    actions: PathBuf,
+    redis_url: Option<String>,
+    redis_prefix: String,
+    task_channels: String,
+    jwt_secret: Option<String>,
+    jwt_leeway_secs: String,
+    auth_url: Option<String>,
+    allow_anonymous: Option<String>,
+    public_rooms: String,
+    allowed_origins: String,
+    room_secret: Option<String>,
+    forward_headers: String,
+    publish_token: Option<String>,
+    max_frame_bytes: String,
+    max_inflight: String,
+    rate_per_sec: String,
+    rate_burst: String,
+    max_rooms: String,
+    max_connections: String,
+    send_queue: String,
+    ping_interval_secs: String,
+    idle_timeout_secs: String,
+    shutdown_grace_secs: String,
+    log: String,
+}
+
+impl Default for Raw {
+    fn default() -> Self {
+        Raw {
+            listen: "127.0.0.1:8080".into(),
+            api_url: None,
+            actions: "./actions".into(),
+            redis_url: None,
+            redis_prefix: "patchbay".into(),
+            task_channels: "tasks.*".into(),
+            jwt_secret: None,
+            jwt_leeway_secs: "5".into(),
+            auth_url: None,
+            allow_anonymous: None,
+            public_rooms: String::new(),
+            allowed_origins: String::new(),
+            room_secret: None,
+            forward_headers: "cookie,authorization".into(),
+            publish_token: None,
+            max_frame_bytes: "65536".into(),
+            max_inflight: "32".into(),
+            rate_per_sec: "100".into(),
+            rate_burst: "200".into(),
+            max_rooms: "256".into(),
+            max_connections: "100000".into(),
+            send_queue: "1024".into(),
+            ping_interval_secs: "25".into(),
+            idle_timeout_secs: "60".into(),
+            shutdown_grace_secs: "10".into(),
+            log: "info".into(),
+        }
+    }
+}
+
+/// Which origins may open a websocket besides same-host pages (contract section 5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedOrigins {
+    /// `*`: any origin.
+    Any,
+    /// Exact `scheme://host[:port]` values, compared case-insensitively.
+    List(Vec<String>),
+}
+
+/// Validated configuration of one patchbay instance.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `PATCHBAY_LISTEN`, default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// `PATCHBAY_API_URL`: base URL of the REST API, without trailing slash. Default none.
+    pub api_url: Option<String>,
+    /// `PATCHBAY_ACTIONS`: manifest directory, default `./actions`.
+    pub actions_dir: PathBuf,
+    /// `PATCHBAY_REDIS_URL`: default none (in-memory bus).
+    pub redis_url: Option<String>,
+    /// `PATCHBAY_REDIS_PREFIX`, default `patchbay`.
+    pub redis_prefix: String,
+    /// `PATCHBAY_TASK_CHANNELS`, default `tasks.*`.
+    pub task_channels: String,
+    /// `PATCHBAY_JWT_SECRET`: default none.
+    pub jwt_secret: Option<String>,
+    /// `PATCHBAY_JWT_LEEWAY_SECS`, default 5 s.
+    pub jwt_leeway: Duration,
+    /// `PATCHBAY_AUTH_URL`: default none.
+    pub auth_url: Option<String>,
+    /// `PATCHBAY_ALLOW_ANONYMOUS`: default true only when no auth method is set.
+    pub allow_anonymous: bool,
+    /// `PATCHBAY_PUBLIC_ROOMS`: rooms any connection may join; default none.
+    pub public_rooms: Vec<RoomPattern>,
+    /// `PATCHBAY_ALLOWED_ORIGINS`: default none besides same-host pages.
+    pub allowed_origins: AllowedOrigins,
+    /// `PATCHBAY_ROOM_SECRET`: key of room tokens; random per process when unset.
+    pub room_secret: Vec<u8>,
+    /// Whether `room_secret` was set explicitly (a random one differs per instance).
+    pub room_secret_is_random: bool,
+    /// `PATCHBAY_FORWARD_HEADERS`, default `cookie,authorization`.
+    pub forward_headers: Vec<HeaderName>,
+    /// `PATCHBAY_PUBLISH_TOKEN`: enables `POST /publish`; default none.
+    pub publish_token: Option<String>,
+    /// `PATCHBAY_MAX_FRAME_BYTES`, default 65536 bytes.
+    pub max_frame_bytes: usize,
+    /// `PATCHBAY_MAX_INFLIGHT`, default 32 requests per connection.
+    pub max_inflight: usize,
+    /// `PATCHBAY_RATE_PER_SEC`, default 100 frames/s per connection.
+    pub rate_per_sec: f64,
+    /// `PATCHBAY_RATE_BURST`, default 200 frames.
+    pub rate_burst: u32,
+    /// `PATCHBAY_MAX_ROOMS`, default 256 rooms per connection.
+    pub max_rooms: usize,
+    /// `PATCHBAY_MAX_CONNECTIONS`, default 100000 per instance.
+    pub max_connections: usize,
+    /// `PATCHBAY_SEND_QUEUE`, default 1024 messages queued per connection before it is
+    /// closed with 4008 as too slow.
+    pub send_queue: usize,
+    /// `PATCHBAY_PING_INTERVAL_SECS`, default 25 s between websocket pings.
+    pub ping_interval: Duration,
+    /// `PATCHBAY_IDLE_TIMEOUT_SECS`, default 60 s without any frame from the client.
+    pub idle_timeout: Duration,
+    /// `PATCHBAY_SHUTDOWN_GRACE_SECS`, default 10 s for in-flight requests at shutdown.
+    pub shutdown_grace: Duration,
+    /// `PATCHBAY_LOG`, default `info`: a tracing filter.
+    pub log: String,
+}
+
+impl Default for Config {
+    /// The documented defaults, as if no variable were set (with a random room secret).
+    fn default() -> Self {
+        Config::from_raw(Raw::default()).expect("defaults are valid")
+    }
+}
+
+impl Config {
+    /// Reads `PATCHBAY_*` from the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads `PATCHBAY_*` from the given pairs (other names are ignored).
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let raw: Raw = envy::prefixed("PATCHBAY_")
+            .from_iter(vars)
+            .map_err(|e| ConfigError(format!("configuration: {e}")))?;
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: Raw) -> Result<Config, ConfigError> {
+        let listen = raw.listen.trim().parse().map_err(|_| {
+            ConfigError::var(
+                "listen",
+                format!("`{}` is not an address like 127.0.0.1:8080", raw.listen),
+            )
+        })?;
+        let api_url = non_empty(raw.api_url)
+            .map(|u| parse_url("api_url", &u).map(|u| u.trim_end_matches('/').to_string()))
+            .transpose()?;
+        let redis_url = non_empty(raw.redis_url);
+        let jwt_secret = non_empty(raw.jwt_secret);
+        let auth_url = non_empty(raw.auth_url)
+            .map(|u| parse_url("auth_url", &u))
+            .transpose()?;
+        let allow_anonymous = match non_empty(raw.allow_anonymous) {
+            None => jwt_secret.is_none() && auth_url.is_none(),
+            Some(v) => parse_bool("allow_anonymous", &v)?,
+        };
+        let public_rooms = list(&raw.public_rooms)
+            .map(|p| RoomPattern::parse(p).map_err(|e| ConfigError::var("public_rooms", e)))
+            .collect::<Result<_, _>>()?;
+        let origins: Vec<String> = list(&raw.allowed_origins)
+            .map(|o| o.to_ascii_lowercase())
+            .collect();
+        let allowed_origins = if origins.iter().any(|o| o == "*") {
+            AllowedOrigins::Any
+        } else {
+            AllowedOrigins::List(origins)
+        };
+        let (room_secret, room_secret_is_random) = match non_empty(raw.room_secret) {
+            Some(s) => (s.into_bytes(), false),
+            None => (
+                uuid::Uuid::new_v4()
+                    .as_bytes()
+                    .iter()
+                    .chain(uuid::Uuid::new_v4().as_bytes())
+                    .copied()
+                    .collect(),
+                true,
+            ),
+        };
+        let forward_headers = list(&raw.forward_headers)
+            .map(|h| {
+                HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                    ConfigError::var("forward_headers", format!("`{h}` is not a header name"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let rate_per_sec: f64 = number("rate_per_sec", &raw.rate_per_sec)?;
+        if !(rate_per_sec.is_finite() && rate_per_sec > 0.0) {
+            return Err(ConfigError::var(
+                "rate_per_sec",
+                "must be a positive number",
+            ));
+        }
+        Ok(Config {
+            listen,
+            api_url,
+            actions_dir: raw.actions,
+            redis_url,
+            redis_prefix: raw.redis_prefix,
+            task_channels: raw.task_channels,
+            jwt_secret,
+            jwt_leeway: Duration::from_secs(number("jwt_leeway_secs", &raw.jwt_leeway_secs)?),
+            auth_url,
+            allow_anonymous,
+            public_rooms,
+            allowed_origins,
+            room_secret,
+            room_secret_is_random,
+            forward_headers,
+            publish_token: non_empty(raw.publish_token),
+            max_frame_bytes: positive("max_frame_bytes", &raw.max_frame_bytes)?,
+            max_inflight: positive("max_inflight", &raw.max_inflight)?,
+            rate_per_sec,
+            rate_burst: positive("rate_burst", &raw.rate_burst)?,
+            max_rooms: positive("max_rooms", &raw.max_rooms)?,
+            max_connections: positive("max_connections", &raw.max_connections)?,
+            send_queue: positive("send_queue", &raw.send_queue)?,
+            ping_interval: Duration::from_secs(positive(
+                "ping_interval_secs",
+                &raw.ping_interval_secs,
+            )?),
+            idle_timeout: Duration::from_secs(positive(
+                "idle_timeout_secs",
+                &raw.idle_timeout_secs,
+            )?),
+            shutdown_grace: Duration::from_secs(number(
+                "shutdown_grace_secs",
+                &raw.shutdown_grace_secs,
+            )?),
+            log: raw.log,
+        })
+    }
+}
+
+fn non_empty(v: Option<String>) -> Option<String> {
+    v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+}
+
+/// Splits a comma list, dropping blanks.
+fn list(s: &str) -> impl Iterator<Item = &str> {
+    s.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+fn number<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, ConfigError> {
+    v.trim()
+        .parse()
+        .map_err(|_| ConfigError::var(name, format!("`{v}` is not a valid number")))
+}
+
+fn positive<T: std::str::FromStr + PartialOrd + Default>(
+    name: &str,
+    v: &str,
+) -> Result<T, ConfigError> {
+    let n: T = number(name, v)?;
+    if n <= T::default() {
+        return Err(ConfigError::var(
+            name,
+            format!("`{v}` must be greater than 0"),
+        ));
+    }
+    Ok(n)
+}
+
+fn parse_bool(name: &str, v: &str) -> Result<bool, ConfigError> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::var(
+            name,
+            format!("`{v}` is not true or false"),
+        )),
+    }
+}
+
+fn parse_url(name: &str, v: &str) -> Result<String, ConfigError> {
+    let url = reqwest::Url::parse(v)
+        .map_err(|e| ConfigError::var(name, format!("`{v}` is not a URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(ConfigError::var(
+            name,
+            format!("`{v}` must be an http:// or https:// URL"),
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(ConfigError::var(
+            name,
+            format!("`{v}` must not have a query or fragment"),
+        ));
+    }
+    Ok(v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.actions_dir, PathBuf::from("./actions"));
+        assert_eq!(c.max_frame_bytes, 65536);
+        assert_eq!(c.max_inflight, 32);
+        assert_eq!(c.max_rooms, 256);
+        assert_eq!(c.max_connections, 100_000);
+        assert_eq!(c.rate_burst, 200);
+        assert!(c.allow_anonymous);
+        assert!(c.room_secret_is_random);
+        assert_eq!(
+            c.forward_headers,
+            vec![
+                HeaderName::from_static("cookie"),
+                HeaderName::from_static("authorization")
+            ]
+        );
+        assert_eq!(c.allowed_origins, AllowedOrigins::List(vec![]));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let e = cfg(&[("PATCHBAY_MAX_INFLIGHT", "lots")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("PATCHBAY_MAX_INFLIGHT:"), "{e}");
+        let e = cfg(&[("PATCHBAY_MAX_ROOMS", "0")]).unwrap_err().to_string();
+        assert!(e.starts_with("PATCHBAY_MAX_ROOMS:"), "{e}");
+        let e = cfg(&[("PATCHBAY_LISTEN", "nowhere")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("PATCHBAY_LISTEN:"), "{e}");
+        let e = cfg(&[("PATCHBAY_API_URL", "ftp://x")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("PATCHBAY_API_URL:"), "{e}");
+        let e = cfg(&[("PATCHBAY_API_URL", "not a url")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("PATCHBAY_API_URL:"), "{e}");
+        let e = cfg(&[("PATCHBAY_FORWARD_HEADERS", "cookie,bad header")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("PATCHBAY_FORWARD_HEADERS:"), "{e}");
+        let e = cfg(&[("PATCHBAY_ALLOW_ANONYMOUS", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("PATCHBAY_ALLOW_ANONYMOUS:"), "{e}");
+        let e = cfg(&[("PATCHBAY_PUBLIC_ROOMS", "lobby,bad room")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("PATCHBAY_PUBLIC_ROOMS:"), "{e}");
+        let e = cfg(&[("PATCHBAY_RATE_PER_SEC", "NaN")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("PATCHBAY_RATE_PER_SEC:"), "{e}");
+    }
+
+    #[test]
+    fn lists_and_urls_are_normalised() {
+        let c = cfg(&[
+            ("PATCHBAY_API_URL", "http://api.local:9000/v1/"),
+            ("PATCHBAY_ALLOWED_ORIGINS", " https://App.example.com , "),
+            ("PATCHBAY_PUBLIC_ROOMS", "lobby,news:*"),
+            ("PATCHBAY_PUBLISH_TOKEN", ""),
+            ("OTHER", "ignored"),
+        ])
+        .unwrap();
+        assert_eq!(c.api_url.as_deref(), Some("http://api.local:9000/v1"));
+        assert_eq!(
+            c.allowed_origins,
+            AllowedOrigins::List(vec!["https://app.example.com".into()])
+        );
+        assert_eq!(c.public_rooms.len(), 2);
+        assert_eq!(c.publish_token, None);
+        let c = cfg(&[("PATCHBAY_ALLOWED_ORIGINS", "https://a.example,*")]).unwrap();
+        assert_eq!(c.allowed_origins, AllowedOrigins::Any);
+    }
+
+    #[test]
+    fn anonymous_defaults_off_when_auth_is_configured() {
+        assert!(
+            !cfg(&[("PATCHBAY_JWT_SECRET", "s")])
+                .unwrap()
+                .allow_anonymous
+        );
+        assert!(
+            cfg(&[
+                ("PATCHBAY_JWT_SECRET", "s"),
+                ("PATCHBAY_ALLOW_ANONYMOUS", "true")
+            ])
+            .unwrap()
+            .allow_anonymous
+        );
+    }
+}

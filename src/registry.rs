@@ -1,0 +1,484 @@
+//! The typed action registry: `actions/*.json` manifests turned into [`ActionSpec`]s once at
+//! start-up (contract section 3). Every error names the file and the action, and stops start-up.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::template::Template;
+
+/// Upstream timeout when a manifest sets no `timeoutMs`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(10_000);
+/// Largest accepted `timeoutMs` (one hour): anything longer is surely a typo.
+const MAX_TIMEOUT_MS: u64 = 3_600_000;
+/// Spec keys besides the handler.
+const SPEC_KEYS: [&str; 5] = ["description", "payload", "timeoutMs", "subscribe", "client"];
+
+/// A manifest that cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", file.display(), action.as_ref().map(|a| format!(": action {a}")).unwrap_or_default())]
+pub struct ManifestError {
+    /// The manifest file.
+    pub file: PathBuf,
+    /// The action, when the error is about one.
+    pub action: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The handler kinds, as they appear in a spec: exactly one key naming the kind.
+/// New kinds are new variants; [`crate::dispatch`] matches them in one place.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum HandlerSpec {
+    Http(HttpSpec),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpSpec {
+    method: String,
+    path: String,
+}
+
+/// HTTP methods an `http` action may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// GET: payload goes in the query string.
+    Get,
+    /// POST: payload is the JSON body.
+    Post,
+    /// PUT: payload is the JSON body.
+    Put,
+    /// PATCH: payload is the JSON body.
+    Patch,
+    /// DELETE: payload goes in the query string.
+    Delete,
+}
+
+impl Method {
+    fn parse(s: &str) -> Option<Method> {
+        Some(match s {
+            "GET" => Method::Get,
+            "POST" => Method::Post,
+            "PUT" => Method::Put,
+            "PATCH" => Method::Patch,
+            "DELETE" => Method::Delete,
+            _ => return None,
+        })
+    }
+
+    /// Whether the payload travels in the query string rather than the body.
+    pub fn uses_query(self) -> bool {
+        matches!(self, Method::Get | Method::Delete)
+    }
+
+    /// The method as the HTTP client wants it.
+    pub fn as_http(self) -> reqwest::Method {
+        match self {
+            Method::Get => reqwest::Method::GET,
+            Method::Post => reqwest::Method::POST,
+            Method::Put => reqwest::Method::PUT,
+            Method::Patch => reqwest::Method::PATCH,
+            Method::Delete => reqwest::Method::DELETE,
+        }
+    }
+}
+
+/// A REST call on the user's behalf.
+#[derive(Debug, Clone)]
+pub struct HttpAction {
+    /// The method.
+    pub method: Method,
+    /// The path template, appended to `PATCHBAY_API_URL`.
+    pub path: Template,
+}
+
+/// What runs an action.
+#[derive(Debug, Clone)]
+pub enum Handler {
+    /// Call the REST API.
+    Http(HttpAction),
+}
+
+/// One action, ready to dispatch.
+#[derive(Debug)]
+pub struct ActionSpec {
+    /// The action name (`TASKS_FETCH`).
+    pub name: String,
+    /// What runs it.
+    pub handler: Handler,
+    /// The payload schema, compiled once.
+    pub schema: Option<jsonschema::Validator>,
+    /// Upstream timeout.
+    pub timeout: Duration,
+    /// Room to join on success, filled from the success payload.
+    pub subscribe: Option<Template>,
+}
+
+/// All actions of this instance.
+#[derive(Debug, Default)]
+pub struct Registry {
+    actions: HashMap<String, Arc<ActionSpec>>,
+    /// The manifests as written, merged into one object and serialized once for `GET /actions`.
+    manifest_json: Bytes,
+}
+
+impl Registry {
+    /// Loads every `*.json` file of `dir` (sorted by name; other files are ignored).
+    pub fn load_dir(dir: &Path) -> Result<Registry, ManifestError> {
+        let dir_err = |message: String| ManifestError {
+            file: dir.to_path_buf(),
+            action: None,
+            message,
+        };
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| dir_err(format!("cannot read the actions directory: {e}")))?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json") && p.is_file())
+            .collect();
+        files.sort();
+        let mut sources = Vec::with_capacity(files.len());
+        for file in files {
+            let text = std::fs::read_to_string(&file).map_err(|e| ManifestError {
+                file: file.clone(),
+                action: None,
+                message: format!("cannot read: {e}"),
+            })?;
+            sources.push((file, text));
+        }
+        Self::from_sources(sources.iter().map(|(f, t)| (f.as_path(), t.as_str())))
+    }
+
+    /// Builds a registry from `(file name, JSON text)` pairs.
+    pub fn from_sources<'a>(
+        sources: impl IntoIterator<Item = (&'a Path, &'a str)>,
+    ) -> Result<Registry, ManifestError> {
+        let mut actions = HashMap::new();
+        let mut origin: HashMap<String, PathBuf> = HashMap::new();
+        let mut merged = Map::new();
+        for (file, text) in sources {
+            let err = |action: Option<&str>, message: String| ManifestError {
+                file: file.to_path_buf(),
+                action: action.map(str::to_string),
+                message,
+            };
+            let value: Value = serde_json::from_str(text)
+                .map_err(|e| err(None, format!("not valid JSON: {e}")))?;
+            let Value::Object(specs) = value else {
+                return Err(err(
+                    None,
+                    "a manifest must be a JSON object mapping action names to specs".into(),
+                ));
+            };
+            for (name, spec) in specs {
+                if let Some(first) = origin.get(&name) {
+                    return Err(err(
+                        Some(&name),
+                        format!(
+                            "duplicate action name, already defined in {}",
+                            first.display()
+                        ),
+                    ));
+                }
+                let parsed = parse_spec(&name, &spec).map_err(|m| err(Some(&name), m))?;
+                origin.insert(name.clone(), file.to_path_buf());
+                actions.insert(name.clone(), Arc::new(parsed));
+                merged.insert(name, spec);
+            }
+        }
+        let manifest_json =
+            Bytes::from(serde_json::to_vec(&merged).expect("JSON values always serialize"));
+        Ok(Registry {
+            actions,
+            manifest_json,
+        })
+    }
+
+    /// The action called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<ActionSpec>> {
+        self.actions.get(name)
+    }
+
+    /// Number of actions.
+    pub fn len(&self) -> usize {
+        self.actions.len()
+    }
+
+    /// Whether there are no actions.
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+
+    /// Whether some action calls the REST API (and so needs `PATCHBAY_API_URL`).
+    pub fn needs_api_url(&self) -> bool {
+        self.actions
+            .values()
+            .any(|a| matches!(a.handler, Handler::Http(_)))
+    }
+
+    /// The manifests as written, merged into one JSON object.
+    pub fn manifest_json(&self) -> &Bytes {
+        &self.manifest_json
+    }
+}
+
+/// Whether `name` is an action name: `[A-Z][A-Z0-9_]*`.
+fn valid_action_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_uppercase())
+        && bytes.all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
+fn parse_spec(name: &str, spec: &Value) -> Result<ActionSpec, String> {
+    if !valid_action_name(name) {
+        return Err("action names must match [A-Z][A-Z0-9_]*".into());
+    }
+    if name.len() + crate::protocol::REQUEST_SUFFIX.len() > crate::protocol::MAX_TYPE_BYTES {
+        return Err(format!(
+            "action name is too long: `{name}_REQUEST` must fit in {} bytes",
+            crate::protocol::MAX_TYPE_BYTES
+        ));
+    }
+    let Value::Object(spec) = spec else {
+        return Err("a spec must be a JSON object".into());
+    };
+    let handler_keys: Vec<&String> = spec
+        .keys()
+        .filter(|k| !SPEC_KEYS.contains(&k.as_str()))
+        .collect();
+    let handler_key = match handler_keys.as_slice() {
+        [one] => *one,
+        [] => return Err("no handler: add one of `http`".into()),
+        many => {
+            let list = many
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(format!(
+                "one handler per action, and no other keys than {SPEC_KEYS:?}; found {list}"
+            ));
+        }
+    };
+    let tagged = Value::Object(Map::from_iter([(
+        handler_key.clone(),
+        spec[handler_key].clone(),
+    )]));
+    let handler = match serde_json::from_value::<HandlerSpec>(tagged) {
+        Ok(HandlerSpec::Http(http)) => Handler::Http(parse_http(http)?),
+        Err(e) if e.to_string().starts_with("unknown variant") => {
+            return Err(format!(
+                "unknown key or handler `{handler_key}` (handlers: http; other keys: {SPEC_KEYS:?})"
+            ));
+        }
+        Err(e) => return Err(format!("`{handler_key}`: {e}")),
+    };
+    if let Some(d) = spec.get("description").filter(|d| !d.is_string()) {
+        return Err(format!("`description` must be a string, not {d}"));
+    }
+    if let Some(c) = spec.get("client").filter(|c| !c.is_object()) {
+        return Err(format!("`client` must be an object, not {c}"));
+    }
+    let schema = match spec.get("payload") {
+        None => None,
+        Some(schema) => Some(
+            jsonschema::validator_for(schema)
+                .map_err(|e| format!("`payload` is not a valid JSON Schema: {e}"))?,
+        ),
+    };
+    let timeout = match spec.get("timeoutMs") {
+        None => DEFAULT_TIMEOUT,
+        Some(v) => match v.as_u64() {
+            Some(ms) if (1..=MAX_TIMEOUT_MS).contains(&ms) => Duration::from_millis(ms),
+            _ => {
+                return Err(format!(
+                    "`timeoutMs` must be an integer from 1 to {MAX_TIMEOUT_MS}, not {v}"
+                ));
+            }
+        },
+    };
+    let subscribe = match spec.get("subscribe") {
+        None => None,
+        Some(Value::String(t)) => {
+            let template = Template::parse(t).map_err(|e| format!("`subscribe`: {e}"))?;
+            if t.is_empty()
+                || template
+                    .literal_text()
+                    .bytes()
+                    .any(|b| !b.is_ascii_graphic())
+            {
+                return Err(format!(
+                    "`subscribe`: `{t}` cannot form a room name (printable ASCII, no spaces)"
+                ));
+            }
+            Some(template)
+        }
+        Some(v) => {
+            return Err(format!(
+                "`subscribe` must be a room template string, not {v}"
+            ));
+        }
+    };
+    Ok(ActionSpec {
+        name: name.to_string(),
+        handler,
+        schema,
+        timeout,
+        subscribe,
+    })
+}
+
+fn parse_http(http: HttpSpec) -> Result<HttpAction, String> {
+    let method = Method::parse(&http.method).ok_or_else(|| {
+        format!(
+            "`http.method` must be GET, POST, PUT, PATCH or DELETE, not `{}`",
+            http.method
+        )
+    })?;
+    let path = Template::parse(&http.path).map_err(|e| format!("`http.path`: {e}"))?;
+    if !path.starts_with_slash() {
+        return Err(format!(
+            "`http.path` must start with `/`, not `{}`",
+            http.path
+        ));
+    }
+    if let Some(c) = path
+        .literal_text()
+        .chars()
+        .find(|c| matches!(c, '?' | '#') || !c.is_ascii_graphic())
+    {
+        return Err(format!(
+            "`http.path` must not contain {c:?}: the query string is built from the payload"
+        ));
+    }
+    Ok(HttpAction { method, path })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(files: &[(&str, &str)]) -> Result<Registry, ManifestError> {
+        Registry::from_sources(files.iter().map(|(f, t)| (Path::new(f), *t)))
+    }
+
+    fn load_err(text: &str) -> String {
+        load(&[("a.json", text)]).unwrap_err().to_string()
+    }
+
+    const CONTRACT_EXAMPLE: &str = r#"{
+      "TASKS_FETCH": {
+        "description": "One page of the current user's tasks",
+        "http": { "method": "GET", "path": "/tasks" },
+        "payload": { "type": "object", "properties": { "page": { "type": "integer", "minimum": 1 } } },
+        "timeoutMs": 5000
+      },
+      "TASK_ENQUEUE": { "http": { "method": "POST", "path": "/tasks" }, "subscribe": "task:{id}" },
+      "TASK_FETCH": { "http": { "method": "GET", "path": "/tasks/{id}" }, "client": { "poll": {} } }
+    }"#;
+
+    #[test]
+    fn loads_the_contract_example() {
+        let r = load(&[("tasks.json", CONTRACT_EXAMPLE)]).unwrap();
+        assert_eq!(r.len(), 3);
+        let fetch = r.get("TASKS_FETCH").unwrap();
+        assert_eq!(fetch.timeout, Duration::from_millis(5000));
+        let schema = fetch.schema.as_ref().unwrap();
+        assert!(schema.is_valid(&serde_json::json!({"page": 1})));
+        assert!(!schema.is_valid(&serde_json::json!({"page": 0})));
+        assert_eq!(r.get("TASK_FETCH").unwrap().timeout, DEFAULT_TIMEOUT);
+        assert!(r.get("TASK_ENQUEUE").unwrap().subscribe.is_some());
+        let Handler::Http(h) = &r.get("TASK_FETCH").unwrap().handler;
+        assert_eq!(h.method, Method::Get);
+        assert!(r.needs_api_url());
+        let merged: Value = serde_json::from_slice(r.manifest_json()).unwrap();
+        assert_eq!(
+            merged["TASK_FETCH"]["client"],
+            serde_json::json!({"poll": {}})
+        );
+    }
+
+    #[test]
+    fn errors_name_file_and_action() {
+        let e = load_err(r#"{"X": {"grpc": {}}}"#);
+        assert!(
+            e.starts_with("a.json: action X: unknown key or handler `grpc`"),
+            "{e}"
+        );
+        let e = load_err(r#"{"X": {"http": {"method": "FETCH", "path": "/x"}}}"#);
+        assert!(e.contains("action X") && e.contains("http.method"), "{e}");
+        let e = load_err(r#"{"X": {"http": {"method": "GET", "path": "/x/{id"}}}"#);
+        assert!(e.contains("action X") && e.contains("http.path"), "{e}");
+        let e = load_err(r#"{"X": {"http": {"method": "GET", "path": "x"}}}"#);
+        assert!(e.contains("must start with `/`"), "{e}");
+        let e = load_err(r#"{"X": {"http": {"method": "GET", "path": "/x?a=1"}}}"#);
+        assert!(e.contains("http.path"), "{e}");
+        let e = load_err(r#"{"X": {"http": {"method": "GET", "path": "/x", "extra": 1}}}"#);
+        assert!(e.contains("action X") && e.contains("extra"), "{e}");
+        let e = load_err(
+            r#"{"X": {"http": {"method": "GET", "path": "/x"}, "payload": {"type": "nonsense"}}}"#,
+        );
+        assert!(e.contains("action X") && e.contains("JSON Schema"), "{e}");
+        let e = load_err(r#"{"X": {"http": {"method": "GET", "path": "/x"}, "timeoutMs": 0}}"#);
+        assert!(e.contains("timeoutMs"), "{e}");
+        let e = load_err(r#"{"X": {"description": "no handler"}}"#);
+        assert!(e.contains("no handler"), "{e}");
+        let e = load_err(r#"{"x_lower": {"http": {"method": "GET", "path": "/x"}}}"#);
+        assert!(e.contains("action x_lower") && e.contains("[A-Z]"), "{e}");
+        let e = load_err(
+            r#"{"X": {"http": {"method": "GET", "path": "/x"}, "subscribe": "task {id}"}}"#,
+        );
+        assert!(e.contains("subscribe"), "{e}");
+        let e = load_err(r#"{"X": {"http": {"method": "GET", "path": "/x"}, "client": 3}}"#);
+        assert!(e.contains("client"), "{e}");
+        let e = load_err("[1]");
+        assert!(e.starts_with("a.json: a manifest must be"), "{e}");
+        let e = load_err("{ broken");
+        assert!(e.starts_with("a.json: not valid JSON"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_names_across_files_are_refused() {
+        let one = r#"{"X": {"http": {"method": "GET", "path": "/x"}}}"#;
+        let e = load(&[("a.json", one), ("b.json", one)])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "b.json: action X: duplicate action name, already defined in a.json"
+        );
+    }
+
+    #[test]
+    fn remote_refs_are_never_fetched() {
+        let e = load_err(
+            r#"{"X": {"http": {"method": "GET", "path": "/x"}, "payload": {"$ref": "http://127.0.0.1:9/schema.json"}}}"#,
+        );
+        assert!(e.contains("action X"), "{e}");
+    }
+
+    #[test]
+    fn loads_a_directory_and_ignores_other_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("b.json"),
+            r#"{"B": {"http": {"method": "DELETE", "path": "/b/{id}"}}}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("a.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
+        let r = Registry::load_dir(dir.path()).unwrap();
+        assert_eq!(r.len(), 1);
+        let e = Registry::load_dir(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot read the actions directory"), "{e}");
+    }
+}

@@ -1,0 +1,321 @@
+//! Local room membership and delivery: which connections of this instance are in which room.
+//!
+//! Maps are kept in both directions (room → connections, connection → rooms) so that leaving
+//! every room on disconnect is one call. Delivery serializes an action once per target room and
+//! shares the bytes with every recipient; each connection receives a multi-room action once.
+//! The [`crate::bus`] decides which actions reach this instance; this module only fans out.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::RwLock;
+
+use serde_json::{Map, Value};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::outbox::Outbox;
+use crate::protocol;
+
+/// Longest room name, in bytes.
+pub const MAX_ROOM_BYTES: usize = 128;
+
+/// Identifies a connection inside this process (cheap to hash, never sent to clients).
+pub type ConnId = u64;
+
+/// Whether `room` is a valid room name: 1–128 bytes of printable ASCII without whitespace.
+pub fn valid_room(room: &str) -> bool {
+    (1..=MAX_ROOM_BYTES).contains(&room.len()) && room.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A room name or a `prefix*` pattern, as in grants and `PATCHBAY_PUBLIC_ROOMS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomPattern {
+    /// Exactly this room.
+    Exact(String),
+    /// Every room starting with this prefix (the pattern without its trailing `*`).
+    Prefix(String),
+}
+
+impl RoomPattern {
+    /// Parses `room` or `prefix*`.
+    pub fn parse(s: &str) -> Result<RoomPattern, String> {
+        if !valid_room(s) {
+            return Err(format!(
+                "`{s}` is not a room name (1-128 printable ASCII bytes, no spaces)"
+            ));
+        }
+        Ok(match s.strip_suffix('*') {
+            Some(prefix) => RoomPattern::Prefix(prefix.to_string()),
+            None => RoomPattern::Exact(s.to_string()),
+        })
+    }
+
+    /// Whether the pattern admits `room`.
+    pub fn matches(&self, room: &str) -> bool {
+        match self {
+            RoomPattern::Exact(r) => r == room,
+            RoomPattern::Prefix(p) => room.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// Why a join was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    /// The connection is already in `PATCHBAY_MAX_ROOMS` rooms.
+    #[error("this connection is already in {0} rooms, the most allowed")]
+    TooMany(usize),
+    /// The connection is not registered (it is closing).
+    #[error("connection is closing")]
+    Gone,
+}
+
+/// How many connections an action reached.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Connections whose queue accepted the action.
+    pub delivered: usize,
+    /// Connections whose queue was full (they are being closed with 4008).
+    pub dropped: usize,
+}
+
+struct Member {
+    outbox: Outbox,
+    rooms: HashSet<String>,
+}
+
+#[derive(Default)]
+struct Maps {
+    rooms: HashMap<String, HashSet<ConnId>>,
+    members: HashMap<ConnId, Member>,
+}
+
+/// The room registry of this instance.
+#[derive(Default)]
+pub struct Rooms {
+    /// `std` lock: no `.await` ever happens while it is held, and delivery only `try_send`s.
+    maps: RwLock<Maps>,
+}
+
+impl Rooms {
+    /// Registers a connection so that it can join rooms.
+    pub fn register(&self, id: ConnId, outbox: Outbox) {
+        self.maps.write().unwrap().members.insert(
+            id,
+            Member {
+                outbox,
+                rooms: HashSet::new(),
+            },
+        );
+    }
+
+    /// Removes a connection from every room; returns the rooms that became empty.
+    pub fn unregister(&self, id: ConnId) -> Vec<String> {
+        let mut maps = self.maps.write().unwrap();
+        let Some(member) = maps.members.remove(&id) else {
+            return Vec::new();
+        };
+        member
+            .rooms
+            .into_iter()
+            .filter(|room| remove_from_room(&mut maps.rooms, room, id))
+            .collect()
+    }
+
+    /// Adds a connection to a room. Returns `true` when the room was new on this instance.
+    pub fn join(&self, id: ConnId, room: &str, max_rooms: usize) -> Result<bool, JoinError> {
+        let mut maps = self.maps.write().unwrap();
+        let maps = &mut *maps;
+        let member = maps.members.get_mut(&id).ok_or(JoinError::Gone)?;
+        if member.rooms.contains(room) {
+            return Ok(false);
+        }
+        if member.rooms.len() >= max_rooms {
+            return Err(JoinError::TooMany(max_rooms));
+        }
+        member.rooms.insert(room.to_string());
+        let conns = maps.rooms.entry(room.to_string()).or_default();
+        conns.insert(id);
+        Ok(conns.len() == 1)
+    }
+
+    /// Removes a connection from a room. Returns `true` when the room became empty.
+    pub fn leave(&self, id: ConnId, room: &str) -> bool {
+        let mut maps = self.maps.write().unwrap();
+        let was_member = maps
+            .members
+            .get_mut(&id)
+            .is_some_and(|m| m.rooms.remove(room));
+        was_member && remove_from_room(&mut maps.rooms, room, id)
+    }
+
+    /// The rooms a connection is in.
+    pub fn rooms_of(&self, id: ConnId) -> Vec<String> {
+        let maps = self.maps.read().unwrap();
+        maps.members
+            .get(&id)
+            .map(|m| m.rooms.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether at least one local connection is in `room`.
+    pub fn has_members(&self, room: &str) -> bool {
+        self.maps.read().unwrap().rooms.contains_key(room)
+    }
+
+    /// Number of rooms with local members.
+    pub fn room_count(&self) -> usize {
+        self.maps.read().unwrap().rooms.len()
+    }
+
+    /// Delivers `action` (an object with a string `type`) to every local connection in at
+    /// least one of `targets`, once each; `meta.room` is the first target room the connection
+    /// is in. The action is serialized once per target room that has recipients.
+    pub fn deliver(&self, targets: &[String], action: &Map<String, Value>) -> Delivery {
+        let maps = self.maps.read().unwrap();
+        let mut seen: HashSet<ConnId> = HashSet::new();
+        let mut result = Delivery::default();
+        for room in targets {
+            let Some(conns) = maps.rooms.get(room) else {
+                continue;
+            };
+            let mut bytes: Option<Utf8Bytes> = None;
+            for id in conns {
+                if targets.len() > 1 && !seen.insert(*id) {
+                    continue;
+                }
+                let Some(member) = maps.members.get(id) else {
+                    continue;
+                };
+                let text = bytes
+                    .get_or_insert_with(|| protocol::server_action_for_room(action, room).into());
+                if member.outbox.push(text.clone()) {
+                    result.delivered += 1;
+                } else {
+                    result.dropped += 1;
+                }
+            }
+        }
+        result
+    }
+}
+
+fn remove_from_room(rooms: &mut HashMap<String, HashSet<ConnId>>, room: &str, id: ConnId) -> bool {
+    let Some(conns) = rooms.get_mut(room) else {
+        return false;
+    };
+    conns.remove(&id);
+    if conns.is_empty() {
+        rooms.remove(room);
+        return true;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tokio_tungstenite::tungstenite::Message;
+
+    fn text(m: Message) -> Value {
+        match m {
+            Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn room_names() {
+        assert!(valid_room("task:42"));
+        assert!(valid_room(&"r".repeat(128)));
+        assert!(!valid_room(""));
+        assert!(!valid_room(&"r".repeat(129)));
+        assert!(!valid_room("a b"));
+        assert!(!valid_room("tab\there"));
+        assert!(!valid_room("é"));
+    }
+
+    #[test]
+    fn patterns() {
+        let p = RoomPattern::parse("task:10*").unwrap();
+        assert!(p.matches("task:10"));
+        assert!(p.matches("task:1055"));
+        assert!(!p.matches("task:1"));
+        let e = RoomPattern::parse("org:7").unwrap();
+        assert!(e.matches("org:7"));
+        assert!(!e.matches("org:70"));
+        assert!(RoomPattern::parse("bad room").is_err());
+    }
+
+    #[test]
+    fn join_leave_keep_both_maps_in_step() {
+        let rooms = Rooms::default();
+        let (a, _ra) = Outbox::new(8);
+        let (b, _rb) = Outbox::new(8);
+        rooms.register(1, a);
+        rooms.register(2, b);
+        assert_eq!(rooms.join(1, "r", 10), Ok(true));
+        assert_eq!(rooms.join(2, "r", 10), Ok(false));
+        assert_eq!(rooms.join(1, "r", 10), Ok(false));
+        assert_eq!(rooms.join(1, "s", 10), Ok(true));
+        assert_eq!(rooms.join(1, "t", 2), Err(JoinError::TooMany(2)));
+        assert_eq!(rooms.join(9, "t", 2), Err(JoinError::Gone));
+        assert!(!rooms.leave(2, "r"));
+        assert!(!rooms.leave(2, "r"), "leaving twice changes nothing");
+        let mut emptied = rooms.unregister(1);
+        emptied.sort();
+        assert_eq!(emptied, vec!["r".to_string(), "s".to_string()]);
+        assert_eq!(rooms.room_count(), 0);
+    }
+
+    #[test]
+    fn multi_room_delivery_reaches_each_connection_once() {
+        let rooms = Rooms::default();
+        let (a, mut ra) = Outbox::new(8);
+        let (b, mut rb) = Outbox::new(8);
+        rooms.register(1, a);
+        rooms.register(2, b);
+        rooms.join(1, "task:1", 10).unwrap();
+        rooms.join(1, "user:1", 10).unwrap();
+        rooms.join(2, "user:1", 10).unwrap();
+        let action = json!({"type":"TASK_PROGRESS","payload":{"id":1}});
+        let d = rooms.deliver(
+            &["task:1".into(), "user:1".into()],
+            action.as_object().unwrap(),
+        );
+        assert_eq!(
+            d,
+            Delivery {
+                delivered: 2,
+                dropped: 0
+            }
+        );
+        assert_eq!(text(ra.try_recv().unwrap())["meta"]["room"], "task:1");
+        assert!(ra.try_recv().is_err(), "connection 1 got it once");
+        assert_eq!(text(rb.try_recv().unwrap())["meta"]["room"], "user:1");
+        assert!(rb.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_full_queue_drops_only_that_connection() {
+        let rooms = Rooms::default();
+        let (slow, _rs) = Outbox::new(1);
+        let (fast, mut rf) = Outbox::new(8);
+        let slow_closer = slow.closer().clone();
+        rooms.register(1, slow);
+        rooms.register(2, fast);
+        rooms.join(1, "r", 10).unwrap();
+        rooms.join(2, "r", 10).unwrap();
+        let action = json!({"type":"A"});
+        rooms.deliver(&["r".into()], action.as_object().unwrap());
+        let d = rooms.deliver(&["r".into()], action.as_object().unwrap());
+        assert_eq!(
+            d,
+            Delivery {
+                delivered: 1,
+                dropped: 1
+            }
+        );
+        assert_eq!(slow_closer.reason(), Some(crate::error::Disconnect::Slow));
+        assert!(rf.try_recv().is_ok() && rf.try_recv().is_ok());
+    }
+}

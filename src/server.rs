@@ -1,0 +1,114 @@
+//! The accept loop and graceful shutdown.
+//!
+//! patchbay accepts TCP itself (TCP_NODELAY on every socket) and serves each connection with
+//! hyper's HTTP/1 server; `/ws` upgrades leave hyper for [`crate::session`].
+//!
+//! Shutdown: `/readyz` turns 503 `draining` and new handshakes get 503 while sessions finish
+//! their in-flight requests (up to `PATCHBAY_SHUTDOWN_GRACE_SECS`) and close with 1001; then
+//! the listener closes and idle HTTP connections are shut down.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::App;
+
+/// How long a client may take to send request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Extra time after the grace period for sessions to write their close frames.
+const CLOSE_ALLOWANCE: Duration = Duration::from_secs(7);
+
+/// Binds `addr` with SO_REUSEADDR, so a restarted instance can rebind at once.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Serves `listener` until `shutdown` resolves, then drains and returns.
+pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+    let http_stop = CancellationToken::new();
+    let http_conns = TaskTracker::new();
+    let accept = |stream: io::Result<(TcpStream, SocketAddr)>| match stream {
+        Ok((stream, _)) => {
+            http_conns.spawn(serve_connection(stream, app.clone(), http_stop.clone()));
+            None
+        }
+        // Out of file descriptors and the like: back off instead of spinning.
+        Err(e) => {
+            tracing::warn!(error = %e, "accept failed");
+            Some(tokio::time::sleep(Duration::from_millis(100)))
+        }
+    };
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            res = listener.accept() => if let Some(backoff) = accept(res) { backoff.await },
+        }
+    }
+
+    tracing::info!(
+        connections = app.lifecycle.connections(),
+        "shutting down: draining"
+    );
+    app.lifecycle.begin_drain();
+    let sessions_done = tokio::time::timeout(
+        app.config.shutdown_grace + CLOSE_ALLOWANCE,
+        app.lifecycle.sessions().wait(),
+    );
+    tokio::pin!(sessions_done);
+    // Keep answering HTTP while sessions drain, so probes see `draining` rather than a refusal.
+    loop {
+        tokio::select! {
+            res = &mut sessions_done => {
+                if res.is_err() { tracing::warn!("some sessions did not finish in time"); }
+                break;
+            }
+            res = listener.accept() => if let Some(backoff) = accept(res) { backoff.await },
+        }
+    }
+    drop(listener);
+    http_stop.cancel();
+    http_conns.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), http_conns.wait()).await;
+    tracing::info!("stopped");
+}
+
+async fn serve_connection(stream: TcpStream, app: Arc<App>, stop: CancellationToken) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    let service = service_fn(move |req| {
+        let app = app.clone();
+        async move { Ok::<_, std::convert::Infallible>(crate::http::route(req, app).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

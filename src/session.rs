@@ -1,0 +1,518 @@
+//! One websocket connection.
+//!
+//! The socket is split: a writer task drains the connection's bounded [`Outbox`] (batching
+//! with `feed` + one `flush`), and the reader loop `select!`s over the close signal, shutdown,
+//! finished requests and the next frame. Requests run concurrently as futures owned by the
+//! loop, so per-connection state (granted rooms, in-flight count) needs no lock. Cleanup
+//! happens once, after the loop. Generic over `Sink`/`Stream` so tests can drive it directly.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
+use hyper::HeaderMap;
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tracing::Instrument;
+
+use crate::app::App;
+use crate::auth::Identity;
+use crate::dispatch::{CallContext, Success};
+use crate::error::{ActionError, Code, Disconnect};
+use crate::outbox::{Closer, Outbox};
+use crate::protocol::{self, Builtin, Request};
+use crate::registry::ActionSpec;
+use crate::rooms::{ConnId, JoinError, valid_room};
+
+/// How long closing may take (writing queued frames and the close frame) before the socket
+/// is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most frames written between two flushes.
+const MAX_BATCH: usize = 64;
+
+/// Who is on the other end of a new connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Process-local id, for the room registry.
+    pub conn_id: ConnId,
+    /// The id sent to the client in `@@patchbay/CONNECTED`.
+    pub connection_id: String,
+    /// The authenticated identity.
+    pub identity: Identity,
+    /// Handshake headers forwarded upstream.
+    pub forwarded: Arc<HeaderMap>,
+}
+
+/// A request that finished; the loop turns it into a reply and applies its effects.
+enum Done {
+    /// Send this and nothing else.
+    Reply(String),
+    /// A manifest action finished.
+    Action {
+        spec: Arc<ActionSpec>,
+        request_id: String,
+        result: Result<Success, ActionError>,
+    },
+}
+
+/// Runs one connection until it closes. Never panics on client input.
+pub async fn run<S>(ws: S, app: Arc<App>, peer: Peer)
+where
+    S: Sink<Message, Error = WsError> + Stream<Item = Result<Message, WsError>> + Send + 'static,
+{
+    let (sink, stream) = ws.split();
+    let (outbox, rx) = Outbox::new(app.config.send_queue);
+    let closer = outbox.closer().clone();
+    app.rooms.register(peer.conn_id, outbox.clone());
+    let mut writer = tokio::spawn(
+        write_loop(sink, rx, closer.clone(), app.config.ping_interval).in_current_span(),
+    );
+
+    let mut session = Session {
+        app: app.clone(),
+        peer,
+        outbox,
+        grants: HashSet::new(),
+        pending: FuturesUnordered::new(),
+        actions_in_flight: 0,
+    };
+    if session.start().await {
+        session.read_loop(stream).await;
+    }
+
+    // Cleanup, once: leave every room, then let the writer finish.
+    let Session { peer, outbox, .. } = session;
+    for room in app.rooms.unregister(peer.conn_id) {
+        if let Err(e) = app.bus.unsubscribe(&room).await {
+            tracing::warn!(%room, error = %e, "bus unsubscribe failed");
+        }
+    }
+    drop(outbox);
+    if tokio::time::timeout(CLOSE_TIMEOUT + Duration::from_secs(1), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+    tracing::debug!(reason = ?closer.reason(), "connection closed");
+}
+
+struct Session {
+    app: Arc<App>,
+    peer: Peer,
+    outbox: Outbox,
+    /// Rooms granted on this connection by a successful action's `subscribe`.
+    grants: HashSet<String>,
+    /// Requests in flight, polled by the read loop.
+    pending: FuturesUnordered<BoxFuture<'static, Done>>,
+    /// Manifest actions among `pending` (built-ins do not count towards the cap).
+    actions_in_flight: usize,
+}
+
+impl Session {
+    /// Joins the initial rooms and greets the client. Returns false if the connection is
+    /// already closing.
+    async fn start(&mut self) -> bool {
+        let mut initial = Vec::new();
+        if let Some(room) = self.peer.identity.user_room() {
+            if self
+                .app
+                .rooms
+                .join(self.peer.conn_id, &room, usize::MAX)
+                .is_ok()
+                && let Err(e) = self.app.bus.subscribe(&room).await
+            {
+                tracing::warn!(%room, error = %e, "bus subscribe failed");
+            }
+            initial.push(room);
+        }
+        let hello = protocol::connected(
+            &self.peer.connection_id,
+            self.peer.identity.user_id.as_deref(),
+            &initial,
+        );
+        self.outbox.push(hello.into())
+    }
+
+    async fn read_loop<R>(&mut self, mut stream: R)
+    where
+        R: Stream<Item = Result<Message, WsError>> + Unpin,
+    {
+        let closer = self.outbox.closer().clone();
+        let idle_timeout = self.app.config.idle_timeout;
+        let idle = sleep(idle_timeout);
+        tokio::pin!(idle);
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                biased;
+                _ = closer.closed() => return,
+                _ = self.app.lifecycle.drain_started(), if drain_deadline.is_none() => {
+                    drain_deadline = Some(Instant::now() + self.app.config.shutdown_grace);
+                }
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => self.finish(done),
+                _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
+                    tracing::warn!(abandoned = self.pending.len(), "shutdown grace ran out with requests in flight");
+                    break;
+                }
+                _ = &mut idle, if drain_deadline.is_none() => {
+                    closer.close(Disconnect::Idle);
+                    return;
+                }
+                frame = stream.next(), if drain_deadline.is_none() => {
+                    idle.as_mut().reset(Instant::now() + idle_timeout);
+                    match frame {
+                        Some(Ok(Message::Text(text))) => self.on_text(text.as_str()),
+                        Some(Ok(Message::Binary(_))) => self.send(protocol::frame_error(&protocol::FrameError::binary())),
+                        Some(Ok(Message::Close(_))) | None => return,
+                        Some(Ok(_)) => {} // ping, pong: tungstenite answers pings itself
+                        Some(Err(e)) => {
+                            if let Some(reason) = read_error_disconnect(&e) {
+                                tracing::info!(error = %e, code = reason.code(), "closing after a bad frame");
+                                closer.close(reason);
+                            }
+                            return;
+                        }
+                    }
+                }
+            }
+            if drain_deadline.is_some() && self.pending.is_empty() {
+                break;
+            }
+        }
+        // Only shutdown leaves the loop with `break`.
+        closer.close(Disconnect::Shutdown);
+    }
+
+    fn send(&self, text: String) {
+        self.outbox.push(text.into());
+    }
+
+    fn fail(&self, name: &str, request_id: &str, err: &ActionError) {
+        self.send(protocol::failure(name, request_id, err));
+    }
+
+    fn on_text(&mut self, text: &str) {
+        let req = match protocol::parse_request(text) {
+            Ok(req) => req,
+            Err(e) => return self.send(protocol::frame_error(&e)),
+        };
+        match req.builtin {
+            Some(Builtin::Ping) => self.send(protocol::success(
+                &req.name,
+                &req.request_id,
+                &json!({}),
+                Map::new(),
+            )),
+            Some(Builtin::Subscribe) => self.on_subscribe(req),
+            Some(Builtin::Unsubscribe) => self.on_unsubscribe(req),
+            None => self.on_action(req),
+        }
+    }
+
+    fn on_action(&mut self, req: Request) {
+        let Some(spec) = self.app.registry.get(&req.name).cloned() else {
+            return self.fail(
+                &req.name,
+                &req.request_id,
+                &ActionError::new(Code::UnknownAction, format!("no action named {}", req.name)),
+            );
+        };
+        if self.actions_in_flight >= self.app.config.max_inflight {
+            let err = ActionError::new(
+                Code::TooManyRequests,
+                format!(
+                    "more than {} requests in flight on this connection",
+                    self.app.config.max_inflight
+                ),
+            );
+            return self.fail(&req.name, &req.request_id, &err);
+        }
+        self.actions_in_flight += 1;
+        let app = self.app.clone();
+        let ctx = CallContext {
+            request_id: req.request_id.clone(),
+            forwarded: self.peer.forwarded.clone(),
+        };
+        let span = tracing::info_span!("request", action = %req.name, request_id = %req.request_id);
+        self.pending.push(
+            async move {
+                let started = Instant::now();
+                let result = app.dispatcher.run(&spec, &req.payload, &ctx).await;
+                match &result {
+                    Ok(_) => tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ok"),
+                    Err(e) => tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, code = ?e.code, "failed"),
+                }
+                Done::Action { spec, request_id: req.request_id, result }
+            }
+            .instrument(span)
+            .boxed(),
+        );
+    }
+
+    fn finish(&mut self, done: Done) {
+        match done {
+            Done::Reply(text) => self.send(text),
+            Done::Action {
+                spec,
+                request_id,
+                result,
+            } => {
+                self.actions_in_flight -= 1;
+                match result {
+                    Err(e) => self.fail(&spec.name, &request_id, &e),
+                    Ok(success) => self.on_success(&spec, request_id, success),
+                }
+            }
+        }
+    }
+
+    /// Sends a success, first joining the manifest's `subscribe` room if it has one.
+    fn on_success(&mut self, spec: &ActionSpec, request_id: String, mut success: Success) {
+        let room = spec.subscribe.as_ref().and_then(|t| {
+            let room = success.payload.as_object().and_then(|fields| t.fill(fields, str::to_string).ok()).filter(|r| valid_room(r));
+            if room.is_none() {
+                tracing::warn!(action = %spec.name, "success payload cannot fill the `subscribe` room: not subscribing");
+            }
+            room
+        });
+        let Some(room) = room else {
+            return self.send(protocol::success(
+                &spec.name,
+                &request_id,
+                &success.payload,
+                success.meta,
+            ));
+        };
+        self.grants.insert(room.clone());
+        if let Err(e) = self
+            .app
+            .rooms
+            .join(self.peer.conn_id, &room, self.app.config.max_rooms)
+        {
+            tracing::warn!(%room, error = %e, "cannot join the `subscribe` room");
+            return self.send(protocol::success(
+                &spec.name,
+                &request_id,
+                &success.payload,
+                success.meta,
+            ));
+        }
+        let token = self
+            .app
+            .room_tokens
+            .issue(&room, self.peer.identity.user_id.as_deref());
+        success
+            .meta
+            .insert("subscribed".into(), Value::String(room.clone()));
+        success
+            .meta
+            .insert("roomToken".into(), Value::String(token));
+        self.after_bus_subscribe(room, spec.name.clone(), request_id, success);
+    }
+
+    fn on_subscribe(&mut self, req: Request) {
+        let (room, token) = match room_payload(&req.payload) {
+            Ok(r) => r,
+            Err(e) => return self.fail(&req.name, &req.request_id, &e),
+        };
+        let user = self.peer.identity.user_id.as_deref();
+        let allowed = self
+            .peer
+            .identity
+            .may_join(&room, &self.app.config.public_rooms)
+            || self.grants.contains(&room)
+            || token
+                .as_deref()
+                .is_some_and(|t| self.app.room_tokens.verify(t, &room, user));
+        if !allowed {
+            return self.fail(
+                &req.name,
+                &req.request_id,
+                &ActionError::new(
+                    Code::Forbidden,
+                    format!("this connection may not join {room}"),
+                ),
+            );
+        }
+        match self
+            .app
+            .rooms
+            .join(self.peer.conn_id, &room, self.app.config.max_rooms)
+        {
+            Ok(_) => {}
+            Err(e @ JoinError::TooMany(_)) => {
+                return self.fail(
+                    &req.name,
+                    &req.request_id,
+                    &ActionError::new(Code::Forbidden, e.to_string()),
+                );
+            }
+            Err(JoinError::Gone) => return,
+        }
+        let reply = Success {
+            payload: json!({ "room": room }),
+            meta: Map::new(),
+        };
+        self.after_bus_subscribe(room, req.name, req.request_id, reply);
+    }
+
+    /// Sends `reply` as `<name>_SUCCESS` once the bus confirms the subscription to `room`;
+    /// if the bus fails, leaves the room again and answers `internal`.
+    fn after_bus_subscribe(
+        &mut self,
+        room: String,
+        name: String,
+        request_id: String,
+        reply: Success,
+    ) {
+        let app = self.app.clone();
+        let conn_id = self.peer.conn_id;
+        self.pending.push(
+            async move {
+                match app.bus.subscribe(&room).await {
+                    Ok(()) => Done::Reply(protocol::success(
+                        &name,
+                        &request_id,
+                        &reply.payload,
+                        reply.meta,
+                    )),
+                    Err(e) => {
+                        if app.rooms.leave(conn_id, &room) {
+                            let _ = app.bus.unsubscribe(&room).await;
+                        }
+                        Done::Reply(protocol::failure(
+                            &name,
+                            &request_id,
+                            &ActionError::internal(e),
+                        ))
+                    }
+                }
+            }
+            .boxed(),
+        );
+    }
+
+    fn on_unsubscribe(&mut self, req: Request) {
+        let (room, _) = match room_payload(&req.payload) {
+            Ok(r) => r,
+            Err(e) => return self.fail(&req.name, &req.request_id, &e),
+        };
+        let reply = protocol::success(
+            &req.name,
+            &req.request_id,
+            &json!({ "room": room }),
+            Map::new(),
+        );
+        if self.app.rooms.leave(self.peer.conn_id, &room) {
+            let app = self.app.clone();
+            self.pending.push(
+                async move {
+                    if let Err(e) = app.bus.unsubscribe(&room).await {
+                        tracing::warn!(%room, error = %e, "bus unsubscribe failed");
+                    }
+                    Done::Reply(reply)
+                }
+                .boxed(),
+            );
+        } else {
+            self.send(reply);
+        }
+    }
+}
+
+/// `{"room": "...", "token"?: "..."}` of SUBSCRIBE / UNSUBSCRIBE.
+fn room_payload(payload: &Value) -> Result<(String, Option<String>), ActionError> {
+    let invalid = |m: &str| ActionError::new(Code::InvalidPayload, m);
+    let room = payload
+        .get("room")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("payload.room must be a string"))?;
+    if !valid_room(room) {
+        return Err(invalid(
+            "payload.room must be 1-128 bytes of printable ASCII without whitespace",
+        ));
+    }
+    let token = match payload.get("token") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) => Some(t.clone()),
+        Some(_) => return Err(invalid("payload.token must be a string")),
+    };
+    Ok((room.to_string(), token))
+}
+
+/// The close code for a read error, or `None` when the connection is simply gone.
+fn read_error_disconnect(e: &WsError) -> Option<Disconnect> {
+    match e {
+        WsError::Capacity(_) => Some(Disconnect::TooLarge),
+        WsError::Utf8(_) => Some(Disconnect::BadUtf8),
+        WsError::Protocol(_) => Some(Disconnect::Protocol),
+        _ => None,
+    }
+}
+
+/// Resolves only for a close that must not wait for queued frames (a slow client).
+async fn urgent_close(closer: &Closer) -> Disconnect {
+    let reason = closer.closed().await;
+    if reason.drains_queue() {
+        std::future::pending::<()>().await;
+    }
+    reason
+}
+
+/// Drains the outbox into the socket until the outbox is dropped or a close is requested.
+async fn write_loop<K>(
+    mut sink: K,
+    mut rx: mpsc::Receiver<Message>,
+    closer: Arc<Closer>,
+    ping_every: Duration,
+) where
+    K: Sink<Message, Error = WsError> + Unpin,
+{
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let reason = loop {
+        let first = tokio::select! {
+            biased;
+            reason = closer.closed() => break Some(reason),
+            msg = rx.recv() => match msg {
+                Some(msg) => msg,
+                None => break None,
+            },
+            _ = ping.tick() => Message::Ping(Default::default()),
+        };
+        let batch = async {
+            sink.feed(first).await?;
+            for _ in 1..MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(msg) => sink.feed(msg).await?,
+                    Err(_) => break,
+                }
+            }
+            sink.flush().await
+        };
+        tokio::select! {
+            biased;
+            reason = urgent_close(&closer) => break Some(reason),
+            res = batch => if res.is_err() { break None },
+        }
+    };
+    let finish = async {
+        if let Some(reason) = reason {
+            if reason.drains_queue() {
+                rx.close();
+                while let Ok(msg) = rx.try_recv() {
+                    sink.feed(msg).await?;
+                }
+            }
+            sink.send(Message::Close(Some(reason.frame()))).await?;
+        }
+        sink.close().await
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, finish).await;
+}

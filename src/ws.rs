@@ -1,0 +1,164 @@
+//! The `GET /ws` upgrade, done at the hyper layer so that patchbay owns tungstenite's
+//! [`WebSocketConfig`] (small read buffer, frame and message limits) and the TCP socket.
+//!
+//! Checks, in order: draining (503), method and websocket headers (400/426), Origin (403),
+//! connection limit (503). Then it answers 101 and runs the session on the upgraded socket.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::header::{
+    CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION,
+    UPGRADE,
+};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::Instrument;
+
+use crate::app::App;
+use crate::auth::{self, Identity};
+use crate::http::{Body, error_response};
+use crate::session::{self, Peer};
+
+/// Bytes read from the socket at a time. tungstenite's default (128 KiB) would be allocated
+/// for every idle connection; frames larger than this are simply read in several steps.
+const READ_BUFFER: usize = 4 * 1024;
+/// Frames are written to the socket once this many bytes are buffered, or on flush.
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// The websocket settings of every connection.
+pub fn ws_config(max_message: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
+}
+
+fn has_token(headers: &HeaderMap, name: hyper::header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Handles `GET /ws`.
+pub fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
+    if app.lifecycle.is_draining() {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this instance is shutting down",
+        );
+    }
+    let headers = req.headers();
+    if req.method() != Method::GET
+        || !has_token(headers, UPGRADE, "websocket")
+        || !has_token(headers, CONNECTION, "upgrade")
+    {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "not_websocket",
+            "GET /ws must be a websocket upgrade",
+        );
+    }
+    if headers
+        .get(SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut resp = error_response(
+            StatusCode::UPGRADE_REQUIRED,
+            "bad_version",
+            "only websocket version 13 is supported",
+        );
+        resp.headers_mut()
+            .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return resp;
+    }
+    let Some(key) = headers.get(SEC_WEBSOCKET_KEY) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "not_websocket",
+            "missing Sec-WebSocket-Key",
+        );
+    };
+    if !auth::origin_allowed(headers, &app.config.allowed_origins) {
+        tracing::info!(origin = ?headers.get(hyper::header::ORIGIN), "refused a foreign origin");
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            "this origin may not open a websocket here",
+        );
+    }
+    let Some(slot) = app.lifecycle.try_connect(app.config.max_connections) else {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            "this instance is at its connection limit",
+        );
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let mut forwarded = HeaderMap::new();
+    for name in &app.config.forward_headers {
+        for value in headers.get_all(name) {
+            forwarded.append(name.clone(), value.clone());
+        }
+    }
+    let peer = Peer {
+        conn_id: app.next_conn_id(),
+        connection_id: uuid::Uuid::new_v4().to_string(),
+        identity: Identity::default(),
+        forwarded: Arc::new(forwarded),
+    };
+    let span = tracing::info_span!("conn", id = %peer.connection_id);
+    let config = ws_config(app.config.max_frame_bytes);
+    let tasks = app.lifecycle.sessions().clone();
+    tasks.spawn(
+        async move {
+            let _slot = slot;
+            let upgraded = match hyper::upgrade::on(req).await {
+                Ok(u) => u,
+                Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
+            };
+            tracing::debug!("connected");
+            // Our accept loop serves plain TCP, so the upgraded IO is the TcpStream itself:
+            // unwrap it and skip a layer of indirection on every read and write.
+            match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => {
+                    let ws = WebSocketStream::from_partially_read(
+                        parts.io.into_inner(),
+                        parts.read_buf.to_vec(),
+                        Role::Server,
+                        Some(config),
+                    )
+                    .await;
+                    session::run(ws, app, peer).await;
+                }
+                Err(upgraded) => {
+                    let ws = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(config),
+                    )
+                    .await;
+                    session::run(ws, app, peer).await;
+                }
+            }
+        }
+        .instrument(span),
+    );
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "Upgrade")
+        .header(SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::default())
+        .expect("static response parts are valid")
+}
