@@ -153,8 +153,10 @@ async fn publish(req: Request<Incoming>, app: &App) -> Response<Body> {
     let Value::Object(action) = body.action else {
         unreachable!("checked above")
     };
+    // Order matters (`meta.room` is the first target room a connection is in): keep it.
+    let mut seen = std::collections::HashSet::new();
     let mut rooms = body.rooms;
-    rooms.dedup();
+    rooms.retain(|r| seen.insert(r.clone()));
     let count = rooms.len();
     match app.bus.publish(rooms, action).await {
         Ok(()) => json_response(StatusCode::ACCEPTED, &json!({"rooms": count})),

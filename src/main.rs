@@ -1,5 +1,6 @@
 //! The `patchbay` binary: configuration, logging, start-up checks, then the library's server.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
@@ -37,7 +38,10 @@ fn main() -> ExitCode {
             ));
         }
     };
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
+        .init();
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::debug!(limit = n, "open-file limit raised"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),

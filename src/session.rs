@@ -516,3 +516,91 @@ async fn write_loop<K>(
     };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, finish).await;
 }
+
+#[cfg(test)]
+mod tests {
+    //! The session driven in-process over an in-memory duplex pipe: no TCP, virtual time.
+
+    use super::*;
+    use crate::config::Config;
+    use crate::registry::Registry;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    async fn pair(
+        config: Config,
+    ) -> (
+        WebSocketStream<tokio::io::DuplexStream>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let app = App::new(config, Registry::default()).unwrap();
+        let (server_io, client_io) = tokio::io::duplex(64 * 1024);
+        let server = WebSocketStream::from_raw_socket(server_io, Role::Server, None).await;
+        let client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let peer = Peer {
+            conn_id: 1,
+            connection_id: "c1".into(),
+            identity: Identity::default(),
+            forwarded: Arc::default(),
+        };
+        (client, tokio::spawn(run(server, app, peer)))
+    }
+
+    async fn next_json(ws: &mut WebSocketStream<tokio::io::DuplexStream>) -> Value {
+        loop {
+            match ws.next().await.expect("open").expect("no error") {
+                Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn greets_answers_and_reports_unknown_actions() {
+        let (mut ws, _session) = pair(Config::default()).await;
+        assert_eq!(next_json(&mut ws).await["payload"]["connectionId"], "c1");
+        ws.send(Message::Text(
+            r#"{"type":"@@patchbay/PING_REQUEST","meta":{"requestId":"p1"}}"#.into(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            next_json(&mut ws).await,
+            json!({"type":"@@patchbay/PING_SUCCESS","payload":{},"meta":{"requestId":"p1"}})
+        );
+        ws.send(Message::Text(
+            r#"{"type":"NOPE_REQUEST","meta":{"requestId":"n1"}}"#.into(),
+        ))
+        .await
+        .unwrap();
+        let reply = next_json(&mut ws).await;
+        assert_eq!(
+            (reply["type"].as_str(), reply["payload"]["code"].as_str()),
+            (Some("NOPE_FAILURE"), Some("unknown_action"))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_closed_after_the_idle_timeout() {
+        let config = Config {
+            idle_timeout: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(3600),
+            ..Config::default()
+        };
+        let (mut ws, session) = pair(config).await;
+        next_json(&mut ws).await;
+        let started = Instant::now();
+        let close = loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        };
+        assert_eq!(close.map(|f| u16::from(f.code)), Some(1000));
+        assert!(started.elapsed() >= Duration::from_secs(30));
+        drop(ws);
+        session.await.unwrap();
+    }
+}

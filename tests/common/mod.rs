@@ -411,3 +411,30 @@ pub async fn http_call(
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     )
 }
+
+/// Sends a PING and expects the very next message to be its reply: proves the connection is
+/// still open and nothing else was queued before it.
+pub async fn assert_answers_ping(client: &mut Client) {
+    let id = uuid::Uuid::new_v4().to_string();
+    client
+        .send(json!({"type": "@@patchbay/PING_REQUEST", "meta": {"requestId": id}}))
+        .await;
+    let reply = client.recv().await;
+    assert_eq!(reply["type"], "@@patchbay/PING_SUCCESS", "{reply}");
+    assert_eq!(reply["meta"]["requestId"], id.as_str(), "{reply}");
+}
+
+/// Asserts `reply` is `<name>_FAILURE` with `code` and returns its payload.
+pub fn assert_failure<'a>(reply: &'a Value, name: &str, code: &str) -> &'a Value {
+    assert_eq!(reply["type"], format!("{name}_FAILURE"), "{reply}");
+    assert_eq!(reply["error"], true, "{reply}");
+    assert_eq!(reply["payload"]["code"], code, "{reply}");
+    assert!(
+        reply["payload"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "a failure explains itself: {reply}"
+    );
+    assert!(reply["meta"]["requestId"].is_string(), "{reply}");
+    &reply["payload"]
+}

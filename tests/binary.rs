@@ -1,0 +1,143 @@
+//! The `patchbay` binary as an operator runs it: start-up errors, the listening line, and a
+//! graceful exit on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn patchbay(envs: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_patchbay"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(std::env::temp_dir());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn fails_with(envs: &[(&str, &str)]) -> String {
+    let out = patchbay(envs).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "start-up must fail: {out:?}");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn bad_configuration_stops_start_up_naming_the_culprit() {
+    let dir = tempfile::tempdir().unwrap();
+    let actions = dir.path().to_str().unwrap();
+    let err = fails_with(&[
+        ("PATCHBAY_ACTIONS", actions),
+        ("PATCHBAY_MAX_INFLIGHT", "lots"),
+    ]);
+    assert!(err.contains("PATCHBAY_MAX_INFLIGHT"), "{err}");
+    let err = fails_with(&[("PATCHBAY_ACTIONS", actions), ("PATCHBAY_LOG", "[[[")]);
+    assert!(err.contains("PATCHBAY_LOG"), "{err}");
+    let err = fails_with(&[("PATCHBAY_ACTIONS", "/nonexistent/patchbay-actions")]);
+    assert!(
+        err.contains("/nonexistent/patchbay-actions") && err.contains("cannot read"),
+        "{err}"
+    );
+
+    std::fs::write(
+        dir.path().join("tasks.json"),
+        r#"{"TASK_FETCH": {"http": {"method": "FETCH", "path": "/tasks/{id}"}}}"#,
+    )
+    .unwrap();
+    let err = fails_with(&[
+        ("PATCHBAY_ACTIONS", actions),
+        ("PATCHBAY_API_URL", "http://127.0.0.1:1"),
+    ]);
+    assert!(
+        err.contains("tasks.json") && err.contains("TASK_FETCH") && err.contains("http.method"),
+        "{err}"
+    );
+
+    std::fs::write(
+        dir.path().join("tasks.json"),
+        r#"{"TASK_FETCH": {"http": {"method": "GET", "path": "/tasks/{id}"}}}"#,
+    )
+    .unwrap();
+    let err = fails_with(&[("PATCHBAY_ACTIONS", actions)]);
+    assert!(err.contains("PATCHBAY_API_URL"), "{err}");
+    let err = fails_with(&[
+        ("PATCHBAY_ACTIONS", actions),
+        ("PATCHBAY_API_URL", "http://127.0.0.1:1"),
+        ("PATCHBAY_REDIS_URL", "redis://127.0.0.1:1"),
+    ]);
+    assert!(err.contains("PATCHBAY_REDIS_URL"), "{err}");
+
+    let out = patchbay(&[]).arg("bogus").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// Starts the binary on a free port and returns it with its address.
+fn spawn_listening(actions: &str) -> (Child, String) {
+    let mut child = patchbay(&[
+        ("PATCHBAY_ACTIONS", actions),
+        ("PATCHBAY_LISTEN", "127.0.0.1:0"),
+        ("PATCHBAY_SHUTDOWN_GRACE_SECS", "2"),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit())
+    .spawn()
+    .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("listening on ").nth(1) {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the binary logs `listening on <addr>`");
+    (child, addr)
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_1001_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_listening(dir.path().to_str().unwrap());
+    let (status, body) = http_get(&format!("http://{addr}/readyz")).await;
+    assert_eq!(
+        (status, body),
+        (200, serde_json::json!({"status": "ok", "bus": "memory"}))
+    );
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    use futures_util::StreamExt;
+    let hello = ws.next().await.unwrap().unwrap();
+    assert!(hello.to_text().unwrap().contains("@@patchbay/CONNECTED"));
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let close = tokio::time::timeout(WAIT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("closed in time");
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1001));
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
