@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit and integration tests against real sockets and a real HTTP
-# upstream, then builds the examples. Installs nothing it does not need.
+# upstream, and the demo end to end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,4 +9,6 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
+# The demo test runs the example binary itself, so build it first.
+cargo build --locked --examples
 cargo test --locked --all-targets
