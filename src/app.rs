@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::RoomTokens;
-use crate::bus::{Bus, MemoryBus};
+use crate::bus::{Bus, MemoryBus, RedisBus};
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::registry::Registry;
@@ -17,6 +17,9 @@ use crate::rooms::{ConnId, Rooms};
 /// Why an instance cannot start with this configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The Redis URL cannot be used.
+    #[error("PATCHBAY_REDIS_URL: {0}")]
+    RedisUrl(String),
     /// Some `http` action exists but no API URL is configured.
     #[error("PATCHBAY_API_URL: required because some actions use the `http` handler")]
     MissingApiUrl,
@@ -46,11 +49,9 @@ pub struct App {
 }
 
 impl App {
-    /// Builds an instance with the in-memory bus.
+    /// Builds an instance: the Redis bus when `PATCHBAY_REDIS_URL` is set (its worker is
+    /// spawned, so call this inside a tokio runtime), else the in-memory bus.
     pub fn new(config: Config, registry: Registry) -> Result<Arc<App>, StartError> {
-        if config.redis_url.is_some() {
-            return Err(StartError::Unsupported("PATCHBAY_REDIS_URL"));
-        }
         if config.jwt_secret.is_some() {
             return Err(StartError::Unsupported("PATCHBAY_JWT_SECRET"));
         }
@@ -61,7 +62,18 @@ impl App {
             return Err(StartError::MissingApiUrl);
         }
         let rooms = Arc::new(Rooms::default());
-        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(rooms.clone()));
+        let bus: Arc<dyn Bus> = match &config.redis_url {
+            None => Arc::new(MemoryBus::new(rooms.clone())),
+            Some(url) => Arc::new(
+                RedisBus::start(
+                    url,
+                    &config.redis_prefix,
+                    &config.task_channels,
+                    rooms.clone(),
+                )
+                .map_err(|e| StartError::RedisUrl(e.to_string()))?,
+            ),
+        };
         Ok(Arc::new(App {
             dispatcher: Dispatcher::new(config.api_url.clone()),
             room_tokens: RoomTokens::new(&config.room_secret),

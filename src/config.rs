@@ -229,6 +229,24 @@ impl Config {
                 })
             })
             .collect::<Result<_, _>>()?;
+        let task_channels = raw.task_channels.trim().to_string();
+        if task_channels.matches('*').count() != 1
+            || task_channels.contains(['?', '[', ']', '\\'])
+            || task_channels.contains(char::is_whitespace)
+        {
+            return Err(ConfigError::var(
+                "task_channels",
+                format!(
+                    "`{task_channels}` must contain exactly one `*` (the task id) and no other pattern characters"
+                ),
+            ));
+        }
+        if raw.redis_prefix.is_empty() || raw.redis_prefix.contains(char::is_whitespace) {
+            return Err(ConfigError::var(
+                "redis_prefix",
+                "must be a non-empty word without spaces",
+            ));
+        }
         let rate_per_sec: f64 = number("rate_per_sec", &raw.rate_per_sec)?;
         if !(rate_per_sec.is_finite() && rate_per_sec > 0.0) {
             return Err(ConfigError::var(
@@ -242,7 +260,7 @@ impl Config {
             actions_dir: raw.actions,
             redis_url,
             redis_prefix: raw.redis_prefix,
-            task_channels: raw.task_channels,
+            task_channels,
             jwt_secret,
             jwt_leeway: Duration::from_secs(number("jwt_leeway_secs", &raw.jwt_leeway_secs)?),
             auth_url,
@@ -397,6 +415,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("PATCHBAY_PUBLIC_ROOMS:"), "{e}");
+        let e = cfg(&[("PATCHBAY_TASK_CHANNELS", "tasks.*.*")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("PATCHBAY_TASK_CHANNELS:"), "{e}");
+        let e = cfg(&[("PATCHBAY_TASK_CHANNELS", "tasks.42")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("PATCHBAY_TASK_CHANNELS:"), "{e}");
         let e = cfg(&[("PATCHBAY_RATE_PER_SEC", "NaN")])
             .unwrap_err()
             .to_string();

@@ -217,9 +217,14 @@ pub fn frame_error(err: &FrameError) -> String {
 /// Checks that a published value is an action the server may fire: an object with a string
 /// `type` and, when present, an object `meta`.
 pub fn check_server_action(action: &Value) -> Result<(), String> {
-    let Some(obj) = action.as_object() else {
-        return Err("action must be a JSON object".into());
-    };
+    match action {
+        Value::Object(obj) => check_action_object(obj),
+        _ => Err("action must be a JSON object".into()),
+    }
+}
+
+/// [`check_server_action`] for a value already known to be an object.
+pub fn check_action_object(obj: &Map<String, Value>) -> Result<(), String> {
     match obj.get("type") {
         Some(Value::String(t)) if !t.is_empty() && t.len() <= MAX_TYPE_BYTES => {}
         _ => {

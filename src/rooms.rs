@@ -120,7 +120,8 @@ impl Rooms {
             .collect()
     }
 
-    /// Adds a connection to a room. Returns `true` when the room was new on this instance.
+    /// Adds a connection to a room. Returns `true` when this call added it, `false` when it
+    /// was already a member.
     pub fn join(&self, id: ConnId, room: &str, max_rooms: usize) -> Result<bool, JoinError> {
         let mut maps = self.maps.write().unwrap();
         let maps = &mut *maps;
@@ -132,9 +133,8 @@ impl Rooms {
             return Err(JoinError::TooMany(max_rooms));
         }
         member.rooms.insert(room.to_string());
-        let conns = maps.rooms.entry(room.to_string()).or_default();
-        conns.insert(id);
-        Ok(conns.len() == 1)
+        maps.rooms.entry(room.to_string()).or_default().insert(id);
+        Ok(true)
     }
 
     /// Removes a connection from a room. Returns `true` when the room became empty.
@@ -159,6 +159,11 @@ impl Rooms {
     /// Whether at least one local connection is in `room`.
     pub fn has_members(&self, room: &str) -> bool {
         self.maps.read().unwrap().rooms.contains_key(room)
+    }
+
+    /// The rooms with local members.
+    pub fn room_names(&self) -> Vec<String> {
+        self.maps.read().unwrap().rooms.keys().cloned().collect()
     }
 
     /// Number of rooms with local members.
@@ -254,8 +259,8 @@ mod tests {
         rooms.register(1, a);
         rooms.register(2, b);
         assert_eq!(rooms.join(1, "r", 10), Ok(true));
-        assert_eq!(rooms.join(2, "r", 10), Ok(false));
-        assert_eq!(rooms.join(1, "r", 10), Ok(false));
+        assert_eq!(rooms.join(2, "r", 10), Ok(true));
+        assert_eq!(rooms.join(1, "r", 10), Ok(false), "already a member");
         assert_eq!(rooms.join(1, "s", 10), Ok(true));
         assert_eq!(rooms.join(1, "t", 2), Err(JoinError::TooMany(2)));
         assert_eq!(rooms.join(9, "t", 2), Err(JoinError::Gone));

@@ -48,6 +48,17 @@ pub struct Peer {
     pub forwarded: Arc<HeaderMap>,
 }
 
+/// What to answer when the bus cannot confirm a subscription (Redis is down). Either way the
+/// bus re-subscribes every room in use when it reconnects.
+#[derive(Debug, Clone, Copy)]
+enum OnBusDown {
+    /// An action's `subscribe`: the API already did the work, so keep the room and succeed.
+    Succeed,
+    /// A SUBSCRIBE request: fail with `upstream_unavailable` so the client retries; leave the
+    /// room only if this request added the connection to it.
+    Fail { leave: bool },
+}
+
 /// A request that finished; the loop turns it into a reply and applies its effects.
 enum Done {
     /// Send this and nothing else.
@@ -313,7 +324,13 @@ impl Session {
         success
             .meta
             .insert("roomToken".into(), Value::String(token));
-        self.after_bus_subscribe(room, spec.name.clone(), request_id, success);
+        self.after_bus_subscribe(
+            room,
+            spec.name.clone(),
+            request_id,
+            success,
+            OnBusDown::Succeed,
+        );
     }
 
     fn on_subscribe(&mut self, req: Request) {
@@ -340,12 +357,12 @@ impl Session {
                 ),
             );
         }
-        match self
+        let added = match self
             .app
             .rooms
             .join(self.peer.conn_id, &room, self.app.config.max_rooms)
         {
-            Ok(_) => {}
+            Ok(added) => added,
             Err(e @ JoinError::TooMany(_)) => {
                 return self.fail(
                     &req.name,
@@ -354,45 +371,54 @@ impl Session {
                 );
             }
             Err(JoinError::Gone) => return,
-        }
+        };
         let reply = Success {
             payload: json!({ "room": room }),
             meta: Map::new(),
         };
-        self.after_bus_subscribe(room, req.name, req.request_id, reply);
+        self.after_bus_subscribe(
+            room,
+            req.name,
+            req.request_id,
+            reply,
+            OnBusDown::Fail { leave: added },
+        );
     }
 
     /// Sends `reply` as `<name>_SUCCESS` once the bus confirms the subscription to `room`;
-    /// if the bus fails, leaves the room again and answers `internal`.
+    /// `on_bus_down` says what to do if it cannot.
     fn after_bus_subscribe(
         &mut self,
         room: String,
         name: String,
         request_id: String,
         reply: Success,
+        on_bus_down: OnBusDown,
     ) {
         let app = self.app.clone();
         let conn_id = self.peer.conn_id;
         self.pending.push(
             async move {
-                match app.bus.subscribe(&room).await {
-                    Ok(()) => Done::Reply(protocol::success(
-                        &name,
-                        &request_id,
-                        &reply.payload,
-                        reply.meta,
-                    )),
-                    Err(e) => {
-                        if app.rooms.leave(conn_id, &room) {
+                if let Err(e) = app.bus.subscribe(&room).await {
+                    tracing::warn!(%room, error = %e, "the bus could not confirm a subscription");
+                    if let OnBusDown::Fail { leave } = on_bus_down {
+                        if leave && app.rooms.leave(conn_id, &room) {
                             let _ = app.bus.unsubscribe(&room).await;
                         }
-                        Done::Reply(protocol::failure(
-                            &name,
-                            &request_id,
-                            &ActionError::internal(e),
-                        ))
+                        let err = ActionError::new(
+                            Code::UpstreamUnavailable,
+                            "the bus is unavailable; try again",
+                        )
+                        .with_status(503);
+                        return Done::Reply(protocol::failure(&name, &request_id, &err));
                     }
                 }
+                Done::Reply(protocol::success(
+                    &name,
+                    &request_id,
+                    &reply.payload,
+                    reply.meta,
+                ))
             }
             .boxed(),
         );

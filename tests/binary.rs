@@ -67,7 +67,7 @@ fn bad_configuration_stops_start_up_naming_the_culprit() {
     let err = fails_with(&[
         ("PATCHBAY_ACTIONS", actions),
         ("PATCHBAY_API_URL", "http://127.0.0.1:1"),
-        ("PATCHBAY_REDIS_URL", "redis://127.0.0.1:1"),
+        ("PATCHBAY_REDIS_URL", "not a url"),
     ]);
     assert!(err.contains("PATCHBAY_REDIS_URL"), "{err}");
 

@@ -1,5 +1,6 @@
 //! The demo a newcomer runs first (`cargo run --example demo`) must keep working: run the
-//! compiled example with `--once` and check the whole scripted conversation succeeded.
+//! compiled example with `--once` and check the whole scripted conversation succeeded, with
+//! the in-memory bus and with `--redis` (a private `redis-server`, which must be installed).
 //!
 //! `cargo test --all-targets` (and plain `cargo test`) builds the examples before running
 //! tests, into `target/<profile>/examples/`. Cargo gives integration tests no variable
@@ -41,10 +42,10 @@ fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String
     })
 }
 
-#[test]
-fn demo_once_runs_the_whole_script() {
+/// Runs the demo with `args` until it exits; returns its stdout and a report of both pipes.
+fn run_demo(args: &[&str]) -> (String, String) {
     let mut child = Command::new(demo_binary())
-        .arg("--once")
+        .args(args)
         // Port 0: never collide with a running patchbay or another test.
         .env("PATCHBAY_LISTEN", "127.0.0.1:0")
         .env("PATCHBAY_LOG", "warn")
@@ -75,6 +76,11 @@ fn demo_once_runs_the_whole_script() {
     let status =
         status.unwrap_or_else(|| panic!("the demo did not exit within {DEADLINE:?}\n{report}"));
     assert!(status.success(), "the demo failed ({status})\n{report}");
+    (stdout, report)
+}
+
+/// Every step of the scripted client showed what it should.
+fn assert_whole_script(stdout: &str, report: &str) {
     assert!(
         stdout.contains("@@patchbay/CONNECTED"),
         "no greeting\n{report}"
@@ -94,5 +100,48 @@ fn demo_once_runs_the_whole_script() {
     assert!(
         stdout.contains("TASK_ENQUEUE_FAILURE") && stdout.contains("\"code\":\"invalid_payload\""),
         "no invalid_payload failure\n{report}"
+    );
+}
+
+#[test]
+fn demo_once_runs_the_whole_script() {
+    let (stdout, report) = run_demo(&["--once"]);
+    assert!(
+        stdout.contains("bus       in-memory"),
+        "no in-memory bus in the banner\n{report}"
+    );
+    assert_whole_script(&stdout, &report);
+}
+
+#[test]
+fn demo_once_with_redis_runs_the_whole_script() {
+    // Fail, never skip: a missing redis-server would otherwise hide a broken Redis demo.
+    if let Err(e) = Command::new("redis-server").arg("--version").output() {
+        panic!(
+            "cannot run redis-server ({e}): this test needs it on PATH; install it with \
+             `apt-get install redis-server` (Debian/Ubuntu) or `brew install redis`"
+        );
+    }
+    let (stdout, report) = run_demo(&["--once", "--redis"]);
+    assert!(
+        stdout.contains("(a private redis-server, stopped on exit)"),
+        "no private Redis in the banner\n{report}"
+    );
+    assert!(
+        stdout.contains("PUBLISH tasks."),
+        "progress was not published on Redis\n{report}"
+    );
+    assert_whole_script(&stdout, &report);
+
+    // The demo stops its redis-server before exiting.
+    let port = stdout
+        .split("redis://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|port| port.parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("no Redis URL in the banner\n{report}"));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "redis-server still answers on port {port} after the demo exited\n{report}"
     );
 }

@@ -2,7 +2,8 @@
 //!
 //! It knows nothing about websockets. Clients reach it through patchbay (the manifests in
 //! `actions/tasks.json` map each action to one of these routes), and it pushes progress to
-//! them the way any backend would: `POST /publish` on patchbay with a bearer token.
+//! them the way any backend would: `POST /publish` on patchbay with a bearer token, or, with
+//! the Redis bus, `PUBLISH tasks.<id> <task JSON>` on Redis like a task worker in any language.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -17,6 +18,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -25,11 +27,13 @@ const PAGE_SIZE: usize = 20;
 const STEP_EVERY: Duration = Duration::from_millis(300);
 const DEFAULT_STEPS: u64 = 5;
 
-/// Where and how to push server-fired actions.
-#[derive(Clone)]
-pub struct Publisher {
-    pub patchbay: SocketAddr,
-    pub token: String,
+/// Where and how to push task progress.
+pub enum Publisher {
+    /// `POST /publish` on patchbay: `TASK_PROGRESS` into the room `task:<id>`.
+    Http { patchbay: SocketAddr, token: String },
+    /// `PUBLISH tasks.<id> <task JSON>`: patchbay matches the channel with its task pattern
+    /// (default `tasks.*`) and makes the `TASK_PROGRESS` itself.
+    Redis(MultiplexedConnection),
 }
 
 struct Task {
@@ -253,20 +257,33 @@ fn parse_new_task(body: &[u8]) -> Result<(String, u64), String> {
     Ok((title, steps))
 }
 
-/// Sends each snapshot, in order, as `TASK_PROGRESS` into the room `task:<id>`.
-async fn publish_loop(mut queue: mpsc::UnboundedReceiver<Value>, to: Publisher) {
+/// Sends each snapshot, in order, so that it reaches the room `task:<id>` as `TASK_PROGRESS`.
+async fn publish_loop(mut queue: mpsc::UnboundedReceiver<Value>, mut to: Publisher) {
     while let Some(task) = queue.recv().await {
-        let room = format!("task:{}", task["id"].as_str().unwrap_or_default());
-        let body = json!({"rooms": [room], "action": {"type": "TASK_PROGRESS", "payload": task}});
-        if let Err(e) = post_publish(&to, body).await {
-            tracing::warn!(error = %e, "POST /publish failed");
+        let id = task["id"].as_str().unwrap_or_default().to_string();
+        let sent = match &mut to {
+            Publisher::Http { patchbay, token } => {
+                let room = format!("task:{id}");
+                let action = json!({"type": "TASK_PROGRESS", "payload": task});
+                post_publish(*patchbay, token, json!({"rooms": [room], "action": action})).await
+            }
+            Publisher::Redis(conn) => redis::cmd("PUBLISH")
+                .arg(format!("tasks.{id}"))
+                .arg(task.to_string())
+                .query_async::<i64>(conn)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "publishing task progress failed");
         }
     }
 }
 
 /// `POST /publish` over a fresh HTTP/1 connection: any HTTP client in any language works.
-async fn post_publish(to: &Publisher, body: Value) -> Result<(), String> {
-    let stream = TcpStream::connect(to.patchbay)
+async fn post_publish(patchbay: SocketAddr, token: &str, body: Value) -> Result<(), String> {
+    let stream = TcpStream::connect(patchbay)
         .await
         .map_err(|e| e.to_string())?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -274,8 +291,8 @@ async fn post_publish(to: &Publisher, body: Value) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let req = Request::post("/publish")
-        .header("host", to.patchbay.to_string())
-        .header("authorization", format!("Bearer {}", to.token))
+        .header("host", patchbay.to_string())
+        .header("authorization", format!("Bearer {token}"))
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .map_err(|e| e.to_string())?;

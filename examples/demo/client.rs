@@ -26,8 +26,8 @@ struct Client {
     progress: HashMap<String, Value>,
 }
 
-/// Runs the whole script against patchbay at `addr`.
-pub async fn run(addr: SocketAddr) -> Step {
+/// Runs the whole script against patchbay at `addr`; `redis` says how the API publishes.
+pub async fn run(addr: SocketAddr, redis: bool) -> Step {
     let url = format!("ws://{addr}/ws");
     println!("1. connect to {url}");
     let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(&url))
@@ -58,7 +58,14 @@ pub async fn run(addr: SocketAddr) -> Step {
         reply["meta"]["roomToken"]
     );
 
-    println!("\n4. the API pushes TASK_PROGRESS into task:{id} through POST /publish");
+    if redis {
+        println!(
+            "\n4. the API publishes the task JSON with PUBLISH tasks.{id} on Redis, like any task \
+             worker;\n   patchbay turns each message into TASK_PROGRESS for the room task:{id}"
+        );
+    } else {
+        println!("\n4. the API pushes TASK_PROGRESS into task:{id} through POST /publish");
+    }
     let last = c.until_done(&id).await?;
     println!(
         "   final status: {}",

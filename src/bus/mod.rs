@@ -1,12 +1,16 @@
 //! The bus carries server-fired actions to every instance that has members in the target
-//! rooms. [`MemoryBus`] serves a single instance; a Redis bus (contract section 4) slots in
+//! rooms. [`MemoryBus`] serves a single instance; [`RedisBus`] (contract section 4) serves many,
 //! behind the same trait, so sessions cannot tell them apart.
 
 mod memory;
+mod redis;
+
+use std::sync::atomic::AtomicU64;
 
 use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 
+pub use self::redis::RedisBus;
 pub use memory::MemoryBus;
 
 /// The bus's connection state, as `/readyz` reports it.
@@ -29,6 +33,17 @@ impl BusStatus {
             BusStatus::Disconnected => "disconnected",
         }
     }
+}
+
+/// Bus traffic counters for operators.
+#[derive(Debug, Default)]
+pub struct BusCounters {
+    /// Messages received from the bus (always 0 for the in-memory bus).
+    pub received: AtomicU64,
+    /// Received messages dropped because they were neither an action, an envelope nor a task.
+    pub malformed: AtomicU64,
+    /// Messages published (one per room channel on Redis, one per publish in memory).
+    pub published: AtomicU64,
 }
 
 /// Why the bus could not do what was asked.
@@ -59,6 +74,9 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Called when the last local member left `room`: this instance no longer needs it.
     fn unsubscribe(&self, room: &str) -> BoxFuture<'_, Result<(), BusError>>;
+
+    /// Traffic counters.
+    fn counters(&self) -> &BusCounters;
 
     /// The current connection state.
     fn status(&self) -> BusStatus;

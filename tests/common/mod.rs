@@ -438,3 +438,106 @@ pub fn assert_failure<'a>(reply: &'a Value, name: &str, code: &str) -> &'a Value
     assert!(reply["meta"]["requestId"].is_string(), "{reply}");
     &reply["payload"]
 }
+
+/// A private `redis-server` on a free port, killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    /// Starts `redis-server`; fails the test with install instructions if it is missing.
+    pub async fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = RedisServer { port, child: None };
+        server.restart().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to clients) and waits until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (empty: it keeps nothing on disk).
+    pub async fn restart(&mut self) {
+        self.kill();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run redis-server ({e}): the Redis tests need it on PATH; install it with `apt-get install redis-server` (Debian/Ubuntu) or `brew install redis`")
+            });
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(mut conn) = self.connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server did not start on port {}",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A command connection to this server.
+    pub async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    /// `PUBLISH channel payload`.
+    pub async fn publish(&self, channel: &str, payload: &str) {
+        let mut conn = self.connection().await.unwrap();
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query_async::<i64>(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `/readyz` until its `status` is `want`.
+pub async fn wait_ready_status(bridge: &Bridge, want: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = http_get(&bridge.http_url("/readyz")).await;
+        if body["status"] == want {
+            assert_eq!(code, if want == "draining" { 503 } else { 200 }, "{body}");
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz never became {want}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
