@@ -2,7 +2,7 @@
 //! loaded [`Registry`], and the lifecycle that graceful shutdown drives.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -95,7 +95,6 @@ impl App {
 /// Graceful-shutdown state and connection accounting.
 #[derive(Default)]
 pub struct Lifecycle {
-    draining: AtomicBool,
     /// Cancelled when shutdown starts: sessions stop reading, finish in-flight requests, close.
     drain: CancellationToken,
     /// Every websocket session task, so shutdown can wait for them.
@@ -107,12 +106,11 @@ pub struct Lifecycle {
 impl Lifecycle {
     /// Whether shutdown has started.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.drain.is_cancelled()
     }
 
     /// Starts shutdown: `/readyz` turns 503 and sessions begin to drain.
     pub fn begin_drain(&self) {
-        self.draining.store(true, Ordering::Release);
         self.drain.cancel();
         self.sessions.close();
     }

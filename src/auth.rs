@@ -41,7 +41,7 @@ pub fn origin_allowed(headers: &HeaderMap, allowed: &AllowedOrigins) -> bool {
 }
 
 /// The `host[:port]` of a serialized origin `scheme://host[:port]`.
-fn origin_host(origin: &str) -> Option<&str> {
+pub fn origin_host(origin: &str) -> Option<&str> {
     let (scheme, rest) = origin.split_once("://")?;
     if !matches!(scheme, "http" | "https") || rest.is_empty() || rest.contains(['/', '@', '?', '#'])
     {
@@ -122,6 +122,13 @@ impl RoomTokens {
         let Some((expires, tag)) = token.split_once('.') else {
             return false;
         };
+        // Canonical digits only, so that a token has exactly one spelling.
+        if expires.is_empty()
+            || expires.starts_with('0')
+            || !expires.bytes().all(|b| b.is_ascii_digit())
+        {
+            return false;
+        }
         let Ok(expires) = expires.parse::<u64>() else {
             return false;
         };
@@ -248,6 +255,24 @@ mod tests {
         assert!(
             !t.verify(&extended, "task:1", Some("42")),
             "expiry is signed"
+        );
+        let (exp, tag) = token.split_once('.').unwrap();
+        assert!(
+            !t.verify(&format!("+{exp}.{tag}"), "task:1", Some("42")),
+            "one spelling per token"
+        );
+        assert!(
+            !t.verify(&format!("0{exp}.{tag}"), "task:1", Some("42")),
+            "one spelling per token"
+        );
+        let (exp, tag) = token.split_once('.').unwrap();
+        assert!(
+            !t.verify(&format!("+{exp}.{tag}"), "task:1", Some("42")),
+            "one spelling per token"
+        );
+        assert!(
+            !t.verify(&format!("0{exp}.{tag}"), "task:1", Some("42")),
+            "one spelling per token"
         );
         for junk in ["", ".", "x.y", "1.!!", "99999999999999999999999.abc"] {
             assert!(!t.verify(junk, "task:1", None), "{junk}");

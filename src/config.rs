@@ -12,6 +12,27 @@ use serde::Deserialize;
 
 use crate::rooms::RoomPattern;
 
+/// Headers about the connection itself, which would corrupt an upstream request.
+const NOT_FORWARDABLE: [&str; 10] = [
+    "host",
+    "connection",
+    "upgrade",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "keep-alive",
+    "te",
+    "trailer",
+    "expect",
+];
+/// Shortest accepted `PATCHBAY_ROOM_SECRET`.
+const MIN_SECRET_BYTES: usize = 16;
+/// Smallest accepted `PATCHBAY_SEND_QUEUE_BYTES`: a 1 MiB reply plus room for others.
+const MIN_QUEUE_BYTES: usize = 2 * 1024 * 1024;
+/// Longest accepted duration setting: one day. Longer is surely a mistake, and unbounded values
+/// would overflow timers.
+const MAX_SECS: u64 = 86_400;
+
 /// Why the configuration cannot be used. The message always names the variable.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -49,6 +70,7 @@ struct Raw {
     max_rooms: String,
     max_connections: String,
     send_queue: String,
+    send_queue_bytes: String,
     ping_interval_secs: String,
     idle_timeout_secs: String,
     shutdown_grace_secs: String,
@@ -80,6 +102,7 @@ impl Default for Raw {
             max_rooms: "256".into(),
             max_connections: "100000".into(),
             send_queue: "1024".into(),
+            send_queue_bytes: "8388608".into(),
             ping_interval_secs: "25".into(),
             idle_timeout_secs: "60".into(),
             shutdown_grace_secs: "10".into(),
@@ -147,6 +170,9 @@ pub struct Config {
     /// `PATCHBAY_SEND_QUEUE`, default 1024 messages queued per connection before it is
     /// closed with 4008 as too slow.
     pub send_queue: usize,
+    /// `PATCHBAY_SEND_QUEUE_BYTES`, default 8 MiB (at least 2 MiB) queued per connection
+    /// before it is closed with 4008 as too slow.
+    pub send_queue_bytes: usize,
     /// `PATCHBAY_PING_INTERVAL_SECS`, default 25 s between websocket pings.
     pub ping_interval: Duration,
     /// `PATCHBAY_IDLE_TIMEOUT_SECS`, default 60 s without any frame from the client.
@@ -205,12 +231,29 @@ impl Config {
         let origins: Vec<String> = list(&raw.allowed_origins)
             .map(|o| o.to_ascii_lowercase())
             .collect();
+        if let Some(bad) = origins
+            .iter()
+            .find(|o| *o != "*" && crate::auth::origin_host(o).is_none())
+        {
+            return Err(ConfigError::var(
+                "allowed_origins",
+                format!(
+                    "`{bad}` is not an origin like https://app.example.com (scheme and host, optional port, nothing after)"
+                ),
+            ));
+        }
         let allowed_origins = if origins.iter().any(|o| o == "*") {
             AllowedOrigins::Any
         } else {
             AllowedOrigins::List(origins)
         };
         let (room_secret, room_secret_is_random) = match non_empty(raw.room_secret) {
+            Some(s) if s.len() < MIN_SECRET_BYTES => {
+                return Err(ConfigError::var(
+                    "room_secret",
+                    format!("must be at least {MIN_SECRET_BYTES} bytes"),
+                ));
+            }
             Some(s) => (s.into_bytes(), false),
             None => (
                 uuid::Uuid::new_v4()
@@ -224,9 +267,17 @@ impl Config {
         };
         let forward_headers = list(&raw.forward_headers)
             .map(|h| {
-                HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                let name = HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
                     ConfigError::var("forward_headers", format!("`{h}` is not a header name"))
-                })
+                })?;
+                let n = name.as_str();
+                if NOT_FORWARDABLE.contains(&n) || n.starts_with("sec-websocket-") || n.starts_with("proxy-") {
+                    return Err(ConfigError::var(
+                        "forward_headers",
+                        format!("`{h}` describes the websocket connection itself and cannot be forwarded"),
+                    ));
+                }
+                Ok(name)
             })
             .collect::<Result<_, _>>()?;
         let task_channels = raw.task_channels.trim().to_string();
@@ -247,6 +298,27 @@ impl Config {
                 "must be a non-empty word without spaces",
             ));
         }
+        let ping_interval = seconds("ping_interval_secs", &raw.ping_interval_secs, 1)?;
+        let idle_timeout = seconds("idle_timeout_secs", &raw.idle_timeout_secs, 1)?;
+        if idle_timeout <= ping_interval {
+            return Err(ConfigError::var(
+                "idle_timeout_secs",
+                "must be longer than PATCHBAY_PING_INTERVAL_SECS, or every quiet client is closed before its pong can arrive",
+            ));
+        }
+        let send_queue_bytes: usize = number("send_queue_bytes", &raw.send_queue_bytes)?;
+        if send_queue_bytes < MIN_QUEUE_BYTES {
+            return Err(ConfigError::var(
+                "send_queue_bytes",
+                format!("must be at least {MIN_QUEUE_BYTES} (replies can be 1 MiB)"),
+            ));
+        }
+        if !allow_anonymous && jwt_secret.is_none() && auth_url.is_none() {
+            return Err(ConfigError::var(
+                "allow_anonymous",
+                "is false but no authentication method (PATCHBAY_JWT_SECRET, PATCHBAY_AUTH_URL) is set: nobody could connect",
+            ));
+        }
         let rate_per_sec: f64 = number("rate_per_sec", &raw.rate_per_sec)?;
         if !(rate_per_sec.is_finite() && rate_per_sec > 0.0) {
             return Err(ConfigError::var(
@@ -262,7 +334,7 @@ impl Config {
             redis_prefix: raw.redis_prefix,
             task_channels,
             jwt_secret,
-            jwt_leeway: Duration::from_secs(number("jwt_leeway_secs", &raw.jwt_leeway_secs)?),
+            jwt_leeway: seconds("jwt_leeway_secs", &raw.jwt_leeway_secs, 0)?,
             auth_url,
             allow_anonymous,
             public_rooms,
@@ -278,18 +350,10 @@ impl Config {
             max_rooms: positive("max_rooms", &raw.max_rooms)?,
             max_connections: positive("max_connections", &raw.max_connections)?,
             send_queue: positive("send_queue", &raw.send_queue)?,
-            ping_interval: Duration::from_secs(positive(
-                "ping_interval_secs",
-                &raw.ping_interval_secs,
-            )?),
-            idle_timeout: Duration::from_secs(positive(
-                "idle_timeout_secs",
-                &raw.idle_timeout_secs,
-            )?),
-            shutdown_grace: Duration::from_secs(number(
-                "shutdown_grace_secs",
-                &raw.shutdown_grace_secs,
-            )?),
+            send_queue_bytes,
+            ping_interval,
+            idle_timeout,
+            shutdown_grace: seconds("shutdown_grace_secs", &raw.shutdown_grace_secs, 0)?,
             log: raw.log,
         })
     }
@@ -308,6 +372,17 @@ fn number<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, ConfigError> {
     v.trim()
         .parse()
         .map_err(|_| ConfigError::var(name, format!("`{v}` is not a valid number")))
+}
+
+fn seconds(name: &str, v: &str, min: u64) -> Result<Duration, ConfigError> {
+    let n: u64 = number(name, v)?;
+    if !(min..=MAX_SECS).contains(&n) {
+        return Err(ConfigError::var(
+            name,
+            format!("`{v}` must be from {min} to {MAX_SECS} seconds"),
+        ));
+    }
+    Ok(Duration::from_secs(n))
 }
 
 fn positive<T: std::str::FromStr + PartialOrd + Default>(
@@ -415,6 +490,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("PATCHBAY_PUBLIC_ROOMS:"), "{e}");
+        for (var, value) in [
+            ("PATCHBAY_IDLE_TIMEOUT_SECS", "18446744073709551615"),
+            ("PATCHBAY_IDLE_TIMEOUT_SECS", "20"),
+            ("PATCHBAY_SEND_QUEUE_BYTES", "1000"),
+            ("PATCHBAY_ALLOW_ANONYMOUS", "false"),
+            ("PATCHBAY_ALLOWED_ORIGINS", "https://app.example.com/"),
+            ("PATCHBAY_FORWARD_HEADERS", "cookie,host"),
+            ("PATCHBAY_FORWARD_HEADERS", "sec-websocket-key"),
+            ("PATCHBAY_ROOM_SECRET", "short"),
+        ] {
+            let e = cfg(&[(var, value)]).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{var}:")), "{var}={value}: {e}");
+        }
         let e = cfg(&[("PATCHBAY_TASK_CHANNELS", "tasks.*.*")])
             .unwrap_err()
             .to_string();

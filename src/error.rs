@@ -141,9 +141,10 @@ impl Disconnect {
     }
 
     /// Whether replies already queued should still be written before the close frame.
-    /// A slow client is closed at once: its queue is the problem.
+    /// A slow client is closed at once (its queue is the problem), and so is an idle one (it
+    /// answers nothing, not even pings).
     pub fn drains_queue(self) -> bool {
-        !matches!(self, Disconnect::Slow)
+        !matches!(self, Disconnect::Slow | Disconnect::Idle)
     }
 }
 

@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 
 use crate::app::App;
 use crate::bus::BusStatus;
-use crate::protocol::check_server_action;
+use crate::protocol::check_action_object;
 use crate::rooms::valid_room;
 
 /// The response body type of every route.
@@ -84,7 +84,12 @@ struct PublishBody {
 /// Constant-time comparison of a presented bearer token with the configured one. Hashing
 /// first keeps the time independent of both contents and lengths.
 fn token_matches(header: Option<&HeaderValue>, expected: &str) -> bool {
-    let Some(presented) = header.and_then(|h| h.as_bytes().strip_prefix(b"Bearer ")) else {
+    // The scheme name is case-insensitive (RFC 7235); the token is not.
+    let Some(presented) = header
+        .map(HeaderValue::as_bytes)
+        .filter(|h| h.len() > 7 && h[..7].eq_ignore_ascii_case(b"bearer "))
+        .map(|h| &h[7..])
+    else {
         return false;
     };
     Sha256::digest(presented)
@@ -147,12 +152,19 @@ async fn publish(req: Request<Incoming>, app: &App) -> Response<Body> {
             "rooms must be a non-empty list of room names",
         );
     }
-    if let Err(m) = check_server_action(&body.action) {
+    let action = match body.action {
+        Value::Object(action) => action,
+        _ => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_action",
+                "action must be a JSON object",
+            );
+        }
+    };
+    if let Err(m) = check_action_object(&action) {
         return error_response(StatusCode::BAD_REQUEST, "invalid_action", &m);
     }
-    let Value::Object(action) = body.action else {
-        unreachable!("checked above")
-    };
     // Order matters (`meta.room` is the first target room a connection is in): keep it.
     let mut seen = std::collections::HashSet::new();
     let mut rooms = body.rooms;
@@ -183,6 +195,10 @@ mod tests {
         assert!(!token_matches(Some(&h("Bearer s3cret2")), "s3cret"));
         assert!(!token_matches(Some(&h("s3cret")), "s3cret"));
         assert!(!token_matches(Some(&h("Basic s3cret")), "s3cret"));
+        assert!(token_matches(Some(&h("bearer s3cret")), "s3cret"));
+        assert!(!token_matches(Some(&h("Bearer S3CRET")), "s3cret"));
+        assert!(token_matches(Some(&h("bearer s3cret")), "s3cret"));
+        assert!(!token_matches(Some(&h("Bearer S3CRET")), "s3cret"));
         assert!(!token_matches(None, "s3cret"));
     }
 }

@@ -16,11 +16,13 @@ pub mod error;
 pub mod http;
 pub mod outbox;
 pub mod protocol;
+pub mod ratelimit;
 pub mod registry;
 pub mod rooms;
 pub mod server;
 pub mod session;
 pub mod template;
+pub mod writer;
 pub mod ws;
 
 use std::future::Future;

@@ -49,7 +49,7 @@ pub struct Request {
     pub name: String,
     /// Set when `name` is one of the built-in actions.
     pub builtin: Option<Builtin>,
-    /// The payload; `null` when absent.
+    /// The payload; `{}` when absent.
     pub payload: Value,
     /// The client's `meta.requestId`, or a fresh uuid.
     pub request_id: String,
@@ -137,7 +137,11 @@ pub fn parse_request(text: &str) -> Result<Request, FrameError> {
     Ok(Request {
         builtin: Builtin::from_name(&name),
         name,
-        payload: obj.remove("payload").unwrap_or(Value::Null),
+        // Redux actions often carry no payload: an absent one is the empty object, so that
+        // object schemas and path/query rules apply as to `{}`. An explicit `null` stays null.
+        payload: obj
+            .remove("payload")
+            .unwrap_or_else(|| Value::Object(Map::new())),
         request_id: request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
     })
 }
@@ -297,7 +301,11 @@ mod tests {
     fn assigns_a_uuid_when_request_id_is_absent() {
         let r = parse_request(r#"{"type":"@@patchbay/PING_REQUEST"}"#).unwrap();
         assert_eq!(r.builtin, Some(Builtin::Ping));
-        assert_eq!(r.payload, Value::Null);
+        assert_eq!(
+            r.payload,
+            json!({}),
+            "an absent payload is the empty object"
+        );
         assert!(uuid::Uuid::parse_str(&r.request_id).is_ok());
     }
 

@@ -16,6 +16,8 @@ use crate::template::Template;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(10_000);
 /// Largest accepted `timeoutMs` (one hour): anything longer is surely a typo.
 const MAX_TIMEOUT_MS: u64 = 3_600_000;
+/// The handler kinds, as spelled in manifests (the variants of `HandlerSpec`).
+const HANDLER_KINDS: [&str; 1] = ["http"];
 /// Spec keys besides the handler.
 const SPEC_KEYS: [&str; 5] = ["description", "payload", "timeoutMs", "subscribe", "client"];
 
@@ -271,13 +273,13 @@ fn parse_spec(name: &str, spec: &Value) -> Result<ActionSpec, String> {
         handler_key.clone(),
         spec[handler_key].clone(),
     )]));
+    if !HANDLER_KINDS.contains(&handler_key.as_str()) {
+        return Err(format!(
+            "unknown key or handler `{handler_key}` (handlers: {HANDLER_KINDS:?}; other keys: {SPEC_KEYS:?})"
+        ));
+    }
     let handler = match serde_json::from_value::<HandlerSpec>(tagged) {
         Ok(HandlerSpec::Http(http)) => Handler::Http(parse_http(http)?),
-        Err(e) if e.to_string().starts_with("unknown variant") => {
-            return Err(format!(
-                "unknown key or handler `{handler_key}` (handlers: http; other keys: {SPEC_KEYS:?})"
-            ));
-        }
         Err(e) => return Err(format!("`{handler_key}`: {e}")),
     };
     if let Some(d) = spec.get("description").filter(|d| !d.is_string()) {

@@ -218,8 +218,16 @@ fn remove_from_room(rooms: &mut HashMap<String, HashSet<ConnId>>, room: &str, id
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::QueueLimits;
     use serde_json::json;
     use tokio_tungstenite::tungstenite::Message;
+
+    fn limits(frames: usize) -> QueueLimits {
+        QueueLimits {
+            frames,
+            bytes: 1 << 20,
+        }
+    }
 
     fn text(m: Message) -> Value {
         match m {
@@ -254,8 +262,8 @@ mod tests {
     #[test]
     fn join_leave_keep_both_maps_in_step() {
         let rooms = Rooms::default();
-        let (a, _ra) = Outbox::new(8);
-        let (b, _rb) = Outbox::new(8);
+        let (a, _ra) = Outbox::new(limits(8));
+        let (b, _rb) = Outbox::new(limits(8));
         rooms.register(1, a);
         rooms.register(2, b);
         assert_eq!(rooms.join(1, "r", 10), Ok(true));
@@ -275,8 +283,8 @@ mod tests {
     #[test]
     fn multi_room_delivery_reaches_each_connection_once() {
         let rooms = Rooms::default();
-        let (a, mut ra) = Outbox::new(8);
-        let (b, mut rb) = Outbox::new(8);
+        let (a, mut ra) = Outbox::new(limits(8));
+        let (b, mut rb) = Outbox::new(limits(8));
         rooms.register(1, a);
         rooms.register(2, b);
         rooms.join(1, "task:1", 10).unwrap();
@@ -295,16 +303,16 @@ mod tests {
             }
         );
         assert_eq!(text(ra.try_recv().unwrap())["meta"]["room"], "task:1");
-        assert!(ra.try_recv().is_err(), "connection 1 got it once");
+        assert!(ra.try_recv().is_none(), "connection 1 got it once");
         assert_eq!(text(rb.try_recv().unwrap())["meta"]["room"], "user:1");
-        assert!(rb.try_recv().is_err());
+        assert!(rb.try_recv().is_none());
     }
 
     #[test]
     fn a_full_queue_drops_only_that_connection() {
         let rooms = Rooms::default();
-        let (slow, _rs) = Outbox::new(1);
-        let (fast, mut rf) = Outbox::new(8);
+        let (slow, _rs) = Outbox::new(limits(1));
+        let (fast, mut rf) = Outbox::new(limits(8));
         let slow_closer = slow.closer().clone();
         rooms.register(1, slow);
         rooms.register(2, fast);
@@ -321,6 +329,6 @@ mod tests {
             }
         );
         assert_eq!(slow_closer.reason(), Some(crate::error::Disconnect::Slow));
-        assert!(rf.try_recv().is_ok() && rf.try_recv().is_ok());
+        assert!(rf.try_recv().is_some() && rf.try_recv().is_some());
     }
 }

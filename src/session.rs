@@ -1,8 +1,8 @@
 //! One websocket connection.
 //!
-//! The socket is split: a writer task drains the connection's bounded [`Outbox`] (batching
-//! with `feed` + one `flush`), and the reader loop `select!`s over the close signal, shutdown,
-//! finished requests and the next frame. Requests run concurrently as futures owned by the
+//! The socket is split: a writer task ([`crate::writer`]) drains the connection's bounded
+//! [`Outbox`], and the reader loop `select!`s over the close signal, shutdown, finished
+//! requests and the next frame. Requests run concurrently as futures owned by the
 //! loop, so per-connection state (granted rooms, in-flight count) needs no lock. Cleanup
 //! happens once, after the loop. Generic over `Sink`/`Stream` so tests can drive it directly.
 
@@ -12,10 +12,9 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
+use futures_util::{FutureExt, Sink, Stream, StreamExt};
 use hyper::HeaderMap;
 use serde_json::{Map, Value, json};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
@@ -24,16 +23,17 @@ use crate::app::App;
 use crate::auth::Identity;
 use crate::dispatch::{CallContext, Success};
 use crate::error::{ActionError, Code, Disconnect};
-use crate::outbox::{Closer, Outbox};
+use crate::outbox::{Closer, Outbox, QueueLimits};
 use crate::protocol::{self, Builtin, Request};
+use crate::ratelimit::{RateLimiter, Verdict};
 use crate::registry::ActionSpec;
 use crate::rooms::{ConnId, JoinError, valid_room};
+use crate::template::room_part;
+use crate::writer::{CLOSE_TIMEOUT, write_loop};
 
-/// How long closing may take (writing queued frames and the close frame) before the socket
-/// is dropped.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most frames written between two flushes.
-const MAX_BATCH: usize = 64;
+/// Most rooms a connection may be granted by `subscribe`, as a multiple of
+/// `PATCHBAY_MAX_ROOMS`: grants outlive leaving a room, so they need their own bound.
+const GRANTS_PER_ROOM_LIMIT: usize = 4;
 
 /// Who is on the other end of a new connection.
 #[derive(Debug, Clone)]
@@ -77,9 +77,18 @@ where
     S: Sink<Message, Error = WsError> + Stream<Item = Result<Message, WsError>> + Send + 'static,
 {
     let (sink, stream) = ws.split();
-    let (outbox, rx) = Outbox::new(app.config.send_queue);
+    let limits = QueueLimits {
+        frames: app.config.send_queue,
+        bytes: app.config.send_queue_bytes,
+    };
+    let (outbox, rx) = Outbox::new(limits);
     let closer = outbox.closer().clone();
     app.rooms.register(peer.conn_id, outbox.clone());
+    let _registration = Registration {
+        app: app.clone(),
+        conn_id: peer.conn_id,
+        closer: closer.clone(),
+    };
     let mut writer = tokio::spawn(
         write_loop(sink, rx, closer.clone(), app.config.ping_interval).in_current_span(),
     );
@@ -91,6 +100,11 @@ where
         grants: HashSet::new(),
         pending: FuturesUnordered::new(),
         actions_in_flight: 0,
+        rate: RateLimiter::new(
+            app.config.rate_per_sec,
+            app.config.rate_burst,
+            Instant::now(),
+        ),
     };
     if session.start().await {
         session.read_loop(stream).await;
@@ -113,6 +127,32 @@ where
     tracing::debug!(reason = ?closer.reason(), "connection closed");
 }
 
+/// Undoes the connection's registration in [`crate::rooms::Rooms`] even if the session task
+/// panics: without it, the room entry would keep the writer alive and the socket open forever.
+struct Registration {
+    app: Arc<App>,
+    conn_id: ConnId,
+    closer: Arc<Closer>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.closer.close(Disconnect::Internal);
+        }
+        // After a normal exit `run` has already unregistered, and this finds nothing.
+        let emptied = self.app.rooms.unregister(self.conn_id);
+        if !emptied.is_empty() {
+            let app = self.app.clone();
+            tokio::spawn(async move {
+                for room in emptied {
+                    let _ = app.bus.unsubscribe(&room).await;
+                }
+            });
+        }
+    }
+}
+
 struct Session {
     app: Arc<App>,
     peer: Peer,
@@ -123,6 +163,8 @@ struct Session {
     pending: FuturesUnordered<BoxFuture<'static, Done>>,
     /// Manifest actions among `pending` (built-ins do not count towards the cap).
     actions_in_flight: usize,
+    /// Every client frame counts against it.
+    rate: RateLimiter,
 }
 
 impl Session {
@@ -176,9 +218,21 @@ impl Session {
                     return;
                 }
                 frame = stream.next(), if drain_deadline.is_none() => {
-                    idle.as_mut().reset(Instant::now() + idle_timeout);
+                    let now = Instant::now();
+                    idle.as_mut().reset(now + idle_timeout);
+                    let verdict = match &frame {
+                        Some(Ok(Message::Pong(_))) => Verdict::Allow, // answers our own pings
+                        Some(Ok(_)) => self.rate.check(now),
+                        _ => Verdict::Allow,
+                    };
+                    if verdict == Verdict::Disconnect {
+                        tracing::info!("closing a client that kept flooding");
+                        closer.close(Disconnect::Flood);
+                        return;
+                    }
+                    let limited = verdict == Verdict::Limit;
                     match frame {
-                        Some(Ok(Message::Text(text))) => self.on_text(text.as_str()),
+                        Some(Ok(Message::Text(text))) => self.on_text(text.as_str(), limited),
                         Some(Ok(Message::Binary(_))) => self.send(protocol::frame_error(&protocol::FrameError::binary())),
                         Some(Ok(Message::Close(_))) | None => return,
                         Some(Ok(_)) => {} // ping, pong: tungstenite answers pings itself
@@ -208,11 +262,21 @@ impl Session {
         self.send(protocol::failure(name, request_id, err));
     }
 
-    fn on_text(&mut self, text: &str) {
+    fn on_text(&mut self, text: &str, rate_limited: bool) {
         let req = match protocol::parse_request(text) {
             Ok(req) => req,
             Err(e) => return self.send(protocol::frame_error(&e)),
         };
+        if rate_limited {
+            let err = ActionError::new(
+                Code::RateLimited,
+                format!(
+                    "more than {} messages per second on this connection",
+                    self.app.config.rate_per_sec
+                ),
+            );
+            return self.fail(&req.name, &req.request_id, &err);
+        }
         match req.builtin {
             Some(Builtin::Ping) => self.send(protocol::success(
                 &req.name,
@@ -256,8 +320,8 @@ impl Session {
                 let started = Instant::now();
                 let result = app.dispatcher.run(&spec, &req.payload, &ctx).await;
                 match &result {
-                    Ok(_) => tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ok"),
-                    Err(e) => tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, code = ?e.code, "failed"),
+                    Ok(_) => tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "ok"),
+                    Err(e) => tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, code = ?e.code, "failed"),
                 }
                 Done::Action { spec, request_id: req.request_id, result }
             }
@@ -286,11 +350,21 @@ impl Session {
     /// Sends a success, first joining the manifest's `subscribe` room if it has one.
     fn on_success(&mut self, spec: &ActionSpec, request_id: String, mut success: Success) {
         let room = spec.subscribe.as_ref().and_then(|t| {
-            let room = success.payload.as_object().and_then(|fields| t.fill(fields, str::to_string).ok()).filter(|r| valid_room(r));
-            if room.is_none() {
-                tracing::warn!(action = %spec.name, "success payload cannot fill the `subscribe` room: not subscribing");
+            let filled = match success.payload.as_object() {
+                Some(fields) => t.fill(fields, room_part).map_err(|e| e.to_string()),
+                None => Err("the success payload is not an object".to_string()),
+            };
+            match filled {
+                Ok(room) if valid_room(&room) => Some(room),
+                Ok(room) => {
+                    tracing::warn!(action = %spec.name, %room, "`subscribe` made an invalid room name: not subscribing");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(action = %spec.name, error = %e, "cannot fill the `subscribe` room: not subscribing");
+                    None
+                }
             }
-            room
         });
         let Some(room) = room else {
             return self.send(protocol::success(
@@ -300,7 +374,6 @@ impl Session {
                 success.meta,
             ));
         };
-        self.grants.insert(room.clone());
         if let Err(e) = self
             .app
             .rooms
@@ -313,6 +386,9 @@ impl Session {
                 &success.payload,
                 success.meta,
             ));
+        }
+        if self.grants.len() < GRANTS_PER_ROOM_LIMIT * self.app.config.max_rooms {
+            self.grants.insert(room.clone());
         }
         let token = self
             .app
@@ -474,73 +550,15 @@ fn room_payload(payload: &Value) -> Result<(String, Option<String>), ActionError
 
 /// The close code for a read error, or `None` when the connection is simply gone.
 fn read_error_disconnect(e: &WsError) -> Option<Disconnect> {
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
     match e {
         WsError::Capacity(_) => Some(Disconnect::TooLarge),
         WsError::Utf8(_) => Some(Disconnect::BadUtf8),
+        // A closed tab or a lost network, not a misbehaving client.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
         WsError::Protocol(_) => Some(Disconnect::Protocol),
         _ => None,
     }
-}
-
-/// Resolves only for a close that must not wait for queued frames (a slow client).
-async fn urgent_close(closer: &Closer) -> Disconnect {
-    let reason = closer.closed().await;
-    if reason.drains_queue() {
-        std::future::pending::<()>().await;
-    }
-    reason
-}
-
-/// Drains the outbox into the socket until the outbox is dropped or a close is requested.
-async fn write_loop<K>(
-    mut sink: K,
-    mut rx: mpsc::Receiver<Message>,
-    closer: Arc<Closer>,
-    ping_every: Duration,
-) where
-    K: Sink<Message, Error = WsError> + Unpin,
-{
-    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let reason = loop {
-        let first = tokio::select! {
-            biased;
-            reason = closer.closed() => break Some(reason),
-            msg = rx.recv() => match msg {
-                Some(msg) => msg,
-                None => break None,
-            },
-            _ = ping.tick() => Message::Ping(Default::default()),
-        };
-        let batch = async {
-            sink.feed(first).await?;
-            for _ in 1..MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(msg) => sink.feed(msg).await?,
-                    Err(_) => break,
-                }
-            }
-            sink.flush().await
-        };
-        tokio::select! {
-            biased;
-            reason = urgent_close(&closer) => break Some(reason),
-            res = batch => if res.is_err() { break None },
-        }
-    };
-    let finish = async {
-        if let Some(reason) = reason {
-            if reason.drains_queue() {
-                rx.close();
-                while let Ok(msg) = rx.try_recv() {
-                    sink.feed(msg).await?;
-                }
-            }
-            sink.send(Message::Close(Some(reason.frame()))).await?;
-        }
-        sink.close().await
-    };
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, finish).await;
 }
 
 #[cfg(test)]
@@ -550,6 +568,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::registry::Registry;
+    use futures_util::SinkExt;
     use tokio_tungstenite::WebSocketStream;
     use tokio_tungstenite::tungstenite::protocol::Role;
 

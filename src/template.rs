@@ -18,6 +18,24 @@ pub fn encode(s: &str) -> String {
     utf8_percent_encode(s, SEGMENT).to_string()
 }
 
+/// [`Template::fill`] mapping for paths: every value is percent-encoded.
+pub fn path_segment(s: &str) -> Result<String, &'static str> {
+    Ok(encode(s))
+}
+
+/// [`Template::fill`] mapping for `subscribe` rooms: values may only hold `A-Z a-z 0-9 - . _ ~`.
+/// A value echoed from the request could otherwise carry `:` or `*` and name another kind of
+/// room (`user:42`) that the connection would then be granted.
+pub fn room_part(s: &str) -> Result<String, &'static str> {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+    {
+        Ok(s.to_string())
+    } else {
+        Err("may only contain letters, digits, `-`, `.`, `_` and `~` to fill a room name")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
     Literal(String),
@@ -109,12 +127,12 @@ impl Template {
     }
 
     /// Fills the fields from the top-level string or integer fields of `values`, each passed
-    /// through `map` (percent-encoding for paths, identity for rooms). A missing field or a
-    /// value that is empty, `.` or `..` is an error.
+    /// through `map` (percent-encoding for paths, a character check for rooms), which may
+    /// refuse it. A missing field or a value that is empty, `.` or `..` is an error.
     pub fn fill(
         &self,
         values: &Map<String, Value>,
-        map: impl Fn(&str) -> String,
+        map: impl Fn(&str) -> Result<String, &'static str>,
     ) -> Result<String, FillError> {
         let mut out = String::new();
         for part in &self.parts {
@@ -134,7 +152,7 @@ impl Template {
                     if matches!(value.as_str(), "" | "." | "..") {
                         return Err(err("must not be empty, `.` or `..`"));
                     }
-                    out.push_str(&map(&value));
+                    out.push_str(&map(&value).map_err(err)?);
                 }
             }
         }
@@ -203,7 +221,7 @@ mod tests {
     #[test]
     fn path_fields_never_escape_their_segment() {
         let t = Template::parse("/tasks/{id}").unwrap();
-        let fill = |v: Value| t.fill(&obj(v), encode);
+        let fill = |v: Value| t.fill(&obj(v), path_segment);
         assert_eq!(fill(json!({"id": 42})).unwrap(), "/tasks/42");
         assert_eq!(
             fill(json!({"id": "../admin"})).unwrap(),
@@ -228,6 +246,22 @@ mod tests {
             assert!(fill(bad.clone()).is_err(), "{bad}");
         }
         assert_eq!(fill(json!({"id": -3})).unwrap(), "/tasks/-3");
+    }
+
+    #[test]
+    fn room_fields_cannot_change_the_kind_of_room() {
+        let t = Template::parse("task:{id}").unwrap();
+        assert_eq!(
+            t.fill(&obj(json!({"id": "a-1_b.c~"})), room_part).unwrap(),
+            "task:a-1_b.c~"
+        );
+        assert_eq!(t.fill(&obj(json!({"id": 7})), room_part).unwrap(), "task:7");
+        for bad in ["x:user:42", "1*", "a b", "é"] {
+            assert!(
+                t.fill(&obj(json!({"id": bad})), room_part).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

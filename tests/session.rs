@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -608,5 +609,56 @@ async fn actions_merges_every_manifest_file_as_written() {
             "A_ONE": {"http": {"method": "GET", "path": "/a"}, "client": {"cache": {"ttl": 5}}, "description": "first"},
             "B_TWO": {"http": {"method": "POST", "path": "/b/{id}"}, "timeoutMs": 1234}
         })
+    );
+}
+
+/// A client busy receiving pushes still gets keepalive pings: pings must not wait until the
+/// outbound queue happens to be empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_are_not_starved_by_a_steady_stream_of_pushes() {
+    let bridge = Bridge::start("{}", None, |c| {
+        c.public_rooms = vec![patchbay::rooms::RoomPattern::parse("feed").unwrap()];
+        c.ping_interval = Duration::from_millis(500);
+        c.idle_timeout = Duration::from_secs(60);
+        c.send_queue = 10_000_000;
+        c.send_queue_bytes = 1 << 30;
+    })
+    .await;
+    let mut client = bridge.connect().await;
+    let reply = client
+        .request("@@patchbay/SUBSCRIBE", json!({"room": "feed"}))
+        .await;
+    assert_eq!(reply["type"], "@@patchbay/SUBSCRIBE_SUCCESS", "{reply}");
+    let app = bridge.app.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let action = json!({"type": "TICK"});
+            let action = action.as_object().unwrap();
+            // Faster than a client reads: the queue never runs empty.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for _ in 0..200 {
+                    let _ = app.bus.publish(vec!["feed".into()], action.clone()).await;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    let (mut pings, mut ticks) = (0, 0);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(3000);
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), client.ws.next()).await {
+            Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+            Ok(Some(Ok(Message::Text(_)))) => ticks += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    publisher.await.unwrap();
+    assert!(ticks > 1000, "the stream was steady ({ticks} pushes)");
+    assert!(
+        pings >= 2,
+        "pings kept coming while the queue was busy ({pings} in 3 s)"
     );
 }

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use super::{CallContext, Success};
 use crate::error::{ActionError, Code};
 use crate::registry::HttpAction;
-use crate::template::{self, encode};
+use crate::template::{self, path_segment};
 
 /// Largest upstream response body accepted.
 pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
@@ -141,7 +141,7 @@ fn build_url(api_url: &str, action: &HttpAction, payload: &Value) -> Result<Stri
     };
     let path = action
         .path
-        .fill(fields, encode)
+        .fill(fields, path_segment)
         .map_err(|e| invalid(format!("path {e}")))?;
     let mut url = format!("{api_url}{path}");
     if action.method.uses_query() {

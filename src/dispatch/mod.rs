@@ -59,18 +59,37 @@ impl Dispatcher {
     }
 }
 
-/// Checks a payload against the action's schema; each violation is listed with its pointer.
+/// Most schema violations listed in `details`.
+pub const MAX_VIOLATIONS: usize = 20;
+/// Longest violation message, in bytes.
+pub const MAX_VIOLATION_CHARS: usize = 200;
+
+/// Checks a payload against the action's schema; each violation (up to [`MAX_VIOLATIONS`]) is
+/// listed with its pointer.
 pub fn check_payload(spec: &ActionSpec, payload: &Value) -> Result<(), ActionError> {
     let Some(schema) = &spec.schema else {
         return Ok(());
     };
-    let violations: Vec<Value> = schema
-        .iter_errors(payload)
-        .map(|e| serde_json::json!({"pointer": e.instance_path().as_str(), "message": e.to_string()}))
-        .collect();
-    if violations.is_empty() {
+    if schema.is_valid(payload) {
         return Ok(());
     }
+    // Bounded: a message can quote the offending value, and a client controls its size.
+    let violations: Vec<Value> = schema
+        .iter_errors(payload)
+        .take(MAX_VIOLATIONS)
+        .map(|e| {
+            let mut message = e.to_string();
+            if message.len() > MAX_VIOLATION_CHARS {
+                let cut = (0..=MAX_VIOLATION_CHARS)
+                    .rev()
+                    .find(|&i| message.is_char_boundary(i))
+                    .unwrap_or(0);
+                message.truncate(cut);
+                message.push('…');
+            }
+            serde_json::json!({"pointer": e.instance_path().as_str(), "message": message})
+        })
+        .collect();
     Err(ActionError::new(
         Code::InvalidPayload,
         format!("payload does not match the schema of {}", spec.name),
@@ -106,6 +125,25 @@ mod tests {
         assert!(
             pointers.contains(&"/page") && pointers.contains(&""),
             "{pointers:?}"
+        );
+    }
+
+    #[test]
+    fn violation_details_are_bounded() {
+        let r = Registry::from_sources([(
+            Path::new("a.json"),
+            r#"{"X": {"http": {"method": "POST", "path": "/x"}, "payload": {"type": "array", "items": {"type": "integer"}}}}"#,
+        )])
+        .unwrap();
+        let long = "y".repeat(10_000);
+        let payload = Value::Array((0..100).map(|_| Value::String(long.clone())).collect());
+        let e = check_payload(r.get("X").unwrap(), &payload).unwrap_err();
+        let details = e.details.unwrap();
+        let list = details.as_array().unwrap();
+        assert_eq!(list.len(), MAX_VIOLATIONS);
+        assert!(
+            list.iter()
+                .all(|d| d["message"].as_str().unwrap().len() <= MAX_VIOLATION_CHARS + 3)
         );
     }
 }

@@ -1,0 +1,86 @@
+//! The writer task of one connection: drains its [`Inbox`] into the socket, batching every
+//! queued frame with `feed` and one `flush` (one syscall for many frames under load), sends
+//! websocket pings, and writes the close frame when the connection's [`Closer`] fires.
+
+use std::time::Duration;
+
+use futures_util::{Sink, SinkExt};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::error::Disconnect;
+use crate::outbox::{Closer, Inbox};
+
+/// How long closing may take in all (queued frames, then the close frame) before the socket
+/// is dropped.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most frames written between two flushes.
+const MAX_BATCH: usize = 64;
+
+/// Resolves only for a close that must not wait for queued frames (a slow client).
+async fn urgent_close(closer: &Closer) -> Disconnect {
+    let reason = closer.closed().await;
+    if reason.drains_queue() {
+        std::future::pending::<()>().await;
+    }
+    reason
+}
+
+/// Runs until every outbox of the connection is dropped or its closer fires.
+pub async fn write_loop<K>(
+    mut sink: K,
+    mut inbox: Inbox,
+    closer: std::sync::Arc<Closer>,
+    ping_every: Duration,
+) where
+    K: Sink<Message, Error = WsError> + Unpin,
+{
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let reason = loop {
+        let first = tokio::select! {
+            biased;
+            reason = closer.closed() => break Some(reason),
+            // Before the queue: a steady stream of pushes must not starve keepalive pings
+            // (the tick is ready at most once per interval, so it cannot starve the data).
+            _ = ping.tick() => Message::Ping(Default::default()),
+            msg = inbox.recv() => match msg {
+                Some(msg) => msg,
+                None => break None,
+            },
+        };
+        let batch = async {
+            sink.feed(first).await?;
+            for _ in 1..MAX_BATCH {
+                match inbox.try_recv() {
+                    Some(msg) => sink.feed(msg).await?,
+                    None => break,
+                }
+            }
+            sink.flush().await
+        };
+        tokio::select! {
+            biased;
+            reason = urgent_close(&closer) => break Some(reason),
+            res = batch => if res.is_err() { break None },
+        }
+    };
+    let deadline = Instant::now() + CLOSE_TIMEOUT;
+    if let Some(reason) = reason {
+        if reason.drains_queue() {
+            // Replies already queued (e.g. answers to requests finished during shutdown) are
+            // still written, but only for half the budget: the close frame must get its turn.
+            inbox.close();
+            let drain = async {
+                while let Some(msg) = inbox.try_recv() {
+                    sink.feed(msg).await?;
+                }
+                sink.flush().await
+            };
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT / 2, drain).await;
+        }
+        let _ = tokio::time::timeout_at(deadline, sink.send(Message::Close(Some(reason.frame()))))
+            .await;
+    }
+    let _ = tokio::time::timeout_at(deadline, sink.close()).await;
+}
