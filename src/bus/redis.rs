@@ -9,7 +9,9 @@
 //! An instance subscribes to a room's channel only while at least one of its own connections is
 //! in the room. Subscribing to every room on every instance would make each instance receive,
 //! parse and drop the traffic of every user in the system; per-room subscriptions keep the work
-//! of an instance proportional to its own clients.
+//! of an instance proportional to its own clients. Task progress is the exception the contract
+//! asks for: every instance PSUBSCRIBEs the task pattern and receives all of it, delivering only
+//! to its local members of `task:<id>` and `user:<id>`.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
