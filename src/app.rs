@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::RoomTokens;
+use crate::auth::{Authenticator, DelegatedAuth, JwtVerifier, RoomTokens};
 use crate::bus::{Bus, MemoryBus, RedisBus};
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
@@ -23,10 +23,6 @@ pub enum StartError {
     /// Some `http` action exists but no API URL is configured.
     #[error("PATCHBAY_API_URL: required because some actions use the `http` handler")]
     MissingApiUrl,
-    /// A configured feature that this version does not provide yet. Refusing to start is
-    /// safer than silently running without it (no authentication, or no cross-instance bus).
-    #[error("{0}: not supported by this version of patchbay yet; unset it")]
-    Unsupported(&'static str),
 }
 
 /// Everything a connection or an HTTP route needs, shared behind an `Arc`.
@@ -43,6 +39,8 @@ pub struct App {
     pub bus: Arc<dyn Bus>,
     /// Signs room tokens.
     pub room_tokens: RoomTokens,
+    /// Decides who a handshake is.
+    pub authenticator: Authenticator,
     /// Draining state, open connections and session tasks.
     pub lifecycle: Lifecycle,
     next_conn_id: AtomicU64,
@@ -52,12 +50,6 @@ impl App {
     /// Builds an instance: the Redis bus when `PATCHBAY_REDIS_URL` is set (its worker is
     /// spawned, so call this inside a tokio runtime), else the in-memory bus.
     pub fn new(config: Config, registry: Registry) -> Result<Arc<App>, StartError> {
-        if config.jwt_secret.is_some() {
-            return Err(StartError::Unsupported("PATCHBAY_JWT_SECRET"));
-        }
-        if config.auth_url.is_some() {
-            return Err(StartError::Unsupported("PATCHBAY_AUTH_URL"));
-        }
         if registry.needs_api_url() && config.api_url.is_none() {
             return Err(StartError::MissingApiUrl);
         }
@@ -74,8 +66,21 @@ impl App {
                 .map_err(|e| StartError::RedisUrl(e.to_string()))?,
             ),
         };
+        let client = crate::dispatch::client();
+        let authenticator = Authenticator::new(
+            config
+                .jwt_secret
+                .as_ref()
+                .map(|s| JwtVerifier::new(s.as_bytes(), config.jwt_leeway)),
+            config
+                .auth_url
+                .clone()
+                .map(|url| DelegatedAuth::new(client.clone(), url, config.auth_timeout)),
+            config.allow_anonymous,
+        );
         Ok(Arc::new(App {
-            dispatcher: Dispatcher::new(config.api_url.clone()),
+            dispatcher: Dispatcher::new(config.api_url.clone(), client),
+            authenticator,
             room_tokens: RoomTokens::new(&config.room_secret),
             config,
             registry,
@@ -168,15 +173,7 @@ mod tests {
     }
 
     #[test]
-    fn refuses_what_it_cannot_do_yet() {
-        let cfg = Config {
-            jwt_secret: Some("s".into()),
-            ..Config::default()
-        };
-        assert!(matches!(
-            App::new(cfg, Registry::default()),
-            Err(StartError::Unsupported("PATCHBAY_JWT_SECRET"))
-        ));
+    fn an_http_action_needs_an_api_url() {
         let r = Registry::from_sources([(
             std::path::Path::new("a.json"),
             r#"{"X":{"http":{"method":"GET","path":"/x"}}}"#,

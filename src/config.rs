@@ -57,6 +57,7 @@ struct Raw {
     jwt_secret: Option<String>,
     jwt_leeway_secs: String,
     auth_url: Option<String>,
+    auth_timeout_ms: String,
     allow_anonymous: Option<String>,
     public_rooms: String,
     allowed_origins: String,
@@ -89,6 +90,7 @@ impl Default for Raw {
             jwt_secret: None,
             jwt_leeway_secs: "5".into(),
             auth_url: None,
+            auth_timeout_ms: "3000".into(),
             allow_anonymous: None,
             public_rooms: String::new(),
             allowed_origins: String::new(),
@@ -141,6 +143,8 @@ pub struct Config {
     pub jwt_leeway: Duration,
     /// `PATCHBAY_AUTH_URL`: default none.
     pub auth_url: Option<String>,
+    /// `PATCHBAY_AUTH_TIMEOUT_MS`, default 3000 ms for the auth service to answer a handshake.
+    pub auth_timeout: Duration,
     /// `PATCHBAY_ALLOW_ANONYMOUS`: default true only when no auth method is set.
     pub allow_anonymous: bool,
     /// `PATCHBAY_PUBLIC_ROOMS`: rooms any connection may join; default none.
@@ -336,6 +340,9 @@ impl Config {
             jwt_secret,
             jwt_leeway: seconds("jwt_leeway_secs", &raw.jwt_leeway_secs, 0)?,
             auth_url,
+            auth_timeout: Duration::from_millis(
+                positive::<u64>("auth_timeout_ms", &raw.auth_timeout_ms)?.min(60_000),
+            ),
             allow_anonymous,
             public_rooms,
             allowed_origins,

@@ -29,7 +29,7 @@ pub const MAX_PUBLISH_BYTES: usize = 1024 * 1024;
 /// Routes one request.
 pub async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
-        (_, "/ws") => crate::ws::upgrade(req, app),
+        (_, "/ws") => crate::ws::upgrade(req, app).await,
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, "/readyz") => readyz(&app),
         (&Method::GET, "/actions") => {

@@ -85,6 +85,13 @@ pub fn start(config: Config) -> Result<Server, Error> {
             "PATCHBAY_ROOM_SECRET is not set: room tokens are valid on this process only"
         );
     }
+    if config.allowed_origins == config::AllowedOrigins::Any
+        && config.forward_headers.contains(&hyper::header::COOKIE)
+    {
+        tracing::warn!(
+            "PATCHBAY_ALLOWED_ORIGINS=* with cookies forwarded: any web page can open a websocket that rides its visitors' cookies; list your origins instead"
+        );
+    }
     let addr = config.listen;
     let app = App::new(config, registry)?;
     let listener = server::bind(addr).map_err(|source| Error::Bind { addr, source })?;

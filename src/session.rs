@@ -201,6 +201,7 @@ impl Session {
         let idle = sleep(idle_timeout);
         tokio::pin!(idle);
         let mut drain_deadline: Option<Instant> = None;
+        let expiry = crate::auth::expires_in(&self.peer.identity).map(|d| Instant::now() + d);
         loop {
             tokio::select! {
                 biased;
@@ -212,6 +213,11 @@ impl Session {
                 _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
                     tracing::warn!(abandoned = self.pending.len(), "shutdown grace ran out with requests in flight");
                     break;
+                }
+                _ = sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
+                    tracing::info!("credentials expired: closing with 4401");
+                    closer.close(Disconnect::Expired);
+                    return;
                 }
                 _ = &mut idle, if drain_deadline.is_none() => {
                     closer.close(Disconnect::Idle);

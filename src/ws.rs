@@ -2,7 +2,8 @@
 //! [`WebSocketConfig`] (small read buffer, frame and message limits) and the TCP socket.
 //!
 //! Checks, in order: draining (503), method and websocket headers (400/426), Origin (403),
-//! connection limit (503). Then it answers 101 and runs the session on the upgraded socket.
+//! connection limit (503), credentials (401/403/503). Then it answers 101 and runs the session
+//! on the upgraded socket.
 
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::Instrument;
 
 use crate::app::App;
-use crate::auth::{self, Identity};
+use crate::auth;
 use crate::http::{Body, error_response};
 use crate::session::{self, Peer};
 
@@ -49,7 +50,7 @@ fn has_token(headers: &HeaderMap, name: hyper::header::HeaderName, token: &str) 
 }
 
 /// Handles `GET /ws`.
-pub fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
+pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
     if app.lifecycle.is_draining() {
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -111,10 +112,20 @@ pub fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
             forwarded.append(name.clone(), value.clone());
         }
     }
+    let identity = match app
+        .authenticator
+        .authenticate(headers, req.uri().query(), &forwarded)
+        .await
+    {
+        Ok(identity) => identity,
+        Err(reject) => {
+            return error_response(reject.status(), reject.code(), reject.message());
+        }
+    };
     let peer = Peer {
         conn_id: app.next_conn_id(),
         connection_id: uuid::Uuid::new_v4().to_string(),
-        identity: Identity::default(),
+        identity,
         forwarded: Arc::new(forwarded),
     };
     let span = tracing::info_span!("conn", id = %peer.connection_id);

@@ -126,3 +126,19 @@ async fn an_absent_payload_is_the_empty_object() {
     let reply = client.recv().await;
     assert_eq!(reply["payload"]["body"], json!({}), "{reply}");
 }
+
+#[tokio::test]
+async fn header_injection_through_the_request_id_is_refused() {
+    let upstream = Upstream::start().await;
+    let bridge = Bridge::with_upstream(&upstream).await;
+    let mut client = bridge.connect().await;
+    for id in ["a\r\nX-Evil: 1", "a\nb", "a\u{0}b", "a b"] {
+        client
+            .send(json!({"type": "ECHO_POST_REQUEST", "payload": {}, "meta": {"requestId": id}}))
+            .await;
+        let reply = client.recv().await;
+        assert_eq!(reply["type"], "@@patchbay/ERROR", "{reply}");
+        assert_eq!(reply["payload"]["code"], "invalid_action", "{reply}");
+    }
+    assert!(upstream.recorded().is_empty(), "nothing reached the API");
+}

@@ -20,6 +20,20 @@ pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
+/// The process's one pooled HTTP client, shared by actions and delegated auth: redirects are
+/// never followed.
+pub fn client() -> reqwest::Client {
+    // reqwest is built without a bundled crypto provider; ring is ours. Installing twice
+    // (several servers in one process, as in tests) is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .build()
+        .expect("the HTTP client configuration is static and valid")
+}
+
 /// Calls the REST API.
 #[derive(Debug, Clone)]
 pub struct HttpDispatcher {
@@ -33,17 +47,8 @@ enum BodyError {
 }
 
 impl HttpDispatcher {
-    /// A dispatcher for `api_url` (no trailing slash).
-    pub fn new(api_url: Option<String>) -> HttpDispatcher {
-        // reqwest is built without a bundled crypto provider; ring is ours. Installing twice
-        // (several servers in one process, as in tests) is harmless.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .build()
-            .expect("the HTTP client configuration is static and valid");
+    /// A dispatcher for `api_url` (no trailing slash) using the process's `client`.
+    pub fn new(api_url: Option<String>, client: reqwest::Client) -> HttpDispatcher {
         HttpDispatcher { client, api_url }
     }
 

@@ -184,6 +184,30 @@ async fn upstream_handle(
                 json!({"error": format!("status {code}")}).to_string(),
             )
         }
+        ["auth"] => {
+            // A delegated-auth endpoint: who the session cookie belongs to.
+            let cookie = headers
+                .get("cookie")
+                .and_then(|c| c.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            if cookie.contains("sid=good") {
+                reply(200, json_ct, r#"{"userId":"7","rooms":["org:7"]}"#)
+            } else if cookie.contains("sid=other") {
+                reply(200, json_ct, r#"{"userId":8}"#)
+            } else if cookie.contains("sid=forbid") {
+                reply(403, json_ct, r#"{"error":"forbidden"}"#)
+            } else if cookie.contains("sid=slow") {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                reply(200, json_ct, r#"{"userId":"7"}"#)
+            } else if cookie.contains("sid=broken") {
+                reply(200, "text/plain", "not json")
+            } else if cookie.contains("sid=crash") {
+                reply(500, json_ct, r#"{"error":"boom"}"#)
+            } else {
+                reply(401, json_ct, r#"{"error":"who are you"}"#)
+            }
+        }
         ["notjson"] => reply(500, "text/plain", "oops, not json"),
         ["text"] => reply(200, "text/plain", "hello"),
         ["empty"] => Response::builder()
