@@ -11,6 +11,7 @@ use crate::auth::{Authenticator, DelegatedAuth, JwtVerifier, RoomTokens};
 use crate::bus::{Bus, MemoryBus, RedisBus};
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::rooms::{ConnId, Rooms};
 
@@ -43,6 +44,8 @@ pub struct App {
     pub authenticator: Authenticator,
     /// Draining state, open connections and session tasks.
     pub lifecycle: Lifecycle,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
     next_conn_id: AtomicU64,
 }
 
@@ -67,6 +70,7 @@ impl App {
             ),
         };
         let client = crate::dispatch::client();
+        let lifecycle = Lifecycle::default();
         let authenticator = Authenticator::new(
             config
                 .jwt_secret
@@ -79,6 +83,8 @@ impl App {
             config.allow_anonymous,
         );
         Ok(Arc::new(App {
+            metrics: Metrics::new(lifecycle.connections.clone(), rooms.clone(), bus.clone()),
+            lifecycle,
             dispatcher: Dispatcher::new(config.api_url.clone(), client),
             authenticator,
             room_tokens: RoomTokens::new(&config.room_secret),
@@ -86,7 +92,6 @@ impl App {
             registry,
             rooms,
             bus,
-            lifecycle: Lifecycle::default(),
             next_conn_id: AtomicU64::new(1),
         }))
     }

@@ -33,6 +33,23 @@ pub enum Code {
     Internal,
 }
 
+impl Code {
+    /// The code as the client sees it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::UnknownAction => "unknown_action",
+            Code::InvalidPayload => "invalid_payload",
+            Code::Forbidden => "forbidden",
+            Code::RateLimited => "rate_limited",
+            Code::TooManyRequests => "too_many_requests",
+            Code::UpstreamUnavailable => "upstream_unavailable",
+            Code::UpstreamTimeout => "upstream_timeout",
+            Code::UpstreamError => "upstream_error",
+            Code::Internal => "internal",
+        }
+    }
+}
+
 /// A failed request: becomes the payload of `X_FAILURE`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ActionError {
@@ -184,6 +201,18 @@ mod tests {
         assert_eq!(Disconnect::Flood.code(), 4029);
         assert_eq!(Disconnect::Expired.code(), 4401);
         assert!(!Disconnect::Slow.drains_queue());
+        for code in [
+            Code::UnknownAction,
+            Code::RateLimited,
+            Code::UpstreamError,
+            Code::Internal,
+        ] {
+            assert_eq!(
+                serde_json::to_value(code).unwrap(),
+                code.as_str(),
+                "as_str matches the wire"
+            );
+        }
         assert!(Disconnect::Shutdown.drains_queue());
     }
 }

@@ -39,7 +39,17 @@ pub async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
             resp
         }
         (&Method::POST, "/publish") => publish(req, &app).await,
-        (_, "/healthz" | "/readyz" | "/actions" | "/publish") => error_response(
+        (&Method::GET, "/metrics") => {
+            let mut resp = Response::new(Full::new(Bytes::from(app.metrics.render())));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            resp
+        }
+        (_, "/healthz" | "/readyz" | "/actions" | "/publish" | "/metrics") => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "method not allowed on this route",

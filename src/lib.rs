@@ -14,6 +14,7 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod outbox;
 pub mod protocol;
 pub mod ratelimit;

@@ -124,6 +124,9 @@ where
     {
         writer.abort();
     }
+    if let Some(reason) = closer.reason() {
+        app.metrics.disconnect(reason);
+    }
     tracing::debug!(reason = ?closer.reason(), "connection closed");
 }
 
@@ -268,6 +271,17 @@ impl Session {
         self.send(protocol::failure(name, request_id, err));
     }
 
+    /// Fails a manifest request before it ran (unknown, rate-limited, too many), and counts it.
+    fn refuse(&self, req: &Request, err: ActionError) {
+        let label = if self.app.registry.get(&req.name).is_some() {
+            req.name.as_str()
+        } else {
+            "unknown"
+        };
+        self.app.metrics.action(label, err.code.as_str());
+        self.fail(&req.name, &req.request_id, &err);
+    }
+
     fn on_text(&mut self, text: &str, rate_limited: bool) {
         let req = match protocol::parse_request(text) {
             Ok(req) => req,
@@ -281,7 +295,7 @@ impl Session {
                     self.app.config.rate_per_sec
                 ),
             );
-            return self.fail(&req.name, &req.request_id, &err);
+            return self.refuse(&req, err);
         }
         match req.builtin {
             Some(Builtin::Ping) => self.send(protocol::success(
@@ -298,10 +312,9 @@ impl Session {
 
     fn on_action(&mut self, req: Request) {
         let Some(spec) = self.app.registry.get(&req.name).cloned() else {
-            return self.fail(
-                &req.name,
-                &req.request_id,
-                &ActionError::new(Code::UnknownAction, format!("no action named {}", req.name)),
+            return self.refuse(
+                &req,
+                ActionError::new(Code::UnknownAction, format!("no action named {}", req.name)),
             );
         };
         if self.actions_in_flight >= self.app.config.max_inflight {
@@ -312,7 +325,7 @@ impl Session {
                     self.app.config.max_inflight
                 ),
             );
-            return self.fail(&req.name, &req.request_id, &err);
+            return self.refuse(&req, err);
         }
         self.actions_in_flight += 1;
         let app = self.app.clone();
@@ -325,6 +338,7 @@ impl Session {
             async move {
                 let started = Instant::now();
                 let result = app.dispatcher.run(&spec, &req.payload, &ctx).await;
+                app.metrics.action_duration(&spec.name, started.elapsed());
                 match &result {
                     Ok(_) => tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "ok"),
                     Err(e) => tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, code = ?e.code, "failed"),
@@ -345,6 +359,11 @@ impl Session {
                 result,
             } => {
                 self.actions_in_flight -= 1;
+                let outcome = match &result {
+                    Ok(_) => "success",
+                    Err(e) => e.code.as_str(),
+                };
+                self.app.metrics.action(&spec.name, outcome);
                 match result {
                     Err(e) => self.fail(&spec.name, &request_id, &e),
                     Ok(success) => self.on_success(&spec, request_id, success),

@@ -33,6 +33,7 @@ impl Bus for MemoryBus {
     ) -> BoxFuture<'_, Result<(), BusError>> {
         self.counters.published.fetch_add(1, Ordering::Relaxed);
         let delivery = self.rooms.deliver(&rooms, &action);
+        self.counters.count(delivery);
         tracing::debug!(?delivery, rooms = rooms.len(), "published");
         ready(Ok(())).boxed()
     }

@@ -44,6 +44,19 @@ pub struct BusCounters {
     pub malformed: AtomicU64,
     /// Messages published (one per room channel on Redis, one per publish in memory).
     pub published: AtomicU64,
+    /// Server-fired actions queued for a local connection.
+    pub delivered: AtomicU64,
+    /// Server-fired actions not queued because the connection's queue was full.
+    pub dropped: AtomicU64,
+}
+
+impl BusCounters {
+    /// Adds one fan-out's result.
+    pub fn count(&self, delivery: crate::rooms::Delivery) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.delivered.fetch_add(delivery.delivered as u64, Relaxed);
+        self.dropped.fetch_add(delivery.dropped as u64, Relaxed);
+    }
 }
 
 /// Why the bus could not do what was asked.

@@ -462,7 +462,9 @@ impl Worker {
             if check_action_object(&obj).is_err() {
                 return false;
             }
-            self.rooms.deliver(&[room.to_string()], &obj);
+            self.shared
+                .counters
+                .count(self.rooms.deliver(&[room.to_string()], &obj));
             return true;
         }
         let (Some(Value::String(id)), Some(Value::Array(rooms)), Some(action)) =
@@ -481,7 +483,9 @@ impl Worker {
             return false;
         };
         if self.seen.first_time(&id) {
-            self.rooms.deliver(&rooms, &action);
+            self.shared
+                .counters
+                .count(self.rooms.deliver(&rooms, &action));
         }
         true
     }
@@ -508,7 +512,9 @@ impl Worker {
             ("type".to_string(), json!("TASK_PROGRESS")),
             ("payload".to_string(), task),
         ]);
-        self.rooms.deliver(&rooms, &action);
+        self.shared
+            .counters
+            .count(self.rooms.deliver(&rooms, &action));
         true
     }
 }

@@ -1,0 +1,131 @@
+//! `GET /metrics` as an operator's Prometheus scrapes it.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+async fn scrape(bridge: &Bridge) -> String {
+    let uri: hyper::Uri = bridge.http_url("/metrics").parse().unwrap();
+    let stream = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get(uri.path())
+        .header("host", uri.authority().unwrap().as_str())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    use http_body_util::BodyExt;
+    String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap()
+}
+
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn metrics_count_actions_connections_and_deliveries_with_bounded_labels() {
+    let upstream = Upstream::start().await;
+    let bridge = Bridge::start(MANIFEST, Some(upstream.url()), |c| {
+        c.public_rooms = vec![patchbay::rooms::RoomPattern::parse("lobby").unwrap()];
+    })
+    .await;
+    let mut a = bridge.connect().await;
+    let mut b = bridge.connect().await;
+    assert_eq!(
+        a.request("ECHO_LIST", json!({})).await["type"],
+        "ECHO_LIST_SUCCESS"
+    );
+    assert_eq!(
+        a.request("STATUS", json!({"code": 500})).await["payload"]["code"],
+        "upstream_error"
+    );
+    for i in 0..50 {
+        let r = a.request(&format!("NOPE_{i}"), json!({})).await;
+        assert_eq!(r["payload"]["code"], "unknown_action");
+    }
+    for c in [&mut a, &mut b] {
+        let r = c
+            .request("@@patchbay/SUBSCRIBE", json!({"room": "lobby"}))
+            .await;
+        assert_eq!(r["type"], "@@patchbay/SUBSCRIBE_SUCCESS");
+    }
+    bridge
+        .app
+        .bus
+        .publish(
+            vec!["lobby".into()],
+            json!({"type": "HI"}).as_object().unwrap().clone(),
+        )
+        .await
+        .unwrap();
+    a.recv().await;
+    b.recv().await;
+
+    let text = scrape(&bridge).await;
+    assert_eq!(
+        value(
+            &text,
+            r#"patchbay_actions_total{action="ECHO_LIST",outcome="success"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"patchbay_actions_total{action="STATUS",outcome="upstream_error"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"patchbay_actions_total{action="unknown",outcome="unknown_action"}"#
+        ),
+        50.0
+    );
+    assert!(
+        !text.contains("NOPE_"),
+        "client-chosen names never become labels"
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"patchbay_action_duration_seconds_count{action="ECHO_LIST"}"#
+        ),
+        1.0
+    );
+    assert_eq!(value(&text, "patchbay_connections"), 2.0);
+    assert_eq!(value(&text, "patchbay_rooms"), 1.0);
+    assert_eq!(value(&text, "patchbay_deliveries_total"), 2.0);
+    assert_eq!(value(&text, "patchbay_bus_messages_out_total"), 1.0);
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "OpenMetrics text ends with # EOF"
+    );
+}
