@@ -147,15 +147,6 @@ impl Rooms {
         was_member && remove_from_room(&mut maps.rooms, room, id)
     }
 
-    /// The rooms a connection is in.
-    pub fn rooms_of(&self, id: ConnId) -> Vec<String> {
-        let maps = self.maps.read().unwrap();
-        maps.members
-            .get(&id)
-            .map(|m| m.rooms.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
     /// Whether at least one local connection is in `room`.
     pub fn has_members(&self, room: &str) -> bool {
         self.maps.read().unwrap().rooms.contains_key(room)

@@ -4,6 +4,7 @@
 //! `actions/tasks.json` map each action to one of these routes), and it pushes progress to
 //! them the way any backend would: `POST /publish` on patchbay with a bearer token, or, with
 //! the Redis bus, `PUBLISH tasks.<id> <task JSON>` on Redis like a task worker in any language.
+//! It also serves the demo page ([`Site`]), so the page calls it on its own origin.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -22,6 +23,8 @@ use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+
+use crate::site::Site;
 
 const PAGE_SIZE: usize = 20;
 const STEP_EVERY: Duration = Duration::from_millis(300);
@@ -93,15 +96,17 @@ struct Api {
     /// Snapshots to publish. One queue, filled while the store is locked, keeps the pushes
     /// in the same order as the state changes (a step can never overtake a cancel).
     outbox: mpsc::UnboundedSender<Value>,
+    site: Arc<Site>,
 }
 
-/// Serves the API on `listener` forever.
-pub async fn serve(listener: TcpListener, publisher: Publisher) {
+/// Serves the API and the page on `listener` forever.
+pub async fn serve(listener: TcpListener, publisher: Publisher, site: Site) {
     let (outbox, queue) = mpsc::unbounded_channel();
     tokio::spawn(publish_loop(queue, publisher));
     let api = Api {
         store: Arc::default(),
         outbox,
+        site: Arc::new(site),
     };
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -139,6 +144,19 @@ impl Api {
                 self.enqueue(&body.unwrap_or_default(), key)
             }
             (&Method::DELETE, ["tasks", id]) => self.cancel(id),
+            (&Method::GET, ["demo", "patchbay"]) => self.site.control(None, false).await,
+            (&Method::POST, ["demo", "patchbay", action @ ("stop" | "start")]) => {
+                let json_body = req
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with("application/json"));
+                self.site.control(Some(action), json_body).await
+            }
+            (&Method::GET, _) => self
+                .site
+                .get(&path)
+                .unwrap_or_else(|| error(StatusCode::NOT_FOUND, "not_found", "no such route")),
             _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
         }
     }
@@ -259,6 +277,8 @@ fn parse_new_task(body: &[u8]) -> Result<(String, u64), String> {
 
 /// Sends each snapshot, in order, so that it reaches the room `task:<id>` as `TASK_PROGRESS`.
 async fn publish_loop(mut queue: mpsc::UnboundedReceiver<Value>, mut to: Publisher) {
+    // While patchbay is stopped every push fails: say so once, not at every step.
+    let mut failing = false;
     while let Some(task) = queue.recv().await {
         let id = task["id"].as_str().unwrap_or_default().to_string();
         let sent = match &mut to {
@@ -275,8 +295,16 @@ async fn publish_loop(mut queue: mpsc::UnboundedReceiver<Value>, mut to: Publish
                 .map(drop)
                 .map_err(|e| e.to_string()),
         };
-        if let Err(e) = sent {
-            tracing::warn!(error = %e, "publishing task progress failed");
+        match sent {
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "publishing task progress failed (pushes are lost until it works again; clients poll meanwhile)");
+            }
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("publishing task progress works again");
+            }
+            _ => {}
         }
     }
 }

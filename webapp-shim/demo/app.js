@@ -1,0 +1,257 @@
+// The demo page: a redux-style store whose requests travel through the patchbay shim, over
+// the websocket while patchbay is up and straight to the REST API while it is down.
+// Plain ES modules, no build step: the demo server serves the shim at /shim/.
+
+import { createPatchbay } from '/shim/index.js'
+
+const FINAL = ['succeeded', 'cancelled', 'failed']
+const LOG_SIZE = 40
+
+/**
+ * The part of redux this page needs: reducer, subscribers and middleware with the same
+ * `store => next => action` signature, so the shim's middleware plugs in unchanged.
+ */
+function createStore (reducer, middlewares) {
+  let state = reducer(undefined, { type: '@@demo/INIT' })
+  const listeners = new Set()
+  let dispatch = action => {
+    state = reducer(state, action)
+    for (const listener of listeners) listener()
+    return action
+  }
+  const api = { getState: () => state, dispatch: action => dispatch(action) }
+  dispatch = middlewares.map(m => m(api)).reduceRight((next, m) => m(next), dispatch)
+  return { ...api, subscribe (listener) { listeners.add(listener); return () => listeners.delete(listener) } }
+}
+
+/** A v4 uuid: request ids double as the API's Idempotency-Key. Works outside secure contexts. */
+function uuid () {
+  const b = crypto.getRandomValues(new Uint8Array(16))
+  b[6] = (b[6] & 0x0f) | 0x40
+  b[8] = (b[8] & 0x3f) | 0x80
+  const h = [...b].map(x => x.toString(16).padStart(2, '0')).join('')
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`
+}
+
+const request = (name, payload) => ({ type: `${name}_REQUEST`, payload, meta: { requestId: uuid() } })
+
+// --- state ---------------------------------------------------------------------------------
+
+const initial = { status: 'connecting', order: [], tasks: {} }
+
+/** Keeps the newest snapshot of a task: pushes, polls and replies may arrive out of order. */
+function upsert (state, task) {
+  if (!task || typeof task.id !== 'string') return state
+  const known = state.tasks[task.id]
+  if (known) {
+    const done = FINAL.includes(known.status)
+    if (done && !FINAL.includes(task.status)) return state
+    if (!done && (task.progress?.step ?? 0) < (known.progress?.step ?? 0) && !FINAL.includes(task.status)) return state
+  }
+  const order = known ? state.order : [...state.order, task.id]
+  return { ...state, order, tasks: { ...state.tasks, [task.id]: task } }
+}
+
+function reducer (state = initial, action) {
+  switch (action.type) {
+    case '@@patchbay/STATUS':
+      return { ...state, status: action.payload.status }
+    case 'TASKS_FETCH_SUCCESS':
+      return (action.payload?.tasks ?? []).reduce(upsert, state)
+    case 'TASK_ENQUEUE_SUCCESS':
+    case 'TASK_FETCH_SUCCESS':
+    case 'TASK_CANCEL_SUCCESS':
+    case 'TASK_PROGRESS':
+      return upsert(state, action.payload)
+    default:
+      return state
+  }
+}
+
+// --- the log of actions and how requests travelled -----------------------------------------
+
+const log = []
+/** requestId → how the request left: 'socket', 'rest', or 'socket, then rest'. */
+const travel = new Map()
+
+function addLog (entry) {
+  const last = log[0]
+  // Progress of one task replaces its previous line, so the log stays readable.
+  if (entry.key && last?.key === entry.key) log[0] = entry
+  else log.unshift(entry)
+  log.length = Math.min(log.length, LOG_SIZE)
+}
+
+function describe (action) {
+  const p = action.payload
+  if (action.type === 'TASK_PROGRESS') return `${p?.title ?? p?.id}: ${p?.progress?.percent ?? 0}% ${p?.status ?? ''}`
+  if (action.type === '@@patchbay/STATUS') return p?.status
+  if (action.error) return `${p?.code}${p?.status ? ` (${p.status})` : ''}: ${p?.message}`
+  if (action.type.endsWith('_SUCCESS')) {
+    if (p?.tasks) return `${p.tasks.length} of ${p.total} tasks`
+    if (p?.title) return `${p.title}: ${p.status}${action.meta?.status ? ` (${action.meta.status})` : ''}`
+  }
+  return p === undefined ? '' : JSON.stringify(p).slice(0, 120)
+}
+
+/** Records every action, and for requests which way the shim sent them. */
+const logger = bridge => () => next => action => {
+  const id = action.meta?.requestId
+  if (action.type.endsWith('_REQUEST')) {
+    const before = { ...bridge.stats }
+    const result = next(action) // the shim sends (or calls the API) synchronously
+    const via = bridge.stats.socket > before.socket ? 'socket' : bridge.stats.rest > before.rest ? 'rest' : 'none'
+    travel.set(id, via)
+    addLog({ type: action.type, via, detail: describe(action) })
+    return result
+  }
+  if (action.type === '@@patchbay/STATUS' && action.payload?.status === 'fallback') {
+    // The shim re-sends what was pending on the lost socket to the API, same request id.
+    for (const [pending, via] of travel) if (via === 'socket') travel.set(pending, 'socket, then rest')
+  }
+  let via = ''
+  let key
+  if (action.type === 'TASK_PROGRESS') {
+    via = action.meta?.polled ? 'poll' : 'push'
+    key = `progress:${action.payload?.id}`
+  } else if (id !== undefined && travel.has(id)) {
+    via = travel.get(id)
+    travel.delete(id)
+  }
+  addLog({ type: action.type, via, key, detail: describe(action), error: !!action.error })
+  return next(action)
+}
+
+// --- rendering -----------------------------------------------------------------------------
+
+const $ = id => document.getElementById(id)
+
+function h (tag, attrs = {}, ...children) {
+  const el = document.createElement(tag)
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k.startsWith('on')) el.addEventListener(k.slice(2), v)
+    else el.setAttribute(k, v)
+  }
+  el.append(...children)
+  return el
+}
+
+/** One list item per task, updated in place so that a button is never replaced mid-click. */
+const rows = new Map()
+
+function taskRow (task, cancel) {
+  const fill = h('div', { class: 'fill' })
+  const row = h('li', { class: 'task', 'data-task-id': task.id, 'data-title': task.title },
+    h('span', { class: 'title' }, task.title, h('span', { class: 'state' })),
+    h('div', { class: 'bar', role: 'progressbar', 'aria-valuemin': '0', 'aria-valuemax': '100', 'aria-label': `progress of ${task.title}` }, fill),
+    h('span', { class: 'percent' }),
+    h('button', { type: 'button', class: 'cancel', onclick: () => cancel(task.id) }, 'Cancel'))
+  rows.set(task.id, row)
+  return row
+}
+
+function renderTask (row, task) {
+  const percent = Math.max(0, Math.min(100, Number(task.progress?.percent) || 0))
+  row.dataset.status = task.status
+  row.querySelector('.state').textContent = task.progress?.status ?? task.status
+  row.querySelector('.bar').setAttribute('aria-valuenow', String(percent))
+  row.querySelector('.fill').style.width = `${percent}%`
+  row.querySelector('.percent').textContent = `${percent}%`
+  row.querySelector('.cancel').disabled = FINAL.includes(task.status)
+}
+
+function render (state, bridge, cancel) {
+  const status = $('status')
+  status.dataset.status = state.status
+  status.textContent = state.status
+  $('via-socket').textContent = String(bridge.stats.socket)
+  $('via-rest').textContent = String(bridge.stats.rest)
+
+  const list = $('tasks')
+  for (const id of state.order) {
+    const task = state.tasks[id]
+    let row = rows.get(id)
+    if (!row) list.prepend(row = taskRow(task, cancel))
+    renderTask(row, task)
+  }
+  $('no-tasks').hidden = state.order.length > 0
+
+  $('log').replaceChildren(...log.map(entry => h('li', { 'data-type': entry.type, 'data-via': entry.via, class: entry.error ? 'error' : '' },
+    h('span', { class: 'via', 'data-via': entry.via }, entry.via), ' ', h('strong', {}, entry.type), ' ', entry.detail ?? '')))
+}
+
+// --- start ---------------------------------------------------------------------------------
+
+async function getJson (path, init) {
+  const response = await fetch(path, init)
+  if (!response.ok) throw new Error(`${path} answered ${response.status}`)
+  return response.json()
+}
+
+async function main () {
+  const [config, manifest] = await Promise.all([getJson('/demo/config'), getJson('/actions')])
+  $('patchbay-url').textContent = config.patchbay
+
+  const bridge = createPatchbay({
+    url: config.patchbay,
+    apiUrl: location.origin,
+    manifest,
+    requestTimeoutMs: 10000,
+    // Short backoff: the demo is about watching the reconnect happen.
+    minBackoffMs: 250,
+    maxBackoffMs: 2000,
+    pingMs: 10000,
+    pongTimeoutMs: 5000
+  })
+  const store = createStore(reducer, [logger(bridge), bridge.middleware])
+  // For people poking around in the devtools console.
+  globalThis.demo = { store, bridge }
+
+  const cancel = id => store.dispatch(request('TASK_CANCEL', { id }))
+  let queued = false
+  store.subscribe(() => {
+    if (queued) return
+    queued = true
+    requestAnimationFrame(() => {
+      queued = false
+      render(store.getState(), bridge, cancel)
+    })
+  })
+  render(store.getState(), bridge, cancel)
+
+  $('task-form').addEventListener('submit', async event => {
+    event.preventDefault()
+    const title = $('title').value.trim()
+    const steps = Number($('steps').value)
+    const reply = await store.dispatch(request('TASK_ENQUEUE', { title, steps }))
+    const error = $('form-error')
+    error.hidden = !reply?.error
+    error.textContent = reply?.error ? `Not started: ${describe(reply)}` : ''
+  })
+  $('refresh').addEventListener('click', () => store.dispatch(request('TASKS_FETCH', { page: 1 })))
+
+  if (config.controls) {
+    $('controls').hidden = false
+    const control = async (path, init) => {
+      try {
+        const state = await getJson(path, init)
+        $('patchbay-state').textContent = state.running ? `running on ${state.addr}` : 'stopped'
+      } catch (e) {
+        $('patchbay-state').textContent = String(e.message)
+      }
+    }
+    // A JSON content type: the server refuses these from other origins' pages.
+    const post = { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: '{}' }
+    $('stop-patchbay').addEventListener('click', () => control('/demo/patchbay/stop', post))
+    $('start-patchbay').addEventListener('click', () => control('/demo/patchbay/start', post))
+    control('/demo/patchbay')
+  }
+
+  store.dispatch(request('TASKS_FETCH', { page: 1 }))
+}
+
+main().catch(e => {
+  const error = $('form-error')
+  error.hidden = false
+  error.textContent = `The demo could not start: ${e.message}`
+})

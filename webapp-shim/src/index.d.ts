@@ -1,0 +1,164 @@
+import type { Middleware } from 'redux'
+
+/** Where the bridge's requests go: `open` over the socket, otherwise straight to the API. */
+export type Status = 'connecting' | 'open' | 'fallback'
+
+/** The `client.poll` setting of an action that has `subscribe` (read by the shim only). */
+export interface PollSpec {
+  /** Manifest action called over REST with the room's template fields, e.g. `TASK_FETCH`. */
+  action: string
+  /** Delay between two polls; default 3000. */
+  intervalMs?: number
+  /** Type of the action dispatched with each polled result; default `<action>_SUCCESS`. */
+  as?: string
+  /** Stop polling (and forget the room) once `result[field]` is one of `in`. */
+  until?: { field: string, in: readonly unknown[] }
+}
+
+/** One entry of the manifest (`actions/*.json`, or `GET /actions`). */
+export interface ActionSpec {
+  description?: string
+  http?: { method: string, path: string }
+  /** JSON Schema of the payload; enforced by patchbay, and by the API in fallback. */
+  payload?: unknown
+  timeoutMs?: number
+  /** Room template filled from the success payload, e.g. `task:{id}`. */
+  subscribe?: string
+  /** Settings for this shim; the server ignores them. */
+  client?: { poll?: PollSpec, [key: string]: unknown }
+}
+
+export type Manifest = Record<string, ActionSpec>
+
+export type FailureCode =
+  | 'unknown_action' | 'invalid_payload' | 'forbidden' | 'rate_limited' | 'too_many_requests'
+  | 'upstream_unavailable' | 'upstream_timeout' | 'upstream_error' | 'internal'
+  /** the shim's own: no answer within `requestTimeoutMs` */
+  | 'timeout'
+  /** from an `@@patchbay/ERROR` answering the request */
+  | 'invalid_action' | 'bad_json'
+
+export interface Failure {
+  code: FailureCode
+  message: string
+  /** HTTP status: the API's for `upstream_error`, 502 / 503 / 504 for the other upstream codes. */
+  status?: number
+  /** For `upstream_error`: the API's body (parsed JSON, else text); for schema errors: `[{pointer, message}]`. */
+  details?: unknown
+}
+
+export interface SuccessAction<P = unknown> {
+  type: `${string}_SUCCESS`
+  payload: P
+  error?: undefined
+  meta: {
+    requestId: string
+    /** The API's HTTP status (actions with `http`). */
+    status?: number
+    /** Over the socket only: the room the connection joined (manifest `subscribe`). */
+    subscribed?: string
+    /** Over the socket only: token that lets this user rejoin `subscribed` later. */
+    roomToken?: string
+    /** A SUBSCRIBE / UNSUBSCRIBE answered while the socket was down; carried out on reconnect. */
+    deferred?: true
+    [key: string]: unknown
+  }
+}
+
+export interface FailureAction {
+  type: `${string}_FAILURE`
+  error: true
+  payload: Failure
+  meta: { requestId: string }
+}
+
+/** What `dispatch(X_REQUEST)` resolves to; it is also dispatched to reducers. Never rejects. */
+export type ReplyAction<P = unknown> = SuccessAction<P> | FailureAction
+
+export interface StatusAction { type: '@@patchbay/STATUS', payload: { status: Status } }
+export interface AuthExpiredAction { type: '@@patchbay/AUTH_EXPIRED' }
+export interface ConnectedAction {
+  type: '@@patchbay/CONNECTED'
+  payload: { protocol: number, connectionId: string, userId: string | null, rooms: string[] }
+}
+/** A result of `client.poll`, dispatched as `poll.as`. */
+export interface PolledAction<P = unknown> { type: string, payload: P, meta: { room: string, polled: true } }
+/** Pushed by the server into a room the connection is in. */
+export interface ServerAction<P = unknown> { type: string, payload?: P, meta: { room: string, [key: string]: unknown } }
+
+/** The request types the middleware answers: the manifest's, and the built-ins. */
+export type RequestType<M = Manifest> = `${Extract<keyof M, string>}_REQUEST` | `@@patchbay/${string}_REQUEST`
+
+export interface RequestAction<M = Manifest> {
+  type: RequestType<M>
+  /** Absent is sent as `{}`. */
+  payload?: unknown
+  /** `requestId` (`[A-Za-z0-9._:-]{1,128}`, ideally a uuid) is kept; otherwise a uuid is made. */
+  meta?: { requestId?: string, [key: string]: unknown }
+}
+
+/** What the middleware adds to `dispatch`. */
+export interface PatchbayDispatch<M = Manifest> {
+  <A extends RequestAction<M>>(action: A): Promise<ReplyAction>
+}
+
+/** The parts of a WebSocket the shim uses (the browser's, or the `ws` package's). */
+export interface WebSocketLike {
+  readonly readyState: number
+  send (data: string): void
+  close (code?: number, reason?: string): void
+  onopen: ((event: any) => void) | null
+  onmessage: ((event: { data: any }) => void) | null
+  onclose: ((event: { code: number }) => void) | null
+  onerror: ((event: any) => void) | null
+}
+
+export interface PatchbayOptions<M extends Manifest = Manifest> {
+  /** The patchbay websocket, e.g. `wss://app.example.com/ws`. */
+  url: string
+  /** Base URL of the REST API for fallback calls (the server's `PATCHBAY_API_URL` as the browser reaches it). */
+  apiUrl: string
+  /** The JSON of `actions/` (bundled, or fetched from `GET /actions`). Default `{}`. */
+  manifest?: M
+  /** Default `globalThis.WebSocket`. */
+  WebSocket?: new (url: string) => WebSocketLike
+  /** Default `globalThis.fetch`. */
+  fetch?: (input: string, init: RequestInit) => Promise<Response>
+  /** How long a request sent over the socket waits for its answer; default 15000. */
+  requestTimeoutMs?: number
+  /** First reconnect delay (halved at random for jitter); default 250. */
+  minBackoffMs?: number
+  /** Largest reconnect delay; default 10000. */
+  maxBackoffMs?: number
+  /** Interval of application pings; default 20000. */
+  pingMs?: number
+  /** How long the server may stay silent after a ping before the socket is dropped; default 10000. */
+  pongTimeoutMs?: number
+  /** How long a request made before the first connection opened or failed waits for it
+   *  before going over REST; default 2000. */
+  connectWaitMs?: number
+}
+
+export interface Patchbay<M extends Manifest = Manifest> {
+  /** Redux middleware: `applyMiddleware(bridge.middleware)` or RTK's `.concat(bridge.middleware)`. */
+  middleware: Middleware<PatchbayDispatch<M>>
+  /** The current status (also dispatched as `@@patchbay/STATUS`). */
+  readonly status: Status
+  /** How many requests went over the socket and over REST (retries count in both). */
+  readonly stats: { readonly socket: number, readonly rest: number }
+  /** Drops the socket, if any, and connects again now: after re-authenticating (`AUTH_EXPIRED`). */
+  reconnect (): void
+  /** Closes the socket for good, stops every timer, answers requests in flight with `upstream_unavailable`. */
+  close (): void
+}
+
+export function createPatchbay<M extends Manifest> (options: PatchbayOptions<M>): Patchbay<M>
+
+/** Percent-encodes a path segment or query key/value: all but `A-Z a-z 0-9 - . _ ~` become `%XX`. */
+export function encode (text: string): string
+
+/** Method, path with query string, and JSON body of an `http` spec's call; throws on an invalid payload. */
+export function buildRequest (http: { method: string, path: string }, payload: unknown): { method: string, path: string, body: string | undefined }
+
+/** The query string of a GET or DELETE (without `?`): fields not in `skip`, sorted by key. */
+export function queryString (payload: Record<string, unknown>, skip: readonly string[]): string

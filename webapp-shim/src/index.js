@@ -1,0 +1,393 @@
+// patchbay's redux middleware: actions named in the manifest travel over the patchbay
+// websocket when it is open, and straight to the REST API when it is not; either way the
+// store receives the same X_SUCCESS / X_FAILURE action.
+
+import { Connection } from './socket.js'
+import { callRest, failurePayload } from './rest.js'
+import { fillTemplate, templateFields, PayloadError } from './encode.js'
+
+export { encode, buildRequest, queryString } from './encode.js'
+
+const REQUEST = '_REQUEST'
+const BUILTIN = '@@patchbay/'
+const SUBSCRIBE = BUILTIN + 'SUBSCRIBE'
+const UNSUBSCRIBE = BUILTIN + 'UNSUBSCRIBE'
+const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/
+/** Room template values may only hold these, as on the server. */
+const ROOM_PART = /^[A-Za-z0-9\-._~]+$/
+/** Room names, as on the server: printable ASCII without whitespace. */
+const ROOM = /^[\x21-\x7e]{1,128}$/
+/** How many ids of requests answered some other way are kept, to drop late socket replies. */
+const LATE_IDS = 1000
+
+function uuid () {
+  if (globalThis.crypto?.randomUUID) return globalThis.crypto.randomUUID()
+  const b = globalThis.crypto.getRandomValues(new Uint8Array(16))
+  b[6] = (b[6] & 0x0f) | 0x40
+  b[8] = (b[8] & 0x3f) | 0x80
+  const h = [...b].map(x => x.toString(16).padStart(2, '0')).join('')
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`
+}
+
+const isRoom = room => typeof room === 'string' && ROOM.test(room)
+const isRoomOp = entry => entry.name === SUBSCRIBE || entry.name === UNSUBSCRIBE
+
+function untilReached (until, payload) {
+  if (!until || payload === null || typeof payload !== 'object') return false
+  return Array.isArray(until.in) && until.in.includes(payload[until.field])
+}
+
+/** The payload exactly as the socket would carry it (dates as strings, no undefined, no NaN). */
+function asJson (payload) {
+  const text = JSON.stringify(payload === undefined ? {} : payload)
+  if (text === undefined) throw new TypeError('not JSON')
+  return JSON.parse(text)
+}
+
+/**
+ * Creates the bridge. See index.d.ts for the options.
+ * @param {import('./index.js').PatchbayOptions} options
+ */
+export function createPatchbay (options) {
+  const {
+    url,
+    apiUrl,
+    manifest = {},
+    WebSocket = globalThis.WebSocket,
+    fetch = (...args) => globalThis.fetch(...args),
+    requestTimeoutMs = 15000,
+    minBackoffMs = 250,
+    maxBackoffMs = 10000,
+    pingMs = 20000,
+    pongTimeoutMs = 10000,
+    connectWaitMs = 2000
+  } = options ?? {}
+  if (!url || !apiUrl) throw new TypeError('createPatchbay needs `url` (ws://…/ws) and `apiUrl`')
+  if (typeof WebSocket !== 'function') throw new TypeError('no WebSocket: pass one in the options (e.g. from the `ws` package)')
+  const api = String(apiUrl).replace(/\/+$/, '')
+
+  // Actions emitted before the store can take them (status changes while redux is still
+  // building its middleware chain, which forbids dispatching) wait here.
+  let dispatch = null
+  let ready = false
+  const early = []
+  const emit = action => (ready ? dispatch(action) : early.push(action))
+  function flush () {
+    if (ready || !dispatch) return
+    ready = true
+    for (const action of early.splice(0)) dispatch(action)
+  }
+
+  /** requestId → a request sent over the socket and not yet answered. */
+  const pending = new Map()
+  /** Requests made while the first connection was still being made. */
+  const waiting = new Set()
+  /** Requests whose REST call is under way. */
+  const inRest = new Set()
+  /** Ids of requests sent over the socket but answered otherwise: a late reply is dropped. */
+  const late = new Set()
+  /** room → { token, poll, live, timer, chain }: rooms to rejoin after a reconnect, or to poll. */
+  const rooms = new Map()
+  const stats = { socket: 0, rest: 0 }
+  /** Aborts of the REST calls under way, all cut short by `close()`. */
+  const inFlight = new Set()
+  let closed = false
+
+  function entryFor (name, payload, requestId, extra = {}) {
+    return { name, payload, requestId, builtin: name.startsWith(BUILTIN), spec: manifest[name], done: false, sent: false, timer: null, resolve: () => {}, ...extra }
+  }
+
+  function failure (entry, code, message) {
+    return { type: `${entry.name}_FAILURE`, error: true, payload: failurePayload(code, message), meta: { requestId: entry.requestId } }
+  }
+
+  /** The answer to a SUBSCRIBE or UNSUBSCRIBE that the next connection will carry out. */
+  function deferred (entry) {
+    return { type: `${entry.name}_SUCCESS`, payload: { room: entry.payload.room }, meta: { requestId: entry.requestId, deferred: true } }
+  }
+
+  /** Answers a request exactly once: dispatched (unless quiet) and resolved. */
+  function settle (entry, reply, fromSocket = false) {
+    if (entry.done) return
+    entry.done = true
+    clearTimeout(entry.timer)
+    pending.delete(entry.requestId)
+    inRest.delete(entry)
+    if (entry.sent && !fromSocket) {
+      late.add(entry.requestId)
+      if (late.size > LATE_IDS) late.delete(late.values().next().value)
+    }
+    track(entry, reply)
+    if (!entry.quiet) emit(reply)
+    entry.resolve(reply)
+  }
+
+  const failNow = (entry, code, message) => settle(entry, failure(entry, code, message))
+
+  /** Keeps `rooms` up to date with what a reply says about them. */
+  function track (entry, reply) {
+    const room = entry.payload?.room
+    if (entry.rejoin) {
+      const state = entry.rejoin
+      if (rooms.get(room) !== state) return
+      state.live = !reply.error
+      if (state.live) stopPolling(state)
+      else startPolling(room, state)
+    } else if (entry.name === SUBSCRIBE) {
+      const state = rooms.get(room)
+      if (!state) return
+      if (!reply.error && !reply.meta?.deferred) {
+        state.live = true
+        stopPolling(state)
+      } else if (reply.error && state === entry.added) {
+        forget(room)
+      }
+    } else if (!entry.builtin && !reply.error) {
+      remember(entry.spec, reply)
+    }
+  }
+
+  /** After a success, keeps the room it joined (or would have joined) for later. */
+  function remember (spec, reply) {
+    if (!spec?.subscribe && !reply.meta?.subscribed) return
+    let room = typeof reply.meta?.subscribed === 'string' ? reply.meta.subscribed : null
+    let fields = null
+    try {
+      const filled = fillTemplate(spec.subscribe, reply.payload, part => {
+        if (!ROOM_PART.test(part)) throw new PayloadError('not a room part')
+        return part
+      })
+      room ??= filled
+      fields = Object.fromEntries(templateFields(spec.subscribe).map(n => [n, reply.payload[n]]))
+    } catch {
+      // The payload cannot name the room: nothing to poll, and in fallback nothing to join.
+    }
+    if (!room) return
+    const state = rooms.get(room) ?? { token: null, poll: null, live: false, timer: null, chain: null }
+    rooms.set(room, state)
+    if (typeof reply.meta?.roomToken === 'string') state.token = reply.meta.roomToken
+    if (spec.client?.poll && fields) state.poll = { ...spec.client.poll, fields }
+    if (reply.meta?.subscribed) {
+      state.live = true
+      stopPolling(state)
+    } else if (!state.live) {
+      // Answered over REST: join now if the socket is back, else poll until it is.
+      if (connection.isOpen) join(room, state)
+      else startPolling(room, state)
+    }
+  }
+
+  function viaRest (entry) {
+    stats.rest++
+    inRest.add(entry)
+    callRest({ apiUrl: api, name: entry.name, spec: entry.spec, payload: entry.payload, requestId: entry.requestId, fetch, inFlight })
+      .then(reply => settle(entry, reply))
+  }
+
+  function send (entry) {
+    const sent = connection.send({ type: entry.name + REQUEST, payload: entry.payload, meta: { requestId: entry.requestId } })
+    if (!sent) return false
+    if (!entry.quiet) stats.socket++
+    entry.sent = true
+    pending.set(entry.requestId, entry)
+    entry.timer = setTimeout(() => failNow(entry, 'timeout', `no answer within ${requestTimeoutMs} ms`), requestTimeoutMs)
+    return true
+  }
+
+  function request (name, payload, requestId) {
+    return new Promise(resolve => {
+      const entry = entryFor(name, payload, requestId, { resolve })
+      if (closed) return failNow(entry, 'upstream_unavailable', 'the bridge was closed')
+      try {
+        entry.payload = asJson(payload)
+      } catch {
+        return failNow(entry, 'invalid_payload', 'the payload cannot be written as JSON')
+      }
+      // While the first connection is being made, wait for it (briefly) rather than fall back
+      // at once: a request sent at page load should get the socket and its room tokens.
+      if (connection.status === 'connecting') {
+        waiting.add(entry)
+        entry.timer = setTimeout(() => release(entry), connectWaitMs)
+        return
+      }
+      route(entry)
+    })
+  }
+
+  function route (entry) {
+    if (entry.builtin) return builtinRequest(entry)
+    if (send(entry)) return
+    if (entry.spec?.http) return viaRest(entry)
+    failNow(entry, 'upstream_unavailable', 'patchbay is not connected and this action has no REST fallback')
+  }
+
+  /** Sends a request that waited for the first connection, over whatever is available now. */
+  function release (entry) {
+    if (!waiting.delete(entry)) return
+    clearTimeout(entry.timer)
+    entry.timer = null
+    route(entry)
+  }
+
+  /** Built-ins; while the socket is down, rooms are remembered and joined on reconnect. */
+  function builtinRequest (entry) {
+    const room = entry.payload?.room
+    if (isRoomOp(entry) && isRoom(room)) {
+      if (entry.name === UNSUBSCRIBE) forget(room)
+      else if (!rooms.has(room)) rooms.set(room, entry.added = { token: null, poll: null, live: false, timer: null, chain: null })
+      const token = entry.payload.token
+      if (entry.name === SUBSCRIBE && typeof token === 'string') rooms.get(room).token = token
+    }
+    if (!send(entry)) answerOffline(entry)
+  }
+
+  /** A built-in that cannot reach patchbay: room changes wait for the next connection. */
+  function answerOffline (entry) {
+    if (!isRoomOp(entry)) return failNow(entry, 'upstream_unavailable', 'patchbay is not connected')
+    if (!isRoom(entry.payload?.room)) return failNow(entry, 'invalid_payload', '`room` must be 1 to 128 printable ASCII characters without spaces')
+    settle(entry, deferred(entry))
+  }
+
+  function forget (room) {
+    const state = rooms.get(room)
+    if (state) stopPolling(state)
+    rooms.delete(room)
+  }
+
+  /** Quietly (re)joins a remembered room, presenting its token; a refusal falls back to polling. */
+  function join (room, state) {
+    const payload = state.token ? { room, token: state.token } : { room }
+    const entry = entryFor(SUBSCRIBE, payload, uuid(), { quiet: true, rejoin: state })
+    if (!send(entry)) startPolling(room, state)
+  }
+
+  function startPolling (room, state) {
+    if (state.chain || state.live || !state.poll || closed) return
+    const { action, intervalMs = 3000, as = `${action}_SUCCESS`, until, fields } = state.poll
+    const spec = manifest[action]
+    if (!spec?.http) return
+    const chain = state.chain = {}
+    const alive = () => state.chain === chain && rooms.get(room) === state && !state.live && !closed
+    const tick = async () => {
+      state.timer = null
+      if (!alive()) return
+      const reply = await callRest({ apiUrl: api, name: action, spec, payload: fields, requestId: uuid(), fetch, inFlight })
+      if (!alive()) return
+      if (!reply.error) {
+        emit({ type: as, payload: reply.payload, meta: { room, polled: true } })
+        if (untilReached(until, reply.payload)) return forget(room)
+      }
+      if (alive()) state.timer = setTimeout(tick, intervalMs)
+    }
+    // Spread the first polls: after an outage, every remembered room starts polling at once.
+    state.timer = setTimeout(tick, Math.random() * Math.min(intervalMs, 1000))
+  }
+
+  function stopPolling (state) {
+    clearTimeout(state.timer)
+    state.timer = null
+    state.chain = null
+  }
+
+  function onMessage (message) {
+    if (typeof message?.type !== 'string') return
+    const id = message.meta?.requestId
+    const entry = typeof id === 'string' ? pending.get(id) : undefined
+    if (entry) {
+      const reply = message.type === BUILTIN + 'ERROR'
+        ? { type: `${entry.name}_FAILURE`, error: true, payload: failurePayload(message.payload?.code ?? 'invalid_action', message.payload?.message ?? 'refused'), meta: { requestId: id } }
+        : message
+      return settle(entry, reply, true)
+    }
+    // A reply to a request that already timed out or was answered over REST.
+    if (late.delete(id)) return
+    emit(message)
+    finishedByPush(message)
+  }
+
+  /** A push that says a polled room is done (e.g. a final TASK_PROGRESS): leave the room, so
+   *  finished rooms are not rejoined, polled or counted against the server's room limit. */
+  function finishedByPush (message) {
+    const room = message.meta?.room
+    const state = typeof room === 'string' ? rooms.get(room) : undefined
+    const poll = state?.poll
+    if (!poll || message.type !== (poll.as ?? `${poll.action}_SUCCESS`) || !untilReached(poll.until, message.payload)) return
+    forget(room)
+    send(entryFor(UNSUBSCRIBE, { room }, uuid(), { quiet: true }))
+  }
+
+  function onDown () {
+    // Requests that were on the dead socket go to the API instead, with the same requestId,
+    // so an API that honours Idempotency-Key runs each of them once.
+    for (const entry of [...pending.values()]) {
+      pending.delete(entry.requestId)
+      clearTimeout(entry.timer)
+      if (entry.quiet) settle(entry, failure(entry, 'upstream_unavailable', 'the connection to patchbay was lost'))
+      else if (entry.builtin) answerOffline(entry)
+      else if (entry.spec?.http) viaRest(entry)
+      else failNow(entry, 'upstream_unavailable', 'the connection to patchbay was lost')
+    }
+    for (const [room, state] of rooms) {
+      state.live = false
+      startPolling(room, state)
+    }
+  }
+
+  const connection = new Connection({
+    url,
+    WebSocket,
+    minBackoffMs,
+    maxBackoffMs,
+    pingMs,
+    pongTimeoutMs,
+    onStatus: status => emit({ type: '@@patchbay/STATUS', payload: { status } }),
+    onMessage,
+    onOpen: () => {
+      for (const [room, state] of rooms) join(room, state)
+      for (const entry of [...waiting]) release(entry)
+    },
+    onDown: () => {
+      onDown()
+      for (const entry of [...waiting]) release(entry)
+    },
+    onAuthExpired: () => emit({ type: '@@patchbay/AUTH_EXPIRED' })
+  })
+  connection.start()
+
+  const middleware = store => {
+    dispatch = store.dispatch
+    // Redux forbids dispatching while it builds the middleware chain: deliver queued actions
+    // once it is done, or with the first action, whichever comes first.
+    queueMicrotask(flush)
+    return next => action => {
+      flush()
+      const type = action?.type
+      if (typeof type !== 'string' || !type.endsWith(REQUEST)) return next(action)
+      const name = type.slice(0, -REQUEST.length)
+      if (!name.startsWith(BUILTIN) && !Object.hasOwn(manifest, name)) return next(action)
+      next(action)
+      const given = action.meta?.requestId
+      // A given id is kept unless a request with that id is still waiting for its answer.
+      const requestId = typeof given === 'string' && REQUEST_ID.test(given) && !pending.has(given) ? given : uuid()
+      return request(name, action.payload, requestId)
+    }
+  }
+
+  return {
+    middleware,
+    get status () { return connection.status },
+    stats,
+    reconnect () {
+      if (!closed) connection.reconnect()
+    },
+    close () {
+      if (closed) return
+      closed = true
+      connection.close()
+      for (const abort of [...inFlight]) abort()
+      for (const state of rooms.values()) stopPolling(state)
+      for (const entry of [...pending.values(), ...inRest, ...waiting]) failNow(entry, 'upstream_unavailable', 'the bridge was closed')
+      waiting.clear()
+    }
+  }
+}
