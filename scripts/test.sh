@@ -62,6 +62,8 @@ fi
 # Tests run the patchbay binary and the demo example themselves, so build them first.
 cargo build --locked --bins --examples
 cargo test --locked --all-targets
+# The benchmark tool builds and a tiny run (50 clients, 10 messages) completes with zero loss.
+cargo run --locked -q -p patchbay-bench -- ci
 
 # Each test file runs in its own process, in parallel; files under test/support/ are helpers.
 cd webapp-shim

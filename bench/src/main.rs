@@ -1,0 +1,720 @@
+//! patchbay-bench: drives real websocket clients against patchbay, a minimal tokio-tungstenite
+//! reference server and Socket.IO 4, publishing through a private Redis, and prints a table per
+//! scenario with the ratios to the reference server. See BENCHMARKS.md.
+
+mod client;
+mod procs;
+mod reference;
+mod scenarios;
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use scenarios::{Ctx, DeliveryRun, IdleRun, ReqRespRun, Target};
+
+const USAGE: &str = "\
+usage: patchbay-bench <command> [options]
+
+commands:
+  fanout      clients in one room, 100-byte actions at a fixed rate
+  idle        connected, subscribed, silent clients: server RSS per connection
+  targeted    clients each in its own user:<i> room, actions to random users
+  reqresp     request/response through patchbay vs calling the upstream directly
+  all         the four scenarios in turn
+  ci          a tiny fan-out (50 clients, 10 messages) and request/response run against
+              patchbay and the reference server; exits 1 on any loss or failure
+  setup       installs the Socket.IO server's npm packages
+  reference   runs the reference server (--listen ADDR --redis URL); the bench starts it itself
+
+options:
+  --targets LIST   comma list of patchbay,reference,socketio (default: all three; Socket.IO
+                   runs fan-out and idle only)
+  --clients N      connections (fanout 2000, idle 15000, targeted 10000, reqresp 100)
+  --rate R         fanout/targeted: actions published per second (fanout 20; targeted: the
+                   fan-out's deliveries per second, 40000); reqresp: requests per second (2000)
+  --seconds S      measured window (10)
+  --messages M     fanout/targeted: actions published (default rate x seconds)
+  --quick          smaller defaults, for a first look
+  --patchbay PATH  the patchbay binary (default: next to this one, target/<profile>/patchbay)
+  --no-pin         do not pin the server to core 0 and the load to core 1
+
+Build first: cargo build --release && cargo build --release -p patchbay-bench";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Fanout,
+    Idle,
+    Targeted,
+    ReqResp,
+}
+
+#[derive(Debug, Default)]
+struct Opts {
+    targets: Option<Vec<Target>>,
+    clients: Option<usize>,
+    rate: Option<f64>,
+    seconds: Option<f64>,
+    messages: Option<u64>,
+    quick: bool,
+    patchbay: Option<PathBuf>,
+    no_pin: bool,
+}
+
+fn parse_opts(args: &[String]) -> Result<Opts, String> {
+    let mut o = Opts::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        let number = |name: &str, v: String| -> Result<f64, String> {
+            v.parse::<f64>()
+                .ok()
+                .filter(|n| n.is_finite() && *n > 0.0)
+                .ok_or_else(|| format!("{name}: `{v}` is not a positive number"))
+        };
+        match a.as_str() {
+            "--targets" => {
+                let list = value(a)?;
+                let targets: Result<Vec<Target>, String> = list
+                    .split(',')
+                    .map(|t| {
+                        Target::parse(t.trim()).ok_or_else(|| format!("--targets: unknown `{t}`"))
+                    })
+                    .collect();
+                o.targets = Some(targets?);
+            }
+            "--clients" => o.clients = Some(number(a, value(a)?)? as usize),
+            "--rate" => o.rate = Some(number(a, value(a)?)?),
+            "--seconds" => o.seconds = Some(number(a, value(a)?)?),
+            "--messages" => o.messages = Some(number(a, value(a)?)? as u64),
+            "--quick" => o.quick = true,
+            "--patchbay" => o.patchbay = Some(PathBuf::from(value(a)?)),
+            "--no-pin" => o.no_pin = true,
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown option `{other}`")),
+        }
+    }
+    Ok(o)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(command) = args.first().cloned() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let rest = &args[1..];
+    let fail = |e: String| {
+        eprintln!("patchbay-bench: {e}");
+        ExitCode::FAILURE
+    };
+    let (plan, ci): (Vec<Scenario>, bool) = match command.as_str() {
+        "reference" => return reference::main(rest).map_or_else(fail, |()| ExitCode::SUCCESS),
+        "setup" => {
+            return match socketio_dir(true) {
+                Ok(dir) => {
+                    println!("Socket.IO server ready in {}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            };
+        }
+        "fanout" => (vec![Scenario::Fanout], false),
+        "idle" => (vec![Scenario::Idle], false),
+        "targeted" => (vec![Scenario::Targeted], false),
+        "reqresp" => (vec![Scenario::ReqResp], false),
+        "all" => (
+            vec![
+                Scenario::Fanout,
+                Scenario::Idle,
+                Scenario::Targeted,
+                Scenario::ReqResp,
+            ],
+            false,
+        ),
+        "ci" => (vec![Scenario::Fanout, Scenario::ReqResp], true),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        other => {
+            eprintln!("patchbay-bench: unknown command `{other}`\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = match parse_opts(rest) {
+        Ok(o) => o,
+        Err(e) if e.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("patchbay-bench: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if plan.len() > 1
+        && !ci
+        && (opts.clients.is_some() || opts.rate.is_some() || opts.messages.is_some())
+    {
+        return fail("`all` takes --seconds, --quick and --targets; run one scenario to set --clients, --rate or --messages".into());
+    }
+    // Before any thread exists, so every thread of the load inherits core 1.
+    let pinning = procs::Pinning::setup(!opts.no_pin);
+    let nofile = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    let line = format!("patchbay-bench {}", args.join(" "));
+    match runtime.block_on(run(plan, ci, opts, pinning, nofile, line)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => fail(e),
+    }
+}
+
+/// The Socket.IO server's directory, its npm packages installed (when `install`, or on first
+/// use).
+fn socketio_dir(install: bool) -> Result<PathBuf, String> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("socketio");
+    if !dir.join("server.js").is_file() {
+        return Err(format!("{} has no server.js", dir.display()));
+    }
+    let works = |cmd: &str| {
+        Command::new(cmd)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !works("node") {
+        return Err("node is not installed (Node.js 18 or later is needed for Socket.IO)".into());
+    }
+    let installed = dir.join("node_modules/socket.io").is_dir()
+        && dir.join("node_modules/@socket.io/redis-adapter").is_dir()
+        && dir.join("node_modules/redis").is_dir();
+    if installed && !install {
+        return Ok(dir);
+    }
+    if !works("npm") {
+        return Err("npm is not installed: cannot install socket.io".into());
+    }
+    eprintln!(
+        "installing the Socket.IO server's packages (npm install) in {}",
+        dir.display()
+    );
+    let status = Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund"])
+        .current_dir(&dir)
+        .status()
+        .map_err(|e| format!("npm install: {e}"))?;
+    if !status.success() {
+        return Err(format!("npm install failed ({status})"));
+    }
+    Ok(dir)
+}
+
+struct Params {
+    clients: usize,
+    rate: f64,
+    seconds: f64,
+    messages: u64,
+}
+
+fn params(s: Scenario, o: &Opts, ci: bool) -> Params {
+    let q = o.quick;
+    let seconds = o.seconds.unwrap_or(if q { 5.0 } else { 10.0 });
+    let (clients, rate) = match s {
+        Scenario::Fanout if ci => (50, 20.0),
+        Scenario::Fanout => (if q { 500 } else { 2000 }, 20.0),
+        Scenario::Idle => (if q { 3000 } else { 15000 }, 0.0),
+        // Same deliveries per second as the fan-out, for the p99 comparison.
+        Scenario::Targeted => (
+            if q { 2000 } else { 10000 },
+            if q { 10000.0 } else { 40000.0 },
+        ),
+        Scenario::ReqResp if ci => (5, 50.0),
+        Scenario::ReqResp => (100, 2000.0),
+    };
+    let clients = o.clients.unwrap_or(clients);
+    let rate = o.rate.unwrap_or(rate);
+    let messages = match (s, ci) {
+        (Scenario::Fanout, true) => o.messages.unwrap_or(10),
+        _ => o.messages.unwrap_or((rate * seconds).round() as u64),
+    };
+    let seconds = if ci && s == Scenario::ReqResp {
+        1.0
+    } else {
+        seconds
+    };
+    Params {
+        clients,
+        rate,
+        seconds,
+        messages,
+    }
+}
+
+async fn run(
+    plan: Vec<Scenario>,
+    ci: bool,
+    opts: Opts,
+    pinning: procs::Pinning,
+    nofile: u64,
+    line: String,
+) -> Result<bool, String> {
+    let targets = opts.targets.clone().unwrap_or(if ci {
+        vec![Target::Patchbay, Target::Reference]
+    } else {
+        vec![Target::Patchbay, Target::Reference, Target::SocketIo]
+    });
+    let work_dir = std::env::temp_dir().join(format!("patchbay-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work_dir).map_err(|e| e.to_string())?;
+    scenarios::write_actions(&work_dir)?;
+    let (_redis, redis_url) = procs::start_redis().await?;
+    let wants_socketio = targets.contains(&Target::SocketIo)
+        && plan
+            .iter()
+            .any(|s| matches!(s, Scenario::Fanout | Scenario::Idle));
+    let socketio = if wants_socketio {
+        socketio_dir(false)
+    } else {
+        Err("not requested".into())
+    };
+    let upstream = if plan.contains(&Scenario::ReqResp) {
+        Some(client::start_upstream()?)
+    } else {
+        None
+    };
+    let ctx = Ctx {
+        pinning,
+        redis_url,
+        patchbay: procs::find_patchbay(opts.patchbay.as_ref()),
+        socketio_dir: socketio,
+        work_dir: work_dir.clone(),
+        upstream,
+        ticks_per_sec: procs::clock_ticks(),
+    };
+
+    println!("command: {line}");
+    println!("machine: {}", procs::machine());
+    println!("pinning: {}", ctx.pinning.note);
+    match &ctx.patchbay {
+        Ok(p) => println!("patchbay: {}", p.display()),
+        Err(e) => println!("patchbay: unavailable: {e}"),
+    }
+    if let (true, Err(e)) = (wants_socketio, &ctx.socketio_dir) {
+        println!("socketio: unavailable: {e}");
+    }
+    println!();
+
+    let mut ok = true;
+    let mut fanout_p99: Option<(f64, u32)> = None;
+    let mut checks: Vec<String> = Vec::new();
+    for scenario in plan {
+        let p = params(scenario, &opts, ci);
+        if (p.clients as u64) + 256 > nofile {
+            let msg = format!(
+                "{} clients need about {} open files but the limit is {nofile}: raise the hard limit (ulimit -Hn, or LimitNOFILE / limits.conf) or use fewer --clients",
+                p.clients,
+                p.clients + 256
+            );
+            println!("{scenario:?}: skipped: {msg}\n");
+            ok = false;
+            continue;
+        }
+        match scenario {
+            Scenario::Fanout | Scenario::Targeted => {
+                let fan = scenario == Scenario::Fanout;
+                let mut runs: Vec<Result<DeliveryRun, (Target, String)>> = Vec::new();
+                for &t in &targets {
+                    if t == Target::SocketIo && !fan {
+                        continue;
+                    }
+                    if t == Target::SocketIo && ctx.socketio_dir.is_err() {
+                        runs.push(Err((t, "unavailable".into())));
+                        continue;
+                    }
+                    eprintln!(
+                        "  {} {} ...",
+                        if fan { "fan-out" } else { "targeted" },
+                        t.name()
+                    );
+                    let r = if fan {
+                        scenarios::fanout(&ctx, t, p.clients, p.rate, p.messages).await
+                    } else {
+                        scenarios::targeted(&ctx, t, p.clients, p.rate, p.messages).await
+                    };
+                    runs.push(r.map_err(|e| (t, e)));
+                }
+                let title = if fan {
+                    format!(
+                        "fan-out: {} clients in room `bench`, {} actions of {} bytes at {}/s ({} deliveries/s offered)",
+                        p.clients,
+                        p.messages,
+                        scenarios::ACTION_BYTES,
+                        p.rate,
+                        p.rate * p.clients as f64
+                    )
+                } else {
+                    format!(
+                        "targeted: {} clients each in user:<i>, {} actions of {} bytes to random users at {}/s",
+                        p.clients,
+                        p.messages,
+                        scenarios::ACTION_BYTES,
+                        p.rate
+                    )
+                };
+                println!("{}", delivery_table(&title, &runs));
+                for r in &runs {
+                    match r {
+                        Ok(run) => {
+                            if run.loss() > 0 || run.failed_connects > 0 || run.duplicates > 0 {
+                                ok = false;
+                            }
+                        }
+                        Err((t, _)) if *t != Target::SocketIo => ok = false,
+                        Err(_) => {}
+                    }
+                }
+                checks.extend(delivery_checks(fan, &runs, &mut fanout_p99));
+            }
+            Scenario::Idle => {
+                let mut runs: Vec<Result<IdleRun, (Target, String)>> = Vec::new();
+                for &t in &targets {
+                    if t == Target::SocketIo && ctx.socketio_dir.is_err() {
+                        runs.push(Err((t, "unavailable".into())));
+                        continue;
+                    }
+                    eprintln!("  idle {} ...", t.name());
+                    runs.push(
+                        scenarios::idle(&ctx, t, p.clients)
+                            .await
+                            .map_err(|e| (t, e)),
+                    );
+                }
+                println!("{}", idle_table(p.clients, &runs));
+                for r in &runs {
+                    match r {
+                        Ok(run) if run.failed_connects > 0 => ok = false,
+                        Err((t, _)) if *t != Target::SocketIo => ok = false,
+                        _ => {}
+                    }
+                    if let Ok(run) = r
+                        && run.target == Target::Patchbay
+                    {
+                        let kib = run.per_connection_kib();
+                        checks.push(format!(
+                            "idle memory: patchbay {kib:.1} KiB per connection: target <= 8 KiB {}, goal <= 4 KiB {}",
+                            met(kib <= 8.0),
+                            met(kib <= 4.0)
+                        ));
+                    }
+                }
+            }
+            Scenario::ReqResp => {
+                if !targets.contains(&Target::Patchbay) {
+                    println!("reqresp: skipped (only patchbay serves requests)\n");
+                    continue;
+                }
+                eprintln!("  request/response direct ...");
+                let direct = scenarios::reqresp(&ctx, None, p.clients, p.rate, p.seconds).await;
+                eprintln!("  request/response patchbay ...");
+                let via =
+                    scenarios::reqresp(&ctx, Some(Target::Patchbay), p.clients, p.rate, p.seconds)
+                        .await;
+                let title = format!(
+                    "request/response: {} connections, {} requests/s in all, {} s measured after 1 s of warm-up",
+                    p.clients, p.rate, p.seconds
+                );
+                println!("{}", reqresp_table(&title, &direct, &via));
+                match (&direct, &via) {
+                    (Ok(d), Ok(v)) => {
+                        if d.errors > 0 || v.errors > 0 || v.requests == 0 {
+                            ok = false;
+                        }
+                        let added = v.latency.p50 as i64 - d.latency.p50 as i64;
+                        checks.push(format!(
+                            "request/response: patchbay adds {added} µs at p50 ({} µs at p99) over the direct call at {:.0} requests/s: target <= 150 µs {}",
+                            v.latency.p99 as i64 - d.latency.p99 as i64,
+                            v.per_sec(),
+                            met(added <= 150)
+                        ));
+                    }
+                    _ => ok = false,
+                }
+            }
+        }
+    }
+    // The CI run is too small (and unoptimised) for the targets to mean anything.
+    if !checks.is_empty() && !ci {
+        println!("targets:");
+        for c in &checks {
+            println!("  - {c}");
+        }
+        println!();
+    }
+    if ok {
+        let _ = std::fs::remove_dir_all(&work_dir);
+    } else {
+        println!("server logs kept in {}", work_dir.display());
+    }
+    if ci {
+        println!("ci: {}", if ok { "ok, zero loss" } else { "FAILED" });
+    }
+    Ok(ok)
+}
+
+fn met(yes: bool) -> &'static str {
+    if yes { "MET" } else { "NOT MET" }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}x", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+fn delivery_table(title: &str, runs: &[Result<DeliveryRun, (Target, String)>]) -> String {
+    let reference = runs.iter().find_map(|r| match r {
+        Ok(run) if run.target == Target::Reference => Some(run.clone()),
+        _ => None,
+    });
+    let mut out = format!("{title}\n");
+    let _ = writeln!(
+        out,
+        "  {:<10} {:>7} {:>13} {:>8} {:>8} {:>8} {:>7} {:>7} {:>13} {:>11} {:>10}",
+        "target",
+        "clients",
+        "deliveries/s",
+        "p50 µs",
+        "p99 µs",
+        "max µs",
+        "loss",
+        "CPU %",
+        "CPU µs/deliv",
+        "CPU vs ref",
+        "p99 vs ref"
+    );
+    for r in runs {
+        match r {
+            Ok(run) => {
+                let (cpu_ratio, p99_ratio) = match &reference {
+                    Some(rf) => (
+                        ratio(run.cpu_us_per_delivery(), rf.cpu_us_per_delivery()),
+                        ratio(run.latency.p99 as f64, rf.latency.p99 as f64),
+                    ),
+                    None => ("-".into(), "-".into()),
+                };
+                let _ = writeln!(
+                    out,
+                    "  {:<10} {:>7} {:>13.0} {:>8} {:>8} {:>8} {:>7} {:>7.1} {:>13.2} {:>11} {:>10}",
+                    run.target.name(),
+                    run.clients,
+                    run.per_sec(),
+                    run.latency.p50,
+                    run.latency.p99,
+                    run.latency.max,
+                    run.loss(),
+                    run.cpu_percent(),
+                    run.cpu_us_per_delivery(),
+                    cpu_ratio,
+                    p99_ratio
+                );
+                let mut notes = Vec::new();
+                if run.failed_connects > 0 {
+                    notes.push(format!("{} clients failed to connect", run.failed_connects));
+                }
+                if run.duplicates > 0 {
+                    notes.push(format!("{} duplicates", run.duplicates));
+                }
+                if run.dropped_connections > 0 {
+                    notes.push(format!(
+                        "{} connections closed by the server",
+                        run.dropped_connections
+                    ));
+                }
+                if !notes.is_empty() {
+                    let _ = writeln!(out, "  {:<10} ({})", "", notes.join(", "));
+                }
+                let _ = writeln!(
+                    out,
+                    "  {:<10} ({} actions published, {} of {} deliveries in {:.2} s, server CPU {:.2} s)",
+                    "",
+                    run.published,
+                    run.delivered,
+                    run.expected,
+                    run.window.as_secs_f64(),
+                    run.cpu_seconds
+                );
+            }
+            Err((t, e)) => {
+                let _ = writeln!(out, "  {:<10} failed: {e}", t.name());
+            }
+        }
+    }
+    out
+}
+
+fn delivery_checks(
+    fan: bool,
+    runs: &[Result<DeliveryRun, (Target, String)>],
+    fanout_p99: &mut Option<(f64, u32)>,
+) -> Vec<String> {
+    let get = |t: Target| {
+        runs.iter().find_map(|r| match r {
+            Ok(run) if run.target == t => Some(run),
+            _ => None,
+        })
+    };
+    let mut checks = Vec::new();
+    let Some(pb) = get(Target::Patchbay) else {
+        return checks;
+    };
+    if fan {
+        *fanout_p99 = Some((pb.per_sec(), pb.latency.p99));
+        if let Some(rf) = get(Target::Reference) {
+            let r = pb.cpu_us_per_delivery() / rf.cpu_us_per_delivery().max(1e-9);
+            checks.push(format!(
+                "fan-out: patchbay CPU per delivery {:.2} µs = {r:.2}x the reference's {:.2} µs: target <= 1.1x {}",
+                pb.cpu_us_per_delivery(),
+                rf.cpu_us_per_delivery(),
+                met(r <= 1.1)
+            ));
+        }
+        if let Some(sio) = get(Target::SocketIo) {
+            checks.push(format!(
+                "fan-out: Socket.IO CPU per delivery {:.2} µs = {:.2}x patchbay's",
+                sio.cpu_us_per_delivery(),
+                sio.cpu_us_per_delivery() / pb.cpu_us_per_delivery().max(1e-9)
+            ));
+        }
+        checks.push(format!(
+            "fan-out: patchbay loss {} of {}: zero loss {}",
+            pb.loss(),
+            pb.expected,
+            met(pb.loss() == 0)
+        ));
+    } else {
+        match fanout_p99 {
+            Some((rate, p99)) => {
+                let r = pb.latency.p99 as f64 / (*p99).max(1) as f64;
+                checks.push(format!(
+                    "targeted: patchbay p99 {} µs at {:.0} deliveries/s = {r:.2}x the fan-out's {p99} µs at {rate:.0}/s: target <= 2x {}",
+                    pb.latency.p99,
+                    pb.per_sec(),
+                    met(r <= 2.0)
+                ));
+            }
+            None => checks.push(format!(
+                "targeted: patchbay p99 {} µs at {:.0} deliveries/s (run `all` to compare it with the fan-out's)",
+                pb.latency.p99,
+                pb.per_sec()
+            )),
+        }
+        checks.push(format!(
+            "targeted: patchbay loss {} of {}: zero loss {}",
+            pb.loss(),
+            pb.expected,
+            met(pb.loss() == 0)
+        ));
+    }
+    checks
+}
+
+fn idle_table(clients: usize, runs: &[Result<IdleRun, (Target, String)>]) -> String {
+    let reference = runs.iter().find_map(|r| match r {
+        Ok(run) if run.target == Target::Reference => Some(run.per_connection_kib()),
+        _ => None,
+    });
+    let mut out = format!("idle memory: {clients} connected, subscribed, silent connections\n");
+    let _ = writeln!(
+        out,
+        "  {:<10} {:>11} {:>13} {:>11} {:>13} {:>10}",
+        "target", "connections", "baseline MiB", "loaded MiB", "KiB per conn", "vs ref"
+    );
+    for r in runs {
+        match r {
+            Ok(run) => {
+                let _ = writeln!(
+                    out,
+                    "  {:<10} {:>11} {:>13.1} {:>11.1} {:>13.2} {:>10}",
+                    run.target.name(),
+                    run.connections,
+                    run.baseline_kib as f64 / 1024.0,
+                    run.loaded_kib as f64 / 1024.0,
+                    run.per_connection_kib(),
+                    reference.map_or("-".into(), |rf| ratio(run.per_connection_kib(), rf))
+                );
+                if run.failed_connects > 0 {
+                    let _ = writeln!(
+                        out,
+                        "  {:<10} ({} clients failed to connect)",
+                        "", run.failed_connects
+                    );
+                }
+            }
+            Err((t, e)) => {
+                let _ = writeln!(out, "  {:<10} failed: {e}", t.name());
+            }
+        }
+    }
+    out
+}
+
+fn reqresp_table(
+    title: &str,
+    direct: &Result<ReqRespRun, String>,
+    via: &Result<ReqRespRun, String>,
+) -> String {
+    let mut out = format!("{title}\n");
+    let _ = writeln!(
+        out,
+        "  {:<10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>11}",
+        "path", "requests/s", "p50 µs", "p99 µs", "max µs", "errors", "CPU µs/req"
+    );
+    for (label, r) in [("direct", direct), ("patchbay", via)] {
+        match r {
+            Ok(run) => {
+                let cpu = run.cpu_seconds.map_or("-".to_string(), |c| {
+                    format!("{:.1}", c * 1e6 / run.requests.max(1) as f64)
+                });
+                let _ = writeln!(
+                    out,
+                    "  {:<10} {:>10.0} {:>8} {:>8} {:>8} {:>7} {:>11}",
+                    run.label,
+                    run.per_sec(),
+                    run.latency.p50,
+                    run.latency.p99,
+                    run.latency.max,
+                    run.errors,
+                    cpu
+                );
+                if let Some(e) = &run.first_error {
+                    let _ = writeln!(out, "  {:<10} (first error: {e})", "");
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(out, "  {label:<10} failed: {e}");
+            }
+        }
+    }
+    if let (Ok(d), Ok(v)) = (direct, via) {
+        let _ = writeln!(
+            out,
+            "  added by patchbay: p50 {} µs, p99 {} µs",
+            v.latency.p50 as i64 - d.latency.p50 as i64,
+            v.latency.p99 as i64 - d.latency.p99 as i64
+        );
+    }
+    out
+}
