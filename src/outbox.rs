@@ -1,15 +1,15 @@
 //! The way into one connection: a queue of frames bounded in count *and* bytes, drained by the
 //! connection's writer task, and a one-shot close signal.
 //!
-//! Publishers never wait on a client: [`Outbox::push`] is `try_send`, and a full queue closes
+//! Publishers never wait on a client: [`Outbox::push`] never blocks, and a full queue closes
 //! the connection with 4008 instead of slowing anyone else down. The byte bound matters as much
 //! as the count: replies can be up to 1 MiB, so a count alone would let one client that never
 //! reads pin a gigabyte.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, OnceLock};
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +41,12 @@ impl Closer {
             .expect("reason is set before the token fires")
     }
 
+    /// Resolves when closing was requested; then [`Closer::reason`] is set. Unlike
+    /// [`Closer::closed`], one of these can be kept and polled for a whole loop.
+    pub fn fired(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.fired.cancelled()
+    }
+
     /// The reason, if closing was requested.
     pub fn reason(&self) -> Option<Disconnect> {
         self.reason.get().copied()
@@ -56,95 +62,155 @@ pub struct QueueLimits {
     pub bytes: usize,
 }
 
-/// A cloneable handle that queues frames for one connection.
-#[derive(Debug, Clone)]
-pub struct Outbox {
-    /// Bounded by frame count; `try_send` only, so a publisher never waits.
-    tx: mpsc::Sender<Message>,
-    /// Bytes queued and not yet taken by the writer, shared with the [`Inbox`].
-    queued: Arc<AtomicUsize>,
-    max_bytes: usize,
-    /// Shared by every clone and by the connection's reader and writer.
+/// The queue shared by a connection's outboxes and its inbox.
+#[derive(Debug)]
+struct Queue {
+    /// `std` lock: held only to push or pop, never across an `.await`.
+    state: Mutex<State>,
+    /// Wakes the writer; a notification sent while it is busy is kept for its next wait.
+    ready: Notify,
+    limits: QueueLimits,
+    /// Shared by every outbox and by the connection's reader and writer.
     closer: Arc<Closer>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Empty until the first frame: an idle connection's queue allocates nothing (a channel
+    /// would allocate a block of slots up front, the largest part of an idle connection).
+    frames: VecDeque<Utf8Bytes>,
+    bytes: usize,
+    /// Live [`Outbox`] handles; at zero the writer sees the end of the queue.
+    senders: usize,
+    /// The inbox refuses further frames.
+    closed: bool,
+}
+
+/// Frames of capacity kept when the queue drains: a burst's buffer is not held forever.
+const KEEP_CAPACITY: usize = 16;
+
+/// A cloneable handle that queues frames for one connection.
+#[derive(Debug)]
+pub struct Outbox {
+    queue: Arc<Queue>,
+}
+
+impl Clone for Outbox {
+    fn clone(&self) -> Self {
+        self.queue.state.lock().unwrap().senders += 1;
+        Outbox {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let last = {
+            let mut state = self.queue.state.lock().unwrap();
+            state.senders -= 1;
+            state.senders == 0
+        };
+        if last {
+            self.queue.ready.notify_one();
+        }
+    }
 }
 
 /// The writer's end of an [`Outbox`].
 #[derive(Debug)]
 pub struct Inbox {
-    rx: mpsc::Receiver<Message>,
-    queued: Arc<AtomicUsize>,
+    queue: Arc<Queue>,
 }
 
 impl Outbox {
     /// A new outbox, and the inbox its writer drains.
     pub fn new(limits: QueueLimits) -> (Outbox, Inbox) {
-        let (tx, rx) = mpsc::channel(limits.frames);
-        let queued = Arc::new(AtomicUsize::new(0));
-        let outbox = Outbox {
-            tx,
-            queued: queued.clone(),
-            max_bytes: limits.bytes,
+        let queue = Arc::new(Queue {
+            state: Mutex::new(State {
+                senders: 1,
+                ..State::default()
+            }),
+            ready: Notify::new(),
+            limits,
             closer: Arc::new(Closer::default()),
-        };
-        (outbox, Inbox { rx, queued })
+        });
+        (
+            Outbox {
+                queue: queue.clone(),
+            },
+            Inbox { queue },
+        )
     }
 
     /// Queues a text frame without waiting. On overflow (frames or bytes) the connection is
-    /// closed with 4008 and `false` returned; a connection that is already gone also returns
-    /// `false`.
+    /// closed with 4008 and `false` returned; a connection that is already closing also
+    /// returns `false`.
     pub fn push(&self, text: Utf8Bytes) -> bool {
-        let len = text.len();
-        if self.queued.fetch_add(len, Ordering::AcqRel) + len > self.max_bytes {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
-            self.overflow();
-            return false;
-        }
-        match self.tx.try_send(Message::Text(text)) {
-            Ok(()) => true,
-            Err(e) => {
-                self.queued.fetch_sub(len, Ordering::AcqRel);
-                if matches!(e, mpsc::error::TrySendError::Full(_)) {
-                    self.overflow();
-                }
-                false
+        let q = &self.queue;
+        {
+            let mut state = q.state.lock().unwrap();
+            if state.closed {
+                return false;
+            }
+            if state.frames.len() < q.limits.frames && state.bytes + text.len() <= q.limits.bytes {
+                state.bytes += text.len();
+                state.frames.push_back(text);
+                drop(state);
+                q.ready.notify_one();
+                return true;
             }
         }
-    }
-
-    fn overflow(&self) {
-        if self.closer.reason().is_none() {
+        if q.closer.reason().is_none() {
             tracing::warn!("outbound queue full: closing slow client with 4008");
         }
-        self.closer.close(Disconnect::Slow);
+        q.closer.close(Disconnect::Slow);
+        false
     }
 
     /// The connection's close signal.
     pub fn closer(&self) -> &Arc<Closer> {
-        &self.closer
+        &self.queue.closer
     }
 }
 
 impl Inbox {
-    fn taken(&self, msg: Message) -> Message {
-        self.queued.fetch_sub(msg.len(), Ordering::AcqRel);
-        msg
+    /// The next frame if one is queued; `Err(())` once the queue has ended (every outbox
+    /// dropped, or closed) and is empty.
+    fn take(&self) -> Result<Option<Message>, ()> {
+        let mut state = self.queue.state.lock().unwrap();
+        match state.frames.pop_front() {
+            Some(text) => {
+                state.bytes -= text.len();
+                if state.frames.is_empty() && state.frames.capacity() > KEEP_CAPACITY {
+                    state.frames.shrink_to(KEEP_CAPACITY);
+                }
+                Ok(Some(Message::Text(text)))
+            }
+            None if state.senders == 0 || state.closed => Err(()),
+            None => Ok(None),
+        }
     }
 
     /// The next frame; `None` once every [`Outbox`] is dropped and the queue is empty.
     pub async fn recv(&mut self) -> Option<Message> {
-        let msg = self.rx.recv().await?;
-        Some(self.taken(msg))
+        loop {
+            match self.take() {
+                Ok(Some(msg)) => return Some(msg),
+                Err(()) => return None,
+                Ok(None) => self.queue.ready.notified().await,
+            }
+        }
     }
 
     /// The next frame if one is queued.
     pub fn try_recv(&mut self) -> Option<Message> {
-        let msg = self.rx.try_recv().ok()?;
-        Some(self.taken(msg))
+        self.take().ok().flatten()
     }
 
     /// Refuses further frames; queued ones can still be taken.
     pub fn close(&mut self) {
-        self.rx.close();
+        self.queue.state.lock().unwrap().closed = true;
     }
 }
 
@@ -179,10 +245,40 @@ mod tests {
         assert_eq!(out.closer().reason(), Some(Disconnect::Slow));
         inbox.try_recv().unwrap();
         assert_eq!(
-            inbox.queued.load(Ordering::Acquire),
+            inbox.queue.state.lock().unwrap().bytes,
             5,
             "taking a frame releases its bytes"
         );
+    }
+
+    #[tokio::test]
+    async fn the_writer_sees_the_end_when_every_outbox_is_gone() {
+        let (out, mut inbox) = Outbox::new(QueueLimits {
+            frames: 8,
+            bytes: 1 << 20,
+        });
+        let other = out.clone();
+        assert!(other.push("a".into()));
+        drop(out);
+        assert_eq!(inbox.recv().await, Some(Message::Text("a".into())));
+        let waiter = tokio::spawn(async move { inbox.recv().await });
+        tokio::task::yield_now().await;
+        drop(other);
+        assert_eq!(waiter.await.unwrap(), None, "woken by the last drop");
+    }
+
+    #[tokio::test]
+    async fn an_idle_queue_allocates_nothing_and_a_drained_one_shrinks() {
+        let (out, mut inbox) = Outbox::new(QueueLimits {
+            frames: 1000,
+            bytes: 1 << 20,
+        });
+        assert_eq!(inbox.queue.state.lock().unwrap().frames.capacity(), 0);
+        for _ in 0..500 {
+            out.push("x".into());
+        }
+        while inbox.try_recv().is_some() {}
+        assert!(inbox.queue.state.lock().unwrap().frames.capacity() <= KEEP_CAPACITY);
     }
 
     #[tokio::test]

@@ -17,15 +17,6 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most frames written between two flushes.
 const MAX_BATCH: usize = 64;
 
-/// Resolves only for a close that must not wait for queued frames (a slow client).
-async fn urgent_close(closer: &Closer) -> Disconnect {
-    let reason = closer.closed().await;
-    if reason.drains_queue() {
-        std::future::pending::<()>().await;
-    }
-    reason
-}
-
 /// Runs until every outbox of the connection is dropped or its closer fires.
 pub async fn write_loop<K>(
     mut sink: K,
@@ -37,10 +28,17 @@ pub async fn write_loop<K>(
 {
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One waiter for the whole loop: registering a new one at every wake-up showed up in
+    // profiles of fan-out.
+    let mut fired = std::pin::pin!(closer.fired());
+    let mut closing: Option<Disconnect> = None;
     let reason = loop {
+        if closing.is_some() {
+            break closing;
+        }
         let first = tokio::select! {
             biased;
-            reason = closer.closed() => break Some(reason),
+            _ = &mut fired => break closer.reason(),
             // Before the queue: a steady stream of pushes must not starve keepalive pings
             // (the tick is ready at most once per interval, so it cannot starve the data).
             _ = ping.tick() => Message::Ping(Default::default()),
@@ -49,7 +47,7 @@ pub async fn write_loop<K>(
                 None => break None,
             },
         };
-        let batch = async {
+        let mut batch = std::pin::pin!(async {
             sink.feed(first).await?;
             for _ in 1..MAX_BATCH {
                 match inbox.try_recv() {
@@ -58,11 +56,22 @@ pub async fn write_loop<K>(
                 }
             }
             sink.flush().await
-        };
-        tokio::select! {
+        });
+        let written = tokio::select! {
             biased;
-            reason = urgent_close(&closer) => break Some(reason),
-            res = batch => if res.is_err() { break None },
+            _ = &mut fired => {
+                let reason = closer.reason();
+                closing = reason;
+                // A slow client is closed at once; any other close lets this batch finish.
+                if reason.is_some_and(|r| !r.drains_queue()) {
+                    break reason;
+                }
+                batch.await
+            }
+            res = &mut batch => res,
+        };
+        if written.is_err() {
+            break closing;
         }
     };
     let deadline = Instant::now() + CLOSE_TIMEOUT;

@@ -25,9 +25,11 @@ use crate::auth;
 use crate::http::{Body, error_response};
 use crate::session::{self, Peer};
 
-/// Bytes read from the socket at a time. tungstenite's default (128 KiB) would be allocated
-/// for every idle connection; frames larger than this are simply read in several steps.
-const READ_BUFFER: usize = 4 * 1024;
+/// Bytes read from the socket at a time, allocated for every connection for its whole life.
+/// Client actions are small: 1 KiB holds a typical one in one read, and idle connections stay
+/// small (tungstenite's default of 128 KiB would dominate a server's memory). A larger frame
+/// grows the buffer to its size while it is read.
+const READ_BUFFER: usize = 1024;
 /// Frames are written to the socket once this many bytes are buffered, or on flush.
 const WRITE_BUFFER: usize = 16 * 1024;
 
@@ -143,9 +145,13 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
             // unwrap it and skip a layer of indirection on every read and write.
             match upgraded.downcast::<TokioIo<TcpStream>>() {
                 Ok(parts) => {
+                    // Copy what hyper read past the handshake, then let its 8 KiB read buffer
+                    // go: kept alive for the session, it would double an idle connection's size.
+                    let early = parts.read_buf.to_vec();
+                    drop(parts.read_buf);
                     let ws = WebSocketStream::from_partially_read(
                         parts.io.into_inner(),
-                        parts.read_buf.to_vec(),
+                        early,
                         Role::Server,
                         Some(config),
                     )
