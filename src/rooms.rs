@@ -6,6 +6,7 @@
 //! The [`crate::bus`] decides which actions reach this instance; this module only fans out.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::RwLock;
 
 use serde_json::{Map, Value};
@@ -84,8 +85,32 @@ struct Member {
 
 #[derive(Default)]
 struct Maps {
-    rooms: HashMap<String, HashSet<ConnId>>,
-    members: HashMap<ConnId, Member>,
+    /// Each room's members with their outboxes, so fan-out needs one lookup per room, not one
+    /// per recipient.
+    rooms: HashMap<String, ConnMap<Outbox>>,
+    members: ConnMap<Member>,
+}
+
+/// A map keyed by connection id with a cheap multiplicative hash: ids are process-local
+/// counters, never client input, so a DoS-resistant hash buys nothing on the fan-out path.
+type ConnMap<V> = HashMap<ConnId, V, BuildHasherDefault<ConnHasher>>;
+
+#[derive(Default)]
+struct ConnHasher(u64);
+
+impl Hasher for ConnHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing spreads sequential ids over the high bits the table looks at.
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// The room registry of this instance.
@@ -133,7 +158,11 @@ impl Rooms {
             return Err(JoinError::TooMany(max_rooms));
         }
         member.rooms.insert(room.to_string());
-        maps.rooms.entry(room.to_string()).or_default().insert(id);
+        let outbox = member.outbox.clone();
+        maps.rooms
+            .entry(room.to_string())
+            .or_default()
+            .insert(id, outbox);
         Ok(true)
     }
 
@@ -167,23 +196,20 @@ impl Rooms {
     /// is in. The action is serialized once per target room that has recipients.
     pub fn deliver(&self, targets: &[String], action: &Map<String, Value>) -> Delivery {
         let maps = self.maps.read().unwrap();
-        let mut seen: HashSet<ConnId> = HashSet::new();
+        let mut seen: HashSet<ConnId, BuildHasherDefault<ConnHasher>> = HashSet::default();
         let mut result = Delivery::default();
         for room in targets {
             let Some(conns) = maps.rooms.get(room) else {
                 continue;
             };
             let mut bytes: Option<Utf8Bytes> = None;
-            for id in conns {
+            for (id, outbox) in conns {
                 if targets.len() > 1 && !seen.insert(*id) {
                     continue;
                 }
-                let Some(member) = maps.members.get(id) else {
-                    continue;
-                };
                 let text = bytes
                     .get_or_insert_with(|| protocol::server_action_for_room(action, room).into());
-                if member.outbox.push(text.clone()) {
+                if outbox.push(text.clone()) {
                     result.delivered += 1;
                 } else {
                     result.dropped += 1;
@@ -194,7 +220,7 @@ impl Rooms {
     }
 }
 
-fn remove_from_room(rooms: &mut HashMap<String, HashSet<ConnId>>, room: &str, id: ConnId) -> bool {
+fn remove_from_room(rooms: &mut HashMap<String, ConnMap<Outbox>>, room: &str, id: ConnId) -> bool {
     let Some(conns) = rooms.get_mut(room) else {
         return false;
     };
