@@ -100,7 +100,8 @@ const logger = bridge => () => next => action => {
   if (action.type.endsWith('_REQUEST')) {
     const before = { ...bridge.stats }
     const result = next(action) // the shim sends (or calls the API) synchronously
-    const via = bridge.stats.socket > before.socket ? 'socket' : bridge.stats.rest > before.rest ? 'rest' : 'none'
+    // A request made while the first connection is still opening waits for it (briefly).
+    const via = bridge.stats.socket > before.socket ? 'socket' : bridge.stats.rest > before.rest ? 'rest' : 'waiting'
     travel.set(id, via)
     addLog({ type: action.type, via, detail: describe(action) })
     return result
@@ -117,6 +118,7 @@ const logger = bridge => () => next => action => {
   } else if (id !== undefined && travel.has(id)) {
     via = travel.get(id)
     travel.delete(id)
+    if (via === 'waiting') via = bridge.status === 'open' ? 'socket' : 'rest'
   }
   addLog({ type: action.type, via, key, detail: describe(action), error: !!action.error })
   return next(action)
