@@ -34,17 +34,8 @@ impl Closer {
         }
     }
 
-    /// Waits until [`Closer::close`] was called and returns its reason.
-    pub async fn closed(&self) -> Disconnect {
-        self.fired.cancelled().await;
-        *self
-            .reason
-            .get()
-            .expect("reason is set before the token fires")
-    }
-
-    /// Resolves when closing was requested; then [`Closer::reason`] is set. Unlike
-    /// [`Closer::closed`], one of these can be kept and polled for a whole loop.
+    /// Resolves when closing was requested; then [`Closer::reason`] is set. One of these is
+    /// kept and polled for a whole loop.
     pub fn fired(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.fired.cancelled()
     }
@@ -238,7 +229,8 @@ mod tests {
         assert!(out.push("a".into()));
         assert!(out.push("b".into()));
         assert!(!out.push("c".into()));
-        assert_eq!(out.closer().closed().await, Disconnect::Slow);
+        out.closer().fired().await;
+        assert_eq!(out.closer().reason(), Some(Disconnect::Slow));
         assert_eq!(inbox.recv().await, Some(Message::Text("a".into())));
     }
 
@@ -295,6 +287,7 @@ mod tests {
         let (out, _inbox) = Outbox::new(ROOMY);
         out.closer().close(Disconnect::Shutdown);
         out.closer().close(Disconnect::Slow);
-        assert_eq!(out.closer().closed().await, Disconnect::Shutdown);
+        out.closer().fired().await;
+        assert_eq!(out.closer().reason(), Some(Disconnect::Shutdown));
     }
 }

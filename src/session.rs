@@ -203,30 +203,39 @@ impl Session {
         let idle_timeout = self.app.config.idle_timeout;
         let idle = sleep(idle_timeout);
         tokio::pin!(idle);
-        let mut drain_deadline: Option<Instant> = None;
         let expiry = crate::auth::expires_in(&self.peer.identity).map(|d| Instant::now() + d);
+        // Every waiter and timer is created once for the whole loop, not at every iteration:
+        // this loop runs for every frame and every finished request.
+        let app = self.app.clone();
+        let closed = closer.fired();
+        let drain = app.lifecycle.drain_started();
+        let grace = sleep(Duration::ZERO);
+        let expired = sleep_until(expiry.unwrap_or_else(Instant::now));
+        tokio::pin!(closed, drain, grace, expired);
+        let mut draining = false;
         loop {
             tokio::select! {
                 biased;
-                _ = closer.closed() => return,
-                _ = self.app.lifecycle.drain_started(), if drain_deadline.is_none() => {
-                    drain_deadline = Some(Instant::now() + self.app.config.shutdown_grace);
+                _ = &mut closed => return,
+                _ = &mut drain, if !draining => {
+                    draining = true;
+                    grace.as_mut().reset(Instant::now() + app.config.shutdown_grace);
                 }
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => self.finish(done),
-                _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
+                _ = &mut grace, if draining => {
                     tracing::warn!(abandoned = self.pending.len(), "shutdown grace ran out with requests in flight");
                     break;
                 }
-                _ = sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {
+                _ = &mut expired, if expiry.is_some() => {
                     tracing::info!("credentials expired: closing with 4401");
                     closer.close(Disconnect::Expired);
                     return;
                 }
-                _ = &mut idle, if drain_deadline.is_none() => {
+                _ = &mut idle, if !draining => {
                     closer.close(Disconnect::Idle);
                     return;
                 }
-                frame = stream.next(), if drain_deadline.is_none() => {
+                frame = stream.next(), if !draining => {
                     let now = Instant::now();
                     idle.as_mut().reset(now + idle_timeout);
                     let verdict = match &frame {
@@ -255,7 +264,7 @@ impl Session {
                     }
                 }
             }
-            if drain_deadline.is_some() && self.pending.is_empty() {
+            if draining && self.pending.is_empty() {
                 break;
             }
         }

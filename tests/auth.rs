@@ -221,15 +221,8 @@ async fn a_user_receives_what_is_published_to_their_user_room() {
     let (mut bob, _) = connect_url(&bridge, &format!("?token={}", user_token("43", &[])), &[])
         .await
         .unwrap();
-    let body =
-        json!({"rooms": ["user:42"], "action": {"type": "NOTIFY", "payload": "hi"}}).to_string();
-    let (status, _) = http_call(
-        "POST",
-        &bridge.http_url("/publish"),
-        &[("authorization", "Bearer tok")],
-        &body,
-    )
-    .await;
+    let body = json!({"rooms": ["user:42"], "action": {"type": "NOTIFY", "payload": "hi"}});
+    let (status, _) = publish(&bridge, body).await;
     assert_eq!(status, 202);
     assert_eq!(
         alice.recv().await,

@@ -6,35 +6,15 @@ use common::*;
 use serde_json::json;
 
 async fn scrape(bridge: &Bridge) -> String {
-    let uri: hyper::Uri = bridge.http_url("/metrics").parse().unwrap();
-    let stream = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = hyper::Request::get(uri.path())
-        .header("host", uri.authority().unwrap().as_str())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
+    let (status, headers, body) = http_raw("GET", &bridge.http_url("/metrics"), &[], "").await;
+    assert_eq!(status, 200);
     assert!(
-        resp.headers()["content-type"]
+        headers["content-type"]
             .to_str()
             .unwrap()
             .starts_with("application/openmetrics-text")
     );
-    use http_body_util::BodyExt;
-    String::from_utf8(
-        resp.into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap()
+    String::from_utf8(body.to_vec()).unwrap()
 }
 
 fn value(text: &str, series: &str) -> f64 {

@@ -37,14 +37,8 @@ async fn a_publish_on_one_instance_reaches_a_client_on_another() {
             .await;
         assert_eq!(r["type"], "@@patchbay/SUBSCRIBE_SUCCESS", "{r}");
     }
-    let body = json!({"rooms": ["lobby"], "action": {"type": "HELLO", "payload": 1}}).to_string();
-    let (status, _) = http_call(
-        "POST",
-        &a.http_url("/publish"),
-        &[("authorization", "Bearer tok")],
-        &body,
-    )
-    .await;
+    let body = json!({"rooms": ["lobby"], "action": {"type": "HELLO", "payload": 1}});
+    let (status, _) = publish(&a, body).await;
     assert_eq!(status, 202);
     for c in [&mut ca, &mut cb] {
         let m = c.recv().await;
@@ -166,15 +160,9 @@ async fn publishes_reach_each_client_on_every_instance_exactly_once() {
     join(&mut cb, "side").await;
 
     let publish = |body: Value| {
-        let url = a.http_url("/publish");
+        let a = &a;
         async move {
-            let (status, reply) = http_call(
-                "POST",
-                &url,
-                &[("authorization", "Bearer tok")],
-                &body.to_string(),
-            )
-            .await;
+            let (status, reply) = common::publish(a, body).await;
             assert_eq!(status, 202, "{reply}");
         }
     };

@@ -309,23 +309,33 @@ async fn publish_loop(mut queue: mpsc::UnboundedReceiver<Value>, mut to: Publish
     }
 }
 
-/// `POST /publish` over a fresh HTTP/1 connection: any HTTP client in any language works.
-async fn post_publish(patchbay: SocketAddr, token: &str, body: Value) -> Result<(), String> {
-    let stream = TcpStream::connect(patchbay)
-        .await
-        .map_err(|e| e.to_string())?;
+/// Sends one request to `addr` over a fresh HTTP/1 connection, with `Host` set: plain hyper,
+/// as any HTTP client in any language would do it.
+pub async fn send(
+    addr: SocketAddr,
+    mut req: Request<Full<Bytes>>,
+) -> Result<Response<Incoming>, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
+    let host = addr
+        .to_string()
+        .parse()
+        .map_err(|_| "bad address".to_string())?;
+    req.headers_mut().insert(hyper::header::HOST, host);
+    sender.send_request(req).await.map_err(|e| e.to_string())
+}
+
+/// `POST /publish` on patchbay with the bearer token.
+async fn post_publish(patchbay: SocketAddr, token: &str, body: Value) -> Result<(), String> {
     let req = Request::post("/publish")
-        .header("host", patchbay.to_string())
         .header("authorization", format!("Bearer {token}"))
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    match resp.status() {
+    match send(patchbay, req).await?.status() {
         StatusCode::ACCEPTED => Ok(()),
         other => Err(format!("patchbay answered {other}")),
     }

@@ -5,12 +5,9 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tokio::net::TcpStream;
 
 /// How long a step of the start-up may take.
 const WAIT: Duration = Duration::from_secs(10);
@@ -111,18 +108,10 @@ pub async fn wait_connected(patchbay: SocketAddr) -> Result<(), String> {
 }
 
 async fn readyz(patchbay: SocketAddr) -> Result<Value, String> {
-    let stream = TcpStream::connect(patchbay)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
     let req = Request::get("/readyz")
-        .header("host", patchbay.to_string())
-        .body(Empty::<Bytes>::new())
+        .body(Full::default())
         .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let resp = crate::api::send(patchbay, req).await?;
     let body = resp
         .into_body()
         .collect()

@@ -393,18 +393,44 @@ impl Client {
     }
 }
 
+/// `POST /publish` with the bearer token `tok` (what the tests configure as the publish token).
+pub async fn publish(bridge: &Bridge, body: Value) -> (u16, Value) {
+    http_call(
+        "POST",
+        &bridge.http_url("/publish"),
+        &[("authorization", "Bearer tok")],
+        &body.to_string(),
+    )
+    .await
+}
+
 /// A GET with no body over a fresh connection: returns status and parsed JSON body.
 pub async fn http_get(url: &str) -> (u16, Value) {
     http_call("GET", url, &[], "").await
 }
 
-/// One HTTP/1.1 request over a fresh connection.
+/// One HTTP/1.1 request over a fresh connection: status and parsed JSON body (`null` when the
+/// body is not JSON).
 pub async fn http_call(
     method: &str,
     url: &str,
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, Value) {
+    let (status, _, bytes) = http_raw(method, url, headers, body).await;
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// One HTTP/1.1 request over a fresh connection: status, response headers and raw body.
+pub async fn http_raw(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, HeaderMap, Bytes) {
     let uri: hyper::Uri = url.parse().unwrap();
     let stream = TcpStream::connect(format!(
         "{}:{}",
@@ -429,11 +455,9 @@ pub async fn http_call(
         .await
         .unwrap();
     let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
+    (status, headers, bytes)
 }
 
 /// Sends a PING and expects the very next message to be its reply: proves the connection is
