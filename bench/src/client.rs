@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 /// What a client speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {
-    /// patchbay's protocol (the reference server speaks the SUBSCRIBE part of it).
+    /// patchbay's protocol (the reference server speaks its SUBSCRIBE and ECHO_REQUEST parts).
     Patchbay,
     /// engine.io 4 / socket.io 4 over a raw websocket.
     SocketIo,
@@ -350,8 +350,9 @@ pub async fn ws_echo(ws: &mut Ws, request_id: &str, payload: &str) -> Result<(),
     .await
 }
 
-/// Connects to patchbay without joining a room (request/response clients).
-pub async fn open_plain(addr: SocketAddr) -> Result<Ws, String> {
+/// Connects without joining a room (request/response clients); `greeted`: waits for patchbay's
+/// `@@patchbay/CONNECTED` (the reference sends none).
+pub async fn open_plain(addr: SocketAddr, greeted: bool) -> Result<Ws, String> {
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -360,10 +361,12 @@ pub async fn open_plain(addr: SocketAddr) -> Result<Ws, String> {
         tokio_tungstenite::client_async_with_config(format!("ws://{addr}/ws"), tcp, Some(config()))
             .await
             .map_err(|e| format!("handshake: {e}"))?;
-    wait_for(&mut ws, Proto::Patchbay, Duration::from_secs(10), |t| {
-        Ok(t.contains("@@patchbay/CONNECTED"))
-    })
-    .await?;
+    if greeted {
+        wait_for(&mut ws, Proto::Patchbay, Duration::from_secs(10), |t| {
+            Ok(t.contains("@@patchbay/CONNECTED"))
+        })
+        .await?;
+    }
     Ok(ws)
 }
 

@@ -20,12 +20,15 @@ commands:
   fanout      clients in one room, 100-byte actions at a fixed rate
   idle        connected, subscribed, silent clients: server RSS per connection
   targeted    clients each in its own user:<i> room, actions to random users
-  reqresp     request/response through patchbay vs calling the upstream directly
+  reqresp     request/response through patchbay and the reference vs calling the upstream
+              directly
   all         the four scenarios in turn
-  ci          a tiny fan-out (50 clients, 10 messages) and request/response run against
-              patchbay and the reference server; exits 1 on any loss or failure
+  ci          a tiny fan-out (50 clients, 10 messages) against patchbay and the reference
+              server and a short request/response run through patchbay; exits 1 on any loss
+              or failure
   setup       installs the Socket.IO server's npm packages
-  reference   runs the reference server (--listen ADDR --redis URL); the bench starts it itself
+  reference   runs the reference server (--listen ADDR --redis URL [--upstream ADDR]); the
+              bench starts it itself
 
 options:
   --targets LIST   comma list of patchbay,reference,socketio (default: all three; Socket.IO
@@ -420,35 +423,59 @@ async fn run(
                 }
             }
             Scenario::ReqResp => {
-                if !targets.contains(&Target::Patchbay) {
-                    println!("reqresp: skipped (only patchbay serves requests)\n");
+                // CI leaves the reference out: it would add more than 2 s for no check.
+                let servers: Vec<Target> = [Target::Patchbay, Target::Reference]
+                    .into_iter()
+                    .filter(|t| targets.contains(t) && !(ci && *t == Target::Reference))
+                    .collect();
+                if servers.is_empty() {
+                    println!("reqresp: skipped (only patchbay and the reference serve requests)\n");
                     continue;
                 }
                 eprintln!("  request/response direct ...");
                 let direct = scenarios::reqresp(&ctx, None, p.clients, p.rate, p.seconds).await;
-                eprintln!("  request/response patchbay ...");
-                let via =
-                    scenarios::reqresp(&ctx, Some(Target::Patchbay), p.clients, p.rate, p.seconds)
-                        .await;
+                let mut runs = Vec::new();
+                for t in servers {
+                    eprintln!("  request/response {} ...", t.name());
+                    let r = scenarios::reqresp(&ctx, Some(t), p.clients, p.rate, p.seconds).await;
+                    runs.push((t, r));
+                }
                 let title = format!(
                     "request/response: {} connections, {} requests/s in all, {} s measured after 1 s of warm-up",
                     p.clients, p.rate, p.seconds
                 );
-                println!("{}", reqresp_table(&title, &direct, &via));
-                match (&direct, &via) {
-                    (Ok(d), Ok(v)) => {
-                        if d.errors > 0 || v.errors > 0 || v.requests == 0 {
-                            ok = false;
-                        }
-                        let added = v.latency.p50 as i64 - d.latency.p50 as i64;
-                        checks.push(format!(
-                            "request/response: patchbay adds {added} µs at p50 ({} µs at p99) over the direct call at {:.0} requests/s: target <= 150 µs {}",
-                            v.latency.p99 as i64 - d.latency.p99 as i64,
-                            v.per_sec(),
-                            met(added <= 150)
-                        ));
+                println!("{}", reqresp_table(&title, &direct, &runs));
+                let Ok(d) = &direct else {
+                    ok = false;
+                    continue;
+                };
+                if d.errors > 0 {
+                    ok = false;
+                }
+                for (_, r) in &runs {
+                    match r {
+                        Ok(v) if v.errors == 0 && v.requests > 0 => {}
+                        _ => ok = false,
                     }
-                    _ => ok = false,
+                }
+                let get = |t: Target| {
+                    runs.iter()
+                        .find_map(|(rt, r)| r.as_ref().ok().filter(|_| *rt == t))
+                };
+                if let Some(v) = get(Target::Patchbay) {
+                    let added = v.latency.p50 as i64 - d.latency.p50 as i64;
+                    let reference = get(Target::Reference).map_or(String::new(), |rf| {
+                        format!(
+                            ", the reference adds {} µs",
+                            rf.latency.p50 as i64 - d.latency.p50 as i64
+                        )
+                    });
+                    checks.push(format!(
+                        "request/response: patchbay adds {added} µs at p50 ({} µs at p99) over the direct call at {:.0} requests/s{reference}: target <= 150 µs {}",
+                        v.latency.p99 as i64 - d.latency.p99 as i64,
+                        v.per_sec(),
+                        met(added <= 150)
+                    ));
                 }
             }
         }
@@ -674,47 +701,78 @@ fn idle_table(clients: usize, runs: &[Result<IdleRun, (Target, String)>]) -> Str
 fn reqresp_table(
     title: &str,
     direct: &Result<ReqRespRun, String>,
-    via: &Result<ReqRespRun, String>,
+    via: &[(Target, Result<ReqRespRun, String>)],
 ) -> String {
+    // Latency added over the direct call, at p50 and p99.
+    let added = |run: &ReqRespRun| {
+        direct.as_ref().ok().map(|d| {
+            (
+                run.latency.p50 as i64 - d.latency.p50 as i64,
+                run.latency.p99 as i64 - d.latency.p99 as i64,
+            )
+        })
+    };
+    let reference = via.iter().find_map(|(t, r)| match r {
+        Ok(run) if *t == Target::Reference => added(run),
+        _ => None,
+    });
     let mut out = format!("{title}\n");
     let _ = writeln!(
         out,
-        "  {:<10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>11}",
-        "path", "requests/s", "p50 µs", "p99 µs", "max µs", "errors", "CPU µs/req"
+        "  {:<10} {:>10} {:>8} {:>8} {:>8} {:>7} {:>11} {:>10} {:>10} {:>13}",
+        "path",
+        "requests/s",
+        "p50 µs",
+        "p99 µs",
+        "max µs",
+        "errors",
+        "CPU µs/req",
+        "added p50",
+        "added p99",
+        "added vs ref"
     );
-    for (label, r) in [("direct", direct), ("patchbay", via)] {
-        match r {
-            Ok(run) => {
-                let cpu = run.cpu_seconds.map_or("-".to_string(), |c| {
-                    format!("{:.1}", c * 1e6 / run.requests.max(1) as f64)
-                });
-                let _ = writeln!(
-                    out,
-                    "  {:<10} {:>10.0} {:>8} {:>8} {:>8} {:>7} {:>11}",
-                    run.label,
-                    run.per_sec(),
-                    run.latency.p50,
-                    run.latency.p99,
-                    run.latency.max,
-                    run.errors,
-                    cpu
-                );
-                if let Some(e) = &run.first_error {
-                    let _ = writeln!(out, "  {:<10} (first error: {e})", "");
-                }
-            }
-            Err(e) => {
-                let _ = writeln!(out, "  {label:<10} failed: {e}");
+    let mut row = |label: &str, r: &Result<ReqRespRun, String>, extra: [String; 3]| match r {
+        Ok(run) => {
+            let cpu = run.cpu_seconds.map_or("-".to_string(), |c| {
+                format!("{:.1}", c * 1e6 / run.requests.max(1) as f64)
+            });
+            let [add50, add99, vs_ref] = extra;
+            let _ = writeln!(
+                out,
+                "  {:<10} {:>10.0} {:>8} {:>8} {:>8} {:>7} {:>11} {:>10} {:>10} {:>13}",
+                run.label,
+                run.per_sec(),
+                run.latency.p50,
+                run.latency.p99,
+                run.latency.max,
+                run.errors,
+                cpu,
+                add50,
+                add99,
+                vs_ref
+            );
+            if let Some(e) = &run.first_error {
+                let _ = writeln!(out, "  {:<10} (first error: {e})", "");
             }
         }
-    }
-    if let (Ok(d), Ok(v)) = (direct, via) {
-        let _ = writeln!(
-            out,
-            "  added by patchbay: p50 {} µs, p99 {} µs",
-            v.latency.p50 as i64 - d.latency.p50 as i64,
-            v.latency.p99 as i64 - d.latency.p99 as i64
-        );
+        Err(e) => {
+            let _ = writeln!(out, "  {label:<10} failed: {e}");
+        }
+    };
+    let none = || ["-".to_string(), "-".to_string(), "-".to_string()];
+    row("direct", direct, none());
+    for (t, r) in via {
+        let extra = match r.as_ref().ok().and_then(added) {
+            Some((a50, a99)) => {
+                let vs_ref = match reference {
+                    Some((r50, _)) if *t == Target::Patchbay => ratio(a50 as f64, r50 as f64),
+                    _ => "-".into(),
+                };
+                [a50.to_string(), a99.to_string(), vs_ref]
+            }
+            None => none(),
+        };
+        row(t.name(), r, extra);
     }
     out
 }

@@ -110,7 +110,7 @@ impl Ctx {
             }
             Target::Reference => {
                 let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-                let argv = vec![
+                let mut argv = vec![
                     exe.display().to_string(),
                     "reference".into(),
                     "--listen".into(),
@@ -118,6 +118,9 @@ impl Ctx {
                     "--redis".into(),
                     self.redis_url.clone(),
                 ];
+                if let Some(upstream) = self.upstream {
+                    argv.extend(["--upstream".into(), upstream.to_string()]);
+                }
                 let p = procs::spawn("reference", prefix, &argv, &[], None, Some(&log))?;
                 (p, Proto::Patchbay)
             }
@@ -533,7 +536,7 @@ pub struct ReqRespRun {
     pub first_error: Option<String>,
     pub window: Duration,
     pub latency: Percentiles,
-    /// patchbay's CPU over the window (none for the direct calls).
+    /// The server's CPU over the window (none for the direct calls).
     pub cpu_seconds: Option<f64>,
 }
 
@@ -554,7 +557,8 @@ pub fn write_actions(dir: &Path) -> Result<(), String> {
     .map_err(|e| e.to_string())
 }
 
-/// A request client: the direct HTTP connection or a websocket through patchbay.
+/// A request client: the direct HTTP connection or a websocket through patchbay or the
+/// reference.
 enum Caller {
     Direct(client::Direct),
     Ws(Box<Ws>),
@@ -570,8 +574,9 @@ impl Caller {
 }
 
 /// Request/response: `clients` callers, `rate` requests per second in all, each caller on a
-/// fixed schedule (one request at a time), measured after a one-second warm-up. `via` is
-/// `None` for the direct upstream calls.
+/// fixed schedule (one request at a time), measured after a one-second warm-up. `via` is the
+/// server the requests go through (patchbay or the reference), `None` for the direct upstream
+/// calls.
 pub async fn reqresp(
     ctx: &Ctx,
     via: Option<Target>,
@@ -587,7 +592,11 @@ pub async fn reqresp(
     let mut callers = Vec::with_capacity(clients);
     for _ in 0..clients {
         callers.push(match &server {
-            Some(s) => Caller::Ws(Box::new(client::open_plain(s.addr).await?)),
+            Some(s) => {
+                // Only patchbay greets a new connection with `@@patchbay/CONNECTED`.
+                let greeted = via == Some(Target::Patchbay);
+                Caller::Ws(Box::new(client::open_plain(s.addr, greeted).await?))
+            }
             None => Caller::Direct(client::Direct::connect(upstream).await?),
         });
     }
@@ -646,7 +655,7 @@ pub async fn reqresp(
     let errors = errors.load(Ordering::Relaxed);
     let first_error = first_error.lock().unwrap().take();
     Ok(ReqRespRun {
-        label: if via.is_some() { "patchbay" } else { "direct" },
+        label: via.map_or("direct", Target::name),
         requests: latencies.len() as u64,
         errors,
         first_error,
