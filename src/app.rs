@@ -14,6 +14,7 @@ use crate::dispatch::Dispatcher;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::rooms::{ConnId, Rooms};
+use crate::upstream;
 
 /// Why an instance cannot start with this configuration.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,9 @@ pub enum StartError {
     /// Some `http` action exists but no API URL is configured.
     #[error("PATCHBAY_API_URL: required because some actions use the `http` handler")]
     MissingApiUrl,
+    /// A URL the HTTP client cannot use.
+    #[error("{0}: {1}")]
+    BadUrl(&'static str, String),
 }
 
 /// Everything a connection or an HTTP route needs, shared behind an `Arc`.
@@ -69,23 +73,28 @@ impl App {
                 .map_err(|e| StartError::RedisUrl(e.to_string()))?,
             ),
         };
-        let client = crate::dispatch::client();
+        let client = upstream::Client::new();
+        let base = |name: &'static str, url: &Option<String>| {
+            url.as_deref()
+                .map(upstream::Base::parse)
+                .transpose()
+                .map_err(|e| StartError::BadUrl(name, e))
+        };
+        let api = base("PATCHBAY_API_URL", &config.api_url)?;
+        let auth = base("PATCHBAY_AUTH_URL", &config.auth_url)?;
         let lifecycle = Lifecycle::default();
         let authenticator = Authenticator::new(
             config
                 .jwt_secret
                 .as_ref()
                 .map(|s| JwtVerifier::new(s.as_bytes(), config.jwt_leeway)),
-            config
-                .auth_url
-                .clone()
-                .map(|url| DelegatedAuth::new(client.clone(), url, config.auth_timeout)),
+            auth.map(|url| DelegatedAuth::new(client.clone(), url, config.auth_timeout)),
             config.allow_anonymous,
         );
         Ok(Arc::new(App {
             metrics: Metrics::new(lifecycle.connections.clone(), rooms.clone(), bus.clone()),
             lifecycle,
-            dispatcher: Dispatcher::new(config.api_url.clone(), client),
+            dispatcher: Dispatcher::new(api, client),
             authenticator,
             room_tokens: RoomTokens::new(&config.room_secret),
             config,

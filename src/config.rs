@@ -418,7 +418,7 @@ fn parse_bool(name: &str, v: &str) -> Result<bool, ConfigError> {
 }
 
 fn parse_url(name: &str, v: &str) -> Result<String, ConfigError> {
-    let url = reqwest::Url::parse(v)
+    let url = url::Url::parse(v)
         .map_err(|e| ConfigError::var(name, format!("`{v}` is not a URL ({e})")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
         return Err(ConfigError::var(
@@ -432,7 +432,8 @@ fn parse_url(name: &str, v: &str) -> Result<String, ConfigError> {
             format!("`{v}` must not have a query or fragment"),
         ));
     }
-    Ok(v.to_string())
+    // Normalized: an international host in punycode, the path percent-encoded.
+    Ok(url.to_string())
 }
 
 #[cfg(test)]

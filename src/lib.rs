@@ -23,6 +23,7 @@ pub mod rooms;
 pub mod server;
 pub mod session;
 pub mod template;
+pub mod upstream;
 pub mod writer;
 pub mod ws;
 

@@ -81,13 +81,13 @@ impl Method {
     }
 
     /// The method as the HTTP client wants it.
-    pub fn as_http(self) -> reqwest::Method {
+    pub fn as_http(self) -> hyper::Method {
         match self {
-            Method::Get => reqwest::Method::GET,
-            Method::Post => reqwest::Method::POST,
-            Method::Put => reqwest::Method::PUT,
-            Method::Patch => reqwest::Method::PATCH,
-            Method::Delete => reqwest::Method::DELETE,
+            Method::Get => hyper::Method::GET,
+            Method::Post => hyper::Method::POST,
+            Method::Put => hyper::Method::PUT,
+            Method::Patch => hyper::Method::PATCH,
+            Method::Delete => hyper::Method::DELETE,
         }
     }
 }

@@ -419,6 +419,29 @@ async fn a_broken_connection_is_upstream_unavailable() {
 }
 
 #[tokio::test]
+async fn an_https_api_that_does_not_speak_tls_is_upstream_unavailable() {
+    // The TLS handshake meets a plain HTTP answer: the https path runs and fails cleanly.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut hello = [0u8; 512];
+        let n = stream.read(&mut hello).await.unwrap();
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+            .await;
+        n
+    });
+    let bridge = Bridge::start(RAW_MANIFEST, Some(format!("https://{addr}")), |_| {}).await;
+    let mut client = bridge.connect().await;
+    let reply = client.request("RAW", Value::Null).await;
+    let p = assert_failure(&reply, "RAW", "upstream_unavailable");
+    assert_eq!(p["status"], 502, "{reply}");
+    let first = server.await.unwrap();
+    assert!(first > 0, "the client sent a TLS hello");
+}
+
+#[tokio::test]
 async fn a_slow_api_is_upstream_timeout() {
     let upstream = Upstream::start().await;
     let bridge = Bridge::with_upstream(&upstream).await;

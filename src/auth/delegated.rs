@@ -5,12 +5,14 @@
 
 use std::time::Duration;
 
-use hyper::HeaderMap;
+use http_body_util::Full;
+use hyper::{HeaderMap, Request};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::{Identity, Reject};
 use crate::rooms::{RoomPattern, valid_room};
+use crate::upstream::{Base, CallError, Client};
 
 /// Largest answer read from the auth endpoint.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -25,17 +27,17 @@ struct Answer {
 
 /// Asks the API who a handshake is.
 pub struct DelegatedAuth {
-    client: reqwest::Client,
-    url: String,
+    client: Client,
+    url: hyper::Uri,
     timeout: Duration,
 }
 
 impl DelegatedAuth {
     /// Delegates to `url` through the process's HTTP client.
-    pub fn new(client: reqwest::Client, url: String, timeout: Duration) -> DelegatedAuth {
+    pub fn new(client: Client, url: Base, timeout: Duration) -> DelegatedAuth {
         DelegatedAuth {
             client,
-            url,
+            url: url.as_uri(),
             timeout,
         }
     }
@@ -43,32 +45,24 @@ impl DelegatedAuth {
     /// The identity the API assigns to these handshake headers.
     pub async fn check(&self, forwarded: &HeaderMap) -> Result<Identity, Reject> {
         let call = async {
-            let resp = self
-                .client
-                .get(&self.url)
-                .headers(forwarded.clone())
-                .send()
-                .await
-                .map_err(|e| format!("unreachable: {e}"))?;
-            let status = resp.status().as_u16();
+            let mut req = Request::get(self.url.clone())
+                .body(Full::default())
+                .expect("a valid URI and method make a valid request");
+            *req.headers_mut() = forwarded.clone();
+            let (parts, body) =
+                self.client
+                    .call(req, MAX_ANSWER_BYTES)
+                    .await
+                    .map_err(|e| match e {
+                        CallError::Unreachable(e) => format!("unreachable: {e}"),
+                        e => e.to_string(),
+                    })?;
+            let status = parts.status.as_u16();
             if status == 401 || status == 403 {
                 return Ok(Err(status));
             }
-            if !(200..300).contains(&status) {
+            if !parts.status.is_success() {
                 return Err(format!("answered {status}"));
-            }
-            if resp
-                .content_length()
-                .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
-            {
-                return Err("answer too large".into());
-            }
-            let body = resp
-                .bytes()
-                .await
-                .map_err(|e| format!("broken answer: {e}"))?;
-            if body.len() > MAX_ANSWER_BYTES {
-                return Err("answer too large".into());
             }
             Ok(Ok(parse_answer(&body)?))
         };

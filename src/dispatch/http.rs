@@ -1,55 +1,40 @@
 //! The `http` handler: one REST call on the user's behalf (contract section 3).
 //!
-//! One pooled client for the process; redirects are never followed; the whole exchange,
+//! Through the process's pooled [`Client`]; redirects are never followed; the whole exchange,
 //! body included, is bounded by the action's timeout; bodies over 1 MiB are refused.
 
 use std::time::Duration;
 
-use bytes::BytesMut;
-use hyper::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HeaderName};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
 use serde_json::{Map, Value};
 
 use super::{CallContext, Success};
 use crate::error::{ActionError, Code};
-use crate::registry::HttpAction;
+use crate::registry::{HttpAction, Method};
 use crate::template::{self, path_segment};
+use crate::upstream::{Base, CallError, Client};
 
 /// Largest upstream response body accepted.
 pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-
-/// The process's one pooled HTTP client, shared by actions and delegated auth: redirects are
-/// never followed.
-pub fn client() -> reqwest::Client {
-    // reqwest is built without a bundled crypto provider; ring is ours. Installing twice
-    // (several servers in one process, as in tests) is harmless.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true)
-        .build()
-        .expect("the HTTP client configuration is static and valid")
-}
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 /// Calls the REST API.
 #[derive(Debug, Clone)]
 pub struct HttpDispatcher {
-    client: reqwest::Client,
-    api_url: Option<String>,
-}
-
-enum BodyError {
-    TooLarge,
-    Broken(reqwest::Error),
+    client: Client,
+    api: Option<Base>,
 }
 
 impl HttpDispatcher {
-    /// A dispatcher for `api_url` (no trailing slash) using the process's `client`.
-    pub fn new(api_url: Option<String>, client: reqwest::Client) -> HttpDispatcher {
-        HttpDispatcher { client, api_url }
+    /// A dispatcher for the API at `api` using the process's `client`.
+    pub fn new(api: Option<Base>, client: Client) -> HttpDispatcher {
+        HttpDispatcher { client, api }
     }
 
     /// Calls the upstream and maps the outcome to a success or a failure code.
@@ -60,56 +45,61 @@ impl HttpDispatcher {
         payload: &Value,
         ctx: &CallContext,
     ) -> Result<Success, ActionError> {
-        let Some(api_url) = &self.api_url else {
+        let Some(api) = &self.api else {
             return Err(ActionError::internal(
                 "an http action ran without PATCHBAY_API_URL",
             ));
         };
-        let url = build_url(api_url, action, payload)?;
-        let mut req = self
-            .client
-            .request(action.method.as_http(), url)
-            .header(ACCEPT, "application/json");
+        let path = build_path(action, payload)?;
+        let uri = api.uri(&path).map_err(ActionError::internal)?;
+        let request_id = HeaderValue::from_str(&ctx.request_id)
+            .map_err(|_| ActionError::internal("the request id is not a header value"))?;
+        let body = if action.method.uses_query() || payload.is_null() {
+            Bytes::new()
+        } else {
+            Bytes::from(serde_json::to_vec(payload).expect("JSON values always serialize"))
+        };
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = action.method.as_http();
+        *req.uri_mut() = uri;
+        let headers = req.headers_mut();
+        headers.reserve(ctx.forwarded.len() + 4);
+        headers.insert(ACCEPT, JSON);
         for (name, value) in ctx.forwarded.iter() {
-            req = req.header(name, value);
+            headers.append(name, value.clone());
         }
-        req = req.header(X_REQUEST_ID, &ctx.request_id);
-        if action.method != crate::registry::Method::Get {
-            req = req.header(IDEMPOTENCY_KEY, &ctx.request_id);
+        if action.method != Method::Get {
+            headers.insert(IDEMPOTENCY_KEY, request_id.clone());
         }
+        headers.insert(X_REQUEST_ID, request_id);
         if !action.method.uses_query() && !payload.is_null() {
-            let body = serde_json::to_vec(payload).expect("JSON values always serialize");
-            req = req.header(CONTENT_TYPE, "application/json").body(body);
+            headers.insert(CONTENT_TYPE, JSON);
         }
-        let exchange = async {
-            let resp = req.send().await.map_err(|e| unavailable(&e))?;
-            let status = resp.status().as_u16();
-            let body = read_capped(resp).await;
-            Ok::<_, ActionError>((status, body))
-        };
-        let (status, body) = tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| {
-                ActionError::new(
-                    Code::UpstreamTimeout,
-                    format!("the API did not answer within {} ms", timeout.as_millis()),
-                )
-                .with_status(504)
-            })??;
-        let success = (200..300).contains(&status);
-        let body = match body {
-            Ok(body) => body,
-            Err(BodyError::TooLarge) => {
-                return Err(ActionError::new(
-                    Code::UpstreamError,
-                    format!("the API's response is larger than {MAX_RESPONSE_BYTES} bytes"),
-                )
-                .with_status(status));
-            }
-            Err(BodyError::Broken(e)) => return Err(unavailable(&e)),
-        };
+        let (parts, body) =
+            tokio::time::timeout(timeout, self.client.call(req, MAX_RESPONSE_BYTES))
+                .await
+                .map_err(|_| {
+                    ActionError::new(
+                        Code::UpstreamTimeout,
+                        format!("the API did not answer within {} ms", timeout.as_millis()),
+                    )
+                    .with_status(504)
+                })?
+                .map_err(|e| match e {
+                    CallError::TooLarge { status, .. } => ActionError::new(
+                        Code::UpstreamError,
+                        format!("the API's response is larger than {MAX_RESPONSE_BYTES} bytes"),
+                    )
+                    .with_status(status.as_u16()),
+                    e => {
+                        tracing::warn!(error = %e, "API unreachable");
+                        ActionError::new(Code::UpstreamUnavailable, "the API is unreachable")
+                            .with_status(502)
+                    }
+                })?;
+        let status = parts.status.as_u16();
         let parsed = parse_body(&body);
-        if success {
+        if parts.status.is_success() {
             let meta = Map::from_iter([("status".to_string(), Value::from(status))]);
             return Ok(Success {
                 payload: parsed,
@@ -125,13 +115,8 @@ impl HttpDispatcher {
     }
 }
 
-fn unavailable(e: &reqwest::Error) -> ActionError {
-    tracing::warn!(error = %e, "API unreachable");
-    ActionError::new(Code::UpstreamUnavailable, "the API is unreachable").with_status(502)
-}
-
-/// `api_url` + filled path + query string (GET and DELETE).
-fn build_url(api_url: &str, action: &HttpAction, payload: &Value) -> Result<String, ActionError> {
+/// The filled path + query string (GET and DELETE), to append to the API's base URL.
+fn build_path(action: &HttpAction, payload: &Value) -> Result<String, ActionError> {
     let invalid = |m: String| ActionError::new(Code::InvalidPayload, m);
     let empty = Map::new();
     let fields = match payload {
@@ -144,38 +129,19 @@ fn build_url(api_url: &str, action: &HttpAction, payload: &Value) -> Result<Stri
             ));
         }
     };
-    let path = action
+    let mut path = action
         .path
         .fill(fields, path_segment)
         .map_err(|e| invalid(format!("path {e}")))?;
-    let mut url = format!("{api_url}{path}");
     if action.method.uses_query() {
         let used: Vec<&str> = action.path.fields().collect();
         let query = template::query_string(fields, &used).map_err(invalid)?;
         if !query.is_empty() {
-            url.push('?');
-            url.push_str(&query);
+            path.push('?');
+            path.push_str(&query);
         }
     }
-    Ok(url)
-}
-
-async fn read_capped(mut resp: reqwest::Response) -> Result<bytes::Bytes, BodyError> {
-    let declared = resp
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > MAX_RESPONSE_BYTES) {
-        return Err(BodyError::TooLarge);
-    }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(0));
-    while let Some(chunk) = resp.chunk().await.map_err(BodyError::Broken)? {
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(BodyError::TooLarge);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
+    Ok(path)
 }
 
 /// Empty → `null`; JSON → the value; anything else → the text as a JSON string.
@@ -203,6 +169,10 @@ mod tests {
 
     #[test]
     fn urls_follow_path_and_query_rules() {
+        let base = Base::parse("http://api").unwrap();
+        let build_url = |_: &str, action: &HttpAction, payload: &Value| {
+            build_path(action, payload).map(|p| base.uri(&p).unwrap().to_string())
+        };
         let get = action(Method::Get, "/tasks/{id}");
         assert_eq!(
             build_url(

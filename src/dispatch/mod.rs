@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use crate::error::{ActionError, Code};
 use crate::registry::{ActionSpec, Handler};
 
-pub use http::{HttpDispatcher, client};
+pub use http::HttpDispatcher;
 
 /// What a successful action answers: the `X_SUCCESS` payload and extra `meta` fields.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,10 +38,10 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// A dispatcher calling the REST API at `api_url` (if any) with the process's `client`.
-    pub fn new(api_url: Option<String>, client: reqwest::Client) -> Dispatcher {
+    /// A dispatcher calling the REST API at `api` (if any) with the process's `client`.
+    pub fn new(api: Option<crate::upstream::Base>, client: crate::upstream::Client) -> Dispatcher {
         Dispatcher {
-            http: HttpDispatcher::new(api_url, client),
+            http: HttpDispatcher::new(api, client),
         }
     }
 
