@@ -190,10 +190,10 @@ pub fn connected(connection_id: &str, user_id: Option<&str>, rooms: &[String]) -
 }
 
 /// `<name>_SUCCESS` with `meta.requestId` plus the given extra meta fields.
-pub fn success(
+pub fn success<P: Serialize + ?Sized>(
     name: &str,
     request_id: &str,
-    payload: &Value,
+    payload: &P,
     extra_meta: Map<String, Value>,
 ) -> String {
     let mut meta = request_meta(request_id);

@@ -384,9 +384,10 @@ impl Session {
     /// Sends a success, first joining the manifest's `subscribe` room if it has one.
     fn on_success(&mut self, spec: &ActionSpec, request_id: String, mut success: Success) {
         let room = spec.subscribe.as_ref().and_then(|t| {
-            let filled = match success.payload.as_object() {
-                Some(fields) => t.fill(fields, room_part).map_err(|e| e.to_string()),
-                None => Err("the success payload is not an object".to_string()),
+            // Parsed only here, for the template's fields.
+            let filled = match serde_json::from_str::<Map<String, Value>>(success.payload.get()) {
+                Ok(fields) => t.fill(&fields, room_part).map_err(|e| e.to_string()),
+                Err(_) => Err("the success payload is not an object".to_string()),
             };
             match filled {
                 Ok(room) if valid_room(&room) => Some(room),
@@ -483,7 +484,8 @@ impl Session {
             Err(JoinError::Gone) => return,
         };
         let reply = Success {
-            payload: json!({ "room": room }),
+            payload: serde_json::value::to_raw_value(&json!({ "room": room }))
+                .expect("JSON values always serialize"),
             meta: Map::new(),
         };
         self.after_bus_subscribe(

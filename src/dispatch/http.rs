@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
 use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::{CallContext, Success};
@@ -98,18 +99,17 @@ impl HttpDispatcher {
                     }
                 })?;
         let status = parts.status.as_u16();
-        let parsed = parse_body(&body);
         if parts.status.is_success() {
             let meta = Map::from_iter([("status".to_string(), Value::from(status))]);
             return Ok(Success {
-                payload: parsed,
+                payload: raw_body(&body),
                 meta,
             });
         }
         let mut err = ActionError::new(Code::UpstreamError, format!("the API answered {status}"))
             .with_status(status);
         if !body.is_empty() {
-            err = err.with_details(parsed);
+            err = err.with_details(parse_body(&body));
         }
         Err(err)
     }
@@ -142,6 +142,20 @@ fn build_path(action: &HttpAction, payload: &Value) -> Result<String, ActionErro
         }
     }
     Ok(path)
+}
+
+/// [`parse_body`]'s rules, without building a value: JSON is checked and kept as text.
+fn raw_body(body: &[u8]) -> Box<RawValue> {
+    if let Ok(text) = std::str::from_utf8(body) {
+        if text.trim_ascii().is_empty() {
+            return RawValue::NULL.to_owned();
+        }
+        if let Ok(raw) = serde_json::from_str::<&RawValue>(text) {
+            return raw.to_owned();
+        }
+    }
+    serde_json::value::to_raw_value(&String::from_utf8_lossy(body))
+        .expect("a string always serializes")
 }
 
 /// Empty → `null`; JSON → the value; anything else → the text as a JSON string.
@@ -222,5 +236,32 @@ mod tests {
         assert_eq!(parse_body(br#"{"a":1}"#), json!({"a": 1}));
         assert_eq!(parse_body(b"plain text"), json!("plain text"));
         assert_eq!(parse_body(b"\xff\xfe"), json!("\u{fffd}\u{fffd}"));
+    }
+
+    #[test]
+    fn success_bodies_are_kept_as_json_text_by_the_same_rules() {
+        for body in [
+            &b""[..],
+            b" \n",
+            br#"{"a":1}"#,
+            b" [1, 2]\n",
+            b"plain text",
+            b"\xff\xfe",
+            br#"{"a":"#,
+        ] {
+            let raw = raw_body(body);
+            let reparsed: Value = serde_json::from_str(raw.get()).unwrap();
+            assert_eq!(
+                reparsed,
+                parse_body(body),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert_eq!(
+            raw_body(b" [1, 2]\n").get(),
+            "[1, 2]",
+            "surrounding blanks dropped"
+        );
     }
 }

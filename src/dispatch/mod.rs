@@ -6,6 +6,7 @@ mod http;
 use std::sync::Arc;
 
 use hyper::HeaderMap;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::error::{ActionError, Code};
@@ -14,10 +15,11 @@ use crate::registry::{ActionSpec, Handler};
 pub use http::HttpDispatcher;
 
 /// What a successful action answers: the `X_SUCCESS` payload and extra `meta` fields.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Success {
-    /// The success payload.
-    pub payload: Value,
+    /// The success payload as JSON text: written into the reply as it is, never parsed into a
+    /// value and serialized again (a list of a thousand records costs one validating scan).
+    pub payload: Box<RawValue>,
     /// Extra meta fields (`status` for `http`).
     pub meta: Map<String, Value>,
 }
