@@ -31,7 +31,7 @@ pub struct Client {
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// No response: refused, reset, TLS or DNS failure.
-    #[error("{0}")]
+    #[error("unreachable: {0}")]
     Unreachable(String),
     /// The body is larger than allowed; the status is the one the response had.
     #[error("the response ({status}) is larger than {max} bytes")]

@@ -39,15 +39,7 @@ async fn bare_bridge(tweak: impl FnOnce(&mut patchbay::Config)) -> Bridge {
 }
 
 fn assert_frame_error(reply: &Value, code: &str) {
-    assert_eq!(reply["type"], "@@patchbay/ERROR", "{reply}");
-    assert_eq!(reply["error"], true, "{reply}");
-    assert_eq!(reply["payload"]["code"], code, "{reply}");
-    assert!(
-        reply["payload"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{reply}"
-    );
+    assert_error_action(reply, "@@patchbay/ERROR", code);
 }
 
 #[tokio::test]

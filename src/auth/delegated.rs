@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::{Identity, Reject};
 use crate::rooms::{RoomPattern, valid_room};
-use crate::upstream::{Base, CallError, Client};
+use crate::upstream::{Base, Client};
 
 /// Largest answer read from the auth endpoint.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -49,14 +49,11 @@ impl DelegatedAuth {
                 .body(Full::default())
                 .expect("a valid URI and method make a valid request");
             *req.headers_mut() = forwarded.clone();
-            let (parts, body) =
-                self.client
-                    .call(req, MAX_ANSWER_BYTES)
-                    .await
-                    .map_err(|e| match e {
-                        CallError::Unreachable(e) => format!("unreachable: {e}"),
-                        e => e.to_string(),
-                    })?;
+            let (parts, body) = self
+                .client
+                .call(req, MAX_ANSWER_BYTES)
+                .await
+                .map_err(|e| e.to_string())?;
             let status = parts.status.as_u16();
             if status == 401 || status == 403 {
                 return Ok(Err(status));

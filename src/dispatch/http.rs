@@ -60,6 +60,7 @@ impl HttpDispatcher {
         } else {
             Bytes::from(serde_json::to_vec(payload).expect("JSON values always serialize"))
         };
+        let has_body = !body.is_empty();
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = action.method.as_http();
         *req.uri_mut() = uri;
@@ -73,7 +74,7 @@ impl HttpDispatcher {
             headers.insert(IDEMPOTENCY_KEY, request_id.clone());
         }
         headers.insert(X_REQUEST_ID, request_id);
-        if !action.method.uses_query() && !payload.is_null() {
+        if has_body {
             headers.insert(CONTENT_TYPE, JSON);
         }
         let (parts, body) =

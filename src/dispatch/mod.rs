@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{ActionError, Code};
 use crate::registry::{ActionSpec, Handler};
+use crate::upstream::{Base, Client};
 
 pub use http::HttpDispatcher;
 
@@ -41,7 +42,7 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher calling the REST API at `api` (if any) with the process's `client`.
-    pub fn new(api: Option<crate::upstream::Base>, client: crate::upstream::Client) -> Dispatcher {
+    pub fn new(api: Option<Base>, client: Client) -> Dispatcher {
         Dispatcher {
             http: HttpDispatcher::new(api, client),
         }

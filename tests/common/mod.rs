@@ -472,17 +472,22 @@ pub async fn assert_answers_ping(client: &mut Client) {
     assert_eq!(reply["meta"]["requestId"], id.as_str(), "{reply}");
 }
 
-/// Asserts `reply` is `<name>_FAILURE` with `code` and returns its payload.
-pub fn assert_failure<'a>(reply: &'a Value, name: &str, code: &str) -> &'a Value {
-    assert_eq!(reply["type"], format!("{name}_FAILURE"), "{reply}");
+/// Asserts `reply` is an error action of type `ty` whose payload has `code` and a message.
+pub fn assert_error_action(reply: &Value, ty: &str, code: &str) {
+    assert_eq!(reply["type"], ty, "{reply}");
     assert_eq!(reply["error"], true, "{reply}");
     assert_eq!(reply["payload"]["code"], code, "{reply}");
     assert!(
         reply["payload"]["message"]
             .as_str()
             .is_some_and(|m| !m.is_empty()),
-        "a failure explains itself: {reply}"
+        "an error explains itself: {reply}"
     );
+}
+
+/// Asserts `reply` is `<name>_FAILURE` with `code` and returns its payload.
+pub fn assert_failure<'a>(reply: &'a Value, name: &str, code: &str) -> &'a Value {
+    assert_error_action(reply, &format!("{name}_FAILURE"), code);
     assert!(reply["meta"]["requestId"].is_string(), "{reply}");
     &reply["payload"]
 }
