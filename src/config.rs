@@ -25,8 +25,45 @@ const NOT_FORWARDABLE: [&str; 10] = [
     "trailer",
     "expect",
 ];
-/// Shortest accepted `PATCHBAY_ROOM_SECRET`.
+/// Shortest accepted `PATCHBAY_ROOM_SECRET` and `PATCHBAY_PUBLISH_TOKEN`.
 const MIN_SECRET_BYTES: usize = 16;
+/// Shortest accepted `PATCHBAY_JWT_SECRET`: an HS256 key should be as long as its hash.
+const MIN_JWT_SECRET_BYTES: usize = 32;
+
+/// Every variable patchbay reads. Any other `PATCHBAY_*` name stops start-up: a misspelt
+/// variable must never silently turn a feature off (`PATCHBAY_JWT_SECERT` would otherwise
+/// let everyone in). `.env.example` lists exactly these (checked by a test).
+pub const VARIABLES: [&str; 29] = [
+    "PATCHBAY_LISTEN",
+    "PATCHBAY_API_URL",
+    "PATCHBAY_ACTIONS",
+    "PATCHBAY_REDIS_URL",
+    "PATCHBAY_REDIS_PREFIX",
+    "PATCHBAY_TASK_CHANNELS",
+    "PATCHBAY_JWT_SECRET",
+    "PATCHBAY_JWT_LEEWAY_SECS",
+    "PATCHBAY_AUTH_URL",
+    "PATCHBAY_AUTH_TIMEOUT_MS",
+    "PATCHBAY_ALLOW_ANONYMOUS",
+    "PATCHBAY_PUBLIC_ROOMS",
+    "PATCHBAY_ALLOWED_ORIGINS",
+    "PATCHBAY_ROOM_SECRET",
+    "PATCHBAY_FORWARD_HEADERS",
+    "PATCHBAY_PUBLISH_TOKEN",
+    "PATCHBAY_MAX_FRAME_BYTES",
+    "PATCHBAY_MAX_INFLIGHT",
+    "PATCHBAY_RATE_PER_SEC",
+    "PATCHBAY_RATE_BURST",
+    "PATCHBAY_MAX_ROOMS",
+    "PATCHBAY_MAX_CONNECTIONS",
+    "PATCHBAY_MAX_PUBLISH_ROOMS",
+    "PATCHBAY_SEND_QUEUE",
+    "PATCHBAY_SEND_QUEUE_BYTES",
+    "PATCHBAY_PING_INTERVAL_SECS",
+    "PATCHBAY_IDLE_TIMEOUT_SECS",
+    "PATCHBAY_SHUTDOWN_GRACE_SECS",
+    "PATCHBAY_LOG",
+];
 /// Smallest accepted `PATCHBAY_SEND_QUEUE_BYTES`: a 1 MiB reply plus room for others.
 const MIN_QUEUE_BYTES: usize = 2 * 1024 * 1024;
 /// Longest accepted duration setting: one day. Longer is surely a mistake, and unbounded values
@@ -46,7 +83,7 @@ impl ConfigError {
 
 /// The raw variables as `envy` reads them; [`Config::from_raw`] validates them.
 #[derive(Debug, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 struct Raw {
     listen: String,
     api_url: Option<String>,
@@ -70,6 +107,7 @@ struct Raw {
     rate_burst: String,
     max_rooms: String,
     max_connections: String,
+    max_publish_rooms: String,
     send_queue: String,
     send_queue_bytes: String,
     ping_interval_secs: String,
@@ -103,6 +141,7 @@ impl Default for Raw {
             rate_burst: "200".into(),
             max_rooms: "256".into(),
             max_connections: "100000".into(),
+            max_publish_rooms: "1000".into(),
             send_queue: "1024".into(),
             send_queue_bytes: "8388608".into(),
             ping_interval_secs: "25".into(),
@@ -171,6 +210,8 @@ pub struct Config {
     pub max_rooms: usize,
     /// `PATCHBAY_MAX_CONNECTIONS`, default 100000 per instance.
     pub max_connections: usize,
+    /// `PATCHBAY_MAX_PUBLISH_ROOMS`, default 1000 target rooms per published action.
+    pub max_publish_rooms: usize,
     /// `PATCHBAY_SEND_QUEUE`, default 1024 messages queued per connection before it is
     /// closed with 4008 as too slow.
     pub send_queue: usize,
@@ -200,10 +241,21 @@ impl Config {
         Self::from_vars(std::env::vars())
     }
 
-    /// Reads `PATCHBAY_*` from the given pairs (other names are ignored).
+    /// Reads `PATCHBAY_*` from the given pairs (names without the prefix are ignored; an
+    /// unknown `PATCHBAY_*` name is an error naming the closest known one).
     pub fn from_vars(
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("PATCHBAY_"))
+            .collect();
+        if let Some((unknown, _)) = vars.iter().find(|(k, _)| !VARIABLES.contains(&k.as_str())) {
+            return Err(ConfigError(format!(
+                "unknown variable {unknown} (did you mean {}?)",
+                closest(unknown)
+            )));
+        }
         let raw: Raw = envy::prefixed("PATCHBAY_")
             .from_iter(vars)
             .map_err(|e| ConfigError(format!("configuration: {e}")))?;
@@ -221,7 +273,14 @@ impl Config {
             .map(|u| parse_url("api_url", &u).map(|u| u.trim_end_matches('/').to_string()))
             .transpose()?;
         let redis_url = non_empty(raw.redis_url);
-        let jwt_secret = non_empty(raw.jwt_secret);
+        let jwt_secret = secret("jwt_secret", raw.jwt_secret, MIN_JWT_SECRET_BYTES)?;
+        let publish_token = secret("publish_token", raw.publish_token, MIN_SECRET_BYTES)?;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log) {
+            return Err(ConfigError::var(
+                "log",
+                format!("`{}` is not a tracing filter ({e})", raw.log),
+            ));
+        }
         let auth_url = non_empty(raw.auth_url)
             .map(|u| parse_url("auth_url", &u))
             .transpose()?;
@@ -229,9 +288,15 @@ impl Config {
             None => jwt_secret.is_none() && auth_url.is_none(),
             Some(v) => parse_bool("allow_anonymous", &v)?,
         };
-        let public_rooms = list(&raw.public_rooms)
+        let public_rooms: Vec<RoomPattern> = list(&raw.public_rooms)
             .map(|p| RoomPattern::parse(p).map_err(|e| ConfigError::var("public_rooms", e)))
             .collect::<Result<_, _>>()?;
+        if let Some(p) = public_rooms.iter().find(|p| p.can_match_prefix("user:")) {
+            return Err(ConfigError::var(
+                "public_rooms",
+                format!("`{p}` would let anyone join other users' `user:` rooms; name other rooms"),
+            ));
+        }
         let origins: Vec<String> = list(&raw.allowed_origins)
             .map(|o| o.to_ascii_lowercase())
             .collect();
@@ -349,13 +414,14 @@ impl Config {
             room_secret,
             room_secret_is_random,
             forward_headers,
-            publish_token: non_empty(raw.publish_token),
+            publish_token,
             max_frame_bytes: positive("max_frame_bytes", &raw.max_frame_bytes)?,
             max_inflight: positive("max_inflight", &raw.max_inflight)?,
             rate_per_sec,
             rate_burst: positive("rate_burst", &raw.rate_burst)?,
             max_rooms: positive("max_rooms", &raw.max_rooms)?,
             max_connections: positive("max_connections", &raw.max_connections)?,
+            max_publish_rooms: positive("max_publish_rooms", &raw.max_publish_rooms)?,
             send_queue: positive("send_queue", &raw.send_queue)?,
             send_queue_bytes,
             ping_interval,
@@ -363,6 +429,93 @@ impl Config {
             shutdown_grace: seconds("shutdown_grace_secs", &raw.shutdown_grace_secs, 0)?,
             log: raw.log,
         })
+    }
+}
+
+impl Config {
+    /// One line with the effective modes, logged once at start-up so an operator sees what
+    /// this instance really does. Never includes a secret.
+    pub fn summary(&self) -> String {
+        let bus = match &self.redis_url {
+            None => "memory".to_string(),
+            Some(url) => format!("redis {}", redacted_redis(url)),
+        };
+        let mut auth = Vec::new();
+        if self.jwt_secret.is_some() {
+            auth.push("jwt-hs256");
+        }
+        if self.auth_url.is_some() {
+            auth.push("delegated");
+        }
+        let origins = match &self.allowed_origins {
+            AllowedOrigins::Any => "any".to_string(),
+            AllowedOrigins::List(l) if l.is_empty() => "same-host".to_string(),
+            AllowedOrigins::List(l) => format!("same-host,{}", l.join(",")),
+        };
+        let public: Vec<String> = self.public_rooms.iter().map(ToString::to_string).collect();
+        format!(
+            "patchbay {} modes: bus={bus} auth={} anonymous={} origins={origins} public_rooms={} publish={} room_secret={}",
+            env!("CARGO_PKG_VERSION"),
+            if auth.is_empty() {
+                "none".to_string()
+            } else {
+                auth.join(",")
+            },
+            if self.allow_anonymous {
+                "allowed"
+            } else {
+                "refused"
+            },
+            if public.is_empty() {
+                "none".to_string()
+            } else {
+                public.join(",")
+            },
+            if self.publish_token.is_some() {
+                "on"
+            } else {
+                "off"
+            },
+            if self.room_secret_is_random {
+                "random"
+            } else {
+                "set"
+            },
+        )
+    }
+}
+
+/// A Redis URL as it may be logged: scheme, host, port and database, never credentials.
+fn redacted_redis(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) if u.host_str().is_some() => format!(
+            "{}://{}{}{}",
+            u.scheme(),
+            u.host_str().unwrap_or_default(),
+            u.port().map(|p| format!(":{p}")).unwrap_or_default(),
+            u.path()
+        ),
+        Ok(u) => format!("{}://{}", u.scheme(), u.path()),
+        Err(_) => "(unparsable URL)".to_string(),
+    }
+}
+
+/// The known variable closest to `name` (edit distance), for "did you mean".
+fn closest(name: &str) -> &'static str {
+    VARIABLES
+        .iter()
+        .min_by_key(|known| strsim::levenshtein(name, known))
+        .expect("the list is not empty")
+}
+
+/// A secret setting: unset or empty is `None`; a shorter one than `min` bytes is refused.
+fn secret(name: &str, v: Option<String>, min: usize) -> Result<Option<String>, ConfigError> {
+    match non_empty(v) {
+        Some(s) if s.len() < min => Err(ConfigError::var(
+            name,
+            format!("must be at least {min} bytes (it is {})", s.len()),
+        )),
+        v => Ok(v),
     }
 }
 
@@ -440,6 +593,8 @@ fn parse_url(name: &str, v: &str) -> Result<String, ConfigError> {
 mod tests {
     use super::*;
 
+    const JWT_SECRET: &str = "a jwt secret of at least 32 bytes";
+
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Config::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
     }
@@ -507,6 +662,15 @@ mod tests {
             ("PATCHBAY_FORWARD_HEADERS", "cookie,host"),
             ("PATCHBAY_FORWARD_HEADERS", "sec-websocket-key"),
             ("PATCHBAY_ROOM_SECRET", "short"),
+            ("PATCHBAY_JWT_SECRET", "only 31 bytes, one too few....."),
+            ("PATCHBAY_PUBLISH_TOKEN", "15 bytes token!"),
+            ("PATCHBAY_LOG", "[[["),
+            ("PATCHBAY_LOG", "patchbay=loud"),
+            ("PATCHBAY_PUBLIC_ROOMS", "lobby,user:*"),
+            ("PATCHBAY_PUBLIC_ROOMS", "user:42"),
+            ("PATCHBAY_PUBLIC_ROOMS", "*"),
+            ("PATCHBAY_PUBLIC_ROOMS", "us*"),
+            ("PATCHBAY_MAX_PUBLISH_ROOMS", "0"),
         ] {
             let e = cfg(&[(var, value)]).unwrap_err().to_string();
             assert!(e.starts_with(&format!("{var}:")), "{var}={value}: {e}");
@@ -523,6 +687,79 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("PATCHBAY_RATE_PER_SEC:"), "{e}");
+    }
+
+    #[test]
+    fn unknown_variables_are_refused_with_the_closest_name() {
+        for (typo, meant) in [
+            ("PATCHBAY_JWT_SECERT", "PATCHBAY_JWT_SECRET"),
+            ("PATCHBAY_REDIS_ULR", "PATCHBAY_REDIS_URL"),
+            ("PATCHBAY_PUBLISHTOKEN", "PATCHBAY_PUBLISH_TOKEN"),
+            ("PATCHBAY_", "PATCHBAY_LOG"),
+        ] {
+            let e = cfg(&[(typo, "x")]).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!("unknown variable {typo} (did you mean {meant}?)"),
+                "{typo}"
+            );
+        }
+        // Names without the prefix are none of patchbay's business.
+        cfg(&[("PATCH_BAY", "x"), ("HOME", "/root")]).unwrap();
+    }
+
+    #[test]
+    fn every_known_variable_is_read_and_listed_in_env_example() {
+        for name in VARIABLES {
+            // deny_unknown_fields on `Raw`: a listed name that nothing reads would fail here.
+            if let Err(e) = cfg(&[(name, "")]) {
+                assert!(!e.to_string().contains("unknown"), "{name}: {e}");
+            }
+        }
+        let example = include_str!("../.env.example");
+        let mut listed: Vec<&str> = example
+            .lines()
+            .filter(|l| l.starts_with("PATCHBAY_"))
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .collect();
+        listed.sort_unstable();
+        let mut known = VARIABLES.to_vec();
+        known.sort_unstable();
+        assert_eq!(
+            listed, known,
+            ".env.example lists exactly the known variables"
+        );
+    }
+
+    #[test]
+    fn the_summary_names_the_modes_and_no_secret() {
+        let c = cfg(&[
+            (
+                "PATCHBAY_REDIS_URL",
+                "redis://:hunter2hunter2@redis.internal:6380/2",
+            ),
+            ("PATCHBAY_JWT_SECRET", JWT_SECRET),
+            ("PATCHBAY_PUBLISH_TOKEN", "publish token of 29 bytes!!!!"),
+            ("PATCHBAY_PUBLIC_ROOMS", "lobby"),
+        ])
+        .unwrap();
+        let line = c.summary();
+        assert!(
+            line.contains("bus=redis redis://redis.internal:6380/2"),
+            "{line}"
+        );
+        assert!(
+            line.contains("auth=jwt-hs256") && line.contains("anonymous=refused"),
+            "{line}"
+        );
+        assert!(
+            line.contains("public_rooms=lobby") && line.contains("publish=on"),
+            "{line}"
+        );
+        for secret in ["hunter2", JWT_SECRET, "publish token"] {
+            assert!(!line.contains(secret), "{line}");
+        }
+        assert!(Config::default().summary().contains("bus=memory"));
     }
 
     #[test]
@@ -549,13 +786,13 @@ mod tests {
     #[test]
     fn anonymous_defaults_off_when_auth_is_configured() {
         assert!(
-            !cfg(&[("PATCHBAY_JWT_SECRET", "s")])
+            !cfg(&[("PATCHBAY_JWT_SECRET", JWT_SECRET)])
                 .unwrap()
                 .allow_anonymous
         );
         assert!(
             cfg(&[
-                ("PATCHBAY_JWT_SECRET", "s"),
+                ("PATCHBAY_JWT_SECRET", JWT_SECRET),
                 ("PATCHBAY_ALLOW_ANONYMOUS", "true")
             ])
             .unwrap()

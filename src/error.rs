@@ -88,11 +88,29 @@ impl ActionError {
         self
     }
 
-    /// An internal error: the cause is logged here and never sent to the client.
+    /// An internal error: the cause is logged here (cut to [`MAX_LOGGED_BYTES`], since it may
+    /// quote client input) and never sent to the client.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
-        tracing::error!(%cause, "internal error");
+        let cause = cause.to_string();
+        tracing::error!(cause = %clip(&cause), "internal error");
         ActionError::new(Code::Internal, "internal error")
     }
+}
+
+/// Most bytes of a client-influenced value written into one log line.
+pub const MAX_LOGGED_BYTES: usize = 256;
+
+/// `text` cut to [`MAX_LOGGED_BYTES`] at a character boundary, with a note of how long it was:
+/// logs never echo unbounded client data.
+pub fn clip(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_LOGGED_BYTES {
+        return text.into();
+    }
+    let mut end = MAX_LOGGED_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len()).into()
 }
 
 /// Why the server closes a websocket; each maps to one close code.
@@ -183,6 +201,15 @@ mod tests {
             serde_json::to_value(&e).unwrap(),
             serde_json::json!({"code": "too_many_requests", "message": "x"})
         );
+    }
+
+    #[test]
+    fn logged_values_are_clipped() {
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(1000);
+        let clipped = clip(&long);
+        assert!(clipped.len() < MAX_LOGGED_BYTES + 32, "{clipped}");
+        assert!(clipped.ends_with("(2000 bytes)"), "{clipped}");
     }
 
     #[test]

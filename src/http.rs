@@ -28,7 +28,12 @@ pub const MAX_PUBLISH_BYTES: usize = 1024 * 1024;
 
 /// Routes one request.
 pub async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
-    match (req.method(), req.uri().path()) {
+    // HEAD is answered wherever GET is: same status and headers, and hyper sends no body.
+    let method = match req.method() {
+        &Method::HEAD => &Method::GET,
+        m => m,
+    };
+    match (method, req.uri().path()) {
         (_, "/ws") => crate::ws::upgrade(req, app).await,
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
         (&Method::GET, "/readyz") => readyz(&app),
@@ -73,15 +78,27 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
 }
 
 fn readyz(app: &App) -> Response<Body> {
-    let bus = app.bus.status();
-    let (status, code) = if app.lifecycle.is_draining() {
-        ("draining", StatusCode::SERVICE_UNAVAILABLE)
-    } else if bus == BusStatus::Disconnected {
-        ("degraded", StatusCode::OK)
+    let bus = app.bus.status().as_str();
+    if app.lifecycle.is_draining() {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "draining", "bus": bus}),
+        );
+    }
+    // Refused (wrong password, missing ACL permission): a bad rollout, which must fail its
+    // health checks. Unreachable: a blip, during which requests are still served.
+    if let Some(reason) = app.bus.refusal() {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "failed", "bus": bus, "reason": reason}),
+        );
+    }
+    let status = if bus == BusStatus::Disconnected.as_str() {
+        "degraded"
     } else {
-        ("ok", StatusCode::OK)
+        "ok"
     };
-    json_response(code, &json!({"status": status, "bus": bus.as_str()}))
+    json_response(StatusCode::OK, &json!({"status": status, "bus": bus}))
 }
 
 #[derive(Deserialize)]
@@ -107,6 +124,14 @@ fn token_matches(header: Option<&HeaderValue>, expected: &str) -> bool {
         .into()
 }
 
+/// Whether a `Content-Type` is `application/json`, parameters (`; charset=utf-8`) allowed.
+fn is_json(content_type: Option<&HeaderValue>) -> bool {
+    content_type
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
 async fn publish(req: Request<Incoming>, app: &App) -> Response<Body> {
     let Some(expected) = &app.config.publish_token else {
         return error_response(
@@ -120,6 +145,13 @@ async fn publish(req: Request<Incoming>, app: &App) -> Response<Body> {
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "missing or wrong bearer token",
+        );
+    }
+    if !is_json(req.headers().get(CONTENT_TYPE)) {
+        return error_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must be sent as Content-Type: application/json",
         );
     }
     let body = match Limited::new(req.into_body(), MAX_PUBLISH_BYTES)
@@ -155,6 +187,17 @@ async fn publish(req: Request<Incoming>, app: &App) -> Response<Body> {
             );
         }
     };
+    if body.rooms.len() > app.config.max_publish_rooms {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "too_many_rooms",
+            &format!(
+                "{} rooms; one action may target at most {} (PATCHBAY_MAX_PUBLISH_ROOMS)",
+                body.rooms.len(),
+                app.config.max_publish_rooms
+            ),
+        );
+    }
     if body.rooms.is_empty() || !body.rooms.iter().all(|r| valid_room(r)) {
         return error_response(
             StatusCode::BAD_REQUEST,
@@ -196,6 +239,16 @@ async fn publish(req: Request<Incoming>, app: &App) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_content_types() {
+        let h = |s: &'static str| HeaderValue::from_static(s);
+        assert!(is_json(Some(&h("application/json"))));
+        assert!(is_json(Some(&h("Application/JSON; charset=utf-8"))));
+        assert!(!is_json(Some(&h("text/plain"))));
+        assert!(!is_json(Some(&h("application/jsonp"))));
+        assert!(!is_json(None));
+    }
 
     #[test]
     fn bearer_tokens() {

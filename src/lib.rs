@@ -74,6 +74,7 @@ impl Server {
     /// Serves until `shutdown` resolves, then drains gracefully.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tracing::info!("listening on {}", self.local_addr());
+        tracing::info!("{}", self.app.config.summary());
         server::run(self.listener, self.app, shutdown).await
     }
 }

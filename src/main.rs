@@ -29,14 +29,10 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
+    // Checked by the configuration already.
     let filter = match EnvFilter::try_new(&config.log) {
         Ok(f) => f,
-        Err(e) => {
-            return fail(format!(
-                "PATCHBAY_LOG: `{}` is not a tracing filter ({e})",
-                config.log
-            ));
-        }
+        Err(e) => return fail(format!("PATCHBAY_LOG: {e}")),
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -60,9 +56,10 @@ fn main() -> ExitCode {
     })
 }
 
+/// Every refusal at start-up: one line naming the culprit, exit status 2.
 fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("patchbay: {e}");
-    ExitCode::FAILURE
+    ExitCode::from(2)
 }
 
 /// Resolves on ctrl-c or SIGTERM.

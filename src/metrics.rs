@@ -108,6 +108,11 @@ impl Collector for Live {
                 "Server-fired actions dropped because a connection's queue was full",
                 &c.dropped,
             ),
+            (
+                "deliveries_oversize",
+                "Server-fired actions not queued for a connection because they are larger than its whole send queue",
+                &c.oversize,
+            ),
         ] {
             let counter = ConstCounter::new(value.load(Ordering::Relaxed));
             counter.encode(encoder.encode_descriptor(

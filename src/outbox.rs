@@ -1,12 +1,18 @@
 //! The way into one connection: a queue of frames bounded in count *and* bytes, drained by the
 //! connection's writer task, and a one-shot close signal.
 //!
+//! Everything written to the connection counts against the one byte bound, the pongs that the
+//! websocket layer writes by itself included: the reader charges each pong
+//! ([`Outbox::charge_control`]) and the writer releases the charge once a flush has put it on
+//! the wire, so a client that pings and never reads is closed with 4008 like any slow reader.
+//!
 //! Publishers never wait on a client: [`Outbox::push`] never blocks, and a full queue closes
 //! the connection with 4008 instead of slowing anyone else down. The byte bound matters as much
 //! as the count: replies can be up to 1 MiB, so a count alone would let one client that never
 //! reads pin a gigabyte.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use std::task::Poll;
@@ -65,6 +71,11 @@ struct Queue {
     limits: QueueLimits,
     /// Shared by every outbox and by the connection's reader and writer.
     closer: Arc<Closer>,
+    /// Bytes of control frames (pongs) the websocket layer queued by itself and no flush has
+    /// yet been seen to write; they count against the byte bound with the frames. Added under
+    /// the state lock (so the bound holds); an atomic so the writer's per-batch read and
+    /// release take no lock while it is zero.
+    control: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -73,6 +84,8 @@ struct State {
     /// would allocate a block of slots up front, the largest part of an idle connection).
     frames: VecDeque<Utf8Bytes>,
     bytes: usize,
+    /// A pong was charged since the writer last flushed: flush even without frames.
+    flush_wanted: bool,
     /// Live [`Outbox`] handles; at zero the writer sees the end of the queue.
     senders: usize,
     /// The inbox refuses further frames.
@@ -127,6 +140,7 @@ impl Outbox {
             ready: AtomicWaker::new(),
             limits,
             closer: Arc::new(Closer::default()),
+            control: AtomicUsize::new(0),
         });
         (
             Outbox {
@@ -146,7 +160,9 @@ impl Outbox {
             if state.closed {
                 return false;
             }
-            if state.frames.len() < q.limits.frames && state.bytes + text.len() <= q.limits.bytes {
+            if state.frames.len() < q.limits.frames
+                && state.bytes + q.control.load(Ordering::Relaxed) + text.len() <= q.limits.bytes
+            {
                 state.bytes += text.len();
                 state.frames.push_back(text);
                 drop(state);
@@ -161,16 +177,58 @@ impl Outbox {
         false
     }
 
+    /// Counts `len` bytes of a control frame the websocket layer queued by itself (the pong to
+    /// a client's ping) against the byte bound, and asks the writer to flush it. Over the
+    /// bound the connection is closed with 4008 and `false` returned.
+    pub fn charge_control(&self, len: usize) -> bool {
+        let q = &self.queue;
+        {
+            let mut state = q.state.lock().unwrap();
+            if state.closed {
+                return false;
+            }
+            if state.bytes + q.control.load(Ordering::Relaxed) + len <= q.limits.bytes {
+                q.control.fetch_add(len, Ordering::Relaxed);
+                state.flush_wanted = true;
+                drop(state);
+                q.ready.wake();
+                return true;
+            }
+        }
+        if q.closer.reason().is_none() {
+            tracing::warn!(
+                "pongs to a client that does not read filled its queue: closing with 4008"
+            );
+        }
+        q.closer.close(Disconnect::Slow);
+        false
+    }
+
+    /// Whether a frame of `len` bytes could ever be queued: one larger than the whole byte
+    /// bound is not for this connection (and is no reason to close it).
+    pub fn fits(&self, len: usize) -> bool {
+        len <= self.queue.limits.bytes
+    }
+
     /// The connection's close signal.
     pub fn closer(&self) -> &Arc<Closer> {
         &self.queue.closer
     }
 }
 
+/// What the writer should do next.
+#[derive(Debug, PartialEq)]
+pub enum Next {
+    /// Write this frame.
+    Frame(Message),
+    /// Nothing queued, but pongs were charged: flush so they are written and released.
+    Flush,
+}
+
 impl Inbox {
-    /// The next frame if one is queued; `Err(())` once the queue has ended (every outbox
-    /// dropped, or closed) and is empty.
-    fn take(&self) -> Result<Option<Message>, ()> {
+    /// The next frame if one is queued, else a flush if one is wanted; `Err(())` once the
+    /// queue has ended (every outbox dropped, or closed) and is empty.
+    fn take(&self) -> Result<Option<Next>, ()> {
         let mut state = self.queue.state.lock().unwrap();
         match state.frames.pop_front() {
             Some(text) => {
@@ -178,15 +236,35 @@ impl Inbox {
                 if state.frames.is_empty() && state.frames.capacity() > KEEP_CAPACITY {
                     state.frames.shrink_to(KEEP_CAPACITY);
                 }
-                Ok(Some(Message::Text(text)))
+                Ok(Some(Next::Frame(Message::Text(text))))
             }
             None if state.senders == 0 || state.closed => Err(()),
+            None if state.flush_wanted => {
+                state.flush_wanted = false;
+                Ok(Some(Next::Flush))
+            }
             None => Ok(None),
         }
     }
 
-    /// The next frame; `None` once every [`Outbox`] is dropped and the queue is empty.
-    pub async fn recv(&mut self) -> Option<Message> {
+    /// Control bytes charged and not yet released. Read it *before* a flush and pass it to
+    /// [`Inbox::release_control`] after the flush succeeded: what was charged before the flush
+    /// was queued before it too, so the flush wrote it.
+    pub fn control(&self) -> usize {
+        self.queue.control.load(Ordering::Relaxed)
+    }
+
+    /// Releases `len` control bytes that a successful flush wrote.
+    pub fn release_control(&self, len: usize) {
+        if len > 0 {
+            // Only this writer releases, and charges only add: `len` is never more than what
+            // is there.
+            self.queue.control.fetch_sub(len, Ordering::Relaxed);
+        }
+    }
+
+    /// The next frame or flush; `None` once every [`Outbox`] is dropped and the queue is empty.
+    pub async fn next(&mut self) -> Option<Next> {
         std::future::poll_fn(|cx| {
             let poll = |inbox: &Self| match inbox.take() {
                 Ok(Some(msg)) => Poll::Ready(Some(msg)),
@@ -203,9 +281,25 @@ impl Inbox {
         .await
     }
 
+    /// The next frame; `None` once every [`Outbox`] is dropped and the queue is empty. A
+    /// wanted flush is skipped.
+    pub async fn recv(&mut self) -> Option<Message> {
+        loop {
+            match self.next().await? {
+                Next::Frame(msg) => return Some(msg),
+                Next::Flush => continue,
+            }
+        }
+    }
+
     /// The next frame if one is queued.
     pub fn try_recv(&mut self) -> Option<Message> {
-        self.take().ok().flatten()
+        loop {
+            match self.take().ok().flatten()? {
+                Next::Frame(msg) => return Some(msg),
+                Next::Flush => continue,
+            }
+        }
     }
 
     /// Refuses further frames; queued ones can still be taken.
@@ -280,6 +374,39 @@ mod tests {
         }
         while inbox.try_recv().is_some() {}
         assert!(inbox.queue.state.lock().unwrap().frames.capacity() <= KEEP_CAPACITY);
+    }
+
+    #[tokio::test]
+    async fn pongs_count_against_the_byte_bound_until_a_flush_releases_them() {
+        let (out, mut inbox) = Outbox::new(QueueLimits {
+            frames: 100,
+            bytes: 10,
+        });
+        assert!(out.charge_control(4));
+        assert_eq!(
+            inbox.next().await,
+            Some(Next::Flush),
+            "the writer is asked to flush"
+        );
+        assert!(out.push("123456".into()));
+        assert!(!out.push("1".into()), "4 + 6 bytes fill the bound");
+        assert_eq!(out.closer().reason(), Some(Disconnect::Slow));
+
+        let (out, mut inbox) = Outbox::new(QueueLimits {
+            frames: 100,
+            bytes: 10,
+        });
+        assert!(out.charge_control(6));
+        let before_flush = inbox.control();
+        assert!(out.charge_control(4), "charged while the flush runs");
+        inbox.release_control(before_flush);
+        assert_eq!(inbox.control(), 4, "only what the flush wrote is released");
+        assert!(
+            !out.charge_control(7),
+            "a client that never reads is closed"
+        );
+        assert_eq!(out.closer().reason(), Some(Disconnect::Slow));
+        assert_eq!(inbox.try_recv(), None);
     }
 
     #[tokio::test]

@@ -56,6 +56,24 @@ impl RoomPattern {
             RoomPattern::Prefix(p) => room.starts_with(p.as_str()),
         }
     }
+
+    /// Whether the pattern admits some room that starts with `prefix` (`*`, `us*`, `user:*`
+    /// and `user:42` all admit a `user:` room).
+    pub fn can_match_prefix(&self, prefix: &str) -> bool {
+        match self {
+            RoomPattern::Exact(r) => r.starts_with(prefix),
+            RoomPattern::Prefix(p) => p.starts_with(prefix) || prefix.starts_with(p.as_str()),
+        }
+    }
+}
+
+impl std::fmt::Display for RoomPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RoomPattern::Exact(r) => f.write_str(r),
+            RoomPattern::Prefix(p) => write!(f, "{p}*"),
+        }
+    }
 }
 
 /// Why a join was refused.
@@ -76,6 +94,9 @@ pub struct Delivery {
     pub delivered: usize,
     /// Connections whose queue was full (they are being closed with 4008).
     pub dropped: usize,
+    /// Connections the action was not queued for because it is larger than their whole send
+    /// queue (they stay open).
+    pub oversize: usize,
 }
 
 struct Member {
@@ -209,6 +230,11 @@ impl Rooms {
                 }
                 let text = bytes
                     .get_or_insert_with(|| protocol::server_action_for_room(action, room).into());
+                if !outbox.fits(text.len()) {
+                    result.oversize += 1;
+                    warn_oversize(action, text.len());
+                    continue;
+                }
                 if outbox.push(text.clone()) {
                     result.delivered += 1;
                 } else {
@@ -217,6 +243,29 @@ impl Rooms {
             }
         }
         result
+    }
+}
+
+/// Logs an action too large for a send queue, at most once a minute: a publisher that keeps
+/// sending them must not flood the log.
+fn warn_oversize(action: &Map<String, Value>, len: usize) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_WARNED: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_WARNED.load(Ordering::Relaxed);
+    if now >= last + 60
+        && LAST_WARNED
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let ty = action.get("type").and_then(Value::as_str).unwrap_or("");
+        tracing::warn!(
+            r#type = %crate::error::clip(ty),
+            bytes = len,
+            "a server-fired action is larger than a connection's whole send queue (PATCHBAY_SEND_QUEUE_BYTES): dropped for it (logged at most once a minute)"
+        );
     }
 }
 
@@ -274,6 +323,17 @@ mod tests {
         assert!(e.matches("org:7"));
         assert!(!e.matches("org:70"));
         assert!(RoomPattern::parse("bad room").is_err());
+        for covers_users in ["*", "u*", "user*", "user:*", "user:4*", "user:42"] {
+            let p = RoomPattern::parse(covers_users).unwrap();
+            assert!(p.can_match_prefix("user:"), "{covers_users}");
+            assert_eq!(p.to_string(), covers_users);
+        }
+        for other in ["users", "dm:*", "lobby", "org:*", "x*"] {
+            assert!(
+                !RoomPattern::parse(other).unwrap().can_match_prefix("user:"),
+                "{other}"
+            );
+        }
     }
 
     #[test]
@@ -316,7 +376,7 @@ mod tests {
             d,
             Delivery {
                 delivered: 2,
-                dropped: 0
+                ..Delivery::default()
             }
         );
         assert_eq!(text(ra.try_recv().unwrap())["meta"]["room"], "task:1");
@@ -342,10 +402,37 @@ mod tests {
             d,
             Delivery {
                 delivered: 1,
-                dropped: 1
+                dropped: 1,
+                oversize: 0
             }
         );
         assert_eq!(slow_closer.reason(), Some(crate::error::Disconnect::Slow));
         assert!(rf.try_recv().is_some() && rf.try_recv().is_some());
+    }
+
+    #[test]
+    fn an_action_larger_than_the_queue_is_dropped_and_nobody_is_closed() {
+        let rooms = Rooms::default();
+        let (small, mut rs) = Outbox::new(QueueLimits {
+            frames: 8,
+            bytes: 100,
+        });
+        let closer = small.closer().clone();
+        rooms.register(1, small);
+        rooms.join(1, "r", 10).unwrap();
+        let big = json!({"type": "A", "payload": "x".repeat(200)});
+        let d = rooms.deliver(&["r".into()], big.as_object().unwrap());
+        assert_eq!(
+            d,
+            Delivery {
+                oversize: 1,
+                ..Delivery::default()
+            }
+        );
+        assert_eq!(closer.reason(), None, "the connection stays open");
+        assert!(rs.try_recv().is_none());
+        let small_action = json!({"type": "A"});
+        rooms.deliver(&["r".into()], small_action.as_object().unwrap());
+        assert!(rs.try_recv().is_some(), "and still receives what fits");
     }
 }

@@ -12,10 +12,12 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, Sink, Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use hyper::HeaderMap;
 use serde_json::{Map, Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, sleep, sleep_until};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
@@ -30,6 +32,9 @@ use crate::registry::ActionSpec;
 use crate::rooms::{ConnId, JoinError, valid_room};
 use crate::template::room_part;
 use crate::writer::{CLOSE_TIMEOUT, write_loop};
+
+/// Longest wait for the client to close its side after our close frame.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Most rooms a connection may be granted by `subscribe`, as a multiple of
 /// `PATCHBAY_MAX_ROOMS`: grants outlive leaving a room, so they need their own bound.
@@ -72,11 +77,11 @@ enum Done {
 }
 
 /// Runs one connection until it closes. Never panics on client input.
-pub async fn run<S>(ws: S, app: Arc<App>, peer: Peer)
+pub async fn run<T>(ws: WebSocketStream<T>, app: Arc<App>, peer: Peer)
 where
-    S: Sink<Message, Error = WsError> + Stream<Item = Result<Message, WsError>> + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sink, stream) = ws.split();
+    let (sink, mut stream) = ws.split();
     let limits = QueueLimits {
         frames: app.config.send_queue,
         bytes: app.config.send_queue_bytes,
@@ -107,7 +112,7 @@ where
         ),
     };
     if session.start().await {
-        session.read_loop(stream).await;
+        session.read_loop(&mut stream).await;
     }
 
     // Cleanup, once: leave every room, then let the writer finish.
@@ -118,16 +123,36 @@ where
         }
     }
     drop(outbox);
-    if tokio::time::timeout(CLOSE_TIMEOUT + Duration::from_secs(1), &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort();
+    match tokio::time::timeout(CLOSE_TIMEOUT + Duration::from_secs(1), &mut writer).await {
+        Ok(Ok(sink)) => {
+            if let Ok(ws) = sink.reunite(stream) {
+                linger(ws).await;
+            }
+        }
+        Ok(Err(_)) => {}
+        Err(_) => writer.abort(),
     }
     if let Some(reason) = closer.reason() {
         app.metrics.disconnect(reason);
     }
     tracing::debug!(reason = ?closer.reason(), "connection closed");
+}
+
+/// Closes the socket so that the client reads our close frame rather than a reset: shut down
+/// our side (the close frame is already written), then read and discard what the client still
+/// sends until it closes too, for at most [`LINGER`]. Closing a socket with unread bytes makes
+/// the kernel send a reset, which can destroy the close frame in the client's buffers.
+async fn linger<T>(mut ws: WebSocketStream<T>)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let io = ws.get_mut();
+    let _ = tokio::time::timeout(LINGER, async {
+        let _ = io.shutdown().await;
+        let mut scratch = [0u8; 512];
+        while let Ok(1..) = io.read(&mut scratch).await {}
+    })
+    .await;
 }
 
 /// Undoes the connection's registration in [`crate::rooms::Rooms`] even if the session task
@@ -195,7 +220,7 @@ impl Session {
         self.outbox.push(hello.into())
     }
 
-    async fn read_loop<R>(&mut self, mut stream: R)
+    async fn read_loop<R>(&mut self, stream: &mut R)
     where
         R: Stream<Item = Result<Message, WsError>> + Unpin,
     {
@@ -253,7 +278,12 @@ impl Session {
                         Some(Ok(Message::Text(text))) => self.on_text(text.as_str(), limited),
                         Some(Ok(Message::Binary(_))) => self.send(protocol::frame_error(&protocol::FrameError::binary())),
                         Some(Ok(Message::Close(_))) | None => return,
-                        Some(Ok(_)) => {} // ping, pong: tungstenite answers pings itself
+                        // The websocket layer queued the pong itself; it counts against the
+                        // send queue like everything else written (2 bytes of frame header).
+                        Some(Ok(Message::Ping(data))) => if !self.outbox.charge_control(data.len() + 2) {
+                            return;
+                        },
+                        Some(Ok(_)) => {} // pongs to our own pings
                         Some(Err(e)) => {
                             if let Some(reason) = read_error_disconnect(&e) {
                                 tracing::info!(error = %e, code = reason.code(), "closing after a bad frame");
@@ -605,7 +635,6 @@ mod tests {
     use crate::config::Config;
     use crate::registry::Registry;
     use futures_util::SinkExt;
-    use tokio_tungstenite::WebSocketStream;
     use tokio_tungstenite::tungstenite::protocol::Role;
 
     async fn pair(

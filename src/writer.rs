@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::error::Disconnect;
-use crate::outbox::{Closer, Inbox};
+use crate::outbox::{Closer, Inbox, Next};
 
 /// How long closing may take in all (queued frames, then the close frame) before the socket
 /// is dropped.
@@ -17,13 +17,15 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most frames written between two flushes.
 const MAX_BATCH: usize = 64;
 
-/// Runs until every outbox of the connection is dropped or its closer fires.
+/// Runs until every outbox of the connection is dropped or its closer fires; returns the sink
+/// so the session can close the socket cleanly.
 pub async fn write_loop<K>(
     mut sink: K,
     mut inbox: Inbox,
     closer: std::sync::Arc<Closer>,
     ping_every: Duration,
-) where
+) -> K
+where
     K: Sink<Message, Error = WsError> + Unpin,
 {
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
@@ -41,37 +43,51 @@ pub async fn write_loop<K>(
             _ = &mut fired => break closer.reason(),
             // Before the queue: a steady stream of pushes must not starve keepalive pings
             // (the tick is ready at most once per interval, so it cannot starve the data).
-            _ = ping.tick() => Message::Ping(Default::default()),
-            msg = inbox.recv() => match msg {
-                Some(msg) => msg,
+            _ = ping.tick() => Some(Message::Ping(Default::default())),
+            next = inbox.next() => match next {
+                Some(Next::Frame(msg)) => Some(msg),
+                // Pongs were charged: a flush writes them and lets their bytes go.
+                Some(Next::Flush) => None,
                 None => break None,
             },
         };
-        let mut batch = std::pin::pin!(async {
-            sink.feed(first).await?;
-            for _ in 1..MAX_BATCH {
-                match inbox.try_recv() {
-                    Some(msg) => sink.feed(msg).await?,
-                    None => break,
+        // Pongs charged so far were queued in the sink before this flush, so it writes them.
+        let control = inbox.control();
+        let written = {
+            let mut batch = std::pin::pin!(async {
+                if let Some(first) = first {
+                    sink.feed(first).await?;
+                    for _ in 1..MAX_BATCH {
+                        match inbox.try_recv() {
+                            Some(msg) => sink.feed(msg).await?,
+                            None => break,
+                        }
+                    }
                 }
-            }
-            sink.flush().await
-        });
-        let written = tokio::select! {
-            biased;
-            _ = &mut fired => {
-                let reason = closer.reason();
-                closing = reason;
-                // A slow client is closed at once; any other close lets this batch finish.
-                if reason.is_some_and(|r| !r.drains_queue()) {
-                    break reason;
+                sink.flush().await
+            });
+            tokio::select! {
+                biased;
+                _ = &mut fired => {
+                    let reason = closer.reason();
+                    closing = reason;
+                    // A slow client is closed at once; any other close lets this batch finish.
+                    if reason.is_some_and(|r| !r.drains_queue()) {
+                        break reason;
+                    }
+                    batch.await
                 }
-                batch.await
+                res = &mut batch => res,
             }
-            res = &mut batch => res,
         };
-        if written.is_err() {
-            break closing;
+        match written {
+            Ok(()) => inbox.release_control(control),
+            // The websocket layer's own buffer is full of pongs: as slow as a full queue.
+            Err(WsError::WriteBufferFull(_)) => {
+                closer.close(Disconnect::Slow);
+                break closer.reason();
+            }
+            Err(_) => break closing,
         }
     };
     let deadline = Instant::now() + CLOSE_TIMEOUT;
@@ -92,4 +108,5 @@ pub async fn write_loop<K>(
             .await;
     }
     let _ = tokio::time::timeout_at(deadline, sink.close()).await;
+    sink
 }

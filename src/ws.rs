@@ -33,11 +33,15 @@ const READ_BUFFER: usize = 1024;
 /// Frames are written to the socket once this many bytes are buffered, or on flush.
 const WRITE_BUFFER: usize = 16 * 1024;
 
-/// The websocket settings of every connection.
-pub fn ws_config(max_message: usize) -> WebSocketConfig {
+/// The websocket settings of every connection. `max_queue_bytes` is the send queue's byte
+/// bound: no frame is larger, so the websocket layer's own buffer never needs more than that
+/// and one batch. Bounding it matters: the pongs it writes by itself would otherwise pile up
+/// without limit for a client that pings and never reads.
+pub fn ws_config(max_message: usize, max_queue_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER + max_queue_bytes)
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message))
 }
@@ -49,6 +53,16 @@ fn has_token(headers: &HeaderMap, name: hyper::header::HeaderName, token: &str) 
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether `key` is a valid `Sec-WebSocket-Key`: 16 bytes in base64 (RFC 6455 section 4.1).
+fn valid_key(key: &HeaderValue) -> bool {
+    use base64::Engine;
+    let key = key.as_bytes();
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|k| k.len() == 16)
 }
 
 /// Handles `GET /ws`.
@@ -85,11 +99,11 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
             .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         return resp;
     }
-    let Some(key) = headers.get(SEC_WEBSOCKET_KEY) else {
+    let Some(key) = headers.get(SEC_WEBSOCKET_KEY).filter(|k| valid_key(k)) else {
         return error_response(
             StatusCode::BAD_REQUEST,
             "not_websocket",
-            "missing Sec-WebSocket-Key",
+            "Sec-WebSocket-Key must be 16 bytes in base64",
         );
     };
     if !auth::origin_allowed(headers, &app.config.allowed_origins) {
@@ -131,7 +145,7 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
         forwarded: Arc::new(forwarded),
     };
     let span = tracing::info_span!("conn", id = %peer.connection_id);
-    let config = ws_config(app.config.max_frame_bytes);
+    let config = ws_config(app.config.max_frame_bytes, app.config.send_queue_bytes);
     let tasks = app.lifecycle.sessions().clone();
     tasks.spawn(
         async move {
@@ -178,4 +192,20 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
         .header(SEC_WEBSOCKET_ACCEPT, accept)
         .body(Body::default())
         .expect("static response parts are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_keys_are_16_bytes_of_base64() {
+        let ok = |k: &'static str| valid_key(&HeaderValue::from_static(k));
+        assert!(ok("dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!ok(""));
+        assert!(!ok("not base64 at all, sorry"));
+        assert!(!ok("dGhlIHNhbXBsZSBub25jZQ"), "padding is required");
+        assert!(!ok("dGhlIHNhbXBsZSBub25jZQ==dGhl"), "too long");
+        assert!(!ok("dGhlIHNhbXBsZSBub25jZWVl"), "18 bytes");
+    }
 }

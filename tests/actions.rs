@@ -322,6 +322,32 @@ async fn path_fields_that_are_missing_empty_or_dot_segments_are_invalid_payload(
 }
 
 #[tokio::test]
+async fn long_path_fields_and_query_values_are_invalid_payload() {
+    let upstream = Upstream::start().await;
+    let bridge = Bridge::with_upstream(&upstream).await;
+    let mut client = bridge.connect().await;
+    // 30,000 slashes become 90,000 bytes of `%2F`: far over the 8 KiB path limit.
+    for (name, payload) in [
+        ("ECHO_GET", json!({"id": "/".repeat(30_000)})),
+        ("ECHO_DELETE", json!({"id": "a".repeat(8_200)})),
+        ("ECHO_LIST", json!({"q": "/".repeat(20_000)})),
+        ("ECHO_GET", json!({"id": "7", "q": "x".repeat(17_000)})),
+    ] {
+        let reply = client.request(name, payload).await;
+        let failure = assert_failure(&reply, name, "invalid_payload");
+        assert!(
+            failure["message"].as_str().unwrap().len() < 200,
+            "the message does not echo the value: {reply}"
+        );
+    }
+    assert!(upstream.recorded().is_empty(), "nothing reached the API");
+    // Just under the limits is an ordinary request.
+    let id = "a".repeat(8192 - "/echo/".len());
+    let reply = client.request("ECHO_GET", json!({ "id": id })).await;
+    assert_eq!(reply["type"], "ECHO_GET_SUCCESS", "{reply}");
+}
+
+#[tokio::test]
 async fn object_values_in_a_query_string_are_invalid_payload() {
     let upstream = Upstream::start().await;
     let bridge = Bridge::with_upstream(&upstream).await;

@@ -130,6 +130,11 @@ async fn bad_tokens_are_refused_with_401_even_when_anonymous_access_is_on() {
             ),
         ),
         ("missing sub", jwt(json!({"exp": now() + 600}))),
+        ("empty sub", jwt(json!({"sub": "", "exp": now() + 600}))),
+        (
+            "not valid before an hour from now",
+            jwt(json!({"sub": "42", "nbf": now() + 3600, "exp": now() + 7200})),
+        ),
         ("garbage", "garbage".to_string()),
     ];
     for (what, token) in cases {
@@ -303,6 +308,11 @@ async fn delegated_auth_accepts_mirrors_and_fails_closed() {
     assert_eq!(
         refused(bridge.connect_with(&[("cookie", "sid=forbid")]).await),
         403
+    );
+    // An answer that names nobody (`"userId": ""`) is a refusal, never user "".
+    assert_eq!(
+        refused(bridge.connect_with(&[("cookie", "sid=nobody")]).await),
+        401
     );
     assert_eq!(
         refused(bridge.connect_with(&[("cookie", "sid=slow")]).await),

@@ -22,7 +22,7 @@ fn patchbay(envs: &[(&str, &str)]) -> Command {
 
 fn fails_with(envs: &[(&str, &str)]) -> String {
     let out = patchbay(envs).output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "start-up must fail: {out:?}");
+    assert_eq!(out.status.code(), Some(2), "start-up must fail: {out:?}");
     String::from_utf8(out.stderr).unwrap()
 }
 
@@ -71,8 +71,77 @@ fn bad_configuration_stops_start_up_naming_the_culprit() {
     ]);
     assert!(err.contains("PATCHBAY_REDIS_URL"), "{err}");
 
+    // A misspelt variable never silently turns a feature off.
+    let err = fails_with(&[
+        ("PATCHBAY_ACTIONS", actions),
+        (
+            "PATCHBAY_JWT_SECERT",
+            "a secret that would have been long enough",
+        ),
+    ]);
+    assert!(
+        err.contains("unknown variable PATCHBAY_JWT_SECERT (did you mean PATCHBAY_JWT_SECRET?)"),
+        "{err}"
+    );
+    let err = fails_with(&[
+        ("PATCHBAY_ACTIONS", actions),
+        ("PATCHBAY_JWT_SECRET", "short"),
+    ]);
+    assert!(
+        err.contains("PATCHBAY_JWT_SECRET") && err.contains("32 bytes"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+
     let out = patchbay(&[]).arg("bogus").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn start_up_logs_the_effective_modes_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = patchbay(&[
+        ("PATCHBAY_ACTIONS", dir.path().to_str().unwrap()),
+        ("PATCHBAY_LISTEN", "127.0.0.1:0"),
+        ("PATCHBAY_PUBLISH_TOKEN", "a publish token, long enough"),
+    ])
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let line = first_line(&mut child, |l| {
+        l.contains(" modes: ").then(|| l.to_string())
+    });
+    let line = line.recv_timeout(Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("a modes line");
+    for part in [
+        "bus=memory",
+        "auth=none",
+        "anonymous=allowed",
+        "publish=on",
+        "origins=same-host",
+    ] {
+        assert!(line.contains(part), "{part} in {line}");
+    }
+    assert!(!line.contains("long enough"), "no secret in {line}");
+}
+
+/// Reads the child's stdout in a thread and sends what `pick` finds in its lines.
+fn first_line(
+    child: &mut Child,
+    pick: impl Fn(&str) -> Option<String> + Send + 'static,
+) -> std::sync::mpsc::Receiver<String> {
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if let Some(found) = pick(&line) {
+                let _ = tx.send(found);
+            }
+        }
+    });
+    rx
 }
 
 /// Starts the binary on a free port and returns it with its address.
@@ -86,18 +155,13 @@ fn spawn_listening(actions: &str) -> (Child, String) {
     .stderr(Stdio::inherit())
     .spawn()
     .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("listening on ").nth(1) {
-                let _ = tx.send(addr.trim().to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the binary logs `listening on <addr>`");
+    let addr = first_line(&mut child, |l| {
+        l.split("listening on ")
+            .nth(1)
+            .map(|a| a.trim().to_string())
+    })
+    .recv_timeout(Duration::from_secs(20))
+    .expect("the binary logs `listening on <addr>`");
     (child, addr)
 }
 

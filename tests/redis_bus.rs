@@ -697,3 +697,202 @@ async fn the_pubsub_connection_survives_its_health_checks() {
     );
     assert_eq!(wait_ready_status(&bridge, "ok").await["bus"], "connected");
 }
+
+/// Polls `/readyz` until `accept` holds for its status code and body, or `limit` passes.
+async fn readyz_until(
+    bridge: &Bridge,
+    limit: Duration,
+    accept: impl Fn(u16, &Value) -> bool,
+) -> (u16, Value) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (code, body) = http_get(&bridge.http_url("/readyz")).await;
+        if accept(code, &body) {
+            return (code, body);
+        }
+        assert!(Instant::now() < deadline, "readyz stayed {code} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Redis closes idle connections by itself (`timeout`) and operators kill them: the command
+/// connection must come back by itself, and the publish after it must not fail.
+#[tokio::test]
+async fn publish_works_after_redis_closes_the_command_connection() {
+    let redis = RedisServer::start().await;
+    let bridge = bridge_on(&redis, &["lobby"], |_| {}).await;
+    let mut client = bridge.connect().await;
+    join(&mut client, "lobby").await;
+    let body = |n: u32| json!({"rooms": ["lobby"], "action": {"type": "N", "payload": n}});
+    let mut n = 0;
+    let mut publish_and_receive = async |what: &str| {
+        n += 1;
+        let (status, reply) = publish(&bridge, body(n)).await;
+        assert_eq!(status, 202, "publish {n} {what}: {reply}");
+        assert_eq!(client.recv().await["payload"], n, "{what}");
+    };
+    publish_and_receive("before anything happens").await;
+
+    let mut admin = redis.connection().await.unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(killed >= 1, "the command connection was killed");
+    publish_and_receive("right after CLIENT KILL").await;
+    publish_and_receive("again").await;
+
+    // Redis's own idle timeout, as production configures it: every idle normal connection
+    // is closed after a second (pub/sub connections are exempt).
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("timeout")
+        .arg("1")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        publish_and_receive("after an idle timeout").await;
+    }
+    let (code, ready) = http_get(&bridge.http_url("/readyz")).await;
+    assert_eq!(
+        (code, ready),
+        (200, json!({"status": "ok", "bus": "connected"}))
+    );
+}
+
+/// A wrong password or a missing ACL permission is a bad rollout: `/readyz` must fail with
+/// the reason (503 `failed`), unlike a network blip (200 `degraded`).
+#[tokio::test]
+async fn a_redis_that_refuses_patchbay_fails_readiness_with_the_reason() {
+    let password = "the-right-password";
+    let redis = RedisServer::start_with(&["--requirepass", password], Some(password)).await;
+    let failed_with = async |url: String, expect: &str| {
+        let bridge = Bridge::start("{}", None, |c| c.redis_url = Some(url)).await;
+        let (code, body) = readyz_until(&bridge, WAIT, |_, b| b["status"] != "ok").await;
+        let (code, body) = if body["status"] == "failed" {
+            (code, body)
+        } else {
+            readyz_until(&bridge, WAIT, |_, b| b["status"] == "failed").await
+        };
+        assert_eq!(code, 503, "{body}");
+        assert_eq!(body["bus"], "disconnected", "{body}");
+        let reason = body["reason"].as_str().unwrap();
+        assert!(reason.contains(expect), "{reason}");
+        assert!(!reason.contains(password), "{reason}");
+    };
+    failed_with(redis.url_without_password(), "requires authentication").await;
+    failed_with(
+        format!("redis://:wrong-password@127.0.0.1:{}", redis.port),
+        "credentials",
+    )
+    .await;
+
+    // Users without a permission patchbay needs: subscribing, or publishing.
+    let mut admin = redis.connection().await.unwrap();
+    for (user, rule) in [("nosub", "-psubscribe"), ("nopub", "-eval")] {
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(user)
+            .arg("on")
+            .arg(">their-password")
+            .arg("~*")
+            .arg("&*")
+            .arg("+@all")
+            .arg(rule)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        failed_with(
+            format!("redis://{user}:their-password@127.0.0.1:{}", redis.port),
+            "ACL permission",
+        )
+        .await;
+    }
+
+    // The right password: ready.
+    let bridge = Bridge::start("{}", None, |c| c.redis_url = Some(redis.url())).await;
+    ready_within(&bridge, json!({"status": "ok", "bus": "connected"}), WAIT).await;
+}
+
+/// One publish to many rooms reaches every member once, and travels through Redis as one
+/// envelope on each room's channel (patchbay sends it once: see BENCHMARKS.md for its memory).
+#[tokio::test]
+async fn a_publish_to_a_thousand_rooms_reaches_each_member_once() {
+    let redis = RedisServer::start().await;
+    let bridge = bridge_on(&redis, &["r:*"], |c| c.max_rooms = 600).await;
+    let other = bridge_on(&redis, &["r:*"], |c| c.max_rooms = 600).await;
+    let rooms: Vec<String> = (0..1000).map(|i| format!("r:{i}")).collect();
+    let mut a = bridge.connect().await;
+    let mut b = other.connect().await;
+    pipelined(&mut a, "@@patchbay/SUBSCRIBE", rooms[..500].to_vec()).await;
+    pipelined(&mut b, "@@patchbay/SUBSCRIBE", rooms[250..750].to_vec()).await;
+    let mut watcher = redis::Client::open(redis.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    watcher.subscribe("patchbay:room:r:999").await.unwrap();
+
+    let filler = "x".repeat(40 * 1024);
+    let (status, body) = publish(
+        &bridge,
+        json!({"rooms": rooms, "action": {"type": "WIDE", "payload": filler}}),
+    )
+    .await;
+    assert_eq!((status, body), (202, json!({"rooms": 1000})));
+    for (client, first) in [(&mut a, "r:0"), (&mut b, "r:250")] {
+        let got = client.recv().await;
+        assert_eq!(got["type"], "WIDE");
+        assert_eq!(got["meta"]["room"], first, "the first target room it is in");
+        assert_eq!(got["payload"].as_str().unwrap().len(), filler.len());
+        assert_answers_ping(client).await;
+    }
+    // An outside subscriber of one room's channel sees the envelope.
+    let msg = tokio::time::timeout(WAIT, watcher.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    let envelope: Value = serde_json::from_slice(msg.get_payload_bytes()).unwrap();
+    assert_eq!(envelope["rooms"].as_array().unwrap().len(), 1000);
+    assert_eq!(envelope["action"]["type"], "WIDE");
+    assert!(envelope["id"].is_string());
+}
+
+/// An action larger than a connection's whole send queue is dropped for that connection and
+/// counted; the connection stays open (it used to be closed with 4008, and so was every
+/// other member of the room).
+#[tokio::test]
+async fn an_action_too_large_for_the_send_queue_is_dropped_not_a_4008() {
+    let redis = RedisServer::start().await;
+    let bridge = bridge_on(&redis, &["lobby"], |c| c.send_queue_bytes = 64 * 1024).await;
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        let mut client = bridge.connect().await;
+        join(&mut client, "lobby").await;
+        members.push(client);
+    }
+    let huge = json!({"type": "HUGE", "payload": "x".repeat(100 * 1024)}).to_string();
+    redis.publish("patchbay:room:lobby", &huge).await;
+    redis
+        .publish("patchbay:room:lobby", r#"{"type":"SMALL"}"#)
+        .await;
+    for client in &mut members {
+        assert_eq!(
+            client.recv().await,
+            json!({"type": "SMALL", "meta": {"room": "lobby"}}),
+            "the huge one was skipped, the next one arrives"
+        );
+        assert_answers_ping(client).await;
+    }
+    let metrics = bridge.app.metrics.render();
+    assert!(
+        metrics.contains("patchbay_deliveries_oversize_total 3"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(r#"reason="slow""#), "{metrics}");
+}

@@ -384,7 +384,23 @@ async fn publish_rejects_bad_requests() {
         assert_eq!(status, 401, "authorization {auth:?}");
     }
 
-    let auth = [("authorization", "Bearer tok")];
+    // The body must be declared JSON.
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let mut headers = vec![("authorization", "Bearer tok")];
+        headers.extend(content_type.map(|c| ("content-type", c)));
+        let (status, body) = http_call("POST", &url, &headers, &good).await;
+        assert_eq!(status, 415, "{content_type:?}: {body}");
+        assert_eq!(body["code"], "unsupported_media_type");
+    }
+
+    let auth = [
+        ("authorization", "Bearer tok"),
+        ("content-type", "application/json; charset=utf-8"),
+    ];
     let huge = format!(
         "{{\"rooms\":[\"a\"],\"action\":{{\"type\":\"X\",\"payload\":\"{}\"}}}}",
         "x".repeat(1024 * 1024)
@@ -417,6 +433,23 @@ async fn publish_rejects_bad_requests() {
     );
     let (status, _) = http_call("POST", &url, &auth, &just_under).await;
     assert_eq!(status, 202, "a body under 1 MiB is accepted");
+}
+
+#[tokio::test]
+async fn publish_refuses_more_rooms_than_max_publish_rooms() {
+    let bridge = Bridge::start("{}", None, |c| {
+        c.publish_token = Some(PUBLISH_TOKEN.into());
+        c.max_publish_rooms = 3;
+    })
+    .await;
+    let rooms = |n: usize| (0..n).map(|i| format!("r{i}")).collect::<Vec<_>>();
+    let (status, body) =
+        publish(&bridge, json!({"rooms": rooms(4), "action": {"type": "X"}})).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "too_many_rooms");
+    let (status, body) =
+        publish(&bridge, json!({"rooms": rooms(3), "action": {"type": "X"}})).await;
+    assert_eq!((status, body), (202, json!({"rooms": 3})));
 }
 
 /// A websocket client whose receive buffer is tiny, so that the server's writes back up as

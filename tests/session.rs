@@ -573,6 +573,45 @@ async fn health_readiness_actions_and_unknown_routes() {
     assert_eq!(status, 404);
     let (status, _) = http_get(&bridge.http_url("/healthz/extra")).await;
     assert_eq!(status, 404);
+
+    // HEAD is answered wherever GET is, with the same status and no body.
+    for path in ["/healthz", "/readyz", "/actions", "/metrics"] {
+        let (status, headers, body) = http_raw("HEAD", &bridge.http_url(path), &[], "").await;
+        assert_eq!(status, 200, "HEAD {path}");
+        assert!(body.is_empty(), "HEAD {path} has no body");
+        assert!(headers.contains_key("content-type"), "HEAD {path}");
+    }
+    let (status, _, _) = http_raw("HEAD", &bridge.http_url("/nope"), &[], "").await;
+    assert_eq!(status, 404);
+    let (status, body) = http_call("DELETE", &bridge.http_url("/healthz"), &[], "").await;
+    assert_eq!((status, &body["code"]), (405, &json!("method_not_allowed")));
+}
+
+#[tokio::test]
+async fn a_malformed_websocket_key_is_400_before_anything_else() {
+    let bridge = bare_bridge(|c| c.allow_anonymous = false).await;
+    let handshake = async |key: &str| {
+        let headers = [
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", key),
+        ];
+        http_raw("GET", &bridge.http_url("/ws"), &headers, "")
+            .await
+            .0
+    };
+    for key in [
+        "",
+        "short",
+        "dGhlIHNhbXBsZSBub25jZQ",
+        "!!!!!!!!!!!!!!!!!!!!!!!!",
+        "dGhlIHNhbXBsZSBub25jZWVl",
+    ] {
+        assert_eq!(handshake(key).await, 400, "key {key:?}");
+    }
+    // A valid key gets past the handshake checks to authentication (anonymous is off here).
+    assert_eq!(handshake("dGhlIHNhbXBsZSBub25jZQ==").await, 401);
 }
 
 #[tokio::test]

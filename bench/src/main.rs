@@ -19,10 +19,12 @@ usage: patchbay-bench <command> [options]
 commands:
   fanout      clients in one room, 100-byte actions at a fixed rate
   idle        connected, subscribed, silent clients: server RSS per connection
-  targeted    clients each in its own user:<i> room, actions to random users
+  targeted    clients each in its own dm:<i> room, actions to random rooms
   reqresp     request/response through patchbay and the reference vs calling the upstream
               directly
-  all         the four scenarios in turn
+  publish     patchbay's peak memory for one POST /publish to many rooms (3,000 rooms x
+              42 KB and 10,000 rooms x 145 KB)
+  all         the four delivery scenarios in turn
   ci          a tiny fan-out (50 clients, 10 messages) against patchbay and the reference
               server and a short request/response run through patchbay; exits 1 on any loss
               or failure
@@ -50,6 +52,7 @@ enum Scenario {
     Idle,
     Targeted,
     ReqResp,
+    Publish,
 }
 
 #[derive(Debug, Default)]
@@ -130,6 +133,7 @@ fn main() -> ExitCode {
         "idle" => (vec![Scenario::Idle], false),
         "targeted" => (vec![Scenario::Targeted], false),
         "reqresp" => (vec![Scenario::ReqResp], false),
+        "publish" => (vec![Scenario::Publish], false),
         "all" => (
             vec![
                 Scenario::Fanout,
@@ -245,6 +249,7 @@ fn params(s: Scenario, o: &Opts, ci: bool) -> Params {
         ),
         Scenario::ReqResp if ci => (5, 50.0),
         Scenario::ReqResp => (100, 2000.0),
+        Scenario::Publish => (0, 0.0),
     };
     let clients = o.clients.unwrap_or(clients);
     let rate = o.rate.unwrap_or(rate);
@@ -368,7 +373,7 @@ async fn run(
                     )
                 } else {
                     format!(
-                        "targeted: {} clients each in user:<i>, {} actions of {} bytes to random users at {}/s",
+                        "targeted: {} clients each in dm:<i>, {} actions of {} bytes to random rooms at {}/s",
                         p.clients,
                         p.messages,
                         scenarios::ACTION_BYTES,
@@ -421,6 +426,33 @@ async fn run(
                         ));
                     }
                 }
+            }
+            Scenario::Publish => {
+                let mut table = String::from(
+                    "publish: one POST /publish to many rooms; patchbay's peak RSS growth (VmHWM after - VmHWM before)\n  rooms   body      status   time     peak growth\n",
+                );
+                for (rooms, body_kib) in [(3000, 42), (10000, 145)] {
+                    eprintln!("  publish {rooms} rooms x {body_kib} KB ...");
+                    match scenarios::publish_wide(&ctx, rooms, body_kib * 1000).await {
+                        Ok(r) => {
+                            let _ = writeln!(
+                                table,
+                                "  {rooms:<7} {body_kib:>4} KB   {:<8} {:>5} ms  {:>7.1} MiB",
+                                r.status,
+                                r.elapsed.as_millis(),
+                                r.peak_growth_kib as f64 / 1024.0
+                            );
+                            if r.status != 202 {
+                                ok = false;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = writeln!(table, "  {rooms:<7} {body_kib:>4} KB   failed: {e}");
+                            ok = false;
+                        }
+                    }
+                }
+                println!("{table}");
             }
             Scenario::ReqResp => {
                 // CI leaves the reference out: it would add more than 2 s for no check.

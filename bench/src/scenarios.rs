@@ -85,13 +85,15 @@ impl Ctx {
                 let env: Vec<(String, String)> = [
                     ("PATCHBAY_LISTEN", addr.to_string()),
                     ("PATCHBAY_REDIS_URL", self.redis_url.clone()),
-                    ("PATCHBAY_PUBLIC_ROOMS", "bench,user:*".into()),
+                    ("PATCHBAY_PUBLIC_ROOMS", "bench,dm:*".into()),
                     ("PATCHBAY_ACTIONS", actions.display().to_string()),
                     ("PATCHBAY_API_URL", api),
                     ("PATCHBAY_MAX_CONNECTIONS", "1000000".into()),
                     ("PATCHBAY_RATE_PER_SEC", "100000".into()),
                     ("PATCHBAY_RATE_BURST", "100000".into()),
                     ("PATCHBAY_IDLE_TIMEOUT_SECS", "3600".into()),
+                    ("PATCHBAY_PUBLISH_TOKEN", PUBLISH_TOKEN.into()),
+                    ("PATCHBAY_MAX_PUBLISH_ROOMS", "10000".into()),
                     ("PATCHBAY_LOG", "warn".into()),
                 ]
                 .into_iter()
@@ -381,7 +383,7 @@ pub async fn fanout(
     .await
 }
 
-/// Targeted: `clients` each alone in `user:<i>`; `messages` actions to random users.
+/// Targeted: `clients` each alone in `dm:<i>`; `messages` actions to random ones of those rooms.
 pub async fn targeted(
     ctx: &Ctx,
     target: Target,
@@ -390,7 +392,7 @@ pub async fn targeted(
     messages: u64,
 ) -> Result<DeliveryRun, String> {
     let mut server = ctx.start(target).await?;
-    let crowd = Crowd::connect(&server, clients, |i| format!("user:{i}"), 0).await;
+    let crowd = Crowd::connect(&server, clients, |i| format!("dm:{i}"), 0).await;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let n = clients as u64;
     deliver(
@@ -400,7 +402,7 @@ pub async fn targeted(
         crowd,
         messages,
         messages,
-        move |_| format!("patchbay:room:user:{}", rng.next() % n),
+        move |_| format!("patchbay:room:dm:{}", rng.next() % n),
         rate,
     )
     .await
@@ -524,6 +526,55 @@ pub async fn idle(ctx: &Ctx, target: Target, clients: usize) -> Result<IdleRun, 
         failed_connects: failed,
         baseline_kib: baseline,
         loaded_kib: loaded,
+    })
+}
+
+/// The publish token the bench configures on patchbay.
+const PUBLISH_TOKEN: &str = "patchbay-bench publish token";
+
+/// Result of the publish scenario.
+#[derive(Debug, Clone)]
+pub struct PublishRun {
+    /// HTTP status of the publish.
+    pub status: u16,
+    /// Time to the answer.
+    pub elapsed: Duration,
+    /// How far patchbay's peak RSS rose past its peak before the publish.
+    pub peak_growth_kib: u64,
+}
+
+/// One `POST /publish` of a `body_bytes` payload to `rooms` rooms, on a fresh patchbay: what it
+/// costs in memory at its peak. Nobody is subscribed: this is the publisher's cost alone.
+pub async fn publish_wide(
+    ctx: &Ctx,
+    rooms: usize,
+    body_bytes: usize,
+) -> Result<PublishRun, String> {
+    let mut server = ctx.start(Target::Patchbay).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = server.proc.pid();
+    let before = procs::peak_rss_kib(pid);
+    let body = serde_json::json!({
+        "rooms": (0..rooms).map(|i| format!("dm:{i}")).collect::<Vec<_>>(),
+        "action": {"type": "BIG", "payload": "x".repeat(body_bytes)},
+    })
+    .to_string();
+    let addr = server.addr;
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        procs::http_post(addr, "/publish", PUBLISH_TOKEN, &body)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let elapsed = started.elapsed();
+    // Let anything still in flight inside patchbay settle before reading the peak.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.proc.check_alive()?;
+    let after = procs::peak_rss_kib(pid);
+    Ok(PublishRun {
+        status,
+        elapsed,
+        peak_growth_kib: after.saturating_sub(before),
     })
 }
 

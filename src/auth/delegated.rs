@@ -19,7 +19,7 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 #[derive(Deserialize)]
 struct Answer {
-    #[serde(rename = "userId")]
+    #[serde(rename = "userId", default)]
     user_id: Value,
     #[serde(default)]
     rooms: Vec<String>,
@@ -61,7 +61,12 @@ impl DelegatedAuth {
             if !parts.status.is_success() {
                 return Err(format!("answered {status}"));
             }
-            Ok(Ok(parse_answer(&body)?))
+            match parse_answer(&body) {
+                Ok(identity) => Ok(Ok(identity)),
+                // The API answered but named nobody: that is a refusal, not an outage.
+                Err(BadAnswer::NoUser) => Ok(Err(401)),
+                Err(BadAnswer::Malformed(why)) => Err(why),
+            }
         };
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(Ok(identity))) => Ok(identity),
@@ -82,22 +87,41 @@ impl DelegatedAuth {
     }
 }
 
-fn parse_answer(body: &[u8]) -> Result<Identity, String> {
-    let answer: Answer = serde_json::from_slice(body)
-        .map_err(|e| format!("answer is not {{\"userId\",\"rooms\"}}: {e}"))?;
+/// Why a 2xx answer of the auth service gives no identity.
+#[derive(Debug, PartialEq, Eq)]
+enum BadAnswer {
+    /// `userId` is missing, null or empty: the handshake is refused with 401.
+    NoUser,
+    /// Anything else: the service is broken, so the handshake gets 503.
+    Malformed(String),
+}
+
+fn parse_answer(body: &[u8]) -> Result<Identity, BadAnswer> {
+    let bad = BadAnswer::Malformed;
+    let not_an_answer =
+        |e: serde_json::Error| bad(format!("answer is not {{\"userId\",\"rooms\"}}: {e}"));
+    // An object first: serde would also read a struct from an array such as `[]`.
+    let object: serde_json::Map<String, Value> =
+        serde_json::from_slice(body).map_err(not_an_answer)?;
+    let answer: Answer = serde_json::from_value(Value::Object(object)).map_err(not_an_answer)?;
     let user = match answer.user_id {
+        Value::Null => return Err(BadAnswer::NoUser),
+        Value::String(s) if s.is_empty() => return Err(BadAnswer::NoUser),
         Value::String(s) => s,
         Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
-        _ => return Err("userId must be a string or an integer".into()),
+        _ => return Err(bad("userId must be a string or an integer".into())),
     };
     if !valid_room(&format!("user:{user}")) {
-        return Err("userId must be 1-123 bytes of printable ASCII without spaces".into());
+        return Err(bad(
+            "userId must be 1-123 bytes of printable ASCII without spaces".into(),
+        ));
     }
     let grants = answer
         .rooms
         .iter()
         .map(|r| RoomPattern::parse(r))
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_, _>>()
+        .map_err(bad)?;
     Ok(Identity {
         user_id: Some(user),
         grants,
@@ -117,16 +141,21 @@ mod tests {
             parse_answer(br#"{"userId":7}"#).unwrap().user_id.as_deref(),
             Some("7")
         );
-        for bad in [
+        for no_user in [
             &br#"{"rooms":[]}"#[..],
             br#"{"userId":null}"#,
-            br#"{"userId":"a b"}"#,
+            br#"{"userId":""}"#,
+        ] {
+            assert_eq!(parse_answer(no_user).unwrap_err(), BadAnswer::NoUser);
+        }
+        for bad in [
+            &br#"{"userId":"a b"}"#[..],
             br#"{"userId":"1","rooms":["x y"]}"#,
             b"[]",
             b"nope",
         ] {
             assert!(
-                parse_answer(bad).is_err(),
+                matches!(parse_answer(bad), Err(BadAnswer::Malformed(_))),
                 "{}",
                 String::from_utf8_lossy(bad)
             );

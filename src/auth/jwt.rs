@@ -1,6 +1,7 @@
 //! HS256 JWTs (contract section 5), verified with `jsonwebtoken`: the algorithm is pinned (a
 //! token whose header names any other `alg`, `none` included, is refused), `exp` is required
-//! and checked with our own leeway, `sub` is the user id, `rooms` an optional grant list.
+//! and checked with our own leeway, as is `nbf` when present; `sub` is the user id (never
+//! empty), `rooms` an optional grant list.
 
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ impl JwtVerifier {
         // The library's default is 60 s; the contract's is ours (5 s by default).
         validation.leeway = leeway.as_secs();
         validation.validate_aud = false;
+        // A token issued for later is not valid yet: `nbf` is checked with the same leeway.
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         JwtVerifier {
             key: DecodingKey::from_secret(secret),
@@ -45,6 +48,9 @@ impl JwtVerifier {
         let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| e.to_string())?
             .claims;
+        if claims.sub.is_empty() {
+            return Err("`sub` is empty".into());
+        }
         if !valid_room(&format!("user:{}", claims.sub)) {
             return Err("`sub` must be 1-123 bytes of printable ASCII without spaces".into());
         }
@@ -140,6 +146,11 @@ mod tests {
             ),
             ("no exp", sign(json!({"sub": "42"}))),
             ("no sub", sign(json!({"exp": exp}))),
+            ("empty sub", sign(json!({"sub": "", "exp": exp}))),
+            (
+                "not valid for an hour",
+                sign(json!({"sub": "42", "exp": exp + 7200, "nbf": now_secs() + 3600})),
+            ),
             ("bad sub", sign(json!({"sub": "a b", "exp": exp}))),
             (
                 "bad rooms",
@@ -153,6 +164,13 @@ mod tests {
             v.verify(&sign(json!({"sub": "42", "exp": now_secs() - 2})))
                 .is_ok(),
             "within the leeway"
+        );
+        assert!(
+            v.verify(&sign(
+                json!({"sub": "42", "exp": exp, "nbf": now_secs() + 2})
+            ))
+            .is_ok(),
+            "nbf within the leeway"
         );
     }
 }

@@ -48,6 +48,9 @@ pub struct BusCounters {
     pub delivered: AtomicU64,
     /// Server-fired actions not queued because the connection's queue was full.
     pub dropped: AtomicU64,
+    /// Server-fired actions not queued for a connection because they alone are larger than
+    /// its send queue's byte bound (the connection stays open).
+    pub oversize: AtomicU64,
 }
 
 impl BusCounters {
@@ -56,6 +59,7 @@ impl BusCounters {
         use std::sync::atomic::Ordering::Relaxed;
         self.delivered.fetch_add(delivery.delivered as u64, Relaxed);
         self.dropped.fetch_add(delivery.dropped as u64, Relaxed);
+        self.oversize.fetch_add(delivery.oversize as u64, Relaxed);
     }
 }
 
@@ -93,4 +97,10 @@ pub trait Bus: Send + Sync + 'static {
 
     /// The current connection state.
     fn status(&self) -> BusStatus;
+
+    /// Why the bus's backend refuses this instance (wrong password, missing permission), while
+    /// it does: unlike a lost connection, this needs an operator, so `/readyz` fails.
+    fn refusal(&self) -> Option<String> {
+        None
+    }
 }

@@ -1,10 +1,22 @@
 //! The Redis bus (contract section 4): many instances behind a load balancer, and task workers
 //! in any language publishing progress.
 //!
-//! One pub/sub connection and one command connection per instance. A single worker task owns
-//! the pub/sub connection: it reads messages and delivers them locally (never waiting on a
-//! client: delivery is `try_send`), applies subscription changes in order, pings Redis, and
-//! reconnects with capped exponential backoff, re-subscribing every room in use.
+//! One pub/sub connection and one command connection per instance, each healing itself: a
+//! connection Redis closed (its idle `timeout`, `CLIENT KILL`, a restart) is replaced with
+//! backoff and the next command works. A single worker task owns the pub/sub connection: it
+//! reads messages and delivers them locally (never waiting on a client: delivery is
+//! `try_send`), applies subscription changes in order, pings Redis, and reconnects with capped
+//! exponential backoff, re-subscribing every room in use. The command connection is replaced
+//! as soon as a command finds it dead (and that command retried once on the new one), and a
+//! health task exercises it every few seconds, so readiness covers both connections.
+//!
+//! A Redis that *refuses* patchbay (wrong password, a missing ACL permission) is not a network
+//! blip: the bus reports it as a [`Bus::refusal`], and `/readyz` fails so a bad rollout fails
+//! its health checks.
+//!
+//! Publishing to several rooms sends the envelope once, to a small Lua script that publishes
+//! it on each room's channel inside Redis: patchbay's memory for one publish is the body plus
+//! the room names, never one copy of the body per room.
 //!
 //! An instance subscribes to a room's channel only while at least one of its own connections is
 //! in the room. Subscribing to every room on every instance would make each instance receive,
@@ -21,6 +33,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, FutureExt};
 use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
 
@@ -43,6 +56,10 @@ const DEDUPE_IDS: usize = 8192;
 const RESUBSCRIBE_CHUNK: usize = 1000;
 /// Subscription requests applied in one batch.
 const SYNC_BATCH: usize = 512;
+/// Publishes `ARGV[1]` on every channel `ARGV[2..]`; returns the receivers. One call carries
+/// the message once, however many channels it goes to.
+const PUBLISH_ALL: &str =
+    "local n = 0 for i = 2, #ARGV do n = n + redis.call('PUBLISH', ARGV[i], ARGV[1]) end return n";
 
 /// A request to make the Redis subscription of `room` match local membership.
 struct Sync {
@@ -52,13 +69,132 @@ struct Sync {
 
 /// State shared between the bus handle and its worker.
 struct Shared {
+    /// The pub/sub connection is up.
     connected: AtomicBool,
     /// Rooms subscribed on the current pub/sub connection; written only by the worker.
     /// `std` lock: held for set operations only, never across an `.await`.
     active: RwLock<HashSet<String>>,
-    /// The command connection, while connected (cheap to clone, multiplexed).
-    commands: Mutex<Option<MultiplexedConnection>>,
+    /// Why Redis refused the pub/sub connection, while it does.
+    pubsub_refused: Mutex<Option<String>>,
+    commands: Commands,
     counters: BusCounters,
+}
+
+/// The command connection: created on first use, replaced when found dead.
+struct Commands {
+    client: redis::Client,
+    /// `tokio` lock: held across the connect, so concurrent commands that find no connection
+    /// wait for one new connection instead of each opening their own.
+    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// The last command (or health check) succeeded.
+    healthy: AtomicBool,
+    /// Why Redis refused the last command, while it does. `std` lock, never held across an
+    /// `.await`.
+    refused: Mutex<Option<String>>,
+}
+
+impl Commands {
+    /// The current connection, or a new one; `true` with a new one.
+    async fn connection(&self) -> Result<(MultiplexedConnection, bool), redis::RedisError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Ok((conn.clone(), false));
+        }
+        let conn = tokio::time::timeout(
+            OP_TIMEOUT,
+            self.client
+                .get_multiplexed_async_connection_with_config(&connection_config()),
+        )
+        .await
+        .map_err(|_| timed_out())??;
+        *slot = Some(conn.clone());
+        Ok((conn, true))
+    }
+
+    /// Runs `cmd` on the command connection. An existing connection found dead is replaced
+    /// and the command tried once more on the new one: Redis closes idle connections by
+    /// itself, and the command after that must not fail for it.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, redis::RedisError> {
+        let mut retried = false;
+        loop {
+            let mut fresh = true;
+            let result = async {
+                let (mut conn, new) = self.connection().await?;
+                fresh = new;
+                tokio::time::timeout(OP_TIMEOUT, cmd.query_async::<T>(&mut conn))
+                    .await
+                    .map_err(|_| timed_out())?
+            }
+            .await;
+            match result {
+                Ok(v) => {
+                    self.healthy.store(true, Ordering::Release);
+                    *self.refused.lock().unwrap() = None;
+                    return Ok(v);
+                }
+                Err(e) => {
+                    let dead = is_dead(&e);
+                    if dead {
+                        *self.conn.lock().await = None;
+                    }
+                    if dead && !fresh && !retried {
+                        retried = true;
+                        continue;
+                    }
+                    self.healthy.store(false, Ordering::Release);
+                    if let Some(why) = refusal(&e) {
+                        *self.refused.lock().unwrap() = Some(why);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// The error of an operation that took longer than [`OP_TIMEOUT`].
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "Redis did not answer in time",
+    ))
+}
+
+/// Whether `e` means the connection must be replaced.
+fn is_dead(e: &redis::RedisError) -> bool {
+    e.is_connection_dropped() || e.is_io_error() || e.is_timeout() || e.is_unrecoverable_error()
+}
+
+/// What to tell the operator when `e` says Redis refuses patchbay itself (as opposed to being
+/// unreachable): fixing it needs a configuration change, not patience.
+fn refusal(e: &redis::RedisError) -> Option<String> {
+    use redis::{ErrorKind, ServerErrorKind};
+    let detail = e.detail().map(|d| crate::error::clip(d).into_owned());
+    match (e.kind(), e.code()) {
+        (ErrorKind::AuthenticationFailed, _) | (_, Some("WRONGPASS")) => Some(
+            "Redis refused patchbay's credentials: check the user and password in PATCHBAY_REDIS_URL"
+                .to_string(),
+        ),
+        (_, Some("NOAUTH")) => Some(
+            "Redis requires authentication: put the user and password in PATCHBAY_REDIS_URL"
+                .to_string(),
+        ),
+        (ErrorKind::Server(ServerErrorKind::NoPerm), _) | (_, Some("NOPERM")) => Some(format!(
+            "Redis refused a command for lack of an ACL permission: {}",
+            detail.unwrap_or_default()
+        )),
+        _ => None,
+    }
+}
+
+/// Timeouts of every connection patchbay opens.
+fn connection_config() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(OP_TIMEOUT))
+        .set_response_timeout(Some(OP_TIMEOUT))
 }
 
 /// A [`Bus`] over Redis pub/sub.
@@ -81,9 +217,19 @@ impl RedisBus {
         let shared = Arc::new(Shared {
             connected: AtomicBool::new(false),
             active: RwLock::default(),
-            commands: Mutex::default(),
+            pubsub_refused: Mutex::default(),
+            commands: Commands {
+                client: client.clone(),
+                conn: tokio::sync::Mutex::default(),
+                healthy: AtomicBool::new(false),
+                refused: Mutex::default(),
+            },
             counters: BusCounters::default(),
         });
+        tokio::spawn(check_commands(
+            Arc::downgrade(&shared),
+            format!("{prefix}:health"),
+        ));
         let (sync, sync_rx) = mpsc::channel(4096);
         let worker = Worker {
             client,
@@ -139,34 +285,32 @@ impl Bus for RedisBus {
         action: Map<String, Value>,
     ) -> BoxFuture<'_, Result<(), BusError>> {
         async move {
-            let Some(mut conn) = self.shared.commands.lock().unwrap().clone() else {
-                return Err(disconnected());
-            };
             // One room: the action itself. Several: one envelope, published on each room's
-            // channel; receivers de-duplicate by id.
-            let payload = if rooms.len() == 1 {
-                Value::Object(action).to_string()
+            // channel by one script call that carries it once; receivers de-duplicate by id.
+            let cmd = if let [room] = rooms.as_slice() {
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(self.channel(room))
+                    .arg(Value::Object(action).to_string());
+                cmd
             } else {
-                json!({"id": uuid::Uuid::new_v4().to_string(), "rooms": rooms, "action": action})
-                    .to_string()
+                let envelope = json!({"id": uuid::Uuid::new_v4().to_string(), "rooms": rooms, "action": action})
+                    .to_string();
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(PUBLISH_ALL).arg(0).arg(envelope);
+                for room in &rooms {
+                    cmd.arg(self.channel(room));
+                }
+                cmd
             };
-            let mut pipe = redis::pipe();
-            for room in &rooms {
-                pipe.cmd("PUBLISH")
-                    .arg(self.channel(room))
-                    .arg(&payload)
-                    .ignore();
-            }
-            match tokio::time::timeout(OP_TIMEOUT, pipe.query_async::<()>(&mut conn)).await {
-                Ok(Ok(())) => {
+            match self.shared.commands.query::<i64>(&cmd).await {
+                Ok(_) => {
                     self.shared
                         .counters
                         .published
                         .fetch_add(rooms.len() as u64, Ordering::Relaxed);
                     Ok(())
                 }
-                Ok(Err(e)) => Err(BusError::Unavailable(format!("Redis PUBLISH failed: {e}"))),
-                Err(_) => Err(BusError::Unavailable("Redis PUBLISH timed out".into())),
+                Err(e) => Err(BusError::Unavailable(format!("Redis publish failed: {e}"))),
             }
         }
         .boxed()
@@ -199,11 +343,42 @@ impl Bus for RedisBus {
     }
 
     fn status(&self) -> BusStatus {
-        if self.shared.connected.load(Ordering::Acquire) {
+        if self.shared.connected.load(Ordering::Acquire)
+            && self.shared.commands.healthy.load(Ordering::Acquire)
+        {
             BusStatus::Connected
         } else {
             BusStatus::Disconnected
         }
+    }
+
+    fn refusal(&self) -> Option<String> {
+        let pubsub = self.shared.pubsub_refused.lock().unwrap().clone();
+        pubsub.or_else(|| self.shared.commands.refused.lock().unwrap().clone())
+    }
+}
+
+/// Exercises the command connection every [`HEALTH_INTERVAL`] with what publishing needs
+/// (the multi-room script and a PUBLISH, to a channel nobody reads), so readiness reflects it
+/// and a connection Redis closed is replaced before a publish needs it. Ends with the bus.
+async fn check_commands(shared: std::sync::Weak<Shared>, channel: String) {
+    let mut check = redis::cmd("EVAL");
+    check.arg(PUBLISH_ALL).arg(0).arg("").arg(&channel);
+    loop {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let was_healthy = shared.commands.healthy.load(Ordering::Acquire);
+        match shared.commands.query::<i64>(&check).await {
+            Ok(_) if !was_healthy => tracing::info!("Redis command connection ready"),
+            Ok(_) => {}
+            Err(e) if was_healthy => {
+                tracing::warn!(error = %e, "Redis command connection failed; replacing it")
+            }
+            Err(e) => tracing::debug!(error = %e, "Redis command connection still failing"),
+        }
+        drop(shared);
+        tokio::time::sleep(HEALTH_INTERVAL).await;
     }
 }
 
@@ -215,20 +390,38 @@ struct Dedupe {
 }
 
 impl Dedupe {
-    /// Records `id`; returns false if it was already seen.
-    fn first_time(&mut self, id: &str) -> bool {
-        if self.ids.contains(id) {
-            return false;
+    /// Whether `id` was delivered recently.
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+
+    /// Records a delivered `id`, forgetting the oldest beyond [`DEDUPE_IDS`].
+    fn insert(&mut self, id: String) {
+        if self.ids.contains(&id) {
+            return;
         }
         if self.order.len() == DEDUPE_IDS
             && let Some(old) = self.order.pop_front()
         {
             self.ids.remove(&old);
         }
-        self.ids.insert(id.to_string());
-        self.order.push_back(id.to_string());
-        true
+        self.ids.insert(id.clone());
+        self.order.push_back(id);
     }
+}
+
+/// The top-level fields of a room message, borrowed from its bytes: enough to tell an action
+/// from an envelope and to check an envelope's id before parsing the rest.
+#[derive(serde::Deserialize)]
+struct Probe<'a> {
+    #[serde(rename = "type", default, borrow)]
+    ty: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    rooms: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    action: Option<&'a RawValue>,
 }
 
 /// Why a served connection ended.
@@ -255,8 +448,8 @@ impl Worker {
         let mut was_connected = true; // so that a first failure is logged
         loop {
             match self.connect().await {
-                Ok((sink, stream, commands)) => {
-                    *self.shared.commands.lock().unwrap() = Some(commands);
+                Ok((sink, stream)) => {
+                    *self.shared.pubsub_refused.lock().unwrap() = None;
                     match self.serve(sink, stream).await {
                         Ended::Stopped => return,
                         Ended::Lost(why) => {
@@ -268,12 +461,20 @@ impl Worker {
                     delay = BACKOFF_MIN;
                 }
                 Err(e) => {
-                    if was_connected {
+                    let why = refusal(&e);
+                    let mut refused = self.shared.pubsub_refused.lock().unwrap();
+                    if why.is_some() && *refused != why {
+                        tracing::error!(
+                            reason = why.as_deref().unwrap_or_default(),
+                            "Redis refuses patchbay: /readyz fails until this is fixed"
+                        );
+                    } else if was_connected {
                         tracing::warn!(error = %e, "cannot connect to Redis; pushes paused, retrying");
-                        was_connected = false;
                     } else {
                         tracing::debug!(error = %e, "Redis still unreachable");
                     }
+                    *refused = why;
+                    was_connected = false;
                 }
             }
             // Wait before the next attempt, answering subscription requests meanwhile.
@@ -295,21 +496,11 @@ impl Worker {
     fn set_disconnected(&self) {
         self.shared.connected.store(false, Ordering::Release);
         self.shared.active.write().unwrap().clear();
-        *self.shared.commands.lock().unwrap() = None;
     }
 
-    /// Opens both connections and subscribes to the task pattern and every room in use.
-    async fn connect(
-        &mut self,
-    ) -> Result<(PubSubSink, PubSubStream, MultiplexedConnection), String> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(OP_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT));
+    /// Opens the pub/sub connection and subscribes to the task pattern and every room in use.
+    async fn connect(&mut self) -> Result<(PubSubSink, PubSubStream), redis::RedisError> {
         let setup = async {
-            let commands = self
-                .client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?;
             let (mut sink, stream) = self.client.get_async_pubsub().await?.split();
             sink.psubscribe(&self.task_pattern).await?;
             let rooms = self.rooms.room_names();
@@ -320,17 +511,16 @@ impl Worker {
                     .collect();
                 sink.subscribe(&channels).await?;
             }
-            Ok::<_, redis::RedisError>((sink, stream, commands, rooms))
+            Ok::<_, redis::RedisError>((sink, stream, rooms))
         };
-        let (sink, stream, commands, rooms) = tokio::time::timeout(OP_TIMEOUT * 2, setup)
+        let (sink, stream, rooms) = tokio::time::timeout(OP_TIMEOUT * 2, setup)
             .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| timed_out())??;
         let count = rooms.len();
         *self.shared.active.write().unwrap() = rooms.into_iter().collect();
         self.shared.connected.store(true, Ordering::Release);
         tracing::info!(rooms = count, pattern = %self.task_pattern, "connected to Redis");
-        Ok((sink, stream, commands))
+        Ok((sink, stream))
     }
 
     async fn serve(&mut self, mut sink: PubSubSink, mut stream: PubSubStream) -> Ended {
@@ -429,13 +619,13 @@ impl Worker {
             .received
             .fetch_add(1, Ordering::Relaxed);
         let channel = msg.get_channel_name();
-        let parsed: Result<Value, _> = serde_json::from_slice(msg.get_payload_bytes());
+        let bytes = msg.get_payload_bytes();
         let delivered = if msg.from_pattern() {
             task_id(&self.task_pattern, channel)
-                .zip(parsed.ok())
+                .zip(serde_json::from_slice(bytes).ok())
                 .is_some_and(|(id, task)| self.on_task(id, task))
         } else if let Some(room) = channel.strip_prefix(&self.room_prefix) {
-            parsed.ok().is_some_and(|v| self.on_room_message(room, v))
+            self.on_room_message(room, bytes)
         } else {
             false
         };
@@ -454,11 +644,17 @@ impl Worker {
     }
 
     /// An action, or an envelope `{"id","rooms","action"}`. Returns false if malformed.
-    fn on_room_message(&mut self, room: &str, value: Value) -> bool {
-        let Value::Object(mut obj) = value else {
+    ///
+    /// An envelope arrives once per target room this instance is subscribed to: only its id
+    /// is read before the de-duplication check, so the repeats cost a scan, not a parse.
+    fn on_room_message(&mut self, room: &str, bytes: &[u8]) -> bool {
+        let Ok(probe) = serde_json::from_slice::<Probe<'_>>(bytes) else {
             return false;
         };
-        if obj.get("type").is_some_and(Value::is_string) {
+        if probe.ty.is_some() {
+            let Ok(obj) = serde_json::from_slice::<Map<String, Value>>(bytes) else {
+                return false;
+            };
             if check_action_object(&obj).is_err() {
                 return false;
             }
@@ -467,26 +663,31 @@ impl Worker {
                 .count(self.rooms.deliver(&[room.to_string()], &obj));
             return true;
         }
-        let (Some(Value::String(id)), Some(Value::Array(rooms)), Some(action)) =
-            (obj.remove("id"), obj.remove("rooms"), obj.remove("action"))
-        else {
+        let (Some(id), Some(rooms), Some(action)) = (probe.id, probe.rooms, probe.action) else {
             return false;
         };
-        let rooms: Option<Vec<String>> = rooms
-            .into_iter()
-            .map(|r| r.as_str().filter(|r| valid_room(r)).map(str::to_string))
-            .collect();
-        let (Some(rooms), Ok(())) = (rooms, check_server_action(&action)) else {
+        let Ok(id) = serde_json::from_str::<String>(id.get()) else {
             return false;
         };
+        if self.seen.contains(&id) {
+            return true;
+        }
+        let (Ok(rooms), Ok(action)) = (
+            serde_json::from_str::<Vec<String>>(rooms.get()),
+            serde_json::from_str::<Value>(action.get()),
+        ) else {
+            return false;
+        };
+        if !rooms.iter().all(|r| valid_room(r)) || check_server_action(&action).is_err() {
+            return false;
+        }
         let Value::Object(action) = action else {
             return false;
         };
-        if self.seen.first_time(&id) {
-            self.shared
-                .counters
-                .count(self.rooms.deliver(&rooms, &action));
-        }
+        self.seen.insert(id);
+        self.shared
+            .counters
+            .count(self.rooms.deliver(&rooms, &action));
         true
     }
 
@@ -556,13 +757,27 @@ mod tests {
     #[test]
     fn dedupe_remembers_a_bounded_window() {
         let mut d = Dedupe::default();
-        assert!(d.first_time("a"));
-        assert!(!d.first_time("a"));
+        assert!(!d.contains("a"));
+        d.insert("a".into());
+        assert!(d.contains("a"));
+        d.insert("a".into());
+        assert_eq!(d.order.len(), 1, "inserting twice records once");
         for i in 0..DEDUPE_IDS {
-            d.first_time(&i.to_string());
+            d.insert(i.to_string());
         }
-        assert!(d.first_time("a"), "the oldest ids are forgotten");
+        assert!(!d.contains("a"), "the oldest ids are forgotten");
         assert_eq!(d.ids.len(), DEDUPE_IDS);
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_outages() {
+        let auth = redis::RedisError::from((redis::ErrorKind::AuthenticationFailed, "nope"));
+        assert!(refusal(&auth).unwrap().contains("credentials"));
+        let io =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(refusal(&io), None);
+        assert!(is_dead(&io));
+        assert!(is_dead(&timed_out()));
     }
 
     #[test]

@@ -117,6 +117,12 @@ impl HttpDispatcher {
 }
 
 /// The filled path + query string (GET and DELETE), to append to the API's base URL.
+/// Longest upstream path once its fields are filled (contract section 3).
+pub const MAX_PATH_BYTES: usize = 8 * 1024;
+/// Longest upstream query string. Well under what HTTP servers accept in a request line, and
+/// far under what an upstream URI can hold, so a long value is the client's mistake.
+pub const MAX_QUERY_BYTES: usize = 16 * 1024;
+
 fn build_path(action: &HttpAction, payload: &Value) -> Result<String, ActionError> {
     let invalid = |m: String| ActionError::new(Code::InvalidPayload, m);
     let empty = Map::new();
@@ -134,9 +140,21 @@ fn build_path(action: &HttpAction, payload: &Value) -> Result<String, ActionErro
         .path
         .fill(fields, path_segment)
         .map_err(|e| invalid(format!("path {e}")))?;
+    if path.len() > MAX_PATH_BYTES {
+        return Err(invalid(format!(
+            "the path is {} bytes once filled; at most {MAX_PATH_BYTES} are allowed",
+            path.len()
+        )));
+    }
     if action.method.uses_query() {
         let used: Vec<&str> = action.path.fields().collect();
         let query = template::query_string(fields, &used).map_err(invalid)?;
+        if query.len() > MAX_QUERY_BYTES {
+            return Err(invalid(format!(
+                "the query string is {} bytes; at most {MAX_QUERY_BYTES} are allowed",
+                query.len()
+            )));
+        }
         if !query.is_empty() {
             path.push('?');
             path.push_str(&query);

@@ -200,6 +200,8 @@ async fn upstream_handle(
             } else if cookie.contains("sid=slow") {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 reply(200, json_ct, r#"{"userId":"7"}"#)
+            } else if cookie.contains("sid=nobody") {
+                reply(200, json_ct, r#"{"userId":"","rooms":[]}"#)
             } else if cookie.contains("sid=broken") {
                 reply(200, "text/plain", "not json")
             } else if cookie.contains("sid=crash") {
@@ -398,7 +400,10 @@ pub async fn publish(bridge: &Bridge, body: Value) -> (u16, Value) {
     http_call(
         "POST",
         &bridge.http_url("/publish"),
-        &[("authorization", "Bearer tok")],
+        &[
+            ("authorization", "Bearer tok"),
+            ("content-type", "application/json"),
+        ],
         &body.to_string(),
     )
     .await
@@ -496,22 +501,44 @@ pub fn assert_failure<'a>(reply: &'a Value, name: &str, code: &str) -> &'a Value
 pub struct RedisServer {
     pub port: u16,
     child: Option<std::process::Child>,
+    /// Extra `redis-server` arguments, e.g. `--requirepass`.
+    args: Vec<String>,
+    /// The password clients must send, if the server requires one.
+    password: Option<String>,
 }
 
 impl RedisServer {
     /// Starts `redis-server`; fails the test with install instructions if it is missing.
     pub async fn start() -> RedisServer {
+        Self::start_with(&[], None).await
+    }
+
+    /// Starts `redis-server` with extra arguments; `password` is what `url` then carries.
+    pub async fn start_with(args: &[&str], password: Option<&str>) -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let mut server = RedisServer { port, child: None };
+        let mut server = RedisServer {
+            port,
+            child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            password: password.map(str::to_string),
+        };
         server.restart().await;
         server
     }
 
+    /// The server's URL, with its password if it has one.
     pub fn url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => self.url_without_password(),
+        }
+    }
+
+    pub fn url_without_password(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
@@ -528,6 +555,7 @@ impl RedisServer {
         self.kill();
         let child = std::process::Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.args)
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
