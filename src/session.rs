@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, Stream, StreamExt};
 use hyper::HeaderMap;
 use serde_json::{Map, Value, json};
@@ -94,7 +95,7 @@ where
         conn_id: peer.conn_id,
         closer: closer.clone(),
     };
-    let mut writer = tokio::spawn(
+    let writer = tokio::spawn(
         write_loop(sink, rx, closer.clone(), app.config.ping_interval).in_current_span(),
     );
 
@@ -123,6 +124,22 @@ where
         }
     }
     drop(outbox);
+    // Boxed: the closing steps' timers and buffer would otherwise be part of the future of
+    // every idle session, for the whole of its life.
+    Box::pin(close_socket(writer, stream)).await;
+    if let Some(reason) = closer.reason() {
+        app.metrics.disconnect(reason);
+    }
+    tracing::debug!(reason = ?closer.reason(), "connection closed");
+}
+
+/// Waits for the writer to finish (it writes the close frame), then lingers.
+async fn close_socket<T>(
+    mut writer: tokio::task::JoinHandle<SplitSink<WebSocketStream<T>, Message>>,
+    stream: SplitStream<WebSocketStream<T>>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
     match tokio::time::timeout(CLOSE_TIMEOUT + Duration::from_secs(1), &mut writer).await {
         Ok(Ok(sink)) => {
             if let Ok(ws) = sink.reunite(stream) {
@@ -132,10 +149,6 @@ where
         Ok(Err(_)) => {}
         Err(_) => writer.abort(),
     }
-    if let Some(reason) = closer.reason() {
-        app.metrics.disconnect(reason);
-    }
-    tracing::debug!(reason = ?closer.reason(), "connection closed");
 }
 
 /// Closes the socket so that the client reads our close frame rather than a reset: shut down
