@@ -68,6 +68,7 @@ impl App {
                     url,
                     &config.redis_prefix,
                     &config.task_channels,
+                    config.max_publish_rooms,
                     rooms.clone(),
                 )
                 .map_err(|e| StartError::RedisUrl(e.to_string()))?,

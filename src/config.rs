@@ -81,6 +81,27 @@ impl ConfigError {
     }
 }
 
+/// Variables of features this version does not have yet. Setting one is refused like an
+/// unknown name, with a message that says so: ignoring it would leave the feature silently
+/// off (a JWKS URL that authenticates nobody, history that is never kept).
+const NOT_YET_SUPPORTED: [&str; 15] = [
+    "PATCHBAY_REDIS_CA_FILE",
+    "PATCHBAY_JWKS_URL",
+    "PATCHBAY_JWT_ISSUER",
+    "PATCHBAY_JWT_AUDIENCE",
+    "PATCHBAY_HISTORY_ROOMS",
+    "PATCHBAY_HISTORY_SIZE",
+    "PATCHBAY_HISTORY_TTL_SECS",
+    "PATCHBAY_RECOVER_MAX",
+    "PATCHBAY_PRESENCE_ROOMS",
+    "PATCHBAY_PRESENCE_GRACE_MS",
+    "PATCHBAY_EMITTER_KEY",
+    "PATCHBAY_EMITTER_ROOMS",
+    "PATCHBAY_SSE_HEARTBEAT_SECS",
+    "PATCHBAY_TRUSTED_PROXIES",
+    "PATCHBAY_LOG_FORMAT",
+];
+
 /// The raw variables as `envy` reads them; [`Config::from_raw`] validates them.
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -251,6 +272,12 @@ impl Config {
             .filter(|(k, _)| k.starts_with("PATCHBAY_"))
             .collect();
         if let Some((unknown, _)) = vars.iter().find(|(k, _)| !VARIABLES.contains(&k.as_str())) {
+            if NOT_YET_SUPPORTED.contains(&unknown.as_str()) {
+                return Err(ConfigError(format!(
+                    "{unknown} is not supported by this version of patchbay ({}): unset it",
+                    env!("CARGO_PKG_VERSION")
+                )));
+            }
             return Err(ConfigError(format!(
                 "unknown variable {unknown} (did you mean {}?)",
                 closest(unknown)
@@ -704,6 +731,13 @@ mod tests {
                 "{typo}"
             );
         }
+        let e = cfg(&[("PATCHBAY_JWKS_URL", "https://id.example/jwks")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("PATCHBAY_JWKS_URL is not supported by this version"),
+            "{e}"
+        );
         // Names without the prefix are none of patchbay's business.
         cfg(&[("PATCH_BAY", "x"), ("HOME", "/root")]).unwrap();
     }

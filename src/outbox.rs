@@ -226,9 +226,9 @@ pub enum Next {
 }
 
 impl Inbox {
-    /// The next frame if one is queued, else a flush if one is wanted; `Err(())` once the
-    /// queue has ended (every outbox dropped, or closed) and is empty.
-    fn take(&self) -> Result<Option<Next>, ()> {
+    /// The next frame if one is queued, else (when `flush` allows) a flush if one is wanted;
+    /// `Err(())` once the queue has ended (every outbox dropped, or closed) and is empty.
+    fn take(&self, flush: bool) -> Result<Option<Next>, ()> {
         let mut state = self.queue.state.lock().unwrap();
         match state.frames.pop_front() {
             Some(text) => {
@@ -239,7 +239,7 @@ impl Inbox {
                 Ok(Some(Next::Frame(Message::Text(text))))
             }
             None if state.senders == 0 || state.closed => Err(()),
-            None if state.flush_wanted => {
+            None if flush && state.flush_wanted => {
                 state.flush_wanted = false;
                 Ok(Some(Next::Flush))
             }
@@ -247,9 +247,9 @@ impl Inbox {
         }
     }
 
-    /// Control bytes charged and not yet released. Read it *before* a flush and pass it to
-    /// [`Inbox::release_control`] after the flush succeeded: what was charged before the flush
-    /// was queued before it too, so the flush wrote it.
+    /// Control bytes charged and not yet released. Read it right *before* a flush and pass it
+    /// to [`Inbox::release_control`] after the flush succeeded: what was charged before the
+    /// flush was queued before it too, so the flush wrote it.
     pub fn control(&self) -> usize {
         self.queue.control.load(Ordering::Relaxed)
     }
@@ -266,7 +266,7 @@ impl Inbox {
     /// The next frame or flush; `None` once every [`Outbox`] is dropped and the queue is empty.
     pub async fn next(&mut self) -> Option<Next> {
         std::future::poll_fn(|cx| {
-            let poll = |inbox: &Self| match inbox.take() {
+            let poll = |inbox: &Self| match inbox.take(true) {
                 Ok(Some(msg)) => Poll::Ready(Some(msg)),
                 Err(()) => Poll::Ready(None),
                 Ok(None) => Poll::Pending,
@@ -292,13 +292,11 @@ impl Inbox {
         }
     }
 
-    /// The next frame if one is queued.
+    /// The next frame if one is queued. Leaves a wanted flush to [`Inbox::next`].
     pub fn try_recv(&mut self) -> Option<Message> {
-        loop {
-            match self.take().ok().flatten()? {
-                Next::Frame(msg) => return Some(msg),
-                Next::Flush => continue,
-            }
+        match self.take(false).ok().flatten()? {
+            Next::Frame(msg) => Some(msg),
+            Next::Flush => None,
         }
     }
 

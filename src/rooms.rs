@@ -40,7 +40,8 @@ impl RoomPattern {
     pub fn parse(s: &str) -> Result<RoomPattern, String> {
         if !valid_room(s) {
             return Err(format!(
-                "`{s}` is not a room name (1-128 printable ASCII bytes, no spaces)"
+                "`{}` is not a room name (1-128 printable ASCII bytes, no spaces)",
+                crate::error::clip(s)
             ));
         }
         Ok(match s.strip_suffix('*') {

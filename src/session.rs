@@ -35,7 +35,7 @@ use crate::template::room_part;
 use crate::writer::{CLOSE_TIMEOUT, write_loop};
 
 /// Longest wait for the client to close its side after our close frame.
-const LINGER: Duration = Duration::from_secs(2);
+pub const LINGER: Duration = Duration::from_secs(2);
 
 /// Most rooms a connection may be granted by `subscribe`, as a multiple of
 /// `PATCHBAY_MAX_ROOMS`: grants outlive leaving a room, so they need their own bound.

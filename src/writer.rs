@@ -51,8 +51,6 @@ where
                 None => break None,
             },
         };
-        // Pongs charged so far were queued in the sink before this flush, so it writes them.
-        let control = inbox.control();
         let written = {
             let mut batch = std::pin::pin!(async {
                 if let Some(first) = first {
@@ -64,7 +62,10 @@ where
                         }
                     }
                 }
-                sink.flush().await
+                // Pongs charged so far were queued in the sink before this flush, so it
+                // writes them: their bytes are released once it succeeds.
+                let control = inbox.control();
+                sink.flush().await.map(|()| control)
             });
             tokio::select! {
                 biased;
@@ -81,7 +82,7 @@ where
             }
         };
         match written {
-            Ok(()) => inbox.release_control(control),
+            Ok(control) => inbox.release_control(control),
             // The websocket layer's own buffer is full of pongs: as slow as a full queue.
             Err(WsError::WriteBufferFull(_)) => {
                 closer.close(Disconnect::Slow);

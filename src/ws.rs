@@ -107,7 +107,16 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
         );
     };
     if !auth::origin_allowed(headers, &app.config.allowed_origins) {
-        tracing::info!(origin = ?headers.get(hyper::header::ORIGIN), "refused a foreign origin");
+        let header = |name| {
+            headers
+                .get(name)
+                .map(|v| crate::error::clip(&String::from_utf8_lossy(v.as_bytes())).into_owned())
+        };
+        tracing::info!(
+            origin = ?header(hyper::header::ORIGIN),
+            host = ?header(hyper::header::HOST),
+            "refused a foreign origin"
+        );
         return error_response(
             StatusCode::FORBIDDEN,
             "forbidden_origin",

@@ -364,7 +364,7 @@ async fn malformed_bus_messages_are_counted() {
         bytes: 1 << 20,
     });
     rooms.register(1, outbox);
-    let bus = RedisBus::start(&redis.url(), "patchbay", "tasks.*", rooms.clone()).unwrap();
+    let bus = RedisBus::start(&redis.url(), "patchbay", "tasks.*", 1000, rooms.clone()).unwrap();
     let deadline = Instant::now() + WAIT;
     while bus.status() != BusStatus::Connected {
         assert!(Instant::now() < deadline, "the bus never connected");
@@ -839,12 +839,34 @@ async fn a_publish_to_a_thousand_rooms_reaches_each_member_once() {
     watcher.subscribe("patchbay:room:r:999").await.unwrap();
 
     let filler = "x".repeat(40 * 1024);
+    let mut admin = redis.connection().await.unwrap();
+    let received_by_redis = async |admin: &mut MultiplexedConnection| -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(admin)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_net_input_bytes:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = received_by_redis(&mut admin).await;
     let (status, body) = publish(
         &bridge,
         json!({"rooms": rooms, "action": {"type": "WIDE", "payload": filler}}),
     )
     .await;
     assert_eq!((status, body), (202, json!({"rooms": 1000})));
+    // The body travelled to Redis once, not once per room (that would be 40 MB).
+    let sent = received_by_redis(&mut admin).await - before;
+    assert!(
+        sent < 4 * filler.len() as u64,
+        "{sent} bytes reached Redis for one publish of {} bytes",
+        filler.len()
+    );
     for (client, first) in [(&mut a, "r:0"), (&mut b, "r:250")] {
         let got = client.recv().await;
         assert_eq!(got["type"], "WIDE");
@@ -861,6 +883,17 @@ async fn a_publish_to_a_thousand_rooms_reaches_each_member_once() {
     assert_eq!(envelope["rooms"].as_array().unwrap().len(), 1000);
     assert_eq!(envelope["action"]["type"], "WIDE");
     assert!(envelope["id"].is_string());
+
+    // An envelope naming more than PATCHBAY_MAX_PUBLISH_ROOMS rooms is dropped by receivers.
+    let too_many: Vec<String> = (0..1001).map(|i| format!("r:{i}")).collect();
+    let oversized = json!({"id": "too-many", "rooms": too_many, "action": {"type": "NO"}});
+    publish_on(&mut admin, "patchbay:room:r:0", &oversized.to_string()).await;
+    publish_on(&mut admin, "patchbay:room:r:0", r#"{"type":"YES"}"#).await;
+    assert_eq!(
+        a.recv().await["type"],
+        "YES",
+        "the oversized envelope was dropped"
+    );
 }
 
 /// An action larger than a connection's whole send queue is dropped for that connection and

@@ -83,9 +83,9 @@ struct Shared {
 /// The command connection: created on first use, replaced when found dead.
 struct Commands {
     client: redis::Client,
-    /// `tokio` lock: held across the connect, so concurrent commands that find no connection
+    /// `tokio` lock: held across a connect, so concurrent commands that find no connection
     /// wait for one new connection instead of each opening their own.
-    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    slot: tokio::sync::Mutex<Slot>,
     /// The last command (or health check) succeeded.
     healthy: AtomicBool,
     /// Why Redis refused the last command, while it does. `std` lock, never held across an
@@ -93,37 +93,75 @@ struct Commands {
     refused: Mutex<Option<String>>,
 }
 
+/// The command connection and what the last attempt to open one said.
+#[derive(Default)]
+struct Slot {
+    /// The connection and its generation: a command that found generation `n` dead clears the
+    /// slot only if it still holds `n`, never a newer connection another command just opened.
+    conn: Option<(u64, MultiplexedConnection)>,
+    generation: u64,
+    /// The last failed connect: commands arriving soon after get its error at once instead of
+    /// each waiting out its own connect while Redis is unreachable.
+    failed: Option<(tokio::time::Instant, redis::RedisError)>,
+}
+
+/// How long a failed connect is answered from memory.
+const CONNECT_BACKOFF: Duration = Duration::from_secs(1);
+
 impl Commands {
-    /// The current connection, or a new one; `true` with a new one.
-    async fn connection(&self) -> Result<(MultiplexedConnection, bool), redis::RedisError> {
-        let mut slot = self.conn.lock().await;
-        if let Some(conn) = slot.as_ref() {
-            return Ok((conn.clone(), false));
+    /// The current connection with its generation, or a new one; `true` with a new one.
+    async fn connection(&self) -> Result<(u64, MultiplexedConnection, bool), redis::RedisError> {
+        let mut slot = self.slot.lock().await;
+        if let Some((generation, conn)) = slot.conn.as_ref() {
+            return Ok((*generation, conn.clone(), false));
         }
-        let conn = tokio::time::timeout(
+        if let Some((at, e)) = &slot.failed
+            && at.elapsed() < CONNECT_BACKOFF
+        {
+            return Err(e.clone());
+        }
+        let config = connection_config();
+        let connect = tokio::time::timeout(
             OP_TIMEOUT,
             self.client
-                .get_multiplexed_async_connection_with_config(&connection_config()),
-        )
-        .await
-        .map_err(|_| timed_out())??;
-        *slot = Some(conn.clone());
-        Ok((conn, true))
+                .get_multiplexed_async_connection_with_config(&config),
+        );
+        match connect.await.map_err(|_| timed_out()).and_then(|r| r) {
+            Ok(conn) => {
+                slot.generation += 1;
+                slot.conn = Some((slot.generation, conn.clone()));
+                slot.failed = None;
+                Ok((slot.generation, conn, true))
+            }
+            Err(e) => {
+                slot.failed = Some((tokio::time::Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
     }
 
-    /// Runs `cmd` on the command connection. An existing connection found dead is replaced
+    /// Forgets connection `generation` if it is still the current one.
+    async fn discard(&self, generation: u64) {
+        let mut slot = self.slot.lock().await;
+        if slot.conn.as_ref().is_some_and(|(g, _)| *g == generation) {
+            slot.conn = None;
+        }
+    }
+
+    /// Runs `cmd` on the command connection. An existing connection found closed is replaced
     /// and the command tried once more on the new one: Redis closes idle connections by
-    /// itself, and the command after that must not fail for it.
+    /// itself, and the command after that must not fail for it. A command that timed out is
+    /// not tried again (Redis may have run it), but its connection is replaced.
     async fn query<T: redis::FromRedisValue>(
         &self,
         cmd: &redis::Cmd,
     ) -> Result<T, redis::RedisError> {
         let mut retried = false;
         loop {
-            let mut fresh = true;
+            let mut used: Option<(u64, bool)> = None;
             let result = async {
-                let (mut conn, new) = self.connection().await?;
-                fresh = new;
+                let (generation, mut conn, fresh) = self.connection().await?;
+                used = Some((generation, fresh));
                 tokio::time::timeout(OP_TIMEOUT, cmd.query_async::<T>(&mut conn))
                     .await
                     .map_err(|_| timed_out())?
@@ -136,18 +174,18 @@ impl Commands {
                     return Ok(v);
                 }
                 Err(e) => {
-                    let dead = is_dead(&e);
-                    if dead {
-                        *self.conn.lock().await = None;
-                    }
-                    if dead && !fresh && !retried {
-                        retried = true;
-                        continue;
+                    if let Some((generation, fresh)) = used
+                        && is_dead(&e)
+                    {
+                        self.discard(generation).await;
+                        // Closed before we wrote: nothing ran, so trying again is safe.
+                        if !fresh && !retried && !e.is_timeout() {
+                            retried = true;
+                            continue;
+                        }
                     }
                     self.healthy.store(false, Ordering::Release);
-                    if let Some(why) = refusal(&e) {
-                        *self.refused.lock().unwrap() = Some(why);
-                    }
+                    *self.refused.lock().unwrap() = refusal(&e);
                     return Err(e);
                 }
             }
@@ -211,6 +249,7 @@ impl RedisBus {
         url: &str,
         prefix: &str,
         task_pattern: &str,
+        max_rooms: usize,
         rooms: Arc<Rooms>,
     ) -> Result<RedisBus, redis::RedisError> {
         let client = redis::Client::open(url)?;
@@ -220,7 +259,7 @@ impl RedisBus {
             pubsub_refused: Mutex::default(),
             commands: Commands {
                 client: client.clone(),
-                conn: tokio::sync::Mutex::default(),
+                slot: tokio::sync::Mutex::default(),
                 healthy: AtomicBool::new(false),
                 refused: Mutex::default(),
             },
@@ -235,6 +274,7 @@ impl RedisBus {
             client,
             room_prefix: format!("{prefix}:room:"),
             task_pattern: task_pattern.to_string(),
+            max_rooms,
             rooms,
             shared: shared.clone(),
             sync_rx,
@@ -436,6 +476,8 @@ struct Worker {
     client: redis::Client,
     room_prefix: String,
     task_pattern: String,
+    /// `PATCHBAY_MAX_PUBLISH_ROOMS`: an envelope naming more rooms is dropped.
+    max_rooms: usize,
     rooms: Arc<Rooms>,
     shared: Arc<Shared>,
     sync_rx: mpsc::Receiver<Sync>,
@@ -678,7 +720,10 @@ impl Worker {
         ) else {
             return false;
         };
-        if !rooms.iter().all(|r| valid_room(r)) || check_server_action(&action).is_err() {
+        if rooms.len() > self.max_rooms
+            || !rooms.iter().all(|r| valid_room(r))
+            || check_server_action(&action).is_err()
+        {
             return false;
         }
         let Value::Object(action) = action else {

@@ -116,13 +116,13 @@ impl HttpDispatcher {
     }
 }
 
-/// The filled path + query string (GET and DELETE), to append to the API's base URL.
 /// Longest upstream path once its fields are filled (contract section 3).
 pub const MAX_PATH_BYTES: usize = 8 * 1024;
 /// Longest upstream query string. Well under what HTTP servers accept in a request line, and
 /// far under what an upstream URI can hold, so a long value is the client's mistake.
 pub const MAX_QUERY_BYTES: usize = 16 * 1024;
 
+/// The filled path + query string (GET and DELETE), to append to the API's base URL.
 fn build_path(action: &HttpAction, payload: &Value) -> Result<String, ActionError> {
     let invalid = |m: String| ActionError::new(Code::InvalidPayload, m);
     let empty = Map::new();
