@@ -16,8 +16,13 @@ use crate::template::Template;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(10_000);
 /// Largest accepted `timeoutMs` (one hour): anything longer is surely a typo.
 const MAX_TIMEOUT_MS: u64 = 3_600_000;
-/// The handler kinds, as spelled in manifests (the variants of `HandlerSpec`).
-const HANDLER_KINDS: [&str; 1] = ["http"];
+/// The handler kinds: the key naming each in a spec, and how its value becomes a [`Handler`].
+/// The one list of kinds: a new kind is a row here, a [`Handler`] variant, and a file in
+/// [`crate::dispatch`], which matches the variants in one place.
+const HANDLER_KINDS: [(&str, ParseKind); 1] = [("http", parse_http)];
+
+/// Turns a handler kind's spec value into a [`Handler`].
+type ParseKind = fn(&Value) -> Result<Handler, String>;
 /// Spec keys besides the handler.
 const SPEC_KEYS: [&str; 5] = ["description", "payload", "timeoutMs", "subscribe", "client"];
 
@@ -31,14 +36,6 @@ pub struct ManifestError {
     pub action: Option<String>,
     /// What is wrong.
     pub message: String,
-}
-
-/// The handler kinds, as they appear in a spec: exactly one key naming the kind.
-/// New kinds are new variants; [`crate::dispatch`] matches them in one place.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum HandlerSpec {
-    Http(HttpSpec),
 }
 
 #[derive(Debug, Deserialize)]
@@ -257,7 +254,7 @@ fn parse_spec(name: &str, spec: &Value) -> Result<ActionSpec, String> {
         .collect();
     let handler_key = match handler_keys.as_slice() {
         [one] => *one,
-        [] => return Err("no handler: add one of `http`".into()),
+        [] => return Err(format!("no handler: add one of {:?}", kind_names())),
         many => {
             let list = many
                 .iter()
@@ -269,19 +266,13 @@ fn parse_spec(name: &str, spec: &Value) -> Result<ActionSpec, String> {
             ));
         }
     };
-    let tagged = Value::Object(Map::from_iter([(
-        handler_key.clone(),
-        spec[handler_key].clone(),
-    )]));
-    if !HANDLER_KINDS.contains(&handler_key.as_str()) {
+    let Some((_, parse_kind)) = HANDLER_KINDS.iter().find(|(k, _)| k == handler_key) else {
         return Err(format!(
-            "unknown key or handler `{handler_key}` (handlers: {HANDLER_KINDS:?}; other keys: {SPEC_KEYS:?})"
+            "unknown key or handler `{handler_key}` (handlers: {:?}; other keys: {SPEC_KEYS:?})",
+            kind_names()
         ));
-    }
-    let handler = match serde_json::from_value::<HandlerSpec>(tagged) {
-        Ok(HandlerSpec::Http(http)) => Handler::Http(parse_http(http)?),
-        Err(e) => return Err(format!("`{handler_key}`: {e}")),
     };
+    let handler = parse_kind(&spec[handler_key])?;
     if let Some(d) = spec.get("description").filter(|d| !d.is_string()) {
         return Err(format!("`description` must be a string, not {d}"));
     }
@@ -337,7 +328,19 @@ fn parse_spec(name: &str, spec: &Value) -> Result<ActionSpec, String> {
     })
 }
 
-fn parse_http(http: HttpSpec) -> Result<HttpAction, String> {
+/// The names of the handler kinds, for messages.
+fn kind_names() -> Vec<&'static str> {
+    HANDLER_KINDS.iter().map(|(k, _)| *k).collect()
+}
+
+/// The `http` kind.
+fn parse_http(spec: &Value) -> Result<Handler, String> {
+    let http: HttpSpec =
+        serde_json::from_value(spec.clone()).map_err(|e| format!("`http`: {e}"))?;
+    parse_http_spec(http).map(Handler::Http)
+}
+
+fn parse_http_spec(http: HttpSpec) -> Result<HttpAction, String> {
     let method = Method::parse(&http.method).ok_or_else(|| {
         format!(
             "`http.method` must be GET, POST, PUT, PATCH or DELETE, not `{}`",
