@@ -11,6 +11,7 @@ use crate::auth::{Authenticator, DelegatedAuth, JwtVerifier, RoomTokens};
 use crate::bus::{Bus, MemoryBus, RedisBus};
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
+use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::rooms::{ConnId, Rooms};
@@ -38,10 +39,8 @@ pub struct App {
     pub registry: Registry,
     /// Runs actions.
     pub dispatcher: Dispatcher,
-    /// Local room membership.
-    pub rooms: Arc<Rooms>,
-    /// Carries server-fired actions between instances.
-    pub bus: Arc<dyn Bus>,
+    /// Rooms and the bus: joining, leaving, delivering, publishing.
+    pub hub: Arc<Hub>,
     /// Signs room tokens.
     pub room_tokens: RoomTokens,
     /// Decides who a handshake is.
@@ -100,8 +99,7 @@ impl App {
             room_tokens: RoomTokens::new(&config.room_secret),
             config,
             registry,
-            rooms,
-            bus,
+            hub: Arc::new(Hub::new(rooms, bus)),
             next_conn_id: AtomicU64::new(1),
         }))
     }

@@ -78,7 +78,7 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
 }
 
 fn readyz(app: &App) -> Response<Body> {
-    let bus = app.bus.status().as_str();
+    let bus = app.hub.bus().status().as_str();
     if app.lifecycle.is_draining() {
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -87,7 +87,7 @@ fn readyz(app: &App) -> Response<Body> {
     }
     // Refused (wrong password, missing ACL permission): a bad rollout, which must fail its
     // health checks. Unreachable: a blip, during which requests are still served.
-    if let Some(reason) = app.bus.refusal() {
+    if let Some(reason) = app.hub.bus().refusal() {
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({"status": "failed", "bus": bus, "reason": reason}),
@@ -223,7 +223,7 @@ async fn publish(req: Request<Incoming>, app: &App) -> Response<Body> {
     let mut rooms = body.rooms;
     rooms.retain(|r| seen.insert(r.clone()));
     let count = rooms.len();
-    match app.bus.publish(rooms, action).await {
+    match app.hub.publish(rooms, action).await {
         Ok(()) => json_response(StatusCode::ACCEPTED, &json!({"rooms": count})),
         Err(e) => {
             tracing::warn!(error = %e, "publish failed");

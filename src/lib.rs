@@ -10,10 +10,13 @@
 pub mod app;
 pub mod auth;
 pub mod bus;
+pub mod cmd;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub mod handshake;
 pub mod http;
+pub mod hub;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;

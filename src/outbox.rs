@@ -17,11 +17,59 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use std::task::Poll;
 
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Disconnect;
+
+/// One serialized server → client message: JSON text, shared by every recipient of a fan-out
+/// (cloning is a reference count). Transport-neutral: the websocket writer sends it as a text
+/// frame, another transport writes the same bytes its own way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Text(Bytes);
+
+impl Text {
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Only ever built from `String` or `&str` (see the `From` impls), so always UTF-8.
+        std::str::from_utf8(&self.0).expect("a Text is built from a str")
+    }
+
+    /// The bytes, guaranteed UTF-8.
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
+
+    /// Text from bytes the caller has already checked to be UTF-8 (a websocket text message
+    /// is checked by the websocket layer). [`Text::as_str`] checks again, so a wrong caller
+    /// gets a panic, never invalid text.
+    pub(crate) fn from_validated(bytes: Bytes) -> Text {
+        Text(bytes)
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Text(Bytes::from(s))
+    }
+}
+
+impl From<&'static str> for Text {
+    fn from(s: &'static str) -> Self {
+        Text(Bytes::from_static(s.as_bytes()))
+    }
+}
 
 /// A one-shot "close this connection" signal; the first reason wins.
 #[derive(Debug, Default)]
@@ -82,7 +130,7 @@ struct Queue {
 struct State {
     /// Empty until the first frame: an idle connection's queue allocates nothing (a channel
     /// would allocate a block of slots up front, the largest part of an idle connection).
-    frames: VecDeque<Utf8Bytes>,
+    frames: VecDeque<Text>,
     bytes: usize,
     /// A pong was charged since the writer last flushed: flush even without frames.
     flush_wanted: bool,
@@ -153,7 +201,7 @@ impl Outbox {
     /// Queues a text frame without waiting. On overflow (frames or bytes) the connection is
     /// closed with 4008 and `false` returned; a connection that is already closing also
     /// returns `false`.
-    pub fn push(&self, text: Utf8Bytes) -> bool {
+    pub fn push(&self, text: Text) -> bool {
         let q = &self.queue;
         {
             let mut state = q.state.lock().unwrap();
@@ -219,8 +267,8 @@ impl Outbox {
 /// What the writer should do next.
 #[derive(Debug, PartialEq)]
 pub enum Next {
-    /// Write this frame.
-    Frame(Message),
+    /// Write this message.
+    Frame(Text),
     /// Nothing queued, but pongs were charged: flush so they are written and released.
     Flush,
 }
@@ -236,7 +284,7 @@ impl Inbox {
                 if state.frames.is_empty() && state.frames.capacity() > KEEP_CAPACITY {
                     state.frames.shrink_to(KEEP_CAPACITY);
                 }
-                Ok(Some(Next::Frame(Message::Text(text))))
+                Ok(Some(Next::Frame(text)))
             }
             None if state.senders == 0 || state.closed => Err(()),
             None if flush && state.flush_wanted => {
@@ -283,7 +331,7 @@ impl Inbox {
 
     /// The next frame; `None` once every [`Outbox`] is dropped and the queue is empty. A
     /// wanted flush is skipped.
-    pub async fn recv(&mut self) -> Option<Message> {
+    pub async fn recv(&mut self) -> Option<Text> {
         loop {
             match self.next().await? {
                 Next::Frame(msg) => return Some(msg),
@@ -293,7 +341,7 @@ impl Inbox {
     }
 
     /// The next frame if one is queued. Leaves a wanted flush to [`Inbox::next`].
-    pub fn try_recv(&mut self) -> Option<Message> {
+    pub fn try_recv(&mut self) -> Option<Text> {
         match self.take(false).ok().flatten()? {
             Next::Frame(msg) => Some(msg),
             Next::Flush => None,
@@ -323,7 +371,7 @@ mod tests {
         assert!(!out.push("c".into()));
         out.closer().fired().await;
         assert_eq!(out.closer().reason(), Some(Disconnect::Slow));
-        assert_eq!(inbox.recv().await, Some(Message::Text("a".into())));
+        assert_eq!(inbox.recv().await, Some(Text::from("a")));
     }
 
     #[tokio::test]
@@ -353,7 +401,7 @@ mod tests {
         let other = out.clone();
         assert!(other.push("a".into()));
         drop(out);
-        assert_eq!(inbox.recv().await, Some(Message::Text("a".into())));
+        assert_eq!(inbox.recv().await, Some(Text::from("a")));
         let waiter = tokio::spawn(async move { inbox.recv().await });
         tokio::task::yield_now().await;
         drop(other);

@@ -9,11 +9,9 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::RwLock;
 
-use serde_json::{Map, Value};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
-
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Text};
 use crate::protocol;
+use serde_json::{Map, Value};
 
 /// Longest room name, in bytes.
 pub const MAX_ROOM_BYTES: usize = 128;
@@ -190,12 +188,18 @@ impl Rooms {
 
     /// Removes a connection from a room. Returns `true` when the room became empty.
     pub fn leave(&self, id: ConnId, room: &str) -> bool {
+        self.leave_checked(id, room) == Some(true)
+    }
+
+    /// Removes a connection from a room: `None` when it was not a member, else whether the
+    /// room became empty.
+    pub fn leave_checked(&self, id: ConnId, room: &str) -> Option<bool> {
         let mut maps = self.maps.write().unwrap();
         let was_member = maps
             .members
             .get_mut(&id)
             .is_some_and(|m| m.rooms.remove(room));
-        was_member && remove_from_room(&mut maps.rooms, room, id)
+        was_member.then(|| remove_from_room(&mut maps.rooms, room, id))
     }
 
     /// Whether at least one local connection is in `room`.
@@ -224,7 +228,7 @@ impl Rooms {
             let Some(conns) = maps.rooms.get(room) else {
                 continue;
             };
-            let mut bytes: Option<Utf8Bytes> = None;
+            let mut bytes: Option<Text> = None;
             for (id, outbox) in conns {
                 if targets.len() > 1 && !seen.insert(*id) {
                     continue;
@@ -287,7 +291,6 @@ mod tests {
     use super::*;
     use crate::outbox::QueueLimits;
     use serde_json::json;
-    use tokio_tungstenite::tungstenite::Message;
 
     fn limits(frames: usize) -> QueueLimits {
         QueueLimits {
@@ -296,11 +299,8 @@ mod tests {
         }
     }
 
-    fn text(m: Message) -> Value {
-        match m {
-            Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
-            other => panic!("expected text, got {other:?}"),
-        }
+    fn text(t: Text) -> Value {
+        serde_json::from_str(t.as_str()).unwrap()
     }
 
     #[test]

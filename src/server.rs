@@ -26,9 +26,8 @@ use crate::app::App;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Extra time after the grace period for sessions to write their close frames and let their
 /// clients close: the writer's close budget, the linger, and a second to spare.
-const CLOSE_ALLOWANCE: Duration = Duration::from_secs(
-    crate::writer::CLOSE_TIMEOUT.as_secs() + crate::session::LINGER.as_secs() + 1,
-);
+const CLOSE_ALLOWANCE: Duration =
+    Duration::from_secs(crate::writer::CLOSE_TIMEOUT.as_secs() + crate::ws::LINGER.as_secs() + 1);
 
 /// Binds `addr` with SO_REUSEADDR, so a restarted instance can rebind at once.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {

@@ -1,15 +1,16 @@
-//! The writer task of one connection: drains its [`Inbox`] into the socket, batching every
-//! queued frame with `feed` and one `flush` (one syscall for many frames under load), sends
-//! websocket pings, and writes the close frame when the connection's [`Closer`] fires.
+//! The websocket writer of one connection: drains its [`Inbox`] into the socket, batching every
+//! queued message with `feed` and one `flush` (one syscall for many frames under load), sends
+//! websocket pings, and writes the close frame when the connection's [`Closer`] fires. With
+//! the reader in [`crate::session`], the only place that knows websocket frames.
 
 use std::time::Duration;
 
 use futures_util::{Sink, SinkExt};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::error::Disconnect;
-use crate::outbox::{Closer, Inbox, Next};
+use crate::outbox::{Closer, Inbox, Next, Text};
 
 /// How long closing may take in all (queued frames, then the close frame) before the socket
 /// is dropped.
@@ -45,7 +46,7 @@ where
             // (the tick is ready at most once per interval, so it cannot starve the data).
             _ = ping.tick() => Some(Message::Ping(Default::default())),
             next = inbox.next() => match next {
-                Some(Next::Frame(msg)) => Some(msg),
+                Some(Next::Frame(text)) => Some(frame(text)),
                 // Pongs were charged: a flush writes them and lets their bytes go.
                 Some(Next::Flush) => None,
                 None => break None,
@@ -57,7 +58,7 @@ where
                     sink.feed(first).await?;
                     for _ in 1..MAX_BATCH {
                         match inbox.try_recv() {
-                            Some(msg) => sink.feed(msg).await?,
+                            Some(text) => sink.feed(frame(text)).await?,
                             None => break,
                         }
                     }
@@ -98,8 +99,8 @@ where
             // still written, but only for half the budget: the close frame must get its turn.
             inbox.close();
             let drain = async {
-                while let Some(msg) = inbox.try_recv() {
-                    sink.feed(msg).await?;
+                while let Some(text) = inbox.try_recv() {
+                    sink.feed(frame(text)).await?;
                 }
                 sink.flush().await
             };
@@ -110,4 +111,11 @@ where
     }
     let _ = tokio::time::timeout_at(deadline, sink.close()).await;
     sink
+}
+
+/// The text frame carrying `text`.
+fn frame(text: Text) -> Message {
+    // SAFETY: a `Text` is only ever built from a `String` or a `&str`, so its bytes are UTF-8;
+    // checking them again for every recipient of a fan-out would cost a scan per delivery.
+    Message::Text(unsafe { Utf8Bytes::from_bytes_unchecked(text.into_bytes()) })
 }

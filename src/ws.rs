@@ -1,12 +1,17 @@
-//! The `GET /ws` upgrade, done at the hyper layer so that patchbay owns tungstenite's
-//! [`WebSocketConfig`] (small read buffer, frame and message limits) and the TCP socket.
+//! The websocket transport: the `GET /ws` upgrade, done at the hyper layer so that patchbay
+//! owns tungstenite's [`WebSocketConfig`] (small read buffer, frame and message limits) and the
+//! TCP socket; the reader that turns frames into session events; the clean close. With
+//! [`crate::writer`], the only code that knows websocket frames.
 //!
-//! Checks, in order: draining (503), method and websocket headers (400/426), Origin (403),
-//! connection limit (503), credentials (401/403/503). Then it answers 101 and runs the session
-//! on the upgraded socket.
+//! Checks, in order: draining (503), method and websocket headers (400/426), then
+//! [`handshake::admit`]: Origin (403), connection limit (503), credentials (401/403/503).
+//! Then it answers 101 and runs the session on the upgraded socket.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::{SplitSink, SplitStream};
 use hyper::body::Incoming;
 use hyper::header::{
     CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION,
@@ -14,16 +19,21 @@ use hyper::header::{
 };
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
 use crate::app::App;
-use crate::auth;
+use crate::error::Disconnect;
+use crate::handshake::{self, Admitted, Refusal};
 use crate::http::{Body, error_response};
-use crate::session::{self, Peer};
+use crate::outbox::{Outbox, QueueLimits, Text};
+use crate::session::{self, Inbound, Peer};
+use crate::writer::{CLOSE_TIMEOUT, write_loop};
 
 /// Bytes read from the socket at a time, allocated for every connection for its whole life.
 /// Client actions are small: 1 KiB holds a typical one in one read, and idle connections stay
@@ -65,14 +75,12 @@ fn valid_key(key: &HeaderValue) -> bool {
             .is_ok_and(|k| k.len() == 16)
 }
 
-/// Handles `GET /ws`.
+/// Handles `GET /ws`: the websocket's own checks, then [`handshake::admit`], then 101 and the
+/// session on the upgraded socket.
 pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
+    let refuse = |r: Refusal| error_response(r.status, r.code, r.message);
     if app.lifecycle.is_draining() {
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "this instance is shutting down",
-        );
+        return refuse(handshake::DRAINING);
     }
     let headers = req.headers();
     if req.method() != Method::GET
@@ -106,52 +114,10 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
             "Sec-WebSocket-Key must be 16 bytes in base64",
         );
     };
-    if !auth::origin_allowed(headers, &app.config.allowed_origins) {
-        let header = |name| {
-            headers
-                .get(name)
-                .map(|v| crate::error::clip(&String::from_utf8_lossy(v.as_bytes())).into_owned())
-        };
-        tracing::info!(
-            origin = ?header(hyper::header::ORIGIN),
-            host = ?header(hyper::header::HOST),
-            "refused a foreign origin"
-        );
-        return error_response(
-            StatusCode::FORBIDDEN,
-            "forbidden_origin",
-            "this origin may not open a websocket here",
-        );
-    }
-    let Some(slot) = app.lifecycle.try_connect(app.config.max_connections) else {
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_connections",
-            "this instance is at its connection limit",
-        );
-    };
     let accept = derive_accept_key(key.as_bytes());
-    let mut forwarded = HeaderMap::new();
-    for name in &app.config.forward_headers {
-        for value in headers.get_all(name) {
-            forwarded.append(name.clone(), value.clone());
-        }
-    }
-    let identity = match app
-        .authenticator
-        .authenticate(headers, req.uri().query(), &forwarded)
-        .await
-    {
-        Ok(identity) => identity,
-        Err(reject) => {
-            return error_response(reject.status(), reject.code(), reject.message());
-        }
-    };
-    let peer = Peer {
-        conn_id: app.next_conn_id(),
-        connection_id: uuid::Uuid::new_v4().to_string(),
-        identity,
-        forwarded: Arc::new(forwarded),
+    let Admitted { peer, slot } = match handshake::admit(&app, headers, req.uri().query()).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refuse(refusal),
     };
     let span = tracing::info_span!("conn", id = %peer.connection_id);
     let config = ws_config(app.config.max_frame_bytes, app.config.send_queue_bytes);
@@ -179,7 +145,7 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
                         Some(config),
                     )
                     .await;
-                    session::run(ws, app, peer).await;
+                    serve(ws, app, peer).await;
                 }
                 Err(upgraded) => {
                     let ws = WebSocketStream::from_raw_socket(
@@ -188,7 +154,7 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
                         Some(config),
                     )
                     .await;
-                    session::run(ws, app, peer).await;
+                    serve(ws, app, peer).await;
                 }
             }
         }
@@ -203,9 +169,189 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
         .expect("static response parts are valid")
 }
 
+/// Runs a session over an open websocket: the writer task drains the session's outbox, the
+/// reader turns frames into [`Inbound`] events, and the socket is closed cleanly at the end.
+pub async fn serve<T>(ws: WebSocketStream<T>, app: Arc<App>, peer: Peer)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sink, mut stream) = ws.split();
+    let (outbox, inbox) = Outbox::new(QueueLimits {
+        frames: app.config.send_queue,
+        bytes: app.config.send_queue_bytes,
+    });
+    let closer = outbox.closer().clone();
+    let writer = tokio::spawn(
+        write_loop(sink, inbox, closer.clone(), app.config.ping_interval).in_current_span(),
+    );
+    session::run((&mut stream).map(inbound), outbox, app.clone(), peer).await;
+    // Boxed: the closing steps' timers and buffer would otherwise be part of the future of
+    // every idle session, for the whole of its life.
+    Box::pin(close_socket(writer, stream)).await;
+    if let Some(reason) = closer.reason() {
+        app.metrics.disconnect(reason);
+    }
+    tracing::debug!(reason = ?closer.reason(), "connection closed");
+}
+
+/// A websocket message as the session sees it.
+fn inbound(message: Result<Message, WsError>) -> Inbound {
+    match message {
+        Ok(Message::Text(text)) => Inbound::Text(Text::from_validated(text.into())),
+        Ok(Message::Binary(_)) => Inbound::Binary,
+        // The websocket layer queued the pong itself: 2 bytes of header and the payload.
+        Ok(Message::Ping(data)) => Inbound::Ping(data.len() + 2),
+        Ok(Message::Pong(_) | Message::Frame(_)) => Inbound::Pong,
+        Ok(Message::Close(_)) => Inbound::Close,
+        Err(e) => {
+            let reason = read_error_disconnect(&e);
+            if let Some(reason) = reason {
+                tracing::info!(error = %e, code = reason.code(), "closing after a bad frame");
+            }
+            Inbound::Failed(reason)
+        }
+    }
+}
+
+/// The close code for a read error, or `None` when the connection is simply gone.
+fn read_error_disconnect(e: &WsError) -> Option<Disconnect> {
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    match e {
+        WsError::Capacity(_) => Some(Disconnect::TooLarge),
+        WsError::Utf8(_) => Some(Disconnect::BadUtf8),
+        // A closed tab or a lost network, not a misbehaving client.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(_) => Some(Disconnect::Protocol),
+        _ => None,
+    }
+}
+
+/// Longest wait for the client to close its side after our close frame.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// Waits for the writer to finish (it writes the close frame), then lingers.
+async fn close_socket<T>(
+    mut writer: tokio::task::JoinHandle<SplitSink<WebSocketStream<T>, Message>>,
+    stream: SplitStream<WebSocketStream<T>>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(CLOSE_TIMEOUT + Duration::from_secs(1), &mut writer).await {
+        Ok(Ok(sink)) => {
+            if let Ok(ws) = sink.reunite(stream) {
+                linger(ws).await;
+            }
+        }
+        Ok(Err(_)) => {}
+        Err(_) => writer.abort(),
+    }
+}
+
+/// Closes the socket so that the client reads our close frame rather than a reset: shut down
+/// our side (the close frame is already written), then read and discard what the client still
+/// sends until it closes too, for at most [`LINGER`]. Closing a socket with unread bytes makes
+/// the kernel send a reset, which can destroy the close frame in the client's buffers.
+async fn linger<T>(mut ws: WebSocketStream<T>)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let io = ws.get_mut();
+    let _ = tokio::time::timeout(LINGER, async {
+        let _ = io.shutdown().await;
+        let mut scratch = [0u8; 512];
+        while let Ok(1..) = io.read(&mut scratch).await {}
+    })
+    .await;
+}
+
 #[cfg(test)]
 mod tests {
+    //! Sessions driven in-process over an in-memory duplex pipe: no TCP, virtual time.
+
     use super::*;
+    use crate::auth::Identity;
+    use crate::config::Config;
+    use crate::registry::Registry;
+    use futures_util::SinkExt;
+    use serde_json::{Value, json};
+    use tokio::time::Instant;
+
+    async fn pair(
+        config: Config,
+    ) -> (
+        WebSocketStream<tokio::io::DuplexStream>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let app = App::new(config, Registry::default()).unwrap();
+        let (server_io, client_io) = tokio::io::duplex(64 * 1024);
+        let server = WebSocketStream::from_raw_socket(server_io, Role::Server, None).await;
+        let client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let peer = Peer {
+            conn_id: 1,
+            connection_id: "c1".into(),
+            identity: Identity::default(),
+            forwarded: Arc::default(),
+        };
+        (client, tokio::spawn(serve(server, app, peer)))
+    }
+
+    async fn next_json(ws: &mut WebSocketStream<tokio::io::DuplexStream>) -> Value {
+        loop {
+            match ws.next().await.expect("open").expect("no error") {
+                Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn greets_answers_and_reports_unknown_actions() {
+        let (mut ws, _session) = pair(Config::default()).await;
+        assert_eq!(next_json(&mut ws).await["payload"]["connectionId"], "c1");
+        ws.send(Message::Text(
+            r#"{"type":"@@patchbay/PING_REQUEST","meta":{"requestId":"p1"}}"#.into(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            next_json(&mut ws).await,
+            json!({"type":"@@patchbay/PING_SUCCESS","payload":{},"meta":{"requestId":"p1"}})
+        );
+        ws.send(Message::Text(
+            r#"{"type":"NOPE_REQUEST","meta":{"requestId":"n1"}}"#.into(),
+        ))
+        .await
+        .unwrap();
+        let reply = next_json(&mut ws).await;
+        assert_eq!(
+            (reply["type"].as_str(), reply["payload"]["code"].as_str()),
+            (Some("NOPE_FAILURE"), Some("unknown_action"))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_closed_after_the_idle_timeout() {
+        let config = Config {
+            idle_timeout: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(3600),
+            ..Config::default()
+        };
+        let (mut ws, session) = pair(config).await;
+        next_json(&mut ws).await;
+        let started = Instant::now();
+        let close = loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        };
+        assert_eq!(close.map(|f| u16::from(f.code)), Some(1000));
+        assert!(started.elapsed() >= Duration::from_secs(30));
+        drop(ws);
+        session.await.unwrap();
+    }
 
     #[test]
     fn websocket_keys_are_16_bytes_of_base64() {

@@ -57,7 +57,7 @@ async fn metrics_count_actions_connections_and_deliveries_with_bounded_labels() 
     }
     bridge
         .app
-        .bus
+        .hub
         .publish(
             vec!["lobby".into()],
             json!({"type": "HI"}).as_object().unwrap().clone(),

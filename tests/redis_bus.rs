@@ -386,7 +386,7 @@ async fn malformed_bus_messages_are_counted() {
         .unwrap();
     assert_eq!(
         first,
-        Message::Text(r#"{"type":"OK","meta":{"room":"m"}}"#.into())
+        patchbay::outbox::Text::from(r#"{"type":"OK","meta":{"room":"m"}}"#)
     );
     assert!(rx.try_recv().is_none(), "nothing else was delivered");
     let counters = bus.counters();

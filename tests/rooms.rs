@@ -489,7 +489,7 @@ async fn a_slow_reader_is_closed_with_4008_and_the_others_get_everything() {
             let action = object(json!({"type": "TICK", "payload": {"seq": seq, "filler": filler}}));
             bridge
                 .app
-                .bus
+                .hub
                 .publish(vec!["lobby".into()], action)
                 .await
                 .unwrap();
@@ -567,7 +567,7 @@ async fn a_closed_connection_leaves_its_rooms() {
     leaves.ws.close(None).await.unwrap();
     drop(leaves);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while bridge.app.rooms.has_members("news:x") {
+    while bridge.app.hub.rooms().has_members("news:x") {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the room outlived its only member"

@@ -670,7 +670,7 @@ async fn pings_are_not_starved_by_a_steady_stream_of_pushes() {
             // Faster than a client reads: the queue never runs empty.
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 for _ in 0..200 {
-                    let _ = app.bus.publish(vec!["feed".into()], action.clone()).await;
+                    let _ = app.hub.publish(vec!["feed".into()], action.clone()).await;
                 }
                 tokio::task::yield_now().await;
             }

@@ -1,0 +1,118 @@
+//! `@@patchbay/SUBSCRIBE` and `@@patchbay/UNSUBSCRIBE`: who may join which room, and joining
+//! or leaving it through the hub.
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+
+use super::{Allowed, Applied, Outcome};
+use crate::app::App;
+use crate::error::{ActionError, Code};
+use crate::protocol;
+use crate::rooms::{ConnId, JoinError, valid_room};
+
+/// `{"room": "...", "token"?: "..."}` of SUBSCRIBE and UNSUBSCRIBE.
+pub fn room_payload(payload: &Value) -> Result<(String, Option<String>), ActionError> {
+    let invalid = |m: &str| ActionError::new(Code::InvalidPayload, m);
+    let room = payload
+        .get("room")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("payload.room must be a string"))?;
+    if !valid_room(room) {
+        return Err(invalid(
+            "payload.room must be 1-128 bytes of printable ASCII without whitespace",
+        ));
+    }
+    let token = match payload.get("token") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) => Some(t.clone()),
+        Some(_) => return Err(invalid("payload.token must be a string")),
+    };
+    Ok((room.to_string(), token))
+}
+
+/// The room of a SUBSCRIBE, if this connection may join it: its own user room, a room its
+/// credentials grant, a public room, a room granted on this connection, or a room whose
+/// token is valid for this user.
+pub fn parse_subscribe(
+    payload: &Value,
+    app: &App,
+    allowed: &Allowed<'_>,
+) -> Result<String, ActionError> {
+    let (room, token) = room_payload(payload)?;
+    let user = allowed.identity.user_id.as_deref();
+    let may = allowed.identity.may_join(&room, &app.config.public_rooms)
+        || allowed.grants.contains(&room)
+        || token
+            .as_deref()
+            .is_some_and(|t| app.room_tokens.verify(t, &room, user));
+    if !may {
+        return Err(ActionError::new(
+            Code::Forbidden,
+            format!("this connection may not join {room}"),
+        ));
+    }
+    Ok(room)
+}
+
+/// Joins `room` now; answers once the bus confirms the subscription. If the bus cannot, the
+/// client is told to retry (`upstream_unavailable`), and the connection leaves the room again
+/// only if this request added it.
+pub fn subscribe(
+    app: &Arc<App>,
+    conn: ConnId,
+    room: String,
+    name: String,
+    request_id: String,
+) -> Applied {
+    let join = match app.hub.join(conn, &room, app.config.max_rooms) {
+        Ok(join) => join,
+        Err(e @ JoinError::TooMany(_)) => {
+            let err = ActionError::new(Code::Forbidden, e.to_string());
+            return Applied::Now(protocol::failure(&name, &request_id, &err));
+        }
+        // The connection is closing: nothing to answer.
+        Err(JoinError::Gone) => return Applied::Nothing,
+    };
+    let app = app.clone();
+    Applied::Later(Box::pin(async move {
+        if let Err(e) = join.confirmed.await {
+            tracing::warn!(%room, error = %e, "the bus could not confirm a subscription");
+            if join.added
+                && let Some(left) = app.hub.leave(conn, &room)
+            {
+                left.await;
+            }
+            let err = ActionError::new(
+                Code::UpstreamUnavailable,
+                "the bus is unavailable; try again",
+            )
+            .with_status(503);
+            return Outcome::reply(protocol::failure(&name, &request_id, &err));
+        }
+        Outcome::reply(protocol::success(
+            &name,
+            &request_id,
+            &json!({ "room": room }),
+            Map::new(),
+        ))
+    }))
+}
+
+/// Leaves `room` now; answers once the bus is unsubscribed (when this was its last member).
+pub fn unsubscribe(
+    app: &Arc<App>,
+    conn: ConnId,
+    room: String,
+    name: String,
+    request_id: String,
+) -> Applied {
+    let reply = protocol::success(&name, &request_id, &json!({ "room": room }), Map::new());
+    match app.hub.leave(conn, &room) {
+        Some(left) => Applied::Later(Box::pin(async move {
+            left.await;
+            Outcome::reply(reply)
+        })),
+        None => Applied::Now(reply),
+    }
+}

@@ -1,0 +1,96 @@
+//! Admitting a new session, whatever its transport: shutdown, the Origin rule, the connection
+//! limit, credentials, and the headers to forward upstream. The websocket upgrade
+//! ([`crate::ws`]) checks its own headers first, then calls [`admit`]; another transport calls
+//! the same function.
+
+use std::sync::Arc;
+
+use hyper::header::{HOST, ORIGIN};
+use hyper::{HeaderMap, StatusCode};
+
+use crate::app::{App, ConnectionSlot};
+use crate::auth;
+use crate::error::clip;
+use crate::session::Peer;
+
+/// An admitted session: who it is, and its place under `PATCHBAY_MAX_CONNECTIONS` (held for
+/// the session's life).
+pub struct Admitted {
+    /// Who is on the other end.
+    pub peer: Peer,
+    /// Released when dropped.
+    pub slot: ConnectionSlot,
+}
+
+/// Why a handshake is refused: an HTTP status with a JSON `{code, message}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The stable code.
+    pub code: &'static str,
+    /// What to tell the client.
+    pub message: &'static str,
+}
+
+/// The refusal while the instance shuts down.
+pub const DRAINING: Refusal = Refusal {
+    status: StatusCode::SERVICE_UNAVAILABLE,
+    code: "draining",
+    message: "this instance is shutting down",
+};
+
+/// Decides whether a handshake with these headers and query string starts a session.
+pub async fn admit(
+    app: &App,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Admitted, Refusal> {
+    if app.lifecycle.is_draining() {
+        return Err(DRAINING);
+    }
+    if !auth::origin_allowed(headers, &app.config.allowed_origins) {
+        let header = |name| {
+            headers.get(name).map(|v: &hyper::header::HeaderValue| {
+                clip(&String::from_utf8_lossy(v.as_bytes())).into_owned()
+            })
+        };
+        tracing::info!(origin = ?header(ORIGIN), host = ?header(HOST), "refused a foreign origin");
+        return Err(Refusal {
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden_origin",
+            message: "this origin may not open a websocket here",
+        });
+    }
+    let Some(slot) = app.lifecycle.try_connect(app.config.max_connections) else {
+        return Err(Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "too_many_connections",
+            message: "this instance is at its connection limit",
+        });
+    };
+    let mut forwarded = HeaderMap::new();
+    for name in &app.config.forward_headers {
+        for value in headers.get_all(name) {
+            forwarded.append(name.clone(), value.clone());
+        }
+    }
+    let identity = app
+        .authenticator
+        .authenticate(headers, query, &forwarded)
+        .await
+        .map_err(|reject| Refusal {
+            status: reject.status(),
+            code: reject.code(),
+            message: reject.message(),
+        })?;
+    Ok(Admitted {
+        peer: Peer {
+            conn_id: app.next_conn_id(),
+            connection_id: uuid::Uuid::new_v4().to_string(),
+            identity,
+            forwarded: Arc::new(forwarded),
+        },
+        slot,
+    })
+}
