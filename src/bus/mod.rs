@@ -2,6 +2,7 @@
 //! rooms. [`MemoryBus`] serves a single instance; [`RedisBus`] (contract section 4) serves many,
 //! behind the same trait, so sessions cannot tell them apart.
 
+mod format;
 mod memory;
 mod redis;
 
@@ -10,7 +11,7 @@ use std::sync::atomic::AtomicU64;
 use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 
-pub use self::redis::RedisBus;
+pub use self::redis::{Driver, DriverError, LocalRedis, Msg, RedisBus, RedisDriver, Subscriptions};
 pub use memory::MemoryBus;
 
 /// The bus's connection state, as `/readyz` reports it.

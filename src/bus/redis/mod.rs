@@ -1,0 +1,687 @@
+//! The Redis bus (contract section 4): many instances behind a load balancer, and task workers
+//! in any language publishing progress.
+//!
+//! One pub/sub connection and one command connection per instance, each healing itself: a
+//! connection Redis closed (its idle `timeout`, `CLIENT KILL`, a restart) is replaced with
+//! backoff and the next command works. A single worker task owns the pub/sub connection: it
+//! reads messages and delivers them locally (never waiting on a client: delivery is
+//! `try_send`), applies subscription changes in order, pings Redis, and reconnects with capped
+//! exponential backoff, re-subscribing every room in use. The command connection is replaced
+//! as soon as a command finds it dead (and that command retried once on the new one), and a
+//! health task exercises it every few seconds, so readiness covers both connections.
+//!
+//! A Redis that *refuses* patchbay (wrong password, a missing ACL permission) is not a network
+//! blip: the bus reports it as a [`Bus::refusal`], and `/readyz` fails so a bad rollout fails
+//! its health checks.
+//!
+//! Publishing to several rooms sends the envelope once, to a small Lua script that publishes
+//! it on each room's channel inside Redis: patchbay's memory for one publish is the body plus
+//! the room names, never one copy of the body per room.
+//!
+//! Redis itself is behind the [`Driver`] trait ([`RedisDriver`]; [`LocalRedis`] in-process
+//! for tests); the message formats are [`super::format`]'s.
+//!
+//! An instance subscribes to a room's channel only while at least one of its own connections is
+//! in the room. Subscribing to every room on every instance would make each instance receive,
+//! parse and drop the traffic of every user in the system; per-room subscriptions keep the work
+//! of an instance proportional to its own clients. Task progress is the exception the contract
+//! asks for: every instance PSUBSCRIBEs the task pattern and receives all of it, delivering only
+//! to its local members of `task:<id>` and `user:<id>`.
+
+mod driver;
+mod local;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::stream::BoxStream;
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use super::format::{self, Dedupe, Received};
+use super::{Bus, BusCounters, BusError, BusStatus};
+use crate::rooms::Rooms;
+
+pub use driver::{Driver, DriverError, Msg, OP_TIMEOUT, RedisDriver, Subscriptions};
+pub use local::LocalRedis;
+
+/// How often both connections are checked: a silent network partition is noticed this fast.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// First and largest reconnect delay.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Subscription requests applied in one batch.
+const SYNC_BATCH: usize = 512;
+
+/// A request to make the Redis subscription of `room` match local membership.
+struct Sync {
+    room: String,
+    done: Option<oneshot::Sender<Result<(), BusError>>>,
+}
+
+/// State shared between the bus handle, its worker and its health task.
+struct Shared {
+    /// The pub/sub connection is up.
+    connected: AtomicBool,
+    /// Rooms subscribed on the current pub/sub connection; written only by the worker.
+    /// `std` lock: held for set operations only, never across an `.await`.
+    active: RwLock<HashSet<String>>,
+    /// Why Redis refused the pub/sub connection, while it does.
+    pubsub_refused: Mutex<Option<String>>,
+    /// The last publish (or command health check) succeeded.
+    commands_healthy: AtomicBool,
+    /// Why Redis refused the last publish or check, while it does.
+    commands_refused: Mutex<Option<String>>,
+    counters: BusCounters,
+}
+
+impl Shared {
+    /// Records the outcome of a command.
+    fn command_result(&self, result: &Result<(), DriverError>) {
+        self.commands_healthy
+            .store(result.is_ok(), Ordering::Release);
+        *self.commands_refused.lock().unwrap() =
+            result.as_ref().err().and_then(|e| e.refusal.clone());
+    }
+}
+
+/// A [`Bus`] over Redis pub/sub.
+pub struct RedisBus {
+    prefix: String,
+    driver: Arc<dyn Driver>,
+    shared: Arc<Shared>,
+    sync: mpsc::Sender<Sync>,
+}
+
+impl RedisBus {
+    /// Starts the bus for the Redis at `url`; it connects in the background and keeps
+    /// reconnecting. `task_pattern` must contain exactly one `*` (checked by the
+    /// configuration); envelopes naming more than `max_rooms` rooms are dropped.
+    pub fn start(
+        url: &str,
+        prefix: &str,
+        task_pattern: &str,
+        max_rooms: usize,
+        rooms: Arc<Rooms>,
+    ) -> Result<RedisBus, redis::RedisError> {
+        let driver = Arc::new(RedisDriver::open(url)?);
+        Ok(Self::with_driver(
+            driver,
+            prefix,
+            task_pattern,
+            max_rooms,
+            rooms,
+        ))
+    }
+
+    /// Starts the bus over any [`Driver`] (an in-process [`LocalRedis`] in tests).
+    pub fn with_driver(
+        driver: Arc<dyn Driver>,
+        prefix: &str,
+        task_pattern: &str,
+        max_rooms: usize,
+        rooms: Arc<Rooms>,
+    ) -> RedisBus {
+        let shared = Arc::new(Shared {
+            connected: AtomicBool::new(false),
+            active: RwLock::default(),
+            pubsub_refused: Mutex::default(),
+            commands_healthy: AtomicBool::new(false),
+            commands_refused: Mutex::default(),
+            counters: BusCounters::default(),
+        });
+        tokio::spawn(check_commands(
+            Arc::downgrade(&shared),
+            driver.clone(),
+            format!("{prefix}:health"),
+        ));
+        let (sync, sync_rx) = mpsc::channel(4096);
+        let worker = Worker {
+            driver: driver.clone(),
+            room_prefix: format!("{prefix}:room:"),
+            task_pattern: task_pattern.to_string(),
+            max_rooms,
+            rooms,
+            shared: shared.clone(),
+            sync_rx,
+            seen: Dedupe::default(),
+        };
+        tokio::spawn(worker.run());
+        RedisBus {
+            prefix: prefix.to_string(),
+            driver,
+            shared,
+            sync,
+        }
+    }
+
+    async fn request_sync(&self, room: &str, wait: bool) -> Result<(), BusError> {
+        let (done, rx) = if wait {
+            Some(oneshot::channel()).unzip()
+        } else {
+            (None, None)
+        };
+        self.sync
+            .send(Sync {
+                room: room.to_string(),
+                done,
+            })
+            .await
+            .map_err(|_| BusError::Unavailable("the Redis bus worker stopped".into()))?;
+        match rx {
+            Some(rx) => rx.await.unwrap_or_else(|_| {
+                Err(BusError::Unavailable("the Redis bus worker stopped".into()))
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+fn disconnected() -> BusError {
+    BusError::Unavailable("Redis is disconnected".into())
+}
+
+impl Bus for RedisBus {
+    fn publish(
+        &self,
+        rooms: Vec<String>,
+        action: Map<String, Value>,
+    ) -> BoxFuture<'_, Result<(), BusError>> {
+        async move {
+            let payload = format::encode(&rooms, action);
+            let channels: Vec<String> = rooms
+                .iter()
+                .map(|r| format::room_channel(&self.prefix, r))
+                .collect();
+            let result =
+                match tokio::time::timeout(OP_TIMEOUT * 2, self.driver.publish(channels, payload))
+                    .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(DriverError::unavailable("Redis did not answer in time")),
+                };
+            self.shared.command_result(&result);
+            match result {
+                Ok(()) => {
+                    self.shared
+                        .counters
+                        .published
+                        .fetch_add(rooms.len() as u64, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(e) => Err(BusError::Unavailable(format!("Redis publish failed: {e}"))),
+            }
+        }
+        .boxed()
+    }
+
+    fn subscribe(&self, room: &str) -> BoxFuture<'_, Result<(), BusError>> {
+        let room = room.to_string();
+        async move {
+            if !self.shared.connected.load(Ordering::Acquire) {
+                return Err(disconnected());
+            }
+            // Fast path: subscribed and confirmed. The worker removes a room from `active` before
+            // it unsubscribes, and decides every change from current membership, so a queued
+            // unsubscribe of this room will now keep it.
+            if self.shared.active.read().unwrap().contains(&room) {
+                return Ok(());
+            }
+            self.request_sync(&room, true).await
+        }
+        .boxed()
+    }
+
+    fn unsubscribe(&self, room: &str) -> BoxFuture<'_, Result<(), BusError>> {
+        let room = room.to_string();
+        async move { self.request_sync(&room, false).await }.boxed()
+    }
+
+    fn counters(&self) -> &BusCounters {
+        &self.shared.counters
+    }
+
+    fn status(&self) -> BusStatus {
+        if self.shared.connected.load(Ordering::Acquire)
+            && self.shared.commands_healthy.load(Ordering::Acquire)
+        {
+            BusStatus::Connected
+        } else {
+            BusStatus::Disconnected
+        }
+    }
+
+    fn refusal(&self) -> Option<String> {
+        let pubsub = self.shared.pubsub_refused.lock().unwrap().clone();
+        pubsub.or_else(|| self.shared.commands_refused.lock().unwrap().clone())
+    }
+}
+
+/// Exercises the command side every [`HEALTH_INTERVAL`] with what publishing needs (the
+/// multi-channel publish, here twice to a channel nobody reads), so readiness reflects it and
+/// a connection Redis closed is replaced before a publish needs it. Ends with the bus.
+async fn check_commands(shared: std::sync::Weak<Shared>, driver: Arc<dyn Driver>, channel: String) {
+    loop {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let was_healthy = shared.commands_healthy.load(Ordering::Acquire);
+        let check = driver.publish(vec![channel.clone(), channel.clone()], String::new());
+        let result = match tokio::time::timeout(OP_TIMEOUT * 2, check).await {
+            Ok(result) => result,
+            Err(_) => Err(DriverError::unavailable("Redis did not answer in time")),
+        };
+        shared.command_result(&result);
+        match result {
+            Ok(()) if !was_healthy => tracing::info!("Redis command connection ready"),
+            Ok(()) => {}
+            Err(e) if was_healthy => {
+                tracing::warn!(error = %e, "Redis command connection failed; replacing it")
+            }
+            Err(e) => tracing::debug!(error = %e, "Redis command connection still failing"),
+        }
+        drop(shared);
+        tokio::time::sleep(HEALTH_INTERVAL).await;
+    }
+}
+
+/// Why a served connection ended.
+enum Ended {
+    /// The bus handle is gone: stop for good.
+    Stopped,
+    /// Redis went away: reconnect.
+    Lost(String),
+}
+
+struct Worker {
+    driver: Arc<dyn Driver>,
+    room_prefix: String,
+    task_pattern: String,
+    /// `PATCHBAY_MAX_PUBLISH_ROOMS`: an envelope naming more rooms is dropped.
+    max_rooms: usize,
+    rooms: Arc<Rooms>,
+    shared: Arc<Shared>,
+    sync_rx: mpsc::Receiver<Sync>,
+    seen: Dedupe,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        let mut delay = BACKOFF_MIN;
+        let mut was_connected = true; // so that a first failure is logged
+        loop {
+            match self.connect().await {
+                Ok((sink, stream)) => {
+                    *self.shared.pubsub_refused.lock().unwrap() = None;
+                    match self.serve(sink, stream).await {
+                        Ended::Stopped => return,
+                        Ended::Lost(why) => {
+                            tracing::warn!(reason = %why, "Redis connection lost; pushes paused, reconnecting")
+                        }
+                    }
+                    self.set_disconnected();
+                    was_connected = true;
+                    delay = BACKOFF_MIN;
+                }
+                Err(e) => {
+                    let why = e.refusal.clone();
+                    let mut refused = self.shared.pubsub_refused.lock().unwrap();
+                    if why.is_some() && *refused != why {
+                        tracing::error!(
+                            reason = why.as_deref().unwrap_or_default(),
+                            "Redis refuses patchbay: /readyz fails until this is fixed"
+                        );
+                    } else if was_connected {
+                        tracing::warn!(error = %e, "cannot connect to Redis; pushes paused, retrying");
+                    } else {
+                        tracing::debug!(error = %e, "Redis still unreachable");
+                    }
+                    *refused = why;
+                    was_connected = false;
+                }
+            }
+            // Wait before the next attempt, answering subscription requests meanwhile.
+            let sleep = tokio::time::sleep(jitter(delay));
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    sync = self.sync_rx.recv() => match sync {
+                        Some(s) => answer(s, Err(disconnected())),
+                        None => return,
+                    },
+                }
+            }
+            delay = (delay * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn set_disconnected(&self) {
+        self.shared.connected.store(false, Ordering::Release);
+        self.shared.active.write().unwrap().clear();
+    }
+
+    /// Opens the pub/sub connection, subscribed to the task pattern and every room in use.
+    async fn connect(
+        &mut self,
+    ) -> Result<(Box<dyn Subscriptions>, BoxStream<'static, Msg>), DriverError> {
+        let rooms = self.rooms.room_names();
+        let channels: Vec<String> = rooms
+            .iter()
+            .map(|r| format!("{}{r}", self.room_prefix))
+            .collect();
+        let connect = self.driver.connect(self.task_pattern.clone(), channels);
+        let (subscriptions, stream) = tokio::time::timeout(OP_TIMEOUT * 2, connect)
+            .await
+            .map_err(|_| DriverError::unavailable("connecting timed out"))??;
+        let count = rooms.len();
+        *self.shared.active.write().unwrap() = rooms.into_iter().collect();
+        self.shared.connected.store(true, Ordering::Release);
+        tracing::info!(rooms = count, pattern = %self.task_pattern, "connected to Redis");
+        Ok((subscriptions, stream))
+    }
+
+    async fn serve(
+        &mut self,
+        mut sink: Box<dyn Subscriptions>,
+        mut stream: BoxStream<'static, Msg>,
+    ) -> Ended {
+        let mut health = tokio::time::interval(HEALTH_INTERVAL);
+        health.reset();
+        loop {
+            tokio::select! {
+                biased;
+                msg = stream.next() => match msg {
+                    Some(msg) => self.on_message(msg),
+                    None => return Ended::Lost("the pub/sub connection closed".into()),
+                },
+                first = self.sync_rx.recv() => {
+                    let Some(first) = first else { return Ended::Stopped };
+                    let mut batch = vec![first];
+                    while batch.len() < SYNC_BATCH {
+                        match self.sync_rx.try_recv() {
+                            Ok(s) => batch.push(s),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = self.apply(&mut sink, batch).await {
+                        return Ended::Lost(e);
+                    }
+                }
+                _ = health.tick() => {
+                    match tokio::time::timeout(OP_TIMEOUT, sink.ping()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Ended::Lost(format!("ping failed: {e}")),
+                        Err(_) => return Ended::Lost("ping timed out".into()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes the subscriptions of the batch's rooms match current local membership.
+    async fn apply(
+        &mut self,
+        sink: &mut Box<dyn Subscriptions>,
+        batch: Vec<Sync>,
+    ) -> Result<(), String> {
+        let (mut add, mut remove) = (Vec::new(), Vec::new());
+        {
+            let active = self.shared.active.read().unwrap();
+            let mut decided = HashSet::new();
+            for s in &batch {
+                if !decided.insert(s.room.as_str()) {
+                    continue;
+                }
+                match (self.rooms.has_members(&s.room), active.contains(&s.room)) {
+                    (true, false) => add.push(s.room.clone()),
+                    (false, true) => remove.push(s.room.clone()),
+                    _ => {}
+                }
+            }
+        }
+        // Forget removed rooms *before* unsubscribing: a join racing with this batch then
+        // misses the fast path in `subscribe` and queues a sync that subscribes the room again.
+        {
+            let mut active = self.shared.active.write().unwrap();
+            for room in &remove {
+                active.remove(room);
+            }
+        }
+        let channels = |rooms: &[String]| {
+            rooms
+                .iter()
+                .map(|r| format!("{}{r}", self.room_prefix))
+                .collect::<Vec<_>>()
+        };
+        let result = async {
+            if !add.is_empty() {
+                sink.subscribe(channels(&add)).await?;
+            }
+            if !remove.is_empty() {
+                sink.unsubscribe(channels(&remove)).await?;
+            }
+            Ok::<_, DriverError>(())
+        };
+        let outcome = match tokio::time::timeout(OP_TIMEOUT, result).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("subscription change failed: {e}")),
+            Err(_) => Err("subscription change timed out".to_string()),
+        };
+        // Added rooms count as active only once Redis confirmed them: until then `subscribe`
+        // callers wait for their own sync instead of taking the fast path.
+        if outcome.is_ok() {
+            self.shared.active.write().unwrap().extend(add);
+        }
+        for s in batch {
+            answer(s, outcome.clone().map_err(BusError::Unavailable));
+        }
+        outcome
+    }
+
+    fn on_message(&mut self, msg: Msg) {
+        self.shared
+            .counters
+            .received
+            .fetch_add(1, Ordering::Relaxed);
+        let channel = msg.channel.as_str();
+        let received = if msg.from_pattern {
+            match format::task_id(&self.task_pattern, channel)
+                .and_then(|id| format::task_progress(id, &msg.payload))
+            {
+                Some((rooms, action)) => Received::Deliver(rooms, action),
+                None => Received::Malformed,
+            }
+        } else if let Some(room) = channel.strip_prefix(&self.room_prefix) {
+            format::decode_room_message(room, &msg.payload, &mut self.seen, self.max_rooms)
+        } else {
+            Received::Malformed
+        };
+        match received {
+            Received::Deliver(rooms, action) => {
+                self.shared
+                    .counters
+                    .count(self.rooms.deliver(&rooms, &action));
+            }
+            Received::Repeat => {}
+            Received::Malformed => {
+                let n = self
+                    .shared
+                    .counters
+                    .malformed
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
+                // Warn, but never in a hot loop: a broken publisher could send thousands a second.
+                if n <= 10 || n.is_power_of_two() {
+                    tracing::warn!(%channel, dropped_so_far = n, "dropped a malformed bus message");
+                }
+            }
+        }
+    }
+}
+
+fn answer(sync: Sync, result: Result<(), BusError>) {
+    if let Some(done) = sync.done {
+        let _ = done.send(result);
+    }
+}
+
+/// `delay` scaled by a random factor in [0.5, 1): instances that lost Redis together do not
+/// all come back in the same millisecond.
+fn jitter(delay: Duration) -> Duration {
+    let random = (uuid::Uuid::new_v4().as_u128() % 1000) as u32;
+    delay / 2 + delay * random / 2000
+}
+
+#[cfg(test)]
+mod tests {
+    //! Several instances in one process, over the in-process [`LocalRedis`]; the same
+    //! behaviour is tested against a real `redis-server` in `tests/redis_bus.rs`.
+
+    use super::*;
+    use crate::outbox::{Inbox, Outbox, QueueLimits};
+    use serde_json::json;
+
+    struct Instance {
+        bus: RedisBus,
+        rooms: Arc<Rooms>,
+    }
+
+    fn instance(redis: &LocalRedis) -> Instance {
+        let rooms = Arc::new(Rooms::default());
+        let bus = RedisBus::with_driver(
+            Arc::new(redis.clone()),
+            "patchbay",
+            "tasks.*",
+            100,
+            rooms.clone(),
+        );
+        Instance { bus, rooms }
+    }
+
+    async fn member(i: &Instance, id: u64, rooms: &[&str]) -> Inbox {
+        let (out, inbox) = Outbox::new(QueueLimits {
+            frames: 64,
+            bytes: 1 << 20,
+        });
+        i.rooms.register(id, out);
+        for room in rooms {
+            i.rooms.join(id, room, 10).unwrap();
+            i.bus.subscribe(room).await.unwrap();
+        }
+        inbox
+    }
+
+    async fn connected(i: &Instance) {
+        for _ in 0..200 {
+            if i.bus.status() == BusStatus::Connected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the bus did not connect");
+    }
+
+    async fn next(inbox: &mut Inbox) -> Value {
+        let text = tokio::time::timeout(Duration::from_secs(5), inbox.recv())
+            .await
+            .expect("delivered in time")
+            .expect("open");
+        serde_json::from_str(text.as_str()).unwrap()
+    }
+
+    fn action(ty: &str) -> Map<String, Value> {
+        json!({ "type": ty }).as_object().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn three_instances_deliver_once_per_connection() {
+        let redis = LocalRedis::new();
+        let (a, b, c) = (instance(&redis), instance(&redis), instance(&redis));
+        for i in [&a, &b, &c] {
+            connected(i).await;
+        }
+        let mut on_b = member(&b, 1, &["r1", "r2"]).await;
+        let mut on_c = member(&c, 1, &["r2"]).await;
+        a.bus
+            .publish(vec!["r1".into(), "r2".into()], action("WIDE"))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut on_b).await["meta"]["room"], "r1");
+        assert_eq!(next(&mut on_c).await["meta"]["room"], "r2");
+        a.bus
+            .publish(vec!["r2".into()], action("AFTER"))
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut on_b).await["type"],
+            "AFTER",
+            "the envelope came once"
+        );
+        assert_eq!(next(&mut on_c).await["type"], "AFTER");
+        // Task progress reaches the task's and the user's rooms on every instance.
+        let mut task = member(&c, 2, &["task:9"]).await;
+        let mut user = member(&b, 2, &["user:7"]).await;
+        redis
+            .publish(vec!["tasks.9".into()], r#"{"id":"9","userId":"7"}"#.into())
+            .await
+            .unwrap();
+        assert_eq!(next(&mut task).await["type"], "TASK_PROGRESS");
+        assert_eq!(next(&mut user).await["meta"]["room"], "user:7");
+    }
+
+    #[tokio::test]
+    async fn an_outage_disconnects_then_every_room_is_subscribed_again() {
+        let redis = LocalRedis::new();
+        let (a, b) = (instance(&redis), instance(&redis));
+        connected(&a).await;
+        connected(&b).await;
+        let mut inbox = member(&b, 1, &["r"]).await;
+        redis.set_down(true);
+        for _ in 0..200 {
+            if b.bus.status() == BusStatus::Disconnected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(b.bus.status(), BusStatus::Disconnected);
+        assert!(
+            a.bus
+                .publish(vec!["r".into()], action("LOST"))
+                .await
+                .is_err()
+        );
+        assert!(b.bus.subscribe("other").await.is_err());
+        redis.set_down(false);
+        // The command side comes back on its next check (every 5 s), the pub/sub side sooner.
+        tokio::time::pause();
+        for _ in 0..100 {
+            if b.bus.status() == BusStatus::Connected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::resume();
+        assert_eq!(b.bus.status(), BusStatus::Connected);
+        a.bus
+            .publish(vec!["r".into()], action("BACK"))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut inbox).await["type"], "BACK");
+    }
+
+    #[test]
+    fn jitter_stays_within_half_to_full() {
+        for _ in 0..100 {
+            let j = jitter(Duration::from_secs(4));
+            assert!(
+                j >= Duration::from_secs(2) && j < Duration::from_secs(4),
+                "{j:?}"
+            );
+        }
+    }
+}
