@@ -3,15 +3,18 @@
 //!
 //! Every field documents its default and unit; `.env.example` mirrors this file.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use hyper::header::HeaderName;
-use serde::Deserialize;
 
 use crate::rooms::RoomPattern;
+
+mod vars;
+
+use vars::Raw;
+pub use vars::{VARIABLES, Var};
 
 /// Headers about the connection itself, which would corrupt an upstream request.
 const NOT_FORWARDABLE: [&str; 10] = [
@@ -31,62 +34,6 @@ const MIN_SECRET_BYTES: usize = 16;
 /// Shortest accepted `PATCHBAY_JWT_SECRET`: an HS256 key should be as long as its hash.
 const MIN_JWT_SECRET_BYTES: usize = 32;
 
-/// One configuration variable: the only place its name and default are written down.
-/// `.env.example` repeats each with a longer explanation (a test keeps the two in step).
-#[derive(Debug, Clone, Copy)]
-pub struct Var {
-    /// `PATCHBAY_...`.
-    pub name: &'static str,
-    /// The value used when the variable is unset; empty means "none".
-    pub default: &'static str,
-    /// What it sets, in one line.
-    pub help: &'static str,
-}
-
-const fn var(name: &'static str, default: &'static str, help: &'static str) -> Var {
-    Var {
-        name,
-        default,
-        help,
-    }
-}
-
-/// Every variable patchbay reads, with its default. Any other `PATCHBAY_*` name stops
-/// start-up: a misspelt variable must never silently turn a feature off
-/// (`PATCHBAY_JWT_SECERT` would otherwise let everyone in).
-#[rustfmt::skip]
-pub const VARIABLES: [Var; 29] = [
-    var("PATCHBAY_LISTEN", "127.0.0.1:8080", "address to bind; port 0 picks a free port"),
-    var("PATCHBAY_API_URL", "", "base URL of the REST API that `http` actions call"),
-    var("PATCHBAY_ACTIONS", "./actions", "directory of action manifests"),
-    var("PATCHBAY_REDIS_URL", "", "unset: in-memory bus; set: the Redis bus"),
-    var("PATCHBAY_REDIS_PREFIX", "patchbay", "prefix of every Redis channel patchbay owns"),
-    var("PATCHBAY_TASK_CHANNELS", "tasks.*", "channel pattern of task progress; one `*`, the task id"),
-    var("PATCHBAY_JWT_SECRET", "", "enables HS256 JWT authentication; at least 32 bytes"),
-    var("PATCHBAY_JWT_LEEWAY_SECS", "5", "clock skew allowed on `exp` and `nbf`, seconds"),
-    var("PATCHBAY_AUTH_URL", "", "enables delegated authentication"),
-    var("PATCHBAY_AUTH_TIMEOUT_MS", "3000", "how long the auth service may take, milliseconds"),
-    var("PATCHBAY_ALLOW_ANONYMOUS", "", "accept connections without credentials; empty: only when no auth method is set"),
-    var("PATCHBAY_PUBLIC_ROOMS", "", "rooms anyone may join"),
-    var("PATCHBAY_ALLOWED_ORIGINS", "", "extra allowed `Origin`s; `*` allows any"),
-    var("PATCHBAY_ROOM_SECRET", "", "key of room tokens, at least 16 bytes; empty: random per process"),
-    var("PATCHBAY_FORWARD_HEADERS", "cookie,authorization", "handshake headers sent upstream"),
-    var("PATCHBAY_PUBLISH_TOKEN", "", "enables `POST /publish`; at least 16 bytes"),
-    var("PATCHBAY_MAX_FRAME_BYTES", "65536", "largest client message, bytes"),
-    var("PATCHBAY_MAX_INFLIGHT", "32", "requests in flight per connection"),
-    var("PATCHBAY_RATE_PER_SEC", "100", "frames per second per connection"),
-    var("PATCHBAY_RATE_BURST", "200", "burst of the per-connection token bucket"),
-    var("PATCHBAY_MAX_ROOMS", "256", "rooms per connection"),
-    var("PATCHBAY_MAX_CONNECTIONS", "100000", "connections per instance"),
-    var("PATCHBAY_MAX_PUBLISH_ROOMS", "1000", "target rooms of one published action"),
-    var("PATCHBAY_SEND_QUEUE", "1024", "frames queued per connection before 4008"),
-    var("PATCHBAY_SEND_QUEUE_BYTES", "8388608", "bytes queued per connection before 4008, at least 2 MiB"),
-    var("PATCHBAY_PING_INTERVAL_SECS", "25", "websocket ping interval, seconds"),
-    var("PATCHBAY_IDLE_TIMEOUT_SECS", "60", "close a silent client after this long, seconds"),
-    var("PATCHBAY_SHUTDOWN_GRACE_SECS", "10", "time for in-flight requests at shutdown, seconds"),
-    var("PATCHBAY_LOG", "info", "tracing filter"),
-];
-
 /// Smallest accepted `PATCHBAY_SEND_QUEUE_BYTES`: a 1 MiB reply plus room for others.
 const MIN_QUEUE_BYTES: usize = 2 * 1024 * 1024;
 /// Longest accepted duration setting: one day. Longer is surely a mistake, and unbounded values
@@ -96,59 +43,11 @@ const MAX_SECS: u64 = 86_400;
 /// Why the configuration cannot be used. The message always names the variable.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct ConfigError(String);
+pub struct ConfigError(pub(crate) String);
 
 impl ConfigError {
-    fn var(name: &str, msg: impl std::fmt::Display) -> Self {
+    pub(crate) fn var(name: &str, msg: impl std::fmt::Display) -> Self {
         ConfigError(format!("PATCHBAY_{}: {msg}", name.to_ascii_uppercase()))
-    }
-}
-
-/// Variables of features this version does not have yet. Setting one is refused like an
-/// unknown name, with a message that says so: ignoring it would leave the feature silently
-/// off (a JWKS URL that authenticates nobody, history that is never kept).
-const NOT_YET_SUPPORTED: [&str; 15] = [
-    "PATCHBAY_REDIS_CA_FILE",
-    "PATCHBAY_JWKS_URL",
-    "PATCHBAY_JWT_ISSUER",
-    "PATCHBAY_JWT_AUDIENCE",
-    "PATCHBAY_HISTORY_ROOMS",
-    "PATCHBAY_HISTORY_SIZE",
-    "PATCHBAY_HISTORY_TTL_SECS",
-    "PATCHBAY_RECOVER_MAX",
-    "PATCHBAY_PRESENCE_ROOMS",
-    "PATCHBAY_PRESENCE_GRACE_MS",
-    "PATCHBAY_EMITTER_KEY",
-    "PATCHBAY_EMITTER_ROOMS",
-    "PATCHBAY_SSE_HEARTBEAT_SECS",
-    "PATCHBAY_TRUSTED_PROXIES",
-    "PATCHBAY_LOG_FORMAT",
-];
-
-/// The variables as `envy` reads them (names lowercased, without the prefix);
-/// [`Config::from_raw`] validates them. An unset variable reads as its [`VARIABLES`] default.
-#[derive(Debug, Default, Deserialize)]
-#[serde(transparent)]
-struct Raw(HashMap<String, String>);
-
-impl Raw {
-    /// The value of `PATCHBAY_<NAME>` (`name` in lowercase), else its default.
-    fn get(&self, name: &str) -> &str {
-        self.0.get(name).map_or_else(
-            || {
-                VARIABLES
-                    .iter()
-                    .find(|v| v.name["PATCHBAY_".len()..].eq_ignore_ascii_case(name))
-                    .map(|v| v.default)
-                    .unwrap_or_else(|| panic!("{name} is not in VARIABLES"))
-            },
-            String::as_str,
-        )
-    }
-
-    /// The value, trimmed, or `None` when it is empty.
-    fn opt(&self, name: &str) -> Option<String> {
-        non_empty(Some(self.get(name).to_string()))
     }
 }
 
@@ -250,21 +149,7 @@ impl Config {
             .into_iter()
             .filter(|(k, _)| k.starts_with("PATCHBAY_"))
             .collect();
-        if let Some((unknown, _)) = vars
-            .iter()
-            .find(|(k, _)| !VARIABLES.iter().any(|v| v.name == k))
-        {
-            if NOT_YET_SUPPORTED.contains(&unknown.as_str()) {
-                return Err(ConfigError(format!(
-                    "{unknown} is not supported by this version of patchbay ({}): unset it",
-                    env!("CARGO_PKG_VERSION")
-                )));
-            }
-            return Err(ConfigError(format!(
-                "unknown variable {unknown} (did you mean {}?)",
-                closest(unknown)
-            )));
-        }
+        vars::check_names(&vars)?;
         let raw: Raw = envy::prefixed("PATCHBAY_")
             .from_iter(vars)
             .map_err(|e| ConfigError(format!("configuration: {e}")))?;
@@ -448,83 +333,6 @@ impl Config {
     }
 }
 
-impl Config {
-    /// One line with the effective modes, logged once at start-up so an operator sees what
-    /// this instance really does. Never includes a secret.
-    pub fn summary(&self) -> String {
-        let bus = match &self.redis_url {
-            None => "memory".to_string(),
-            Some(url) => format!("redis {}", redacted_redis(url)),
-        };
-        let mut auth = Vec::new();
-        if self.jwt_secret.is_some() {
-            auth.push("jwt-hs256");
-        }
-        if self.auth_url.is_some() {
-            auth.push("delegated");
-        }
-        let origins = match &self.allowed_origins {
-            AllowedOrigins::Any => "any".to_string(),
-            AllowedOrigins::List(l) if l.is_empty() => "same-host".to_string(),
-            AllowedOrigins::List(l) => format!("same-host,{}", l.join(",")),
-        };
-        let public: Vec<String> = self.public_rooms.iter().map(ToString::to_string).collect();
-        format!(
-            "patchbay {} modes: bus={bus} auth={} anonymous={} origins={origins} public_rooms={} publish={} room_secret={}",
-            env!("CARGO_PKG_VERSION"),
-            if auth.is_empty() {
-                "none".to_string()
-            } else {
-                auth.join(",")
-            },
-            if self.allow_anonymous {
-                "allowed"
-            } else {
-                "refused"
-            },
-            if public.is_empty() {
-                "none".to_string()
-            } else {
-                public.join(",")
-            },
-            if self.publish_token.is_some() {
-                "on"
-            } else {
-                "off"
-            },
-            if self.room_secret_is_random {
-                "random"
-            } else {
-                "set"
-            },
-        )
-    }
-}
-
-/// A Redis URL as it may be logged: scheme, host, port and database, never credentials.
-fn redacted_redis(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(u) if u.host_str().is_some() => format!(
-            "{}://{}{}{}",
-            u.scheme(),
-            u.host_str().unwrap_or_default(),
-            u.port().map(|p| format!(":{p}")).unwrap_or_default(),
-            u.path()
-        ),
-        Ok(u) => format!("{}://{}", u.scheme(), u.path()),
-        Err(_) => "(unparsable URL)".to_string(),
-    }
-}
-
-/// The known variable closest to `name` (edit distance), for "did you mean".
-fn closest(name: &str) -> &'static str {
-    VARIABLES
-        .iter()
-        .map(|v| v.name)
-        .min_by_key(|known| strsim::levenshtein(name, known))
-        .expect("the list is not empty")
-}
-
 /// A secret setting: unset or empty is `None`; a shorter one than `min` bytes is refused.
 fn secret(name: &str, v: Option<String>, min: usize) -> Result<Option<String>, ConfigError> {
     match non_empty(v) {
@@ -536,7 +344,7 @@ fn secret(name: &str, v: Option<String>, min: usize) -> Result<Option<String>, C
     }
 }
 
-fn non_empty(v: Option<String>) -> Option<String> {
+pub(crate) fn non_empty(v: Option<String>) -> Option<String> {
     v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
@@ -704,82 +512,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("PATCHBAY_RATE_PER_SEC:"), "{e}");
-    }
-
-    #[test]
-    fn unknown_variables_are_refused_with_the_closest_name() {
-        for (typo, meant) in [
-            ("PATCHBAY_JWT_SECERT", "PATCHBAY_JWT_SECRET"),
-            ("PATCHBAY_REDIS_ULR", "PATCHBAY_REDIS_URL"),
-            ("PATCHBAY_PUBLISHTOKEN", "PATCHBAY_PUBLISH_TOKEN"),
-            ("PATCHBAY_", "PATCHBAY_LOG"),
-        ] {
-            let e = cfg(&[(typo, "x")]).unwrap_err().to_string();
-            assert_eq!(
-                e,
-                format!("unknown variable {typo} (did you mean {meant}?)"),
-                "{typo}"
-            );
-        }
-        let e = cfg(&[("PATCHBAY_JWKS_URL", "https://id.example/jwks")])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("PATCHBAY_JWKS_URL is not supported by this version"),
-            "{e}"
-        );
-        // Names without the prefix are none of patchbay's business.
-        cfg(&[("PATCH_BAY", "x"), ("HOME", "/root")]).unwrap();
-    }
-
-    #[test]
-    fn every_known_variable_is_read_and_listed_in_env_example_with_its_default() {
-        // Every name `from_raw` reads must be in VARIABLES: `Raw::get` panics otherwise.
-        Config::default();
-        let example = include_str!("../.env.example");
-        let mut listed: Vec<(&str, &str)> = example
-            .lines()
-            .filter(|l| l.starts_with("PATCHBAY_"))
-            .filter_map(|l| l.split_once('='))
-            .collect();
-        listed.sort_unstable();
-        let mut known: Vec<(&str, &str)> = VARIABLES.iter().map(|v| (v.name, v.default)).collect();
-        known.sort_unstable();
-        assert_eq!(
-            listed, known,
-            ".env.example lists exactly the known variables and defaults"
-        );
-    }
-
-    #[test]
-    fn the_summary_names_the_modes_and_no_secret() {
-        let c = cfg(&[
-            (
-                "PATCHBAY_REDIS_URL",
-                "redis://:hunter2hunter2@redis.internal:6380/2",
-            ),
-            ("PATCHBAY_JWT_SECRET", JWT_SECRET),
-            ("PATCHBAY_PUBLISH_TOKEN", "publish token of 29 bytes!!!!"),
-            ("PATCHBAY_PUBLIC_ROOMS", "lobby"),
-        ])
-        .unwrap();
-        let line = c.summary();
-        assert!(
-            line.contains("bus=redis redis://redis.internal:6380/2"),
-            "{line}"
-        );
-        assert!(
-            line.contains("auth=jwt-hs256") && line.contains("anonymous=refused"),
-            "{line}"
-        );
-        assert!(
-            line.contains("public_rooms=lobby") && line.contains("publish=on"),
-            "{line}"
-        );
-        for secret in ["hunter2", JWT_SECRET, "publish token"] {
-            assert!(!line.contains(secret), "{line}");
-        }
-        assert!(Config::default().summary().contains("bus=memory"));
     }
 
     #[test]
