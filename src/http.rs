@@ -1,83 +1,156 @@
-//! The plain HTTP routes of contract section 6 and the router in front of them.
-//!
-//! Four small routes need no framework; every error is JSON `{"code", "message"}` built by
-//! [`error_response`].
+//! The HTTP surface of contract section 6 as warp filters: one function per route, a plain
+//! handler behind each, and one [`handle_rejection`] turning every rejection into the JSON
+//! `{"code", "message"}` errors. `GET /ws` is not a filter: the accept loop
+//! ([`crate::server`]) hands it to [`crate::ws`] with the raw request, which owns the upgrade.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use bytes::{Buf, Bytes};
+use futures_util::{Stream, StreamExt};
+use hyper::StatusCode;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use warp::Filter;
+use warp::reject::{MethodNotAllowed, Rejection};
 
 use crate::app::App;
 use crate::bus::BusStatus;
 use crate::protocol::check_action_object;
 use crate::rooms::valid_room;
 
-/// The response body type of every route.
-pub type Body = Full<Bytes>;
+/// Every response patchbay sends, warp's and its own alike.
+pub type Response = warp::reply::Response;
 
 /// Largest accepted `POST /publish` body.
 pub const MAX_PUBLISH_BYTES: usize = 1024 * 1024;
 
-/// Routes one request.
-pub async fn route(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
-    // HEAD is answered wherever GET is: same status and headers, and hyper sends no body.
-    let method = match req.method() {
-        &Method::HEAD => &Method::GET,
-        m => m,
-    };
-    match (method, req.uri().path()) {
-        (_, "/ws") => crate::ws::upgrade(req, app).await,
-        (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
-        (&Method::GET, "/readyz") => readyz(&app),
-        (&Method::GET, "/actions") => {
-            let mut resp = Response::new(Full::new(app.registry.manifest_json().clone()));
-            resp.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            resp
-        }
-        (&Method::POST, "/publish") => publish(req, &app).await,
-        (&Method::GET, "/metrics") => {
-            let mut resp = Response::new(Full::new(Bytes::from(app.metrics.render())));
-            resp.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
-            resp
-        }
-        (_, "/healthz" | "/readyz" | "/actions" | "/publish" | "/metrics") => error_response(
+/// Every route but `/ws`, with errors as JSON.
+pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    healthz()
+        .or(readyz_route(app.clone()))
+        .unify()
+        .or(actions(app.clone()))
+        .unify()
+        .or(metrics(app.clone()))
+        .unify()
+        .or(publish_route(app))
+        .unify()
+        .recover(handle_rejection)
+        .unify()
+}
+
+/// `GET` or `HEAD`: HEAD is answered wherever GET is (same status and headers; hyper sends
+/// no body).
+fn get_or_head() -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::get().or(warp::head()).unify()
+}
+
+fn with_app(app: Arc<App>) -> impl Filter<Extract = (Arc<App>,), Error = Infallible> + Clone {
+    warp::any().map(move || app.clone())
+}
+
+/// `GET /healthz`.
+fn healthz() -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("healthz")
+        .and(get_or_head())
+        .map(|| json_response(StatusCode::OK, &json!({"status": "ok"})))
+}
+
+/// `GET /readyz`.
+fn readyz_route(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("readyz")
+        .and(get_or_head())
+        .and(with_app(app))
+        .map(|app: Arc<App>| readyz(&app))
+}
+
+/// `GET /actions`: the manifests as written.
+fn actions(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("actions")
+        .and(get_or_head())
+        .and(with_app(app))
+        .map(|app: Arc<App>| {
+            typed(
+                Response::new(app.registry.manifest_json().clone().into()),
+                "application/json",
+            )
+        })
+}
+
+/// `GET /metrics`.
+fn metrics(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("metrics")
+        .and(get_or_head())
+        .and(with_app(app))
+        .map(|app: Arc<App>| {
+            typed(
+                Response::new(Bytes::from(app.metrics.render()).into()),
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+        })
+}
+
+/// `POST /publish`. The handler reads the headers and the body itself, so that the checks
+/// happen in the documented order (token, content type, size, body).
+fn publish_route(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path!("publish")
+        .and(warp::post())
+        .and(with_app(app))
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(
+            |app: Arc<App>, headers: hyper::HeaderMap, body| async move {
+                publish(&app, &headers, body).await
+            },
+        )
+}
+
+/// The one place a rejection becomes an answer: 404 for an unknown route, 405 for a known
+/// route with another method.
+pub async fn handle_rejection(err: Rejection) -> Result<Response, Infallible> {
+    if err.find::<MethodNotAllowed>().is_some() {
+        return Ok(error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "method not allowed on this route",
-        ),
-        _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        ));
     }
+    if !err.is_not_found() {
+        tracing::debug!(rejection = ?err, "unexpected rejection");
+    }
+    Ok(error_response(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route",
+    ))
+}
+
+fn typed(mut resp: Response, content_type: &'static str) -> Response {
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
 }
 
 /// A JSON response.
-pub fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+pub fn json_response(status: StatusCode, body: &Value) -> Response {
+    let mut resp = typed(
+        Response::new(Bytes::from(body.to_string()).into()),
+        "application/json",
+    );
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
 /// A JSON error `{"code", "message"}`.
-pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
     json_response(status, &json!({"code": code, "message": message}))
 }
 
-fn readyz(app: &App) -> Response<Body> {
+fn readyz(app: &App) -> Response {
     let bus = app.hub.bus().status().as_str();
     if app.lifecycle.is_draining() {
         return json_response(
@@ -132,7 +205,33 @@ fn is_json(content_type: Option<&HeaderValue>) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
 }
 
-async fn publish(req: Request<Incoming>, app: &App) -> Response<Body> {
+/// Reads a request body of at most `limit` bytes; `None` when it is larger.
+async fn read_limited<S, B>(mut body: S, limit: usize) -> Result<Option<Bytes>, warp::Error>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let mut out = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk?;
+        if out.len() + chunk.remaining() > limit {
+            return Ok(None);
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            out.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(Some(Bytes::from(out)))
+}
+
+async fn publish<S, B>(app: &App, headers: &hyper::HeaderMap, body: S) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
     let Some(expected) = &app.config.publish_token else {
         return error_response(
             StatusCode::NOT_FOUND,
@@ -140,29 +239,23 @@ async fn publish(req: Request<Incoming>, app: &App) -> Response<Body> {
             "publishing is disabled: set PATCHBAY_PUBLISH_TOKEN",
         );
     };
-    if !token_matches(req.headers().get(AUTHORIZATION), expected) {
+    if !token_matches(headers.get(hyper::header::AUTHORIZATION), expected) {
         return error_response(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "missing or wrong bearer token",
         );
     }
-    if !is_json(req.headers().get(CONTENT_TYPE)) {
+    if !is_json(headers.get(CONTENT_TYPE)) {
         return error_response(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             "the body must be sent as Content-Type: application/json",
         );
     }
-    let body = match Limited::new(req.into_body(), MAX_PUBLISH_BYTES)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+    let body = match read_limited(body, MAX_PUBLISH_BYTES).await {
+        Ok(Some(b)) => b,
+        Ok(None) => {
             return error_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
@@ -238,7 +331,106 @@ async fn publish(req: Request<Incoming>, app: &App) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
+    //! The routes through `warp::test`: no socket.
+
     use super::*;
+    use crate::config::Config;
+    use crate::registry::Registry;
+
+    fn app(publish_token: Option<&str>) -> Arc<App> {
+        let config = Config {
+            publish_token: publish_token.map(str::to_string),
+            ..Config::default()
+        };
+        App::new(config, Registry::default()).unwrap()
+    }
+
+    fn body(resp: &hyper::Response<Bytes>) -> Value {
+        serde_json::from_slice(resp.body()).unwrap_or(Value::Null)
+    }
+
+    #[tokio::test]
+    async fn probes_answer_get_and_head_and_errors_are_json() {
+        let routes = routes(app(None));
+        let resp = warp::test::request().path("/healthz").reply(&routes).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(body(&resp), json!({"status": "ok"}));
+        let resp = warp::test::request()
+            .method("HEAD")
+            .path("/readyz")
+            .reply(&routes)
+            .await;
+        assert_eq!(resp.status(), 200);
+        let resp = warp::test::request()
+            .method("DELETE")
+            .path("/metrics")
+            .reply(&routes)
+            .await;
+        assert_eq!(resp.status(), 405);
+        assert_eq!(body(&resp)["code"], "method_not_allowed");
+        let resp = warp::test::request().path("/nowhere").reply(&routes).await;
+        assert_eq!(resp.status(), 404);
+        assert_eq!(body(&resp)["code"], "not_found");
+        assert_eq!(resp.headers()["content-type"], "application/json");
+    }
+
+    #[tokio::test]
+    async fn readyz_says_draining_during_shutdown() {
+        let app = app(None);
+        let routes = routes(app.clone());
+        app.lifecycle.begin_drain();
+        let resp = warp::test::request().path("/readyz").reply(&routes).await;
+        assert_eq!(resp.status(), 503);
+        assert_eq!(body(&resp)["status"], "draining");
+    }
+
+    #[tokio::test]
+    async fn publish_checks_token_type_size_and_body_in_order() {
+        let routes = routes(app(Some("a publish token!")));
+        let post = || {
+            warp::test::request()
+                .method("POST")
+                .path("/publish")
+                .header("authorization", "Bearer a publish token!")
+        };
+        let good = json!({"rooms": ["a"], "action": {"type": "X"}}).to_string();
+        let resp = warp::test::request()
+            .method("POST")
+            .path("/publish")
+            .body(&good)
+            .reply(&routes)
+            .await;
+        assert_eq!(resp.status(), 401);
+        let resp = post().body(&good).reply(&routes).await;
+        assert_eq!(resp.status(), 415);
+        let json = |r: warp::test::RequestBuilder| r.header("content-type", "application/json");
+        let resp = json(post())
+            .body("x".repeat(MAX_PUBLISH_BYTES + 1))
+            .reply(&routes)
+            .await;
+        assert_eq!(resp.status(), 413);
+        let resp = json(post()).body("{").reply(&routes).await;
+        assert_eq!(
+            (resp.status().as_u16(), body(&resp)["code"].clone()),
+            (400, json!("bad_json"))
+        );
+        let resp = json(post()).body(&good).reply(&routes).await;
+        assert_eq!(resp.status(), 202);
+        assert_eq!(body(&resp), json!({"rooms": 1}));
+        let resp = routes_without_token().await;
+        assert_eq!(resp, 404);
+    }
+
+    async fn routes_without_token() -> u16 {
+        let routes = routes(app(None));
+        warp::test::request()
+            .method("POST")
+            .path("/publish")
+            .reply(&routes)
+            .await
+            .status()
+            .as_u16()
+    }
 
     #[test]
     fn json_content_types() {

@@ -96,9 +96,18 @@ async fn serve_connection(stream: TcpStream, app: Arc<App>, stop: CancellationTo
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
-    let service = service_fn(move |req| {
+    let routes = warp::service(crate::http::routes(app.clone()));
+    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let app = app.clone();
-        async move { Ok::<_, std::convert::Infallible>(crate::http::route(req, app).await) }
+        let mut routes = routes.clone();
+        async move {
+            // The websocket upgrade needs the raw request (hyper's upgrade handle): it is the
+            // one route outside warp.
+            if req.uri().path() == "/ws" {
+                return Ok(crate::ws::upgrade(req, app).await);
+            }
+            tower_service::Service::call(&mut routes, req).await
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())

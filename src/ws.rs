@@ -17,7 +17,7 @@ use hyper::header::{
     CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION,
     UPGRADE,
 };
-use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use hyper::{HeaderMap, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -30,7 +30,7 @@ use tracing::Instrument;
 use crate::app::App;
 use crate::error::Disconnect;
 use crate::handshake::{self, Admitted, Refusal};
-use crate::http::{Body, error_response};
+use crate::http::{Response, error_response};
 use crate::outbox::{Outbox, QueueLimits, Text};
 use crate::session::{self, Inbound, Peer};
 use crate::writer::{CLOSE_TIMEOUT, write_loop};
@@ -77,7 +77,7 @@ fn valid_key(key: &HeaderValue) -> bool {
 
 /// Handles `GET /ws`: the websocket's own checks, then [`handshake::admit`], then 101 and the
 /// session on the upgraded socket.
-pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
+pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response {
     let refuse = |r: Refusal| error_response(r.status, r.code, r.message);
     if app.lifecycle.is_draining() {
         return refuse(handshake::DRAINING);
@@ -160,13 +160,16 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
         }
         .instrument(span),
     );
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(UPGRADE, "websocket")
-        .header(CONNECTION, "Upgrade")
-        .header(SEC_WEBSOCKET_ACCEPT, accept)
-        .body(Body::default())
-        .expect("static response parts are valid")
+    let mut resp = Response::new(bytes::Bytes::new().into());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = resp.headers_mut();
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(
+        SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+    );
+    resp
 }
 
 /// Runs a session over an open websocket: the writer task drains the session's outbox, the
