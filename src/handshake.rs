@@ -84,10 +84,11 @@ pub async fn admit(
             code: reject.code(),
             message: reject.message(),
         })?;
+    let conn_id = app.next_conn_id();
     Ok(Admitted {
         peer: Peer {
-            conn_id: app.next_conn_id(),
-            connection_id: uuid::Uuid::new_v4().to_string(),
+            conn_id,
+            connection_id: crate::hub::connection_id(conn_id),
             identity,
             forwarded: Arc::new(forwarded),
         },

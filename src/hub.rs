@@ -3,12 +3,16 @@
 //! public `connectionId`, for transports whose client → server messages arrive on another
 //! request than the stream (SSE).
 //!
+//! A `connectionId` is a version-4 uuid whose first half is random and whose second half
+//! carries the process-local connection id ([`connection_id`]): finding a session is one
+//! lookup in the membership map and a comparison of the random half, with no second index
+//! (which would cost every idle connection its entry).
+//!
 //! Joining is local first (synchronous, so the session's later frames already see it) and then
 //! confirmed by the bus: [`Join::confirmed`] resolves once actions published to the room reach
 //! this instance. Leaving unsubscribes the bus when the last local member goes.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
@@ -21,9 +25,23 @@ use crate::rooms::{ConnId, Delivery, JoinError, Rooms};
 pub struct Hub {
     rooms: Arc<Rooms>,
     bus: Arc<dyn Bus>,
-    /// Open sessions by public connection id. `std` lock: held only to insert, remove or look
-    /// up, never across an `.await`.
-    sessions: RwLock<HashMap<String, Outbox>>,
+}
+
+/// The public id of connection `conn`: a version-4 uuid, random in its first half, `conn` in
+/// its second (ids stay below 2^62, so the variant bits never hide any of it).
+pub fn connection_id(conn: ConnId) -> String {
+    let mut bytes = *uuid::Uuid::new_v4().as_bytes();
+    bytes[8..].copy_from_slice(&conn.to_be_bytes());
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .to_string()
+}
+
+/// The random half and the connection of a public id.
+fn parse_connection_id(connection_id: &str) -> Option<(u64, ConnId)> {
+    let uuid = uuid::Uuid::try_parse(connection_id).ok()?;
+    let (random, conn) = uuid.as_u64_pair();
+    Some((random, conn & (u64::MAX >> 2)))
 }
 
 /// A local join, and the bus subscription that confirms it.
@@ -37,11 +55,7 @@ pub struct Join {
 impl Hub {
     /// A hub over `rooms`, which `bus` delivers into.
     pub fn new(rooms: Arc<Rooms>, bus: Arc<dyn Bus>) -> Hub {
-        Hub {
-            rooms,
-            bus,
-            sessions: RwLock::default(),
-        }
+        Hub { rooms, bus }
     }
 
     /// The bus.
@@ -54,18 +68,17 @@ impl Hub {
         &self.rooms
     }
 
-    /// Registers a new session so that it can join rooms and be found by `connection_id`.
+    /// Registers a new session (its public id made by [`connection_id`]) so that it can join
+    /// rooms and be found by that id.
     pub fn register(&self, conn: ConnId, connection_id: &str, outbox: Outbox) {
-        self.rooms.register(conn, outbox.clone());
-        self.sessions
-            .write()
-            .unwrap()
-            .insert(connection_id.to_string(), outbox);
+        let secret = parse_connection_id(connection_id).map_or(0, |(random, _)| random);
+        self.rooms.register_with_secret(conn, outbox, secret);
     }
 
     /// The outbox of the open session with this public id.
     pub fn find(&self, connection_id: &str) -> Option<Outbox> {
-        self.sessions.read().unwrap().get(connection_id).cloned()
+        let (random, conn) = parse_connection_id(connection_id)?;
+        self.rooms.find(conn, random)
     }
 
     /// Adds the connection to `room` now; the returned [`Join::confirmed`] resolves once the
@@ -93,9 +106,8 @@ impl Hub {
         }))
     }
 
-    /// Removes a closing session from every room and from the session index.
-    pub async fn leave_all(&self, conn: ConnId, connection_id: &str) {
-        self.sessions.write().unwrap().remove(connection_id);
+    /// Removes a closing session from every room.
+    pub async fn leave_all(&self, conn: ConnId) {
         for room in self.rooms.unregister(conn) {
             if let Err(e) = self.bus.unsubscribe(&room).await {
                 tracing::warn!(%room, error = %e, "bus unsubscribe failed");
@@ -105,8 +117,7 @@ impl Hub {
 
     /// [`Hub::leave_all`] for a session that can no longer await (it panicked): the bus is
     /// unsubscribed in a task of its own.
-    pub fn leave_all_detached(self: &Arc<Self>, conn: ConnId, connection_id: &str) {
-        self.sessions.write().unwrap().remove(connection_id);
+    pub fn leave_all_detached(self: &Arc<Self>, conn: ConnId) {
         let emptied = self.rooms.unregister(conn);
         if !emptied.is_empty() {
             let hub = self.clone();
@@ -160,7 +171,7 @@ mod tests {
     async fn join_publish_leave_in_one_place() {
         let hub = hub();
         let (out, mut inbox) = outbox();
-        hub.register(1, "c1", out);
+        hub.register(1, &connection_id(1), out);
         let join = hub.join(1, "r", 10).unwrap();
         assert!(join.added);
         join.confirmed.await.unwrap();
@@ -179,12 +190,16 @@ mod tests {
     async fn sessions_are_found_by_connection_id_until_they_leave() {
         let hub = hub();
         let (out, _inbox) = outbox();
-        hub.register(7, "conn-7", out);
+        let id = connection_id(7);
+        hub.register(7, &id, out);
         hub.join(7, "r", 10).unwrap();
-        assert!(hub.find("conn-7").is_some());
-        assert!(hub.find("conn-8").is_none());
-        hub.leave_all(7, "conn-7").await;
+        assert!(hub.find(&id).is_some());
+        assert!(uuid::Uuid::try_parse(&id).unwrap().get_version_num() == 4);
+        // Another id of the same connection number (a guess) finds nothing; nor does junk.
+        assert!(hub.find(&connection_id(7)).is_none());
         assert!(hub.find("conn-7").is_none());
+        hub.leave_all(7).await;
+        assert!(hub.find(&id).is_none());
         assert!(!hub.rooms().has_members("r"));
     }
 }

@@ -101,6 +101,9 @@ pub struct Delivery {
 struct Member {
     outbox: Outbox,
     rooms: HashSet<String>,
+    /// The random half of the connection's public id: finding a connection by its id checks
+    /// it (see [`crate::hub::Hub::find`]).
+    secret: u64,
 }
 
 #[derive(Default)]
@@ -143,13 +146,28 @@ pub struct Rooms {
 impl Rooms {
     /// Registers a connection so that it can join rooms.
     pub fn register(&self, id: ConnId, outbox: Outbox) {
+        self.register_with_secret(id, outbox, 0);
+    }
+
+    /// [`Rooms::register`], remembering the random half of the connection's public id.
+    pub fn register_with_secret(&self, id: ConnId, outbox: Outbox, secret: u64) {
         self.maps.write().unwrap().members.insert(
             id,
             Member {
                 outbox,
                 rooms: HashSet::new(),
+                secret,
             },
         );
+    }
+
+    /// The outbox of connection `id` if its secret is `secret`.
+    pub fn find(&self, id: ConnId, secret: u64) -> Option<Outbox> {
+        let maps = self.maps.read().unwrap();
+        maps.members
+            .get(&id)
+            .filter(|m| m.secret == secret)
+            .map(|m| m.outbox.clone())
     }
 
     /// Removes a connection from every room; returns the rooms that became empty.

@@ -8,14 +8,14 @@
 //! in-flight count) needs no lock. Cleanup happens once, after the loop.
 
 use std::collections::HashSet;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{Stream, StreamExt};
 use hyper::HeaderMap;
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::time::{Instant, Sleep, sleep, sleep_until};
 
 use crate::app::App;
 use crate::auth::Identity;
@@ -35,7 +35,8 @@ const GRANTS_PER_ROOM_LIMIT: usize = 4;
 pub struct Peer {
     /// Process-local id, for the room registry.
     pub conn_id: ConnId,
-    /// The id sent to the client in `@@patchbay/CONNECTED`; finds the session in the hub.
+    /// The id sent to the client in `@@patchbay/CONNECTED`; finds the session in the hub
+    /// (made by [`crate::hub::connection_id`]).
     pub connection_id: String,
     /// The authenticated identity.
     pub identity: Identity,
@@ -71,7 +72,7 @@ where
         .register(peer.conn_id, &peer.connection_id, outbox.clone());
     let registration = Registration {
         app: app.clone(),
-        peer: peer.clone(),
+        conn_id: peer.conn_id,
         closer: closer.clone(),
     };
     let mut session = Session {
@@ -92,7 +93,7 @@ where
     }
     // Cleanup, once: leave every room (the outbox the hub held goes with it).
     let Session { app, peer, .. } = session;
-    app.hub.leave_all(peer.conn_id, &peer.connection_id).await;
+    app.hub.leave_all(peer.conn_id).await;
     drop(registration);
 }
 
@@ -100,7 +101,7 @@ where
 /// the room entries would keep the writer alive and the socket open forever.
 struct Registration {
     app: Arc<App>,
-    peer: Peer,
+    conn_id: ConnId,
     closer: Arc<Closer>,
 }
 
@@ -110,9 +111,7 @@ impl Drop for Registration {
             self.closer.close(Disconnect::Internal);
         }
         // After a normal exit the session has already left everything, and this finds nothing.
-        self.app
-            .hub
-            .leave_all_detached(self.peer.conn_id, &self.peer.connection_id);
+        self.app.hub.leave_all_detached(self.conn_id);
     }
 }
 
@@ -159,15 +158,17 @@ impl Session {
         let idle_timeout = self.app.config.idle_timeout;
         let idle = sleep(idle_timeout);
         tokio::pin!(idle);
-        let expiry = crate::auth::expires_in(&self.peer.identity).map(|d| Instant::now() + d);
         // Every waiter and timer is created once for the whole loop, not at every iteration:
-        // this loop runs for every message and every finished request.
+        // this loop runs for every message and every finished request. The two timers most
+        // connections never need (credentials that expire, the shutdown grace) live on the
+        // heap, and only when needed: inline, they would be part of every idle session.
+        let mut expired = crate::auth::expires_in(&self.peer.identity)
+            .map(|d| Box::pin(sleep_until(Instant::now() + d)));
+        let mut grace: Option<Pin<Box<Sleep>>> = None;
         let app = self.app.clone();
         let closed = closer.fired();
         let drain = app.lifecycle.drain_started();
-        let grace = sleep(Duration::ZERO);
-        let expired = sleep_until(expiry.unwrap_or_else(Instant::now));
-        tokio::pin!(closed, drain, grace, expired);
+        tokio::pin!(closed, drain);
         let mut draining = false;
         loop {
             tokio::select! {
@@ -175,14 +176,14 @@ impl Session {
                 _ = &mut closed => return,
                 _ = &mut drain, if !draining => {
                     draining = true;
-                    grace.as_mut().reset(Instant::now() + app.config.shutdown_grace);
+                    grace = Some(Box::pin(sleep(app.config.shutdown_grace)));
                 }
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => self.finish(done),
-                _ = &mut grace, if draining => {
+                _ = fire(&mut grace), if grace.is_some() => {
                     tracing::warn!(abandoned = self.pending.len(), "shutdown grace ran out with requests in flight");
                     break;
                 }
-                _ = &mut expired, if expiry.is_some() => {
+                _ = fire(&mut expired), if expired.is_some() => {
                     tracing::info!("credentials expired: closing with 4401");
                     closer.close(Disconnect::Expired);
                     return;
@@ -312,5 +313,13 @@ impl Session {
             self.grants.insert(room);
         }
         self.send(outcome.reply);
+    }
+}
+
+/// Waits for an optional timer; never resolves without one.
+async fn fire(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(timer) => timer.as_mut().await,
+        None => std::future::pending().await,
     }
 }
