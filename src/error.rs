@@ -6,8 +6,6 @@
 
 use serde::Serialize;
 use serde_json::Value;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// The stable failure codes of contract section 2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -164,14 +162,6 @@ impl Disconnect {
             Disconnect::Slow => "outbound queue overflow",
             Disconnect::Flood => "rate limit exceeded repeatedly",
             Disconnect::Expired => "credentials expired",
-        }
-    }
-
-    /// The close frame to send.
-    pub fn frame(self) -> CloseFrame {
-        CloseFrame {
-            code: CloseCode::from(self.code()),
-            reason: self.reason().into(),
         }
     }
 

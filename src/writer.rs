@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use futures_util::{Sink, SinkExt};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::error::Disconnect;
@@ -106,11 +108,18 @@ where
             };
             let _ = tokio::time::timeout(CLOSE_TIMEOUT / 2, drain).await;
         }
-        let _ = tokio::time::timeout_at(deadline, sink.send(Message::Close(Some(reason.frame()))))
-            .await;
+        let _ = tokio::time::timeout_at(deadline, sink.send(close_frame(reason))).await;
     }
     let _ = tokio::time::timeout_at(deadline, sink.close()).await;
     sink
+}
+
+/// The close frame for `reason`.
+fn close_frame(reason: Disconnect) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(reason.code()),
+        reason: reason.reason().into(),
+    }))
 }
 
 /// The text frame carrying `text`.
