@@ -88,7 +88,7 @@ pub async fn admit(
     Ok(Admitted {
         peer: Peer {
             conn_id,
-            connection_id: crate::hub::connection_id(conn_id),
+            connection_id: app.hub.connection_id(conn_id),
             identity,
             forwarded: Arc::new(forwarded),
         },

@@ -49,20 +49,33 @@ fn get_or_head() -> impl Filter<Extract = (), Error = Rejection> + Clone {
     warp::get().or(warp::head()).unify()
 }
 
+/// Exactly this path (`warp::path!` would also take `/healthz/`).
+fn exact(path: &'static str) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::path::full()
+        .and_then(move |full: warp::path::FullPath| async move {
+            if full.as_str() == path {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
+        .untuple_one()
+}
+
 fn with_app(app: Arc<App>) -> impl Filter<Extract = (Arc<App>,), Error = Infallible> + Clone {
     warp::any().map(move || app.clone())
 }
 
 /// `GET /healthz`.
 fn healthz() -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("healthz")
+    exact("/healthz")
         .and(get_or_head())
         .map(|| json_response(StatusCode::OK, &json!({"status": "ok"})))
 }
 
 /// `GET /readyz`.
 fn readyz_route(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("readyz")
+    exact("/readyz")
         .and(get_or_head())
         .and(with_app(app))
         .map(|app: Arc<App>| readyz(&app))
@@ -70,7 +83,7 @@ fn readyz_route(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rej
 
 /// `GET /actions`: the manifests as written.
 fn actions(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("actions")
+    exact("/actions")
         .and(get_or_head())
         .and(with_app(app))
         .map(|app: Arc<App>| {
@@ -83,7 +96,7 @@ fn actions(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejectio
 
 /// `GET /metrics`.
 fn metrics(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("metrics")
+    exact("/metrics")
         .and(get_or_head())
         .and(with_app(app))
         .map(|app: Arc<App>| {
@@ -97,7 +110,7 @@ fn metrics(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejectio
 /// `POST /publish`. The handler reads the headers and the body itself, so that the checks
 /// happen in the documented order (token, content type, size, body).
 fn publish_route(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::path!("publish")
+    exact("/publish")
         .and(warp::post())
         .and(with_app(app))
         .and(warp::header::headers_cloned())
@@ -368,8 +381,11 @@ mod tests {
             .await;
         assert_eq!(resp.status(), 405);
         assert_eq!(body(&resp)["code"], "method_not_allowed");
+        for path in ["/nowhere", "/healthz/", "/healthz/extra"] {
+            let resp = warp::test::request().path(path).reply(&routes).await;
+            assert_eq!(resp.status(), 404, "{path}");
+        }
         let resp = warp::test::request().path("/nowhere").reply(&routes).await;
-        assert_eq!(resp.status(), 404);
         assert_eq!(body(&resp)["code"], "not_found");
         assert_eq!(resp.headers()["content-type"], "application/json");
     }

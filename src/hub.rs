@@ -4,9 +4,13 @@
 //! request than the stream (SSE).
 //!
 //! A `connectionId` is a version-4 uuid whose first half is random and whose second half
-//! carries the process-local connection id ([`connection_id`]): finding a session is one
-//! lookup in the membership map and a comparison of the random half, with no second index
-//! (which would cost every idle connection its entry).
+//! carries the process-local connection number, masked with a per-process key so it tells
+//! clients nothing ([`Hub::connection_id`]): finding a session is one lookup in the membership
+//! map and a comparison of the random half, with no second index (which would cost every
+//! idle connection its entry).
+//!
+//! Buses deliver straight into [`Rooms`] (local fan-out needs nothing else); sessions join,
+//! leave and publish only through the hub.
 //!
 //! Joining is local first (synchronous, so the session's later frames already see it) and then
 //! confirmed by the bus: [`Join::confirmed`] resolves once actions published to the room reach
@@ -19,30 +23,19 @@ use serde_json::{Map, Value};
 
 use crate::bus::{Bus, BusError};
 use crate::outbox::Outbox;
-use crate::rooms::{ConnId, Delivery, JoinError, Rooms};
+use crate::rooms::{ConnId, JoinError, Rooms};
 
 /// Rooms and bus of one instance.
 pub struct Hub {
     rooms: Arc<Rooms>,
     bus: Arc<dyn Bus>,
+    /// Masks connection numbers in public ids (below 2^62, so the uuid's variant bits never
+    /// hide any of the number).
+    key: u64,
 }
 
-/// The public id of connection `conn`: a version-4 uuid, random in its first half, `conn` in
-/// its second (ids stay below 2^62, so the variant bits never hide any of it).
-pub fn connection_id(conn: ConnId) -> String {
-    let mut bytes = *uuid::Uuid::new_v4().as_bytes();
-    bytes[8..].copy_from_slice(&conn.to_be_bytes());
-    uuid::Builder::from_random_bytes(bytes)
-        .into_uuid()
-        .to_string()
-}
-
-/// The random half and the connection of a public id.
-fn parse_connection_id(connection_id: &str) -> Option<(u64, ConnId)> {
-    let uuid = uuid::Uuid::try_parse(connection_id).ok()?;
-    let (random, conn) = uuid.as_u64_pair();
-    Some((random, conn & (u64::MAX >> 2)))
-}
+/// Connection numbers and the key fit in the 62 bits a uuid's variant leaves.
+const LOW_62: u64 = u64::MAX >> 2;
 
 /// A local join, and the bus subscription that confirms it.
 pub struct Join {
@@ -55,7 +48,11 @@ pub struct Join {
 impl Hub {
     /// A hub over `rooms`, which `bus` delivers into.
     pub fn new(rooms: Arc<Rooms>, bus: Arc<dyn Bus>) -> Hub {
-        Hub { rooms, bus }
+        Hub {
+            rooms,
+            bus,
+            key: uuid::Uuid::new_v4().as_u64_pair().0 & LOW_62,
+        }
     }
 
     /// The bus.
@@ -68,17 +65,40 @@ impl Hub {
         &self.rooms
     }
 
-    /// Registers a new session (its public id made by [`connection_id`]) so that it can join
-    /// rooms and be found by that id.
+    /// The public id of connection `conn` (below 2^62): a version-4 uuid, random in its first
+    /// half, the masked number in its second.
+    pub fn connection_id(&self, conn: ConnId) -> String {
+        let mut bytes = *uuid::Uuid::new_v4().as_bytes();
+        bytes[8..].copy_from_slice(&((conn & LOW_62) ^ self.key).to_be_bytes());
+        uuid::Builder::from_random_bytes(bytes)
+            .into_uuid()
+            .to_string()
+    }
+
+    /// The random half and the connection number of a public id this hub made.
+    fn parse_connection_id(&self, connection_id: &str) -> Option<(u64, ConnId)> {
+        let uuid = uuid::Uuid::try_parse(connection_id).ok()?;
+        if uuid.get_version_num() != 4 {
+            return None;
+        }
+        let (random, masked) = uuid.as_u64_pair();
+        Some((random, (masked & LOW_62) ^ self.key))
+    }
+
+    /// Registers a new session (its public id made by [`Hub::connection_id`]) so that it can
+    /// join rooms and be found by that id. Any other id registers it unfindable.
     pub fn register(&self, conn: ConnId, connection_id: &str, outbox: Outbox) {
-        let secret = parse_connection_id(connection_id).map_or(0, |(random, _)| random);
+        let secret = self
+            .parse_connection_id(connection_id)
+            .map_or(0, |(random, _)| random);
         self.rooms.register_with_secret(conn, outbox, secret);
     }
 
     /// The outbox of the open session with this public id.
     pub fn find(&self, connection_id: &str) -> Option<Outbox> {
-        let (random, conn) = parse_connection_id(connection_id)?;
-        self.rooms.find(conn, random)
+        let (random, conn) = self.parse_connection_id(connection_id)?;
+        // 0 marks a session registered without a findable id.
+        (random != 0).then(|| self.rooms.find(conn, random))?
     }
 
     /// Adds the connection to `room` now; the returned [`Join::confirmed`] resolves once the
@@ -129,14 +149,6 @@ impl Hub {
         }
     }
 
-    /// Delivers `action` to the local members of `targets` (once per connection) and counts
-    /// it on the bus's counters.
-    pub fn deliver(&self, targets: &[String], action: &Map<String, Value>) -> Delivery {
-        let delivery = self.rooms.deliver(targets, action);
-        self.bus.counters().count(delivery);
-        delivery
-    }
-
     /// Publishes `action` to `rooms` on every instance.
     pub async fn publish(
         &self,
@@ -171,7 +183,7 @@ mod tests {
     async fn join_publish_leave_in_one_place() {
         let hub = hub();
         let (out, mut inbox) = outbox();
-        hub.register(1, &connection_id(1), out);
+        hub.register(1, &hub.connection_id(1), out);
         let join = hub.join(1, "r", 10).unwrap();
         assert!(join.added);
         join.confirmed.await.unwrap();
@@ -190,13 +202,17 @@ mod tests {
     async fn sessions_are_found_by_connection_id_until_they_leave() {
         let hub = hub();
         let (out, _inbox) = outbox();
-        let id = connection_id(7);
+        let id = hub.connection_id(7);
+        assert!(
+            !id.ends_with(&format!("{:012x}", 7)),
+            "the number is masked: {id}"
+        );
         hub.register(7, &id, out);
         hub.join(7, "r", 10).unwrap();
         assert!(hub.find(&id).is_some());
         assert!(uuid::Uuid::try_parse(&id).unwrap().get_version_num() == 4);
         // Another id of the same connection number (a guess) finds nothing; nor does junk.
-        assert!(hub.find(&connection_id(7)).is_none());
+        assert!(hub.find(&hub.connection_id(7)).is_none());
         assert!(hub.find("conn-7").is_none());
         hub.leave_all(7).await;
         assert!(hub.find(&id).is_none());

@@ -36,7 +36,7 @@ pub struct Peer {
     /// Process-local id, for the room registry.
     pub conn_id: ConnId,
     /// The id sent to the client in `@@patchbay/CONNECTED`; finds the session in the hub
-    /// (made by [`crate::hub::connection_id`]).
+    /// (made by [`crate::hub::Hub::connection_id`]).
     pub connection_id: String,
     /// The authenticated identity.
     pub identity: Identity,
@@ -303,9 +303,8 @@ impl Session {
     }
 
     fn finish(&mut self, outcome: Outcome) {
-        if let Some((name, result)) = &outcome.action {
+        if outcome.action {
             self.actions_in_flight -= 1;
-            self.app.metrics.action(name, result);
         }
         if let Some(room) = outcome.granted
             && self.grants.len() < GRANTS_PER_ROOM_LIMIT * self.app.config.max_rooms

@@ -1,7 +1,7 @@
 //! The websocket writer of one connection: drains its [`Inbox`] into the socket, batching every
 //! queued message with `feed` and one `flush` (one syscall for many frames under load), sends
 //! websocket pings, and writes the close frame when the connection's [`Closer`] fires. With
-//! the reader in [`crate::session`], the only place that knows websocket frames.
+//! the reader in [`crate::ws`], the only place that knows websocket frames.
 
 use std::time::Duration;
 

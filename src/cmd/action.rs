@@ -37,6 +37,11 @@ pub fn run(
             let started = Instant::now();
             let result = app.dispatcher.run(&spec, &payload, &ctx).await;
             app.metrics.action_duration(&spec.name, started.elapsed());
+            let outcome = match &result {
+                Ok(_) => "success",
+                Err(e) => e.code.as_str(),
+            };
+            app.metrics.action(&spec.name, outcome);
             let elapsed_ms = started.elapsed().as_millis() as u64;
             match result {
                 Err(e) => {
@@ -44,7 +49,7 @@ pub fn run(
                     Outcome {
                         reply: protocol::failure(&spec.name, &ctx.request_id, &e),
                         granted: None,
-                        action: Some((spec.name.clone(), e.code.as_str())),
+                        action: true,
                     }
                 }
                 Ok(success) => {
@@ -91,7 +96,7 @@ async fn succeed(
     Outcome {
         reply: protocol::success(&spec.name, &request_id, &success.payload, success.meta),
         granted,
-        action: Some((spec.name.clone(), "success")),
+        action: true,
     }
 }
 

@@ -1,8 +1,10 @@
 //! What a client request asks for, as a closed set of commands (the way mini-redis has one).
 //!
 //! [`Command::parse`] is pure: it turns a well-formed request into a command or the failure to
-//! answer, deciding every refusal (unknown action, a bad room name, a room the connection may
-//! not join) from the request, the registry and what the connection is allowed. Applying a
+//! answer, deciding every refusal that depends on the request alone (unknown action, a bad
+//! room name, a room the connection may not join) from the request, the registry and what the
+//! connection is allowed. Refusals that depend on the moment are decided elsewhere: the rate
+//! and the in-flight cap by the session, a full room list when the join is applied. Applying a
 //! command ([`Command::apply`]) does the IO: what must happen in order with the connection's
 //! next frames (joining or leaving a room locally) happens at once, the rest in the returned
 //! future, which yields an [`Outcome`] for the session to write.
@@ -78,9 +80,9 @@ pub struct Outcome {
     /// A room granted on this connection (an action's `subscribe`): it may be joined again
     /// without a token.
     pub granted: Option<String>,
-    /// The manifest action this was, with its outcome (`success` or a failure code), for the
-    /// in-flight count and the metrics.
-    pub action: Option<(String, &'static str)>,
+    /// Whether this was a manifest action, which frees its place under
+    /// `PATCHBAY_MAX_INFLIGHT` now that its reply is written (its outcome is already counted).
+    pub action: bool,
 }
 
 impl Outcome {
@@ -88,7 +90,7 @@ impl Outcome {
         Outcome {
             reply,
             granted: None,
-            action: None,
+            action: false,
         }
     }
 }

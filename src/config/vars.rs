@@ -94,6 +94,8 @@ pub(super) struct Raw(HashMap<String, String>);
 impl Raw {
     /// The value of `PATCHBAY_<NAME>` (`name` in lowercase), else its default.
     pub(super) fn get(&self, name: &str) -> &str {
+        #[cfg(test)]
+        READ.with(|read| read.borrow_mut().insert(name.to_ascii_uppercase()));
         self.0.get(name).map_or_else(
             || {
                 VARIABLES
@@ -110,6 +112,13 @@ impl Raw {
     pub(super) fn opt(&self, name: &str) -> Option<String> {
         non_empty(Some(self.get(name).to_string()))
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The names `Raw::get` was asked for on this thread, so a test can prove that every
+    /// variable in the table is read.
+    static READ: std::cell::RefCell<std::collections::HashSet<String>> = Default::default();
 }
 
 /// Refuses any `PATCHBAY_*` name that is not in [`VARIABLES`], naming the closest known one
@@ -248,8 +257,23 @@ mod tests {
 
     #[test]
     fn every_known_variable_is_read_and_listed_in_env_example_with_its_default() {
-        // Every name `from_raw` reads must be in VARIABLES: `Raw::get` panics otherwise.
+        // Every name `from_raw` reads must be in VARIABLES (`Raw::get` panics otherwise), and
+        // every name in VARIABLES must be read: a row nothing reads would be a setting
+        // silently ignored.
+        READ.with(|read| read.borrow_mut().clear());
         Config::default();
+        let read: Vec<String> = READ.with(|read| {
+            let mut names: Vec<String> = read
+                .borrow()
+                .iter()
+                .map(|n| format!("PATCHBAY_{n}"))
+                .collect();
+            names.sort_unstable();
+            names
+        });
+        let mut table: Vec<String> = VARIABLES.iter().map(|v| v.name.to_string()).collect();
+        table.sort_unstable();
+        assert_eq!(read, table, "every variable in the table is read");
         let example = include_str!("../../.env.example");
         let mut listed: Vec<(&str, &str)> = example
             .lines()
