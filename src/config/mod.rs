@@ -415,14 +415,21 @@ fn parse_url(name: &str, v: &str) -> Result<String, ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(super) mod test_support {
+    use super::{Config, ConfigError};
 
-    const JWT_SECRET: &str = "a jwt secret of at least 32 bytes";
+    pub const JWT_SECRET: &str = "a jwt secret of at least 32 bytes";
 
-    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    /// The configuration of these variables alone.
+    pub fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Config::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use super::*;
 
     #[test]
     fn defaults_match_the_contract() {

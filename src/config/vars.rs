@@ -221,13 +221,8 @@ fn closest(name: &str) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::*;
     use super::*;
-
-    const JWT_SECRET: &str = "a jwt secret of at least 32 bytes";
-
-    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        Config::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
-    }
 
     #[test]
     fn unknown_variables_are_refused_with_the_closest_name() {
