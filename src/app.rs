@@ -29,6 +29,11 @@ pub enum StartError {
     /// A URL the HTTP client cannot use.
     #[error("{0}: {1}")]
     BadUrl(&'static str, String),
+    /// A `task` action, which needs the task manager.
+    #[error(
+        "action {0} is a `task` action: the task manager is not in this version of patchbay; remove the task actions"
+    )]
+    TaskManagerMissing(String),
 }
 
 /// Everything a connection or an HTTP route needs, shared behind an `Arc`.
@@ -58,6 +63,9 @@ impl App {
     pub fn new(config: Config, registry: Registry) -> Result<Arc<App>, StartError> {
         if registry.needs_api_url() && config.api_url.is_none() {
             return Err(StartError::MissingApiUrl);
+        }
+        if let Some(action) = registry.first_task_action() {
+            return Err(StartError::TaskManagerMissing(action.to_string()));
         }
         let rooms = Arc::new(Rooms::default());
         let bus: Arc<dyn Bus> = match &config.redis_url {
@@ -183,6 +191,20 @@ mod tests {
         drop(a);
         assert_eq!(l.connections(), 1);
         assert!(l.try_connect(2).is_some());
+    }
+
+    #[test]
+    fn task_actions_stop_start_up_until_the_task_manager_exists() {
+        let r = Registry::from_sources([(
+            std::path::Path::new("a.json"),
+            r#"{"EXPORT_START":{"task":{"queue":"exports"}}}"#,
+        )])
+        .unwrap();
+        let e = App::new(Config::default(), r).err().expect("refused");
+        assert!(
+            matches!(e, StartError::TaskManagerMissing(ref a) if a == "EXPORT_START"),
+            "{e}"
+        );
     }
 
     #[test]

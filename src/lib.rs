@@ -25,6 +25,7 @@ pub mod registry;
 pub mod rooms;
 pub mod server;
 pub mod session;
+pub mod task;
 pub mod template;
 pub mod upstream;
 pub mod writer;

@@ -19,7 +19,7 @@ const MAX_TIMEOUT_MS: u64 = 3_600_000;
 /// The handler kinds: the key naming each in a spec, and how its value becomes a [`Handler`].
 /// The one list of kinds: a new kind is a row here, a [`Handler`] variant, and a file in
 /// [`crate::dispatch`], which matches the variants in one place.
-const HANDLER_KINDS: [(&str, ParseKind); 1] = [("http", parse_http)];
+const HANDLER_KINDS: [(&str, ParseKind); 2] = [("http", parse_http), ("task", crate::task::parse)];
 
 /// Turns a handler kind's spec value into a [`Handler`].
 type ParseKind = fn(&Value) -> Result<Handler, String>;
@@ -103,6 +103,8 @@ pub struct HttpAction {
 pub enum Handler {
     /// Call the REST API.
     Http(HttpAction),
+    /// Enqueue, read, cancel or list jobs of a queue.
+    Task(crate::task::TaskAction),
 }
 
 /// One action, ready to dispatch.
@@ -192,6 +194,23 @@ impl Registry {
                 merged.insert(name, spec);
             }
         }
+        let tasks = actions
+            .iter()
+            .filter_map(|(name, spec): (&String, &Arc<ActionSpec>)| {
+                let Handler::Task(task) = &spec.handler else {
+                    return None;
+                };
+                let file = origin
+                    .get(name)
+                    .and_then(|f| f.to_str())
+                    .unwrap_or_default();
+                Some((file, name.as_str(), task))
+            });
+        crate::task::check_queues(tasks).map_err(|(file, action, message)| ManifestError {
+            file: PathBuf::from(file),
+            action: Some(action),
+            message,
+        })?;
         let manifest_json =
             Bytes::from(serde_json::to_vec(&merged).expect("JSON values always serialize"));
         Ok(Registry {
@@ -220,6 +239,18 @@ impl Registry {
         self.actions
             .values()
             .any(|a| matches!(a.handler, Handler::Http(_)))
+    }
+
+    /// The first `task` action, if any (this version cannot run them yet).
+    pub fn first_task_action(&self) -> Option<&str> {
+        let mut names: Vec<&str> = self
+            .actions
+            .values()
+            .filter(|a| matches!(a.handler, Handler::Task(_)))
+            .map(|a| a.name.as_str())
+            .collect();
+        names.sort_unstable();
+        names.first().copied()
     }
 
     /// The manifests as written, merged into one JSON object.
@@ -390,6 +421,46 @@ mod tests {
     }"#;
 
     #[test]
+    fn task_actions_are_checked_across_files() {
+        let r = Registry::from_sources([
+            (
+                Path::new("a.json"),
+                r#"{"EXPORT_START": {"task": {"queue": "exports", "maxAttempts": 2}}}"#,
+            ),
+            (
+                Path::new("b.json"),
+                r#"{"EXPORT_GET": {"task": {"queue": "exports", "op": "get"}}}"#,
+            ),
+        ])
+        .unwrap();
+        assert_eq!(r.first_task_action(), Some("EXPORT_GET"));
+        assert!(!r.needs_api_url());
+        let e = Registry::from_sources([
+            (
+                Path::new("a.json"),
+                r#"{"EXPORT_START": {"task": {"queue": "exports"}}}"#,
+            ),
+            (
+                Path::new("b.json"),
+                r#"{"EXPORT_LIST": {"task": {"queue": "export", "op": "list"}}}"#,
+            ),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("b.json: action EXPORT_LIST: no action enqueues"),
+            "{e}"
+        );
+        let e = Registry::from_sources([(
+            Path::new("a.json"),
+            r#"{"X": {"task": {"queue": "q", "command": ["sh", "-c", "x"]}}}"#,
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("action X") && e.contains("absolute path"), "{e}");
+    }
+
+    #[test]
     fn loads_the_contract_example() {
         let r = load(&[("tasks.json", CONTRACT_EXAMPLE)]).unwrap();
         assert_eq!(r.len(), 3);
@@ -400,7 +471,9 @@ mod tests {
         assert!(!schema.is_valid(&serde_json::json!({"page": 0})));
         assert_eq!(r.get("TASK_FETCH").unwrap().timeout, DEFAULT_TIMEOUT);
         assert!(r.get("TASK_ENQUEUE").unwrap().subscribe.is_some());
-        let Handler::Http(h) = &r.get("TASK_FETCH").unwrap().handler;
+        let Handler::Http(h) = &r.get("TASK_FETCH").unwrap().handler else {
+            panic!("an http action");
+        };
         assert_eq!(h.method, Method::Get);
         assert!(r.needs_api_url());
         let merged: Value = serde_json::from_slice(r.manifest_json()).unwrap();

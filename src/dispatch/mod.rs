@@ -58,6 +58,10 @@ impl Dispatcher {
         check_payload(spec, payload)?;
         match &spec.handler {
             Handler::Http(http) => self.http.call(http, spec.timeout, payload, ctx).await,
+            // An instance with task actions does not start in this version (see `App::new`).
+            Handler::Task(_) => Err(ActionError::internal(
+                "a task action ran, but this version has no task manager",
+            )),
         }
     }
 }
