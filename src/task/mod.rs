@@ -7,8 +7,10 @@
 //! manifests contain one refuses to start with a message saying so, rather than loading
 //! actions that could only fail.
 
+mod embedded;
 mod model;
 mod spec;
 
+pub use embedded::{EmbeddedQueues, LIST_DEFAULT, LIST_MAX, Lease, QueueError};
 pub use model::{AfterFailure, ErrorCode, Status, StepError, Task, TaskError, backoff, timestamp};
 pub use spec::{CommandSpec, Op, QueueSettings, TaskAction, check_queues, parse};

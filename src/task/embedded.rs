@@ -1,0 +1,528 @@
+//! The embedded queue: every queue of one instance in memory, for the demo and a single
+//! instance (a restart loses it, as documented). The same rules as the Redis queue, from
+//! [`super::model`]; what it adds is bookkeeping: idempotent enqueue per user and request id,
+//! the per-user limit, who may see a task, listing, delayed retries, leases and retention.
+//!
+//! Not yet wired to actions: the session's dispatch and the command runner come next.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Map, Value};
+
+use super::QueueSettings;
+use super::model::{AfterFailure, Status, StepError, Task, TaskError};
+
+/// Most tasks `list` returns, and its default.
+pub const LIST_MAX: usize = 100;
+/// `list`'s default page size.
+pub const LIST_DEFAULT: usize = 20;
+
+/// Why a queue operation is refused (each maps to a failure code).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    /// No such task, or not this user's (the two are not told apart): `not_found`.
+    #[error("no such task")]
+    NotFound,
+    /// The task has finished: `conflict`.
+    #[error("the task has already finished")]
+    Conflict,
+    /// The user has `perUserLimit` active tasks: `limit_reached`.
+    #[error("at most {0} active tasks per user on this queue")]
+    LimitReached(u32),
+    /// The worker's lease is not the task's current one (it was re-run elsewhere).
+    #[error("this worker no longer holds the task")]
+    StaleLease,
+    /// A step the task's state does not allow.
+    #[error(transparent)]
+    Step(#[from] StepError),
+}
+
+/// Who asks: a user, or an anonymous connection (whose tasks any anonymous connection that
+/// knows the id may read or cancel).
+pub type Owner<'a> = Option<&'a str>;
+
+/// A job handed to a worker: the task and the lease that fences its reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    /// The task as it is now (running).
+    pub task: Task,
+    /// Fences every report: only the holder of the current lease may report.
+    pub token: u64,
+}
+
+#[derive(Default)]
+struct State {
+    tasks: HashMap<String, Entry>,
+    /// Ready task ids per queue, oldest first.
+    ready: HashMap<String, VecDeque<String>>,
+    /// Delayed retries by due time.
+    delayed: BTreeMap<(Instant, u64), String>,
+    /// Enqueues by (queue, owner, request id), for idempotency.
+    by_request: HashMap<(String, Option<String>, String), String>,
+    /// Task ids per queue in enqueue order, for listing newest first.
+    order: HashMap<String, Vec<String>>,
+    next_lease: u64,
+}
+
+struct Entry {
+    task: Task,
+    settings: QueueSettings,
+    lease: Option<(u64, Instant)>,
+    /// When a finished task expires.
+    expires: Option<Instant>,
+}
+
+/// Every queue of this instance.
+#[derive(Default)]
+pub struct EmbeddedQueues {
+    /// `std` lock: every operation is a few map updates, never an `.await`.
+    state: Mutex<State>,
+}
+
+impl EmbeddedQueues {
+    /// Starts a job, or returns the task this owner already started with this request id.
+    pub fn enqueue(
+        &self,
+        queue: &str,
+        settings: &QueueSettings,
+        owner: Owner<'_>,
+        request_id: &str,
+        params: Value,
+        now: SystemTime,
+    ) -> Result<Task, QueueError> {
+        let mut state = self.state.lock().unwrap();
+        let key = (
+            queue.to_string(),
+            owner.map(str::to_string),
+            request_id.to_string(),
+        );
+        if let Some(task) = state
+            .by_request
+            .get(&key)
+            .and_then(|id| state.tasks.get(id))
+        {
+            return Ok(task.task.clone());
+        }
+        if owner.is_some() {
+            let active = state
+                .tasks
+                .values()
+                .filter(|e| {
+                    e.task.queue == queue
+                        && e.task.user_id.as_deref() == owner
+                        && !e.task.status.is_final()
+                })
+                .count();
+            if active >= settings.per_user_limit as usize {
+                return Err(QueueError::LimitReached(settings.per_user_limit));
+            }
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let task = Task::new(
+            id.clone(),
+            queue,
+            owner.map(str::to_string),
+            params,
+            settings,
+            now,
+        );
+        state.tasks.insert(
+            id.clone(),
+            Entry {
+                task: task.clone(),
+                settings: settings.clone(),
+                lease: None,
+                expires: None,
+            },
+        );
+        state.by_request.insert(key, id.clone());
+        state
+            .order
+            .entry(queue.to_string())
+            .or_default()
+            .push(id.clone());
+        state
+            .ready
+            .entry(queue.to_string())
+            .or_default()
+            .push_back(id);
+        Ok(task)
+    }
+
+    /// The task, if `owner` may see it.
+    pub fn get(&self, id: &str, owner: Owner<'_>) -> Result<Task, QueueError> {
+        let state = self.state.lock().unwrap();
+        visible(&state, id, owner).map(|e| e.task.clone())
+    }
+
+    /// Cancels the task: queued or delayed at once, running once its worker stops.
+    pub fn cancel(&self, id: &str, owner: Owner<'_>, now: SystemTime) -> Result<Task, QueueError> {
+        let mut state = self.state.lock().unwrap();
+        visible(&state, id, owner)?;
+        let entry = state.tasks.get_mut(id).expect("checked above");
+        entry.task.cancel(now).map_err(|_| QueueError::Conflict)?;
+        let task = entry.task.clone();
+        if task.status.is_final() {
+            entry.expires = Some(Instant::now() + entry.settings.retention);
+            if let Some(ready) = state.ready.get_mut(&task.queue) {
+                ready.retain(|t| t != id);
+            }
+            state.delayed.retain(|_, t| t != id);
+        }
+        Ok(task)
+    }
+
+    /// The owner's tasks of `queue`, newest first: at most `limit` (1–100), with a status in
+    /// `statuses` (all when empty), older than `before` when given.
+    pub fn list(
+        &self,
+        queue: &str,
+        owner: Owner<'_>,
+        statuses: &[Status],
+        limit: usize,
+        before: Option<&str>,
+    ) -> Vec<Task> {
+        let state = self.state.lock().unwrap();
+        let Some(order) = state.order.get(queue) else {
+            return Vec::new();
+        };
+        let start = match before.and_then(|b| order.iter().position(|id| id == b)) {
+            Some(i) => i,
+            None if before.is_some() => return Vec::new(),
+            None => order.len(),
+        };
+        order[..start]
+            .iter()
+            .rev()
+            .filter_map(|id| state.tasks.get(id))
+            .filter(|e| e.task.user_id.as_deref() == owner)
+            .filter(|e| statuses.is_empty() || statuses.contains(&e.task.status))
+            .take(limit.clamp(1, LIST_MAX))
+            .map(|e| e.task.clone())
+            .collect()
+    }
+
+    /// Hands the oldest ready job of `queue` (due retries first become ready) to a worker.
+    pub fn take(&self, queue: &str, now: SystemTime) -> Option<Lease> {
+        let mut guard = self.state.lock().unwrap();
+        let state = &mut *guard;
+        let clock = Instant::now();
+        let due: Vec<(Instant, u64)> = state
+            .delayed
+            .range(..=(clock, u64::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in due {
+            if let Some(id) = state.delayed.remove(&key)
+                && let Some(entry) = state.tasks.get(&id)
+            {
+                let q = entry.task.queue.clone();
+                state.ready.entry(q).or_default().push_back(id);
+            }
+        }
+        // An id whose task can no longer start (it expired) is skipped.
+        while let Some(id) = state.ready.get_mut(queue)?.pop_front() {
+            let Some(entry) = state.tasks.get_mut(&id) else {
+                continue;
+            };
+            if entry.task.start(now).is_err() {
+                continue;
+            }
+            state.next_lease += 1;
+            let token = state.next_lease;
+            entry.lease = Some((token, clock + entry.settings.lease));
+            return Some(Lease {
+                task: entry.task.clone(),
+                token,
+            });
+        }
+        None
+    }
+
+    /// Progress from the worker holding `token`.
+    pub fn progress(
+        &self,
+        id: &str,
+        token: u64,
+        progress: Map<String, Value>,
+        now: SystemTime,
+    ) -> Result<Task, QueueError> {
+        self.step(id, token, |entry| {
+            entry.task.progress(progress, now)?;
+            Ok(None)
+        })
+    }
+
+    /// Success from the worker holding `token`.
+    pub fn succeed(
+        &self,
+        id: &str,
+        token: u64,
+        result: Value,
+        now: SystemTime,
+    ) -> Result<Task, QueueError> {
+        self.step(id, token, |entry| {
+            entry.task.succeed(result, now)?;
+            Ok(None)
+        })
+    }
+
+    /// A failed attempt from the worker holding `token`: retried after a backoff, or failed.
+    pub fn fail(
+        &self,
+        id: &str,
+        token: u64,
+        error: TaskError,
+        random: f64,
+        now: SystemTime,
+    ) -> Result<Task, QueueError> {
+        self.step(id, token, |entry| {
+            match entry
+                .task
+                .fail_attempt(error, &entry.settings, random, now)?
+            {
+                AfterFailure::RetryIn(delay) => Ok(Some(delay)),
+                AfterFailure::Failed => Ok(None),
+            }
+        })
+    }
+
+    /// Leases that lapsed (their worker died): each task's next attempt is queued at once, or
+    /// it is lost after `maxAttempts` deliveries. Returns the tasks that changed.
+    pub fn reap(&self, now: SystemTime) -> Vec<Task> {
+        let mut guard = self.state.lock().unwrap();
+        let state = &mut *guard;
+        let clock = Instant::now();
+        let mut changed = Vec::new();
+        for entry in state.tasks.values_mut() {
+            if entry.task.status != Status::Running
+                || entry.lease.is_none_or(|(_, until)| until > clock)
+            {
+                continue;
+            }
+            entry.lease = None;
+            if entry.task.worker_lost(now).is_ok() {
+                if entry.task.status == Status::Queued {
+                    state
+                        .ready
+                        .entry(entry.task.queue.clone())
+                        .or_default()
+                        .push_back(entry.task.id.clone());
+                } else {
+                    entry.expires = Some(clock + entry.settings.retention);
+                }
+                changed.push(entry.task.clone());
+            }
+        }
+        // Finished tasks past their retention go, with their idempotency keys.
+        let expired: Vec<String> = state
+            .tasks
+            .iter()
+            .filter(|(_, e)| e.expires.is_some_and(|at| at <= clock))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &expired {
+            if let Some(entry) = state.tasks.remove(id)
+                && let Some(order) = state.order.get_mut(&entry.task.queue)
+            {
+                order.retain(|t| t != id);
+            }
+        }
+        state.by_request.retain(|_, id| !expired.contains(id));
+        changed
+    }
+
+    /// Applies a worker's report if `token` is the task's current lease; `Some(delay)` from
+    /// `apply` schedules a retry.
+    fn step(
+        &self,
+        id: &str,
+        token: u64,
+        apply: impl FnOnce(&mut Entry) -> Result<Option<Duration>, StepError>,
+    ) -> Result<Task, QueueError> {
+        let mut guard = self.state.lock().unwrap();
+        let state = &mut *guard;
+        let entry = state.tasks.get_mut(id).ok_or(QueueError::NotFound)?;
+        if entry.lease.map(|(t, _)| t) != Some(token) {
+            return Err(QueueError::StaleLease);
+        }
+        let retry = apply(entry)?;
+        let clock = Instant::now();
+        if entry.task.status != Status::Running {
+            entry.lease = None;
+        }
+        if entry.task.status.is_final() {
+            entry.expires = Some(clock + entry.settings.retention);
+        }
+        let task = entry.task.clone();
+        if let Some(delay) = retry {
+            state.next_lease += 1;
+            let key = (clock + delay, state.next_lease);
+            state.delayed.insert(key, id.to_string());
+        }
+        Ok(task)
+    }
+}
+
+/// The task, if `owner` may see it: a user's own tasks, or any anonymous task for an
+/// anonymous owner.
+fn visible<'a>(state: &'a State, id: &str, owner: Owner<'_>) -> Result<&'a Entry, QueueError> {
+    state
+        .tasks
+        .get(id)
+        .filter(|e| e.task.user_id.as_deref() == owner)
+        .ok_or(QueueError::NotFound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::model::ErrorCode;
+    use serde_json::json;
+
+    fn settings(patch: Value) -> QueueSettings {
+        let mut spec = json!({"queue": "q", "leaseMs": 1000, "backoffMs": 0});
+        spec.as_object_mut()
+            .unwrap()
+            .extend(patch.as_object().unwrap().clone());
+        match crate::task::parse(&spec).unwrap() {
+            crate::registry::Handler::Task(t) => t.settings.unwrap(),
+            _ => unreachable!(),
+        }
+    }
+
+    const NOW: SystemTime = SystemTime::UNIX_EPOCH;
+
+    #[test]
+    fn enqueue_is_idempotent_per_owner_and_request_id() {
+        let q = EmbeddedQueues::default();
+        let s = settings(json!({}));
+        let a = q.enqueue("q", &s, Some("7"), "r1", json!({}), NOW).unwrap();
+        let again = q.enqueue("q", &s, Some("7"), "r1", json!({}), NOW).unwrap();
+        assert_eq!(a.id, again.id, "same user, same request id: same task");
+        let other = q.enqueue("q", &s, Some("8"), "r1", json!({}), NOW).unwrap();
+        assert_ne!(a.id, other.id, "another user: another task");
+        let anon = q.enqueue("q", &s, None, "r1", json!({}), NOW).unwrap();
+        assert_ne!(anon.id, a.id);
+    }
+
+    #[test]
+    fn users_see_only_their_own_tasks() {
+        let q = EmbeddedQueues::default();
+        let s = settings(json!({}));
+        let t = q.enqueue("q", &s, Some("7"), "r", json!({}), NOW).unwrap();
+        assert!(q.get(&t.id, Some("7")).is_ok());
+        assert_eq!(q.get(&t.id, Some("8")), Err(QueueError::NotFound));
+        assert_eq!(q.get(&t.id, None), Err(QueueError::NotFound));
+        assert_eq!(q.cancel(&t.id, Some("8"), NOW), Err(QueueError::NotFound));
+        assert_eq!(q.get("nope", Some("7")), Err(QueueError::NotFound));
+        let anon = q.enqueue("q", &s, None, "r", json!({}), NOW).unwrap();
+        assert!(
+            q.get(&anon.id, None).is_ok(),
+            "any anonymous connection that knows the id"
+        );
+    }
+
+    #[test]
+    fn the_per_user_limit_counts_active_tasks() {
+        let q = EmbeddedQueues::default();
+        let s = settings(json!({"perUserLimit": 2}));
+        let first = q.enqueue("q", &s, Some("7"), "a", json!({}), NOW).unwrap();
+        q.enqueue("q", &s, Some("7"), "b", json!({}), NOW).unwrap();
+        assert_eq!(
+            q.enqueue("q", &s, Some("7"), "c", json!({}), NOW),
+            Err(QueueError::LimitReached(2))
+        );
+        q.cancel(&first.id, Some("7"), NOW).unwrap();
+        assert!(q.enqueue("q", &s, Some("7"), "c", json!({}), NOW).is_ok());
+    }
+
+    #[test]
+    fn workers_run_jobs_and_stale_leases_are_refused() {
+        let q = EmbeddedQueues::default();
+        let s = settings(json!({}));
+        let t = q
+            .enqueue("q", &s, Some("7"), "r", json!({"n": 1}), NOW)
+            .unwrap();
+        let lease = q.take("q", NOW).unwrap();
+        assert_eq!(
+            (lease.task.id.as_str(), lease.task.status),
+            (t.id.as_str(), Status::Running)
+        );
+        assert!(q.take("q", NOW).is_none(), "nothing else is ready");
+        let progress = json!({"percent": 50}).as_object().unwrap().clone();
+        q.progress(&t.id, lease.token, progress, NOW).unwrap();
+        assert_eq!(
+            q.succeed(&t.id, lease.token + 1, json!(1), NOW),
+            Err(QueueError::StaleLease)
+        );
+        let done = q
+            .succeed(&t.id, lease.token, json!({"ok": true}), NOW)
+            .unwrap();
+        assert_eq!((done.status, done.attempts), (Status::Succeeded, 1));
+        assert_eq!(q.cancel(&t.id, Some("7"), NOW), Err(QueueError::Conflict));
+    }
+
+    #[test]
+    fn failures_are_retried_then_fail_and_lapsed_leases_are_reaped() {
+        let q = EmbeddedQueues::default();
+        let s = settings(json!({"maxAttempts": 2}));
+        let t = q.enqueue("q", &s, None, "r", json!({}), NOW).unwrap();
+        let error = || TaskError {
+            code: ErrorCode::Failed,
+            message: "exit 1".into(),
+        };
+        let lease = q.take("q", NOW).unwrap();
+        let after = q.fail(&t.id, lease.token, error(), 0.5, NOW).unwrap();
+        assert_eq!(after.status, Status::Delayed);
+        let lease = q.take("q", NOW).expect("a zero backoff is due at once");
+        let after = q.fail(&t.id, lease.token, error(), 0.5, NOW).unwrap();
+        assert_eq!((after.status, after.attempts), (Status::Failed, 2));
+
+        // A worker that dies holding its job: the lease lapses and the job is queued again.
+        let s = settings(json!({"maxAttempts": 2, "leaseMs": 1000}));
+        let t = q.enqueue("q", &s, None, "r2", json!({}), NOW).unwrap();
+        let first = q.take("q", NOW).unwrap();
+        std::thread::sleep(Duration::from_millis(1050));
+        let changed = q.reap(NOW);
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].status, Status::Queued);
+        assert_eq!(
+            q.succeed(&t.id, first.token, json!(1), NOW),
+            Err(QueueError::StaleLease),
+            "the late finish of the dead worker's lease is refused"
+        );
+        let second = q.take("q", NOW).unwrap();
+        assert_eq!(second.task.attempts, 2);
+    }
+
+    #[test]
+    fn list_is_newest_first_filtered_and_paged() {
+        let q = EmbeddedQueues::default();
+        let s = settings(json!({}));
+        let ids: Vec<String> = (0..5)
+            .map(|i| {
+                q.enqueue("q", &s, Some("7"), &i.to_string(), json!({}), NOW)
+                    .unwrap()
+                    .id
+            })
+            .collect();
+        q.enqueue("q", &s, Some("8"), "x", json!({}), NOW).unwrap();
+        q.cancel(&ids[1], Some("7"), NOW).unwrap();
+        let all = q.list("q", Some("7"), &[], 20, None);
+        assert_eq!(
+            all.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+            ids.iter().rev().map(String::as_str).collect::<Vec<_>>()
+        );
+        let page = q.list("q", Some("7"), &[], 2, Some(&ids[3]));
+        assert_eq!(
+            page.iter().map(|t| &t.id).collect::<Vec<_>>(),
+            vec![&ids[2], &ids[1]]
+        );
+        let cancelled = q.list("q", Some("7"), &[Status::Cancelled], 20, None);
+        assert_eq!(cancelled.len(), 1);
+        assert!(q.list("other", Some("7"), &[], 20, None).is_empty());
+    }
+}
