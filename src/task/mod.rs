@@ -9,6 +9,7 @@
 
 mod embedded;
 mod model;
+pub mod runner;
 mod spec;
 
 pub use embedded::{EmbeddedQueues, LIST_DEFAULT, LIST_MAX, Lease, QueueError};
