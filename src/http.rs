@@ -164,7 +164,8 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
 }
 
 fn readyz(app: &App) -> Response {
-    let bus = app.hub.bus().status().as_str();
+    let status = app.hub.bus().status();
+    let bus = status.as_str();
     if app.lifecycle.is_draining() {
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -179,7 +180,7 @@ fn readyz(app: &App) -> Response {
             &json!({"status": "failed", "bus": bus, "reason": reason}),
         );
     }
-    let status = if bus == BusStatus::Disconnected.as_str() {
+    let status = if status == BusStatus::Disconnected {
         "degraded"
     } else {
         "ok"

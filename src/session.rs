@@ -238,14 +238,19 @@ impl Session {
     /// counted in the metrics.
     fn refuse(&self, req: &Request, err: ActionError) {
         if req.builtin.is_none() {
-            let label = if self.app.registry.get(&req.name).is_some() {
-                req.name.as_str()
-            } else {
-                "unknown"
-            };
-            self.app.metrics.action(label, err.code.as_str());
+            self.count_refusal(req, &err);
         }
         self.send(protocol::failure(&req.name, &req.request_id, &err));
+    }
+
+    /// Counts a refused request under its manifest name, or `unknown` (labels stay bounded).
+    fn count_refusal(&self, req: &Request, err: &ActionError) {
+        let label = if self.app.registry.get(&req.name).is_some() {
+            req.name.as_str()
+        } else {
+            "unknown"
+        };
+        self.app.metrics.action(label, err.code.as_str());
     }
 
     fn on_text(&mut self, text: &str, rate_limited: bool) {
@@ -261,13 +266,8 @@ impl Session {
                     self.app.config.rate_per_sec
                 ),
             );
-            // Counted like a manifest request whatever it was, as before commands existed.
-            let label = if self.app.registry.get(&req.name).is_some() {
-                req.name.as_str()
-            } else {
-                "unknown"
-            };
-            self.app.metrics.action(label, err.code.as_str());
+            // Counted whatever it was, built-ins included, as before commands existed.
+            self.count_refusal(&req, &err);
             return self.send(protocol::failure(&req.name, &req.request_id, &err));
         }
         let allowed = Allowed {

@@ -105,6 +105,7 @@ pub fn parse(spec: &Value) -> Result<Handler, String> {
             crate::error::clip(&raw.queue)
         ));
     }
+    // Every setting; the last three go with `command` only.
     let settings = [
         ("maxAttempts", raw.max_attempts.is_some()),
         ("timeoutMs", raw.timeout_ms.is_some()),
@@ -117,8 +118,10 @@ pub fn parse(spec: &Value) -> Result<Handler, String> {
         ("graceMs", raw.grace_ms.is_some()),
         ("outputLimitBytes", raw.output_limit_bytes.is_some()),
     ];
+    let first_set =
+        |keys: &[(&'static str, bool)]| keys.iter().find(|(_, set)| *set).map(|(k, _)| *k);
     if raw.op != Op::Enqueue {
-        if let Some((key, _)) = settings.iter().find(|(_, set)| *set) {
+        if let Some(key) = first_set(&settings) {
             return Err(format!(
                 "`task.{key}` is a setting of the queue: give it on the queue's `enqueue` action"
             ));
@@ -131,14 +134,7 @@ pub fn parse(spec: &Value) -> Result<Handler, String> {
     }
     let command = match raw.command {
         None => {
-            if let Some(key) = [
-                ("concurrency", raw.concurrency.is_some()),
-                ("graceMs", raw.grace_ms.is_some()),
-                ("outputLimitBytes", raw.output_limit_bytes.is_some()),
-            ]
-            .iter()
-            .find_map(|(k, set)| set.then_some(*k))
-            {
+            if let Some(key) = first_set(&settings[7..]) {
                 return Err(format!("`task.{key}` goes with `task.command`"));
             }
             None

@@ -113,7 +113,7 @@ impl Driver for LocalRedis {
             redis: self.clone(),
             id,
         };
-        let stream = tokio_stream_of(rx);
+        let stream = stream_of(rx);
         ready(Ok((
             Box::new(subscriptions) as Box<dyn Subscriptions>,
             stream,
@@ -151,7 +151,7 @@ impl Driver for LocalRedis {
 }
 
 /// The messages of one connection, ending when the server drops it.
-fn tokio_stream_of(mut rx: mpsc::UnboundedReceiver<Msg>) -> BoxStream<'static, Msg> {
+fn stream_of(mut rx: mpsc::UnboundedReceiver<Msg>) -> BoxStream<'static, Msg> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
 }
 

@@ -370,10 +370,7 @@ impl Worker {
         &mut self,
     ) -> Result<(Box<dyn Subscriptions>, BoxStream<'static, Msg>), DriverError> {
         let rooms = self.rooms.room_names();
-        let channels: Vec<String> = rooms
-            .iter()
-            .map(|r| format!("{}{r}", self.room_prefix))
-            .collect();
+        let channels = self.channels(&rooms);
         let connect = self.driver.connect(self.task_pattern.clone(), channels);
         let (subscriptions, stream) = tokio::time::timeout(OP_TIMEOUT * 2, connect)
             .await
@@ -452,12 +449,7 @@ impl Worker {
                 active.remove(room);
             }
         }
-        let channels = |rooms: &[String]| {
-            rooms
-                .iter()
-                .map(|r| format!("{}{r}", self.room_prefix))
-                .collect::<Vec<_>>()
-        };
+        let channels = |rooms: &[String]| self.channels(rooms);
         let result = async {
             if !add.is_empty() {
                 sink.subscribe(channels(&add)).await?;
@@ -481,6 +473,14 @@ impl Worker {
             answer(s, outcome.clone().map_err(BusError::Unavailable));
         }
         outcome
+    }
+
+    /// The channels of `rooms`.
+    fn channels(&self, rooms: &[String]) -> Vec<String> {
+        rooms
+            .iter()
+            .map(|r| format!("{}{r}", self.room_prefix))
+            .collect()
     }
 
     fn on_message(&mut self, msg: Msg) {
