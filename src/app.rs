@@ -15,6 +15,8 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::rooms::{ConnId, Rooms};
+use crate::task::worker::Worker;
+use crate::task::{EmbeddedQueues, Publish, Queue, Task};
 use crate::upstream;
 
 /// Why an instance cannot start with this configuration.
@@ -29,11 +31,11 @@ pub enum StartError {
     /// A URL the HTTP client cannot use.
     #[error("{0}: {1}")]
     BadUrl(&'static str, String),
-    /// A `task` action, which needs the task manager.
+    /// A `task` action with Redis configured: the Redis queue is not built yet.
     #[error(
-        "action {0} is a `task` action: the task manager is not in this version of patchbay; remove the task actions"
+        "action {0} is a `task` action: with PATCHBAY_REDIS_URL set it needs the Redis task queue, which is not in this version yet; run without Redis (the embedded queue) or remove the task actions"
     )]
-    TaskManagerMissing(String),
+    RedisTaskQueueMissing(String),
 }
 
 /// Everything a connection or an HTTP route needs, shared behind an `Arc`.
@@ -54,7 +56,31 @@ pub struct App {
     pub lifecycle: Lifecycle,
     /// Prometheus metrics.
     pub metrics: Metrics,
+    /// The embedded task queue, when some action is a `task` action and Redis is not set.
+    embedded: Option<Arc<EmbeddedQueues>>,
     next_conn_id: AtomicU64,
+}
+
+/// How often the embedded queue looks for lapsed leases and expired tasks.
+const REAP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Publishes each change of an embedded task to this instance's rooms, synchronously (the
+/// queue calls it under its lock, so changes leave in order).
+fn publisher(hub: &Arc<Hub>) -> Publish {
+    let hub = hub.clone();
+    Box::new(move |task: &Task| {
+        let rooms = crate::task::progress_rooms(task);
+        let delivery = hub
+            .rooms()
+            .deliver(&rooms, &crate::task::progress_action(task));
+        hub.bus().counters().count(delivery);
+    })
+}
+
+/// A name for this process's workers: unique among every worker of a queue.
+fn worker_id() -> String {
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{}-{}", std::process::id(), &random[..8])
 }
 
 impl App {
@@ -64,8 +90,10 @@ impl App {
         if registry.needs_api_url() && config.api_url.is_none() {
             return Err(StartError::MissingApiUrl);
         }
-        if let Some(action) = registry.first_task_action() {
-            return Err(StartError::TaskManagerMissing(action.to_string()));
+        if let Some(action) = registry.first_task_action()
+            && config.redis_url.is_some()
+        {
+            return Err(StartError::RedisTaskQueueMissing(action.to_string()));
         }
         let rooms = Arc::new(Rooms::default());
         let bus: Arc<dyn Bus> = match &config.redis_url {
@@ -91,6 +119,11 @@ impl App {
         let api = base("PATCHBAY_API_URL", &config.api_url)?;
         let auth = base("PATCHBAY_AUTH_URL", &config.auth_url)?;
         let lifecycle = Lifecycle::default();
+        let hub = Arc::new(Hub::new(rooms.clone(), bus.clone()));
+        let embedded = registry
+            .first_task_action()
+            .map(|_| Arc::new(EmbeddedQueues::new(publisher(&hub))));
+        let tasks = embedded.clone().map(|q| q as Arc<dyn Queue>);
         let authenticator = Authenticator::new(
             config
                 .jwt_secret
@@ -102,14 +135,47 @@ impl App {
         Ok(Arc::new(App {
             metrics: Metrics::new(lifecycle.connections.clone(), rooms.clone(), bus.clone()),
             lifecycle,
-            dispatcher: Dispatcher::new(api, client),
+            dispatcher: Dispatcher::new(api, client, tasks),
             authenticator,
             room_tokens: RoomTokens::new(&config.room_secret),
             config,
             registry,
-            hub: Arc::new(Hub::new(rooms, bus)),
+            hub,
+            embedded,
             next_conn_id: AtomicU64::new(1),
         }))
+    }
+
+    /// Starts what runs beside the connections: the embedded queue's reaper and the workers
+    /// of every queue with a `command`. They stop when [`Lifecycle::stop_workers`] is called.
+    pub fn start_background(self: &Arc<Self>) {
+        let Some(queue) = self.dispatcher.tasks() else {
+            return;
+        };
+        let stop = self.lifecycle.workers_stop.clone();
+        if let Some(embedded) = &self.embedded {
+            let embedded = embedded.clone();
+            let stop = stop.clone();
+            self.lifecycle.workers.spawn(async move {
+                let mut every = tokio::time::interval(REAP_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = every.tick() => { embedded.reap(std::time::SystemTime::now()); }
+                    }
+                }
+            });
+        }
+        for (name, command) in self.registry.task_commands() {
+            let worker = Worker {
+                queue: queue.clone(),
+                name: name.to_string(),
+                command: command.clone(),
+                id: format!("{}-{name}", worker_id()),
+                watchdog: crate::task::watchdog::for_this_process(),
+            };
+            self.lifecycle.workers.spawn(worker.run(stop.clone()));
+        }
     }
 
     /// A fresh process-local connection id.
@@ -127,6 +193,10 @@ pub struct Lifecycle {
     sessions: TaskTracker,
     /// Open websocket connections, for `PATCHBAY_MAX_CONNECTIONS`.
     connections: Arc<AtomicUsize>,
+    /// The task workers and the embedded queue's reaper.
+    workers: TaskTracker,
+    /// Stops them.
+    workers_stop: CancellationToken,
 }
 
 impl Lifecycle {
@@ -149,6 +219,13 @@ impl Lifecycle {
     /// The tracker session tasks are spawned on.
     pub fn sessions(&self) -> &TaskTracker {
         &self.sessions
+    }
+
+    /// Stops the task workers (running jobs are handed back) and waits for them.
+    pub async fn stop_workers(&self) {
+        self.workers_stop.cancel();
+        self.workers.close();
+        self.workers.wait().await;
     }
 
     /// Takes a connection slot, or `None` when `max` connections are open.
@@ -193,16 +270,23 @@ mod tests {
         assert!(l.try_connect(2).is_some());
     }
 
-    #[test]
-    fn task_actions_stop_start_up_until_the_task_manager_exists() {
-        let r = Registry::from_sources([(
-            std::path::Path::new("a.json"),
-            r#"{"EXPORT_START":{"task":{"queue":"exports"}}}"#,
-        )])
-        .unwrap();
-        let e = App::new(Config::default(), r).err().expect("refused");
+    #[tokio::test]
+    async fn task_actions_with_redis_wait_for_the_redis_queue() {
+        let r = || {
+            Registry::from_sources([(
+                std::path::Path::new("a.json"),
+                r#"{"EXPORT_START":{"task":{"queue":"exports"}}}"#,
+            )])
+            .unwrap()
+        };
+        assert!(App::new(Config::default(), r()).is_ok(), "embedded");
+        let config = Config {
+            redis_url: Some("redis://127.0.0.1:1".into()),
+            ..Config::default()
+        };
+        let e = App::new(config, r()).err().expect("refused");
         assert!(
-            matches!(e, StartError::TaskManagerMissing(ref a) if a == "EXPORT_START"),
+            matches!(e, StartError::RedisTaskQueueMissing(ref a) if a == "EXPORT_START"),
             "{e}"
         );
     }

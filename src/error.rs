@@ -27,6 +27,12 @@ pub enum Code {
     UpstreamTimeout,
     /// The upstream answered with a non-2xx status, or an unusable body.
     UpstreamError,
+    /// No such task, or not this user's (the two are not told apart).
+    NotFound,
+    /// The task has already finished (a cancel came too late).
+    Conflict,
+    /// The user has as many active tasks on the queue as its `perUserLimit`.
+    LimitReached,
     /// A bug or an unexpected condition in patchbay.
     Internal,
 }
@@ -43,6 +49,9 @@ impl Code {
             Code::UpstreamUnavailable => "upstream_unavailable",
             Code::UpstreamTimeout => "upstream_timeout",
             Code::UpstreamError => "upstream_error",
+            Code::NotFound => "not_found",
+            Code::Conflict => "conflict",
+            Code::LimitReached => "limit_reached",
             Code::Internal => "internal",
         }
     }

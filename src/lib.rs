@@ -102,5 +102,6 @@ pub fn start(config: Config) -> Result<Server, Error> {
     let addr = config.listen;
     let app = App::new(config, registry)?;
     let listener = server::bind(addr).map_err(|source| Error::Bind { addr, source })?;
+    app.start_background();
     Ok(Server { app, listener })
 }

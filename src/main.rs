@@ -9,6 +9,10 @@ fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     match (args.next().as_deref(), args.next()) {
         (None | Some("serve"), None) => {}
+        // Started by this binary itself, to take job processes down with a worker that dies.
+        (Some(patchbay::task::watchdog::ARG), None) => {
+            return ExitCode::from(patchbay::task::watchdog::serve() as u8);
+        }
         (Some("-h" | "--help" | "help"), _) => {
             println!(
                 "usage: patchbay [serve]\n\nConfigured with PATCHBAY_* environment variables (and ./.env); see .env.example."
@@ -41,6 +45,9 @@ fn main() -> ExitCode {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::debug!(limit = n, "open-file limit raised"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+    if let Ok(program) = std::env::current_exe() {
+        patchbay::task::watchdog::use_program(program);
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

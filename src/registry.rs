@@ -241,7 +241,25 @@ impl Registry {
             .any(|a| matches!(a.handler, Handler::Http(_)))
     }
 
-    /// The first `task` action, if any (this version cannot run them yet).
+    /// Each queue whose enqueue action has a `command`, with that command.
+    pub fn task_commands(&self) -> Vec<(&str, &crate::task::CommandSpec)> {
+        let mut commands: Vec<_> = self
+            .actions
+            .values()
+            .filter_map(|a| match &a.handler {
+                Handler::Task(t) => t
+                    .settings
+                    .as_ref()
+                    .and_then(|s| s.command.as_ref())
+                    .map(|c| (t.queue.as_str(), c)),
+                Handler::Http(_) => None,
+            })
+            .collect();
+        commands.sort_by_key(|(q, _)| *q);
+        commands
+    }
+
+    /// The first `task` action by name, if any.
     pub fn first_task_action(&self) -> Option<&str> {
         let mut names: Vec<&str> = self
             .actions
@@ -349,6 +367,20 @@ fn parse_spec(name: &str, spec: &Value) -> Result<ActionSpec, String> {
                 "`subscribe` must be a room template string, not {v}"
             ));
         }
+    };
+    // A task's enqueue joins the task's room by itself.
+    let subscribe = match &handler {
+        Handler::Task(task) => {
+            if subscribe.is_some() {
+                return Err(
+                    "`subscribe` is not for `task` actions: an enqueue joins `task:<id>` by itself"
+                        .into(),
+                );
+            }
+            (task.op == crate::task::Op::Enqueue)
+                .then(|| Template::parse("task:{id}").expect("a valid template"))
+        }
+        Handler::Http(_) => subscribe,
     };
     Ok(ActionSpec {
         name: name.to_string(),

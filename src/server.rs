@@ -86,6 +86,8 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
         }
     }
     drop(listener);
+    // Jobs still running go back to the queue for another worker.
+    app.lifecycle.stop_workers().await;
     http_stop.cancel();
     http_conns.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), http_conns.wait()).await;

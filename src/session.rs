@@ -312,6 +312,9 @@ impl Session {
             self.grants.insert(room);
         }
         self.send(outcome.reply);
+        if let Some(then) = outcome.then {
+            self.send(then);
+        }
     }
 }
 

@@ -4,42 +4,17 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::*;
-use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use patchbay::Config;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Error as WsError;
 
-const SECRET: &str = "the jwt secret of this test suite";
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn jwt(claims: Value) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
 fn user_token(sub: &str, rooms: &[&str]) -> String {
     jwt(json!({"sub": sub, "exp": now() + 600, "rooms": rooms}))
-}
-
-/// JWT auth, with anonymous access off as the configuration defaults it when auth is set.
-fn with_jwt(c: &mut Config) {
-    c.jwt_secret = Some(SECRET.into());
-    c.allow_anonymous = false;
 }
 
 /// The HTTP status of a refused handshake.

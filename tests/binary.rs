@@ -205,3 +205,66 @@ async fn sigterm_closes_clients_with_1001_and_exits_0() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// Whether process `pid` still runs (a zombie does not count).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim().to_string())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z'))
+}
+
+#[tokio::test]
+async fn a_killed_patchbay_takes_its_jobs_process_groups_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    // The job and a grandchild that ignores SIGTERM each note their pid, then wait.
+    let script = format!(
+        "echo $$ >> {p}; (trap '' TERM; sleep 60) & echo $! >> {p}; wait",
+        p = pids.display()
+    );
+    let manifest = serde_json::json!({
+        "JOB_START": {"task": {"queue": "q", "command": ["/bin/sh", "-c", script]}}
+    });
+    std::fs::write(dir.path().join("jobs.json"), manifest.to_string()).unwrap();
+    let (mut child, addr) = spawn_listening(dir.path().to_str().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        r#"{"type":"JOB_START_REQUEST","meta":{"requestId":"r1"}}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let job_pids: Vec<u32> = loop {
+        let text = std::fs::read_to_string(&pids).unwrap_or_default();
+        let found: Vec<u32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        if found.len() == 2 {
+            break found;
+        }
+        assert!(started.elapsed() < WAIT, "the job started: {text:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(job_pids.iter().all(|&p| alive(p)));
+
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    let killed = std::time::Instant::now();
+    while job_pids.iter().any(|&p| alive(p)) && killed.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        job_pids.iter().all(|&p| !alive(p)),
+        "the job and its grandchild died with patchbay"
+    );
+    assert!(
+        killed.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        killed.elapsed()
+    );
+}

@@ -28,6 +28,7 @@ pub fn run(
     let app = app.clone();
     let user = peer.identity.user_id.clone();
     let ctx = CallContext {
+        user: user.clone(),
         request_id,
         forwarded: peer.forwarded.clone(),
     };
@@ -48,6 +49,7 @@ pub fn run(
                     tracing::debug!(elapsed_ms, code = ?e.code, "failed");
                     Outcome {
                         reply: protocol::failure(&spec.name, &ctx.request_id, &e),
+                        then: None,
                         granted: None,
                         action: true,
                     }
@@ -75,6 +77,7 @@ async fn succeed(
     mut success: Success,
 ) -> Outcome {
     let mut granted = None;
+    let mut then = None;
     if let Some(room) = subscribe_room(spec, &success) {
         match app.hub.join(conn, &room, app.config.max_rooms) {
             Ok(join) => {
@@ -88,6 +91,7 @@ async fn succeed(
                 if let Err(e) = join.confirmed.await {
                     tracing::warn!(%room, error = %e, "the bus could not confirm a subscription");
                 }
+                then = super::room::snapshot(app, &room, user).await;
                 granted = Some(room);
             }
             Err(e) => tracing::warn!(%room, error = %e, "cannot join the `subscribe` room"),
@@ -95,6 +99,7 @@ async fn succeed(
     }
     Outcome {
         reply: protocol::success(&spec.name, &request_id, &success.payload, success.meta),
+        then,
         granted,
         action: true,
     }

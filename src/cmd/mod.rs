@@ -77,6 +77,8 @@ pub struct Parsed {
 pub struct Outcome {
     /// The reply to write.
     pub reply: String,
+    /// A frame to write right after the reply: a task's state when its room was joined.
+    pub then: Option<String>,
     /// A room granted on this connection (an action's `subscribe`): it may be joined again
     /// without a token.
     pub granted: Option<String>,
@@ -89,6 +91,7 @@ impl Outcome {
     fn reply(reply: String) -> Outcome {
         Outcome {
             reply,
+            then: None,
             granted: None,
             action: false,
         }
@@ -152,7 +155,10 @@ impl Parsed {
                 &json!({}),
                 Map::new(),
             )),
-            Command::Subscribe { room } => room::subscribe(app, conn, room, name, request_id),
+            Command::Subscribe { room } => {
+                let user = peer.identity.user_id.clone();
+                room::subscribe(app, conn, user, room, name, request_id)
+            }
             Command::Unsubscribe { room } => room::unsubscribe(app, conn, room, name, request_id),
             Command::Action { spec } => action::run(app, conn, peer, spec, payload, request_id),
         }

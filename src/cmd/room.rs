@@ -61,6 +61,7 @@ pub fn parse_subscribe(
 pub fn subscribe(
     app: &Arc<App>,
     conn: ConnId,
+    user: Option<String>,
     room: String,
     name: String,
     request_id: String,
@@ -90,13 +91,34 @@ pub fn subscribe(
             .with_status(503);
             return Outcome::reply(protocol::failure(&name, &request_id, &err));
         }
-        Outcome::reply(protocol::success(
+        let mut outcome = Outcome::reply(protocol::success(
             &name,
             &request_id,
             &json!({ "room": room }),
             Map::new(),
-        ))
+        ));
+        outcome.then = snapshot(&app, &room, user.as_deref()).await;
+        outcome
     }))
+}
+
+/// The state of the task whose room `room` is, as the `TASK_PROGRESS` a connection gets
+/// right after joining it, so a job that ended before the join still reaches the client.
+/// `None` for other rooms, and for tasks of another owner or of an external task manager.
+pub async fn snapshot(app: &App, room: &str, user: Option<&str>) -> Option<String> {
+    let id = room.strip_prefix("task:")?;
+    let queue = app.dispatcher.tasks()?;
+    match queue.get("", id, user).await {
+        Ok(task) => Some(protocol::server_action_for_room(
+            &crate::task::progress_action(&task),
+            room,
+        )),
+        Err(crate::task::QueueError::NotFound) => None,
+        Err(e) => {
+            tracing::debug!(%room, error = %e, "no snapshot for the task room");
+            None
+        }
+    }
 }
 
 /// Leaves `room` now; answers once the bus is unsubscribed (when this was its last member).

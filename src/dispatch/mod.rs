@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{ActionError, Code};
 use crate::registry::{ActionSpec, Handler};
+use crate::task::Queue;
 use crate::upstream::{Base, Client};
 
 pub use http::HttpDispatcher;
@@ -28,6 +29,8 @@ pub struct Success {
 /// What a handler knows about the request beyond its payload.
 #[derive(Debug, Clone)]
 pub struct CallContext {
+    /// The connection's user (`None` for an anonymous connection): a task's owner.
+    pub user: Option<String>,
     /// The request id: sent upstream as `X-Request-Id` and `Idempotency-Key`.
     pub request_id: String,
     /// The handshake headers named in `PATCHBAY_FORWARD_HEADERS`.
@@ -35,17 +38,25 @@ pub struct CallContext {
 }
 
 /// Runs actions of every handler kind.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Dispatcher {
     http: HttpDispatcher,
+    tasks: Option<Arc<dyn Queue>>,
 }
 
 impl Dispatcher {
-    /// A dispatcher calling the REST API at `api` (if any) with the process's `client`.
-    pub fn new(api: Option<Base>, client: Client) -> Dispatcher {
+    /// A dispatcher calling the REST API at `api` (if any) with the process's `client`, and
+    /// running `task` actions on `tasks` (present whenever some action is a `task` action).
+    pub fn new(api: Option<Base>, client: Client, tasks: Option<Arc<dyn Queue>>) -> Dispatcher {
         Dispatcher {
             http: HttpDispatcher::new(api, client),
+            tasks,
         }
+    }
+
+    /// The task queues, when some action is a `task` action.
+    pub fn tasks(&self) -> Option<&Arc<dyn Queue>> {
+        self.tasks.as_ref()
     }
 
     /// Validates the payload, then runs the action.
@@ -58,10 +69,19 @@ impl Dispatcher {
         check_payload(spec, payload)?;
         match &spec.handler {
             Handler::Http(http) => self.http.call(http, spec.timeout, payload, ctx).await,
-            // An instance with task actions does not start in this version (see `App::new`).
-            Handler::Task(_) => Err(ActionError::internal(
-                "a task action ran, but this version has no task manager",
-            )),
+            Handler::Task(task) => {
+                let queue = self.tasks.as_deref().ok_or_else(|| {
+                    ActionError::internal("a task action ran without a task queue")
+                })?;
+                let value =
+                    crate::task::run(queue, task, ctx.user.as_deref(), &ctx.request_id, payload)
+                        .await?;
+                Ok(Success {
+                    payload: serde_json::value::to_raw_value(&value)
+                        .map_err(ActionError::internal)?,
+                    meta: Map::new(),
+                })
+            }
         }
     }
 }

@@ -2,55 +2,23 @@
 //! instance (a restart loses it, as documented). The same rules as the Redis queue, from
 //! [`super::model`]; what it adds is bookkeeping: idempotent enqueue per user and request id,
 //! the per-user limit, who may see a task, listing, delayed retries, leases and retention.
-//!
-//! Not yet wired to actions: the session's dispatch and the command runner come next.
+//! Every change is published while the queue's lock is held, so `TASK_PROGRESS` leaves in the
+//! order the changes happened.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::future::{BoxFuture, FutureExt, ready};
 use serde_json::{Map, Value};
+use tokio::sync::Notify;
 
 use super::QueueSettings;
-use super::model::{AfterFailure, Status, StepError, Task, TaskError};
+use super::model::{AfterFailure, Status, StepError, Task};
+use super::queue::{Finish, LIST_MAX, Lease, ListQuery, NewJob, Owner, Queue, QueueError, Renewal};
 
-/// Most tasks `list` returns, and its default.
-pub const LIST_MAX: usize = 100;
-/// `list`'s default page size.
-pub const LIST_DEFAULT: usize = 20;
-
-/// Why a queue operation is refused (each maps to a failure code).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum QueueError {
-    /// No such task, or not this user's (the two are not told apart): `not_found`.
-    #[error("no such task")]
-    NotFound,
-    /// The task has finished: `conflict`.
-    #[error("the task has already finished")]
-    Conflict,
-    /// The user has `perUserLimit` active tasks: `limit_reached`.
-    #[error("at most {0} active tasks per user on this queue")]
-    LimitReached(u32),
-    /// The worker's lease is not the task's current one (it was re-run elsewhere).
-    #[error("this worker no longer holds the task")]
-    StaleLease,
-    /// A step the task's state does not allow.
-    #[error(transparent)]
-    Step(#[from] StepError),
-}
-
-/// Who asks: a user, or an anonymous connection (whose tasks any anonymous connection that
-/// knows the id may read or cancel).
-pub type Owner<'a> = Option<&'a str>;
-
-/// A job handed to a worker: the task and the lease that fences its reports.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Lease {
-    /// The task as it is now (running).
-    pub task: Task,
-    /// Fences every report: only the holder of the current lease may report.
-    pub token: u64,
-}
+/// Called with every changed task, under the queue's lock: publishes its `TASK_PROGRESS`.
+pub type Publish = Box<dyn Fn(&Task) + Send + Sync>;
 
 #[derive(Default)]
 struct State {
@@ -79,24 +47,34 @@ struct Entry {
 pub struct EmbeddedQueues {
     /// `std` lock: every operation is a few map updates, never an `.await`.
     state: Mutex<State>,
+    /// Publishes each change; none in unit tests.
+    publish: Option<Publish>,
+    /// Woken when a job may have become ready.
+    ready: Notify,
 }
 
 impl EmbeddedQueues {
+    /// Queues that publish every change with `publish`.
+    pub fn new(publish: Publish) -> EmbeddedQueues {
+        EmbeddedQueues {
+            publish: Some(publish),
+            ..EmbeddedQueues::default()
+        }
+    }
+
+    fn changed(&self, task: &Task) {
+        if let Some(publish) = &self.publish {
+            publish(task);
+        }
+    }
+
     /// Starts a job, or returns the task this owner already started with this request id.
-    pub fn enqueue(
-        &self,
-        queue: &str,
-        settings: &QueueSettings,
-        owner: Owner<'_>,
-        request_id: &str,
-        params: Value,
-        now: SystemTime,
-    ) -> Result<Task, QueueError> {
+    pub fn enqueue(&self, job: NewJob<'_>, now: SystemTime) -> Result<Task, QueueError> {
         let mut state = self.state.lock().unwrap();
         let key = (
-            queue.to_string(),
-            owner.map(str::to_string),
-            request_id.to_string(),
+            job.queue.to_string(),
+            job.owner.map(str::to_string),
+            job.request_id.to_string(),
         );
         if let Some(task) = state
             .by_request
@@ -105,34 +83,34 @@ impl EmbeddedQueues {
         {
             return Ok(task.task.clone());
         }
-        if owner.is_some() {
+        if job.owner.is_some() {
             let active = state
                 .tasks
                 .values()
                 .filter(|e| {
-                    e.task.queue == queue
-                        && e.task.user_id.as_deref() == owner
+                    e.task.queue == job.queue
+                        && e.task.user_id.as_deref() == job.owner
                         && !e.task.status.is_final()
                 })
                 .count();
-            if active >= settings.per_user_limit as usize {
-                return Err(QueueError::LimitReached(settings.per_user_limit));
+            if active >= job.settings.per_user_limit as usize {
+                return Err(QueueError::LimitReached(job.settings.per_user_limit));
             }
         }
         let id = uuid::Uuid::new_v4().to_string();
         let task = Task::new(
             id.clone(),
-            queue,
-            owner.map(str::to_string),
-            params,
-            settings,
+            job.queue,
+            job.owner.map(str::to_string),
+            job.params,
+            job.settings,
             now,
         );
         state.tasks.insert(
             id.clone(),
             Entry {
                 task: task.clone(),
-                settings: settings.clone(),
+                settings: job.settings.clone(),
                 lease: None,
                 expires: None,
             },
@@ -140,14 +118,17 @@ impl EmbeddedQueues {
         state.by_request.insert(key, id.clone());
         state
             .order
-            .entry(queue.to_string())
+            .entry(job.queue.to_string())
             .or_default()
             .push(id.clone());
         state
             .ready
-            .entry(queue.to_string())
+            .entry(job.queue.to_string())
             .or_default()
             .push_back(id);
+        self.changed(&task);
+        drop(state);
+        self.ready.notify_waiters();
         Ok(task)
     }
 
@@ -171,26 +152,24 @@ impl EmbeddedQueues {
             }
             state.delayed.retain(|_, t| t != id);
         }
+        self.changed(&task);
         Ok(task)
     }
 
     /// The owner's tasks of `queue`, newest first: at most `limit` (1–100), with a status in
     /// `statuses` (all when empty), older than `before` when given.
-    pub fn list(
-        &self,
-        queue: &str,
-        owner: Owner<'_>,
-        statuses: &[Status],
-        limit: usize,
-        before: Option<&str>,
-    ) -> Vec<Task> {
+    pub fn list(&self, queue: &str, owner: Owner<'_>, query: &ListQuery) -> Vec<Task> {
         let state = self.state.lock().unwrap();
         let Some(order) = state.order.get(queue) else {
             return Vec::new();
         };
-        let start = match before.and_then(|b| order.iter().position(|id| id == b)) {
-            Some(i) => i,
-            None if before.is_some() => return Vec::new(),
+        let start = match query
+            .before
+            .as_deref()
+            .map(|b| order.iter().position(|id| id == b))
+        {
+            Some(Some(i)) => i,
+            Some(None) => return Vec::new(),
             None => order.len(),
         };
         order[..start]
@@ -198,8 +177,8 @@ impl EmbeddedQueues {
             .rev()
             .filter_map(|id| state.tasks.get(id))
             .filter(|e| e.task.user_id.as_deref() == owner)
-            .filter(|e| statuses.is_empty() || statuses.contains(&e.task.status))
-            .take(limit.clamp(1, LIST_MAX))
+            .filter(|e| query.statuses.is_empty() || query.statuses.contains(&e.task.status))
+            .take(query.limit.clamp(1, LIST_MAX))
             .map(|e| e.task.clone())
             .collect()
     }
@@ -222,7 +201,7 @@ impl EmbeddedQueues {
                 state.ready.entry(q).or_default().push_back(id);
             }
         }
-        // An id whose task can no longer start (it expired) is skipped.
+        // An id whose task can no longer start (cancelled, expired) is skipped.
         while let Some(id) = state.ready.get_mut(queue)?.pop_front() {
             let Some(entry) = state.tasks.get_mut(&id) else {
                 continue;
@@ -233,12 +212,37 @@ impl EmbeddedQueues {
             state.next_lease += 1;
             let token = state.next_lease;
             entry.lease = Some((token, clock + entry.settings.lease));
-            return Some(Lease {
+            let lease = Lease {
                 task: entry.task.clone(),
                 token,
-            });
+                lease: entry.settings.lease,
+                timeout: entry.settings.timeout,
+            };
+            self.changed(&lease.task);
+            return Some(lease);
         }
         None
+    }
+
+    /// When the next delayed retry is due, if any.
+    fn next_due(&self) -> Option<Instant> {
+        let state = self.state.lock().unwrap();
+        state.delayed.keys().next().map(|(at, _)| *at)
+    }
+
+    /// Extends the lease of the worker holding `token`.
+    pub fn renew(&self, id: &str, token: u64) -> Result<Renewal, QueueError> {
+        let mut state = self.state.lock().unwrap();
+        let entry = state.tasks.get_mut(id).ok_or(QueueError::NotFound)?;
+        match entry.lease {
+            Some((t, _)) if t == token => {
+                entry.lease = Some((t, Instant::now() + entry.settings.lease));
+                Ok(Renewal {
+                    cancel_requested: entry.task.cancel_requested,
+                })
+            }
+            _ => Err(QueueError::StaleLease),
+        }
     }
 
     /// Progress from the worker holding `token`.
@@ -255,47 +259,45 @@ impl EmbeddedQueues {
         })
     }
 
-    /// Success from the worker holding `token`.
-    pub fn succeed(
+    /// The end of an attempt from the worker holding `token`: a failure is retried after a
+    /// backoff (`random` in [0, 1) sets the jitter) or fails the task.
+    pub fn finish(
         &self,
         id: &str,
         token: u64,
-        result: Value,
-        now: SystemTime,
-    ) -> Result<Task, QueueError> {
-        self.step(id, token, |entry| {
-            entry.task.succeed(result, now)?;
-            Ok(None)
-        })
-    }
-
-    /// A failed attempt from the worker holding `token`: retried after a backoff, or failed.
-    pub fn fail(
-        &self,
-        id: &str,
-        token: u64,
-        error: TaskError,
+        end: Finish,
         random: f64,
         now: SystemTime,
     ) -> Result<Task, QueueError> {
-        self.step(id, token, |entry| {
-            match entry
-                .task
-                .fail_attempt(error, &entry.settings, random, now)?
-            {
-                AfterFailure::RetryIn(delay) => Ok(Some(delay)),
-                AfterFailure::Failed => Ok(None),
+        self.step(id, token, |entry| match end {
+            Finish::Succeeded(result) => {
+                entry.task.succeed(result, now)?;
+                Ok(None)
+            }
+            Finish::HandBack => {
+                entry.task.hand_back(now)?;
+                Ok((entry.task.status == Status::Queued).then_some(Duration::ZERO))
+            }
+            Finish::Failed(error) => {
+                match entry
+                    .task
+                    .fail_attempt(error, &entry.settings, random, now)?
+                {
+                    AfterFailure::RetryIn(delay) => Ok(Some(delay)),
+                    AfterFailure::Failed => Ok(None),
+                }
             }
         })
     }
 
     /// Leases that lapsed (their worker died): each task's next attempt is queued at once, or
-    /// it is lost after `maxAttempts` deliveries. Returns the tasks that changed.
-    pub fn reap(&self, now: SystemTime) -> Vec<Task> {
+    /// it is lost after `maxAttempts` deliveries. Finished tasks past their retention go.
+    /// Returns how many tasks changed.
+    pub fn reap(&self, now: SystemTime) -> usize {
         let mut guard = self.state.lock().unwrap();
         let state = &mut *guard;
         let clock = Instant::now();
-        let mut changed = Vec::new();
+        let mut changed = 0;
         for entry in state.tasks.values_mut() {
             if entry.task.status != Status::Running
                 || entry.lease.is_none_or(|(_, until)| until > clock)
@@ -313,7 +315,10 @@ impl EmbeddedQueues {
                 } else {
                     entry.expires = Some(clock + entry.settings.retention);
                 }
-                changed.push(entry.task.clone());
+                changed += 1;
+                if let Some(publish) = &self.publish {
+                    publish(&entry.task);
+                }
             }
         }
         // Finished tasks past their retention go, with their idempotency keys.
@@ -330,12 +335,19 @@ impl EmbeddedQueues {
                 order.retain(|t| t != id);
             }
         }
-        state.by_request.retain(|_, id| !expired.contains(id));
+        if !expired.is_empty() {
+            let expired: std::collections::HashSet<&String> = expired.iter().collect();
+            state.by_request.retain(|_, id| !expired.contains(id));
+        }
+        drop(guard);
+        if changed > 0 {
+            self.ready.notify_waiters();
+        }
         changed
     }
 
     /// Applies a worker's report if `token` is the task's current lease; `Some(delay)` from
-    /// `apply` schedules a retry.
+    /// `apply` queues the job again after that delay.
     fn step(
         &self,
         id: &str,
@@ -358,12 +370,128 @@ impl EmbeddedQueues {
         }
         let task = entry.task.clone();
         if let Some(delay) = retry {
-            state.next_lease += 1;
-            let key = (clock + delay, state.next_lease);
-            state.delayed.insert(key, id.to_string());
+            if delay.is_zero() {
+                let q = task.queue.clone();
+                state.ready.entry(q).or_default().push_back(id.to_string());
+            } else {
+                state.next_lease += 1;
+                let key = (clock + delay, state.next_lease);
+                state.delayed.insert(key, id.to_string());
+            }
+        }
+        self.changed(&task);
+        drop(guard);
+        if retry.is_some() {
+            self.ready.notify_waiters();
         }
         Ok(task)
     }
+
+    /// Waits up to `wait` for a job of `queue`.
+    async fn take_waiting(&self, queue: &str, wait: Duration) -> Option<Lease> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            // Registered before looking, so a job queued in between still wakes this waiter.
+            notified.as_mut().enable();
+            if let Some(lease) = self.take(queue, SystemTime::now()) {
+                return Some(lease);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            let wake = self
+                .next_due()
+                .map(|due| tokio::time::Instant::from_std(due).max(now))
+                .unwrap_or(deadline)
+                .min(deadline);
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+}
+
+impl Queue for EmbeddedQueues {
+    fn enqueue<'a>(&'a self, job: NewJob<'a>) -> BoxFuture<'a, Result<Task, QueueError>> {
+        ready(EmbeddedQueues::enqueue(self, job, SystemTime::now())).boxed()
+    }
+
+    fn get<'a>(
+        &'a self,
+        _queue: &'a str,
+        id: &'a str,
+        owner: Owner<'a>,
+    ) -> BoxFuture<'a, Result<Task, QueueError>> {
+        ready(EmbeddedQueues::get(self, id, owner)).boxed()
+    }
+
+    fn cancel<'a>(
+        &'a self,
+        _queue: &'a str,
+        id: &'a str,
+        owner: Owner<'a>,
+    ) -> BoxFuture<'a, Result<Task, QueueError>> {
+        ready(EmbeddedQueues::cancel(self, id, owner, SystemTime::now())).boxed()
+    }
+
+    fn list<'a>(
+        &'a self,
+        queue: &'a str,
+        owner: Owner<'a>,
+        query: &'a ListQuery,
+    ) -> BoxFuture<'a, Result<Vec<Task>, QueueError>> {
+        ready(Ok(EmbeddedQueues::list(self, queue, owner, query))).boxed()
+    }
+
+    fn take<'a>(
+        &'a self,
+        queue: &'a str,
+        _worker: &'a str,
+        wait: Duration,
+    ) -> BoxFuture<'a, Result<Option<Lease>, QueueError>> {
+        async move { Ok(self.take_waiting(queue, wait).await) }.boxed()
+    }
+
+    fn renew<'a>(&'a self, id: &'a str, token: u64) -> BoxFuture<'a, Result<Renewal, QueueError>> {
+        ready(EmbeddedQueues::renew(self, id, token)).boxed()
+    }
+
+    fn progress<'a>(
+        &'a self,
+        id: &'a str,
+        token: u64,
+        progress: Map<String, Value>,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        ready(EmbeddedQueues::progress(self, id, token, progress, SystemTime::now()).map(|_| ()))
+            .boxed()
+    }
+
+    fn finish<'a>(
+        &'a self,
+        id: &'a str,
+        token: u64,
+        end: Finish,
+    ) -> BoxFuture<'a, Result<Task, QueueError>> {
+        let random = rand_unit();
+        ready(EmbeddedQueues::finish(
+            self,
+            id,
+            token,
+            end,
+            random,
+            SystemTime::now(),
+        ))
+        .boxed()
+    }
+}
+
+/// A number in [0, 1) for retry jitter.
+pub fn rand_unit() -> f64 {
+    (uuid::Uuid::new_v4().as_u128() >> 80) as f64 / (1u64 << 48) as f64
 }
 
 /// The task, if `owner` may see it: a user's own tasks, or any anonymous task for an
@@ -379,7 +507,7 @@ fn visible<'a>(state: &'a State, id: &str, owner: Owner<'_>) -> Result<&'a Entry
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::task::model::ErrorCode;
+    use crate::task::model::{ErrorCode, TaskError};
     use serde_json::json;
 
     fn settings(patch: Value) -> QueueSettings {
@@ -395,16 +523,46 @@ mod tests {
 
     const NOW: SystemTime = SystemTime::UNIX_EPOCH;
 
+    fn job<'a>(
+        queue: &'a str,
+        settings: &'a QueueSettings,
+        owner: Owner<'a>,
+        request_id: &'a str,
+        params: Value,
+    ) -> NewJob<'a> {
+        NewJob {
+            queue,
+            settings,
+            owner,
+            request_id,
+            params,
+        }
+    }
+
+    fn query(statuses: &[Status], limit: usize, before: Option<&String>) -> ListQuery {
+        ListQuery {
+            statuses: statuses.to_vec(),
+            limit,
+            before: before.cloned(),
+        }
+    }
+
     #[test]
     fn enqueue_is_idempotent_per_owner_and_request_id() {
         let q = EmbeddedQueues::default();
         let s = settings(json!({}));
-        let a = q.enqueue("q", &s, Some("7"), "r1", json!({}), NOW).unwrap();
-        let again = q.enqueue("q", &s, Some("7"), "r1", json!({}), NOW).unwrap();
+        let a = q
+            .enqueue(job("q", &s, Some("7"), "r1", json!({})), NOW)
+            .unwrap();
+        let again = q
+            .enqueue(job("q", &s, Some("7"), "r1", json!({})), NOW)
+            .unwrap();
         assert_eq!(a.id, again.id, "same user, same request id: same task");
-        let other = q.enqueue("q", &s, Some("8"), "r1", json!({}), NOW).unwrap();
+        let other = q
+            .enqueue(job("q", &s, Some("8"), "r1", json!({})), NOW)
+            .unwrap();
         assert_ne!(a.id, other.id, "another user: another task");
-        let anon = q.enqueue("q", &s, None, "r1", json!({}), NOW).unwrap();
+        let anon = q.enqueue(job("q", &s, None, "r1", json!({})), NOW).unwrap();
         assert_ne!(anon.id, a.id);
     }
 
@@ -412,13 +570,15 @@ mod tests {
     fn users_see_only_their_own_tasks() {
         let q = EmbeddedQueues::default();
         let s = settings(json!({}));
-        let t = q.enqueue("q", &s, Some("7"), "r", json!({}), NOW).unwrap();
+        let t = q
+            .enqueue(job("q", &s, Some("7"), "r", json!({})), NOW)
+            .unwrap();
         assert!(q.get(&t.id, Some("7")).is_ok());
         assert_eq!(q.get(&t.id, Some("8")), Err(QueueError::NotFound));
         assert_eq!(q.get(&t.id, None), Err(QueueError::NotFound));
         assert_eq!(q.cancel(&t.id, Some("8"), NOW), Err(QueueError::NotFound));
         assert_eq!(q.get("nope", Some("7")), Err(QueueError::NotFound));
-        let anon = q.enqueue("q", &s, None, "r", json!({}), NOW).unwrap();
+        let anon = q.enqueue(job("q", &s, None, "r", json!({})), NOW).unwrap();
         assert!(
             q.get(&anon.id, None).is_ok(),
             "any anonymous connection that knows the id"
@@ -429,14 +589,20 @@ mod tests {
     fn the_per_user_limit_counts_active_tasks() {
         let q = EmbeddedQueues::default();
         let s = settings(json!({"perUserLimit": 2}));
-        let first = q.enqueue("q", &s, Some("7"), "a", json!({}), NOW).unwrap();
-        q.enqueue("q", &s, Some("7"), "b", json!({}), NOW).unwrap();
+        let first = q
+            .enqueue(job("q", &s, Some("7"), "a", json!({})), NOW)
+            .unwrap();
+        q.enqueue(job("q", &s, Some("7"), "b", json!({})), NOW)
+            .unwrap();
         assert_eq!(
-            q.enqueue("q", &s, Some("7"), "c", json!({}), NOW),
+            q.enqueue(job("q", &s, Some("7"), "c", json!({})), NOW),
             Err(QueueError::LimitReached(2))
         );
         q.cancel(&first.id, Some("7"), NOW).unwrap();
-        assert!(q.enqueue("q", &s, Some("7"), "c", json!({}), NOW).is_ok());
+        assert!(
+            q.enqueue(job("q", &s, Some("7"), "c", json!({})), NOW)
+                .is_ok()
+        );
     }
 
     #[test]
@@ -444,7 +610,7 @@ mod tests {
         let q = EmbeddedQueues::default();
         let s = settings(json!({}));
         let t = q
-            .enqueue("q", &s, Some("7"), "r", json!({"n": 1}), NOW)
+            .enqueue(job("q", &s, Some("7"), "r", json!({"n": 1})), NOW)
             .unwrap();
         let lease = q.take("q", NOW).unwrap();
         assert_eq!(
@@ -455,11 +621,23 @@ mod tests {
         let progress = json!({"percent": 50}).as_object().unwrap().clone();
         q.progress(&t.id, lease.token, progress, NOW).unwrap();
         assert_eq!(
-            q.succeed(&t.id, lease.token + 1, json!(1), NOW),
+            q.finish(
+                &t.id,
+                lease.token + 1,
+                Finish::Succeeded(json!(1)),
+                0.0,
+                NOW
+            ),
             Err(QueueError::StaleLease)
         );
         let done = q
-            .succeed(&t.id, lease.token, json!({"ok": true}), NOW)
+            .finish(
+                &t.id,
+                lease.token,
+                Finish::Succeeded(json!({"ok": true})),
+                0.0,
+                NOW,
+            )
             .unwrap();
         assert_eq!((done.status, done.attempts), (Status::Succeeded, 1));
         assert_eq!(q.cancel(&t.id, Some("7"), NOW), Err(QueueError::Conflict));
@@ -469,28 +647,31 @@ mod tests {
     fn failures_are_retried_then_fail_and_lapsed_leases_are_reaped() {
         let q = EmbeddedQueues::default();
         let s = settings(json!({"maxAttempts": 2}));
-        let t = q.enqueue("q", &s, None, "r", json!({}), NOW).unwrap();
+        let t = q.enqueue(job("q", &s, None, "r", json!({})), NOW).unwrap();
         let error = || TaskError {
             code: ErrorCode::Failed,
             message: "exit 1".into(),
         };
         let lease = q.take("q", NOW).unwrap();
-        let after = q.fail(&t.id, lease.token, error(), 0.5, NOW).unwrap();
+        let after = q
+            .finish(&t.id, lease.token, Finish::Failed(error()), 0.5, NOW)
+            .unwrap();
         assert_eq!(after.status, Status::Delayed);
         let lease = q.take("q", NOW).expect("a zero backoff is due at once");
-        let after = q.fail(&t.id, lease.token, error(), 0.5, NOW).unwrap();
+        let after = q
+            .finish(&t.id, lease.token, Finish::Failed(error()), 0.5, NOW)
+            .unwrap();
         assert_eq!((after.status, after.attempts), (Status::Failed, 2));
 
         // A worker that dies holding its job: the lease lapses and the job is queued again.
         let s = settings(json!({"maxAttempts": 2, "leaseMs": 1000}));
-        let t = q.enqueue("q", &s, None, "r2", json!({}), NOW).unwrap();
+        let t = q.enqueue(job("q", &s, None, "r2", json!({})), NOW).unwrap();
         let first = q.take("q", NOW).unwrap();
         std::thread::sleep(Duration::from_millis(1050));
-        let changed = q.reap(NOW);
-        assert_eq!(changed.len(), 1);
-        assert_eq!(changed[0].status, Status::Queued);
+        assert_eq!(q.reap(NOW), 1);
+        assert_eq!(q.get(&t.id, None).unwrap().status, Status::Queued);
         assert_eq!(
-            q.succeed(&t.id, first.token, json!(1), NOW),
+            q.finish(&t.id, first.token, Finish::Succeeded(json!(1)), 0.0, NOW),
             Err(QueueError::StaleLease),
             "the late finish of the dead worker's lease is refused"
         );
@@ -504,25 +685,26 @@ mod tests {
         let s = settings(json!({}));
         let ids: Vec<String> = (0..5)
             .map(|i| {
-                q.enqueue("q", &s, Some("7"), &i.to_string(), json!({}), NOW)
+                q.enqueue(job("q", &s, Some("7"), &i.to_string(), json!({})), NOW)
                     .unwrap()
                     .id
             })
             .collect();
-        q.enqueue("q", &s, Some("8"), "x", json!({}), NOW).unwrap();
+        q.enqueue(job("q", &s, Some("8"), "x", json!({})), NOW)
+            .unwrap();
         q.cancel(&ids[1], Some("7"), NOW).unwrap();
-        let all = q.list("q", Some("7"), &[], 20, None);
+        let all = q.list("q", Some("7"), &query(&[], 20, None));
         assert_eq!(
             all.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
             ids.iter().rev().map(String::as_str).collect::<Vec<_>>()
         );
-        let page = q.list("q", Some("7"), &[], 2, Some(&ids[3]));
+        let page = q.list("q", Some("7"), &query(&[], 2, Some(&ids[3])));
         assert_eq!(
             page.iter().map(|t| &t.id).collect::<Vec<_>>(),
             vec![&ids[2], &ids[1]]
         );
-        let cancelled = q.list("q", Some("7"), &[Status::Cancelled], 20, None);
+        let cancelled = q.list("q", Some("7"), &query(&[Status::Cancelled], 20, None));
         assert_eq!(cancelled.len(), 1);
-        assert!(q.list("other", Some("7"), &[], 20, None).is_empty());
+        assert!(q.list("other", Some("7"), &query(&[], 20, None)).is_empty());
     }
 }

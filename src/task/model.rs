@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::QueueSettings;
@@ -17,7 +17,7 @@ pub const MAX_RESULT_BYTES: usize = 1024 * 1024;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
 
 /// Where a task stands. The last four are final: a task reaches exactly one, once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Waiting for a worker.
@@ -250,6 +250,20 @@ impl Task {
             self.status = Status::Lost;
         } else {
             self.status = Status::Queued;
+        }
+        Ok(())
+    }
+
+    /// The worker gives the job back unfinished (it is shutting down): queued again without
+    /// counting the attempt, or cancelled if a cancel was asked meanwhile.
+    pub fn hand_back(&mut self, now: SystemTime) -> Result<(), StepError> {
+        self.running()?;
+        self.touch(now);
+        if self.cancel_requested {
+            self.status = Status::Cancelled;
+        } else {
+            self.status = Status::Queued;
+            self.attempts = self.attempts.saturating_sub(1);
         }
         Ok(())
     }

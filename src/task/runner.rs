@@ -5,8 +5,7 @@
 //! patchbay's secrets, and SIGTERM then SIGKILL to the whole group on timeout, cancel or an
 //! output bomb.
 //!
-//! Not yet: the group dying with the worker when the worker itself is killed (the next step
-//! wires a supervisor for that), and the wiring to the queues.
+//! With a [`Watchdog`], the group also dies when the worker itself is killed.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -17,6 +16,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use super::CommandSpec;
+use super::watchdog::Watchdog;
 
 /// The stderr bytes kept for the log.
 const STDERR_TAIL: usize = 4096;
@@ -70,6 +70,7 @@ pub async fn run(
     job: &JobInput,
     timeout: Duration,
     cancel: CancellationToken,
+    watchdog: Option<&Watchdog>,
     mut on_progress: impl FnMut(Map<String, Value>),
 ) -> (JobEnd, JobOutput) {
     let mut output = JobOutput::default();
@@ -78,6 +79,9 @@ pub async fn run(
         Err(e) => return (JobEnd::NotStarted(e.to_string()), output),
     };
     let pgid = child.id().map(|id| id as i32);
+    if let (Some(dog), Some(pgid)) = (watchdog, pgid) {
+        dog.watch(pgid);
+    }
     let stdin = child.stdin.take();
     let input = serde_json::to_vec(job).expect("JSON values always serialize");
     let feed = async move {
@@ -149,6 +153,9 @@ pub async fn run(
     // SIGKILL after the grace), grandchildren included.
     if let Some(pgid) = pgid {
         stop_group(pgid, spec.grace).await;
+        if let Some(dog) = watchdog {
+            dog.release(pgid);
+        }
     }
     output.stderr_tail = String::from_utf8_lossy(&tail).into_owned();
     (end, output)
@@ -224,6 +231,7 @@ mod tests {
             &job(params),
             timeout,
             CancellationToken::new(),
+            None,
             |p| progress.push(Value::Object(p)),
         )
         .await;
@@ -288,6 +296,7 @@ mod tests {
             &job(json!({})),
             Duration::from_secs(10),
             CancellationToken::new(),
+            None,
             |_| {},
         )
         .await;
@@ -301,6 +310,7 @@ mod tests {
             &job(json!({})),
             Duration::from_secs(1),
             CancellationToken::new(),
+            None,
             |_| {},
         )
         .await;
@@ -339,6 +349,7 @@ mod tests {
             &job(json!({})),
             Duration::from_secs(60),
             cancel,
+            None,
             |_| {},
         )
         .await;

@@ -622,3 +622,31 @@ pub async fn wait_ready_status(bridge: &Bridge, want: &str) -> Value {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The JWT secret tests configure with [`with_jwt`].
+pub const SECRET: &str = "the jwt secret of this test suite";
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A JWT with `claims`, signed with [`SECRET`].
+pub fn jwt(claims: Value) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// JWT auth, with anonymous access off as the configuration defaults it when auth is set.
+pub fn with_jwt(c: &mut Config) {
+    c.jwt_secret = Some(SECRET.into());
+    c.allow_anonymous = false;
+}
