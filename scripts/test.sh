@@ -49,6 +49,17 @@ if ! has_chromium; then
   fail "or set CHROMIUM to the path of a Chromium or Chrome executable"
 fi
 
+# The Python example worker's test needs python3 with the `redis` package.
+command -v python3 >/dev/null || fail "python3 is missing: the example Python worker is tested (apt-get install python3)"
+if ! python3 -c 'import redis' 2>/dev/null; then
+  echo "installing the Python redis package for the example worker's test" >&2
+  python3 -m pip install --quiet --disable-pip-version-check redis 2>/dev/null ||
+    { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-redis >/dev/null; } ||
+    fail "cannot install the Python redis package: run \`python3 -m pip install redis\`"
+  python3 -c 'import redis' 2>/dev/null || fail "python3 cannot import redis after installing it"
+fi
+
 # The shim's development dependencies (redux, ws, playwright-core, which brings no browser).
 if [ ! -d webapp-shim/node_modules ]; then
   echo "installing the shim's development dependencies" >&2

@@ -15,8 +15,8 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::rooms::{ConnId, Rooms};
-use crate::task::worker::Worker;
-use crate::task::{EmbeddedQueues, Publish, Queue, Task};
+use crate::task::worker::{Worker, worker_id};
+use crate::task::{EmbeddedQueues, Publish, Queue, RedisQueue, Task};
 use crate::upstream;
 
 /// Why an instance cannot start with this configuration.
@@ -31,11 +31,6 @@ pub enum StartError {
     /// A URL the HTTP client cannot use.
     #[error("{0}: {1}")]
     BadUrl(&'static str, String),
-    /// A `task` action with Redis configured: the Redis queue is not built yet.
-    #[error(
-        "action {0} is a `task` action: with PATCHBAY_REDIS_URL set it needs the Redis task queue, which is not in this version yet; run without Redis (the embedded queue) or remove the task actions"
-    )]
-    RedisTaskQueueMissing(String),
 }
 
 /// Everything a connection or an HTTP route needs, shared behind an `Arc`.
@@ -58,6 +53,8 @@ pub struct App {
     pub metrics: Metrics,
     /// The embedded task queue, when some action is a `task` action and Redis is not set.
     embedded: Option<Arc<EmbeddedQueues>>,
+    /// The Redis task queue, when some action is a `task` action and Redis is set.
+    on_redis: Option<Arc<RedisQueue>>,
     next_conn_id: AtomicU64,
 }
 
@@ -77,23 +74,12 @@ fn publisher(hub: &Arc<Hub>) -> Publish {
     })
 }
 
-/// A name for this process's workers: unique among every worker of a queue.
-fn worker_id() -> String {
-    let random = uuid::Uuid::new_v4().simple().to_string();
-    format!("{}-{}", std::process::id(), &random[..8])
-}
-
 impl App {
     /// Builds an instance: the Redis bus when `PATCHBAY_REDIS_URL` is set (its worker is
     /// spawned, so call this inside a tokio runtime), else the in-memory bus.
     pub fn new(config: Config, registry: Registry) -> Result<Arc<App>, StartError> {
         if registry.needs_api_url() && config.api_url.is_none() {
             return Err(StartError::MissingApiUrl);
-        }
-        if let Some(action) = registry.first_task_action()
-            && config.redis_url.is_some()
-        {
-            return Err(StartError::RedisTaskQueueMissing(action.to_string()));
         }
         let rooms = Arc::new(Rooms::default());
         let bus: Arc<dyn Bus> = match &config.redis_url {
@@ -120,10 +106,21 @@ impl App {
         let auth = base("PATCHBAY_AUTH_URL", &config.auth_url)?;
         let lifecycle = Lifecycle::default();
         let hub = Arc::new(Hub::new(rooms.clone(), bus.clone()));
-        let embedded = registry
-            .first_task_action()
-            .map(|_| Arc::new(EmbeddedQueues::new(publisher(&hub))));
-        let tasks = embedded.clone().map(|q| q as Arc<dyn Queue>);
+        let has_tasks = registry.first_task_action().is_some();
+        let (embedded, on_redis) = match (&config.redis_url, has_tasks) {
+            (_, false) => (None, None),
+            (None, true) => (Some(Arc::new(EmbeddedQueues::new(publisher(&hub)))), None),
+            (Some(url), true) => {
+                let queue = RedisQueue::open(url, &config.redis_prefix)
+                    .map_err(|e| StartError::RedisUrl(e.to_string()))?;
+                (None, Some(Arc::new(queue)))
+            }
+        };
+        let tasks: Option<Arc<dyn Queue>> = match (&embedded, &on_redis) {
+            (Some(q), _) => Some(q.clone()),
+            (_, Some(q)) => Some(q.clone()),
+            _ => None,
+        };
         let authenticator = Authenticator::new(
             config
                 .jwt_secret
@@ -142,6 +139,7 @@ impl App {
             registry,
             hub,
             embedded,
+            on_redis,
             next_conn_id: AtomicU64::new(1),
         }))
     }
@@ -166,6 +164,19 @@ impl App {
                 }
             });
         }
+        if let Some(on_redis) = &self.on_redis {
+            let on_redis = on_redis.clone();
+            let queues = self
+                .registry
+                .task_queues()
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+            self.lifecycle
+                .workers
+                .spawn(async move { on_redis.maintain(queues, worker_id(), stop).await });
+        }
+        let stop = self.lifecycle.workers_stop.clone();
         for (name, command) in self.registry.task_commands() {
             let worker = Worker {
                 queue: queue.clone(),
@@ -268,27 +279,6 @@ mod tests {
         drop(a);
         assert_eq!(l.connections(), 1);
         assert!(l.try_connect(2).is_some());
-    }
-
-    #[tokio::test]
-    async fn task_actions_with_redis_wait_for_the_redis_queue() {
-        let r = || {
-            Registry::from_sources([(
-                std::path::Path::new("a.json"),
-                r#"{"EXPORT_START":{"task":{"queue":"exports"}}}"#,
-            )])
-            .unwrap()
-        };
-        assert!(App::new(Config::default(), r()).is_ok(), "embedded");
-        let config = Config {
-            redis_url: Some("redis://127.0.0.1:1".into()),
-            ..Config::default()
-        };
-        let e = App::new(config, r()).err().expect("refused");
-        assert!(
-            matches!(e, StartError::RedisTaskQueueMissing(ref a) if a == "EXPORT_START"),
-            "{e}"
-        );
     }
 
     #[test]

@@ -241,6 +241,20 @@ impl Registry {
             .any(|a| matches!(a.handler, Handler::Http(_)))
     }
 
+    /// Every queue some `enqueue` action starts jobs on, sorted.
+    pub fn task_queues(&self) -> Vec<&str> {
+        let mut queues: Vec<&str> = self
+            .actions
+            .values()
+            .filter_map(|a| match &a.handler {
+                Handler::Task(t) if t.settings.is_some() => Some(t.queue.as_str()),
+                _ => None,
+            })
+            .collect();
+        queues.sort_unstable();
+        queues
+    }
+
     /// Each queue whose enqueue action has a `command`, with that command.
     pub fn task_commands(&self) -> Vec<(&str, &crate::task::CommandSpec)> {
         let mut commands: Vec<_> = self

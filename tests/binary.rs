@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::tasks::alive;
 use common::*;
 
 fn patchbay(envs: &[(&str, &str)]) -> Command {
@@ -204,17 +205,6 @@ async fn sigterm_closes_clients_with_1001_and_exits_0() {
         .unwrap()
         .unwrap();
     assert_eq!(status.code(), Some(0));
-}
-
-/// Whether process `pid` still runs (a zombie does not count).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(')')
-                .map(|(_, rest)| rest.trim().to_string())
-        })
-        .is_some_and(|rest| !rest.starts_with('Z'))
 }
 
 #[tokio::test]

@@ -7,72 +7,16 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::tasks::*;
 use common::*;
 use serde_json::{Value, json};
 
-/// A manifest with one queue `q` whose jobs run `script` under `/bin/sh -c`, with `settings`
-/// added to its enqueue action.
 fn manifest(script: &str, settings: Value) -> String {
-    let mut task = json!({
-        "queue": "q",
-        "command": ["/bin/sh", "-c", script],
-        "leaseMs": 2000,
-        "backoffMs": 100,
-        "graceMs": 300,
-    });
-    task.as_object_mut()
-        .unwrap()
-        .extend(settings.as_object().unwrap().clone());
-    json!({
-        "JOB_START": {"task": task, "payload": {"type": "object"}},
-        "JOB_GET": {"task": {"queue": "q", "op": "get"}},
-        "JOB_CANCEL": {"task": {"queue": "q", "op": "cancel"}},
-        "JOBS_LIST": {"task": {"queue": "q", "op": "list"}},
-    })
-    .to_string()
+    task_manifest(sh_task(script, settings))
 }
 
 async fn bridge(script: &str, settings: Value) -> Bridge {
     Bridge::start(&manifest(script, settings), None, with_jwt).await
-}
-
-/// Connects as user `sub`.
-async fn connect_as(bridge: &Bridge, sub: &str) -> Client {
-    let token = jwt(json!({"sub": sub, "exp": now() + 600}));
-    let mut client = bridge
-        .connect_with(&[("authorization", &format!("Bearer {token}"))])
-        .await
-        .expect("handshake accepted");
-    let hello = client.recv().await;
-    assert_eq!(hello["type"], "@@patchbay/CONNECTED", "{hello}");
-    client
-}
-
-/// Reads `TASK_PROGRESS` for `id` in room `task:<id>` until one has a final status; returns
-/// every one seen.
-async fn until_final(client: &mut Client, id: &str) -> Vec<Value> {
-    let mut seen = Vec::new();
-    loop {
-        let m = client.recv().await;
-        if m["type"] != "TASK_PROGRESS" || m["payload"]["id"] != id {
-            continue;
-        }
-        if m["meta"]["room"] != format!("task:{id}") {
-            continue; // the same change through the user's room
-        }
-        let status = m["payload"]["status"].as_str().unwrap().to_string();
-        seen.push(m);
-        if ["succeeded", "failed", "cancelled", "lost"].contains(&status.as_str()) {
-            return seen;
-        }
-    }
-}
-
-/// Starts a job; returns the success.
-async fn start(client: &mut Client, params: Value) -> Value {
-    let reply = client.request("JOB_START", params).await;
-    assert_eq!(reply["type"], "JOB_START_SUCCESS", "{reply}");
-    reply
 }
 
 #[tokio::test]
@@ -80,7 +24,7 @@ async fn a_job_runs_reports_progress_and_succeeds() {
     let script = r#"read -r job; echo '{"progress":{"percent":50}}'; sleep 0.2; printf '{"result":{"got":%s}}\n' "$job""#;
     let bridge = bridge(script, json!({})).await;
     let mut client = connect_as(&bridge, "7").await;
-    let reply = start(&mut client, json!({"format": "csv"})).await;
+    let reply = start_job(&mut client, json!({"format": "csv"})).await;
     let task = &reply["payload"];
     let id = task["id"].as_str().unwrap().to_string();
     assert_eq!(task["userId"], "7");
@@ -121,7 +65,7 @@ async fn a_job_that_ends_before_the_join_still_reaches_the_client() {
     // rejoins the room with the token after the end: each sees the final state.
     let bridge = bridge(r#"echo '{"result":42}'"#, json!({})).await;
     let mut client = connect_as(&bridge, "7").await;
-    let reply = start(&mut client, json!({})).await;
+    let reply = start_job(&mut client, json!({})).await;
     let id = reply["payload"]["id"].as_str().unwrap().to_string();
     let seen = until_final(&mut client, &id).await;
     assert_eq!(seen.last().unwrap()["payload"]["result"], 42);
@@ -189,11 +133,11 @@ async fn users_see_only_their_own_tasks_and_the_limit_holds() {
     let bridge = bridge("sleep 5", json!({"perUserLimit": 2})).await;
     let mut alice = connect_as(&bridge, "alice").await;
     let mut bob = connect_as(&bridge, "bob").await;
-    let first = start(&mut alice, json!({})).await["payload"]["id"]
+    let first = start_job(&mut alice, json!({})).await["payload"]["id"]
         .as_str()
         .unwrap()
         .to_string();
-    start(&mut alice, json!({})).await;
+    start_job(&mut alice, json!({})).await;
     let third = alice.request("JOB_START", json!({})).await;
     assert_failure(&third, "JOB_START", "limit_reached");
 
@@ -221,7 +165,7 @@ async fn users_see_only_their_own_tasks_and_the_limit_holds() {
     let queued = tasks[0]["id"].as_str().unwrap();
     let cancelled = alice.request("JOB_CANCEL", json!({"id": queued})).await;
     assert_eq!(cancelled["payload"]["status"], "cancelled", "{cancelled}");
-    start(&mut alice, json!({})).await;
+    start_job(&mut alice, json!({})).await;
     let again = alice.request("JOB_CANCEL", json!({"id": queued})).await;
     assert_failure(&again, "JOB_CANCEL", "conflict");
 }
@@ -234,7 +178,7 @@ async fn failures_are_retried_with_growing_delays_then_fail() {
     )
     .await;
     let mut client = connect_as(&bridge, "7").await;
-    let id = start(&mut client, json!({})).await["payload"]["id"]
+    let id = start_job(&mut client, json!({})).await["payload"]["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -284,7 +228,7 @@ async fn timeouts_output_bombs_and_injection_attempts_end_as_specified() {
     let mut client = connect_as(&bridge, "7").await;
 
     let id = |r: Value| r["payload"]["id"].as_str().unwrap().to_string();
-    let slow = id(start(&mut client, json!({"mode": "sleep"})).await);
+    let slow = id(start_job(&mut client, json!({"mode": "sleep"})).await);
     let seen = until_final(&mut client, &slow).await;
     let end = &seen.last().unwrap()["payload"];
     assert_eq!(
@@ -293,7 +237,7 @@ async fn timeouts_output_bombs_and_injection_attempts_end_as_specified() {
         "{end}"
     );
 
-    let bomb = id(start(&mut client, json!({"mode": "bomb"})).await);
+    let bomb = id(start_job(&mut client, json!({"mode": "bomb"})).await);
     let seen = until_final(&mut client, &bomb).await;
     let end = &seen.last().unwrap()["payload"];
     assert_eq!(end["error"]["code"], "output_too_large", "{end}");
@@ -304,7 +248,7 @@ async fn timeouts_output_bombs_and_injection_attempts_end_as_specified() {
         "sub": format!("$(touch {})", pwned.display()),
         "tick": format!("`touch {}`", pwned.display()),
     });
-    let evil = id(start(&mut client, hostile.clone()).await);
+    let evil = id(start_job(&mut client, hostile.clone()).await);
     let seen = until_final(&mut client, &evil).await;
     let end = &seen.last().unwrap()["payload"];
     assert_eq!(end["status"], "succeeded", "{end}");
@@ -313,17 +257,6 @@ async fn timeouts_output_bombs_and_injection_attempts_end_as_specified() {
         "the params arrive as data"
     );
     assert!(!pwned.exists(), "nothing from the payload was executed");
-}
-
-/// Whether process `pid` still runs (a zombie does not count).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(')')
-                .map(|(_, rest)| rest.trim().to_string())
-        })
-        .is_some_and(|rest| !rest.starts_with('Z'))
 }
 
 #[tokio::test]
@@ -339,11 +272,11 @@ async fn cancel_stops_a_running_group_and_a_queued_job_never_starts() {
     );
     let bridge = bridge(&script, json!({"concurrency": 1, "graceMs": 300})).await;
     let mut client = connect_as(&bridge, "7").await;
-    let running = start(&mut client, json!({})).await["payload"]["id"]
+    let running = start_job(&mut client, json!({})).await["payload"]["id"]
         .as_str()
         .unwrap()
         .to_string();
-    let queued = start(&mut client, json!({})).await["payload"]["id"]
+    let queued = start_job(&mut client, json!({})).await["payload"]["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -390,7 +323,7 @@ async fn anonymous_tasks_belong_to_no_user() {
     let bridge = Bridge::start(&manifest("sleep 5", json!({})), None, |_| {}).await;
     let mut one = bridge.connect().await;
     let mut two = bridge.connect().await;
-    let reply = start(&mut one, json!({})).await;
+    let reply = start_job(&mut one, json!({})).await;
     assert_eq!(reply["payload"]["userId"], Value::Null);
     let id = reply["payload"]["id"].as_str().unwrap();
     let got = two.request("JOB_GET", json!({"id": id})).await;

@@ -11,7 +11,10 @@ use std::sync::atomic::AtomicU64;
 use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 
-pub use self::redis::{Driver, DriverError, LocalRedis, Msg, RedisBus, RedisDriver, Subscriptions};
+pub use self::redis::{
+    Commands, Driver, DriverError, LocalRedis, Msg, RedisBus, RedisDriver, Subscriptions,
+    connection_config, is_dead, refusal,
+};
 pub use memory::MemoryBus;
 
 /// The bus's connection state, as `/readyz` reports it.

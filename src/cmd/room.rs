@@ -108,7 +108,7 @@ pub fn subscribe(
 pub async fn snapshot(app: &App, room: &str, user: Option<&str>) -> Option<String> {
     let id = room.strip_prefix("task:")?;
     let queue = app.dispatcher.tasks()?;
-    match queue.get("", id, user).await {
+    match queue.get(None, id, user).await {
         Ok(task) => Some(protocol::server_action_for_room(
             &crate::task::progress_action(&task),
             room,

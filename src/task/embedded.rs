@@ -132,16 +132,22 @@ impl EmbeddedQueues {
         Ok(task)
     }
 
-    /// The task, if `owner` may see it.
-    pub fn get(&self, id: &str, owner: Owner<'_>) -> Result<Task, QueueError> {
+    /// The task, if it is on `queue` (any when `None`) and `owner` may see it.
+    pub fn get(&self, queue: Option<&str>, id: &str, owner: Owner<'_>) -> Result<Task, QueueError> {
         let state = self.state.lock().unwrap();
-        visible(&state, id, owner).map(|e| e.task.clone())
+        visible(&state, queue, id, owner).map(|e| e.task.clone())
     }
 
     /// Cancels the task: queued or delayed at once, running once its worker stops.
-    pub fn cancel(&self, id: &str, owner: Owner<'_>, now: SystemTime) -> Result<Task, QueueError> {
+    pub fn cancel(
+        &self,
+        queue: Option<&str>,
+        id: &str,
+        owner: Owner<'_>,
+        now: SystemTime,
+    ) -> Result<Task, QueueError> {
         let mut state = self.state.lock().unwrap();
-        visible(&state, id, owner)?;
+        visible(&state, queue, id, owner)?;
         let entry = state.tasks.get_mut(id).expect("checked above");
         entry.task.cancel(now).map_err(|_| QueueError::Conflict)?;
         let task = entry.task.clone();
@@ -422,20 +428,27 @@ impl Queue for EmbeddedQueues {
 
     fn get<'a>(
         &'a self,
-        _queue: &'a str,
+        queue: Option<&'a str>,
         id: &'a str,
         owner: Owner<'a>,
     ) -> BoxFuture<'a, Result<Task, QueueError>> {
-        ready(EmbeddedQueues::get(self, id, owner)).boxed()
+        ready(EmbeddedQueues::get(self, queue, id, owner)).boxed()
     }
 
     fn cancel<'a>(
         &'a self,
-        _queue: &'a str,
+        queue: Option<&'a str>,
         id: &'a str,
         owner: Owner<'a>,
     ) -> BoxFuture<'a, Result<Task, QueueError>> {
-        ready(EmbeddedQueues::cancel(self, id, owner, SystemTime::now())).boxed()
+        ready(EmbeddedQueues::cancel(
+            self,
+            queue,
+            id,
+            owner,
+            SystemTime::now(),
+        ))
+        .boxed()
     }
 
     fn list<'a>(
@@ -496,11 +509,17 @@ pub fn rand_unit() -> f64 {
 
 /// The task, if `owner` may see it: a user's own tasks, or any anonymous task for an
 /// anonymous owner.
-fn visible<'a>(state: &'a State, id: &str, owner: Owner<'_>) -> Result<&'a Entry, QueueError> {
+fn visible<'a>(
+    state: &'a State,
+    queue: Option<&str>,
+    id: &str,
+    owner: Owner<'_>,
+) -> Result<&'a Entry, QueueError> {
     state
         .tasks
         .get(id)
         .filter(|e| e.task.user_id.as_deref() == owner)
+        .filter(|e| queue.is_none_or(|q| e.task.queue == q))
         .ok_or(QueueError::NotFound)
 }
 
@@ -573,16 +592,31 @@ mod tests {
         let t = q
             .enqueue(job("q", &s, Some("7"), "r", json!({})), NOW)
             .unwrap();
-        assert!(q.get(&t.id, Some("7")).is_ok());
-        assert_eq!(q.get(&t.id, Some("8")), Err(QueueError::NotFound));
-        assert_eq!(q.get(&t.id, None), Err(QueueError::NotFound));
-        assert_eq!(q.cancel(&t.id, Some("8"), NOW), Err(QueueError::NotFound));
-        assert_eq!(q.get("nope", Some("7")), Err(QueueError::NotFound));
+        assert!(q.get(Some("q"), &t.id, Some("7")).is_ok());
+        assert_eq!(
+            q.get(Some("q"), &t.id, Some("8")),
+            Err(QueueError::NotFound)
+        );
+        assert_eq!(q.get(Some("q"), &t.id, None), Err(QueueError::NotFound));
+        assert_eq!(
+            q.cancel(Some("q"), &t.id, Some("8"), NOW),
+            Err(QueueError::NotFound)
+        );
+        assert_eq!(
+            q.get(Some("q"), "nope", Some("7")),
+            Err(QueueError::NotFound)
+        );
         let anon = q.enqueue(job("q", &s, None, "r", json!({})), NOW).unwrap();
         assert!(
-            q.get(&anon.id, None).is_ok(),
+            q.get(Some("q"), &anon.id, None).is_ok(),
             "any anonymous connection that knows the id"
         );
+        assert_eq!(
+            q.get(Some("other"), &anon.id, None),
+            Err(QueueError::NotFound),
+            "an action of another queue does not find it"
+        );
+        assert!(q.get(None, &anon.id, None).is_ok());
     }
 
     #[test]
@@ -598,7 +632,7 @@ mod tests {
             q.enqueue(job("q", &s, Some("7"), "c", json!({})), NOW),
             Err(QueueError::LimitReached(2))
         );
-        q.cancel(&first.id, Some("7"), NOW).unwrap();
+        q.cancel(Some("q"), &first.id, Some("7"), NOW).unwrap();
         assert!(
             q.enqueue(job("q", &s, Some("7"), "c", json!({})), NOW)
                 .is_ok()
@@ -640,7 +674,10 @@ mod tests {
             )
             .unwrap();
         assert_eq!((done.status, done.attempts), (Status::Succeeded, 1));
-        assert_eq!(q.cancel(&t.id, Some("7"), NOW), Err(QueueError::Conflict));
+        assert_eq!(
+            q.cancel(Some("q"), &t.id, Some("7"), NOW),
+            Err(QueueError::Conflict)
+        );
     }
 
     #[test]
@@ -669,7 +706,10 @@ mod tests {
         let first = q.take("q", NOW).unwrap();
         std::thread::sleep(Duration::from_millis(1050));
         assert_eq!(q.reap(NOW), 1);
-        assert_eq!(q.get(&t.id, None).unwrap().status, Status::Queued);
+        assert_eq!(
+            q.get(Some("q"), &t.id, None).unwrap().status,
+            Status::Queued
+        );
         assert_eq!(
             q.finish(&t.id, first.token, Finish::Succeeded(json!(1)), 0.0, NOW),
             Err(QueueError::StaleLease),
@@ -692,7 +732,7 @@ mod tests {
             .collect();
         q.enqueue(job("q", &s, Some("8"), "x", json!({})), NOW)
             .unwrap();
-        q.cancel(&ids[1], Some("7"), NOW).unwrap();
+        q.cancel(Some("q"), &ids[1], Some("7"), NOW).unwrap();
         let all = q.list("q", Some("7"), &query(&[], 20, None));
         assert_eq!(
             all.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),

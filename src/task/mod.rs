@@ -6,8 +6,9 @@
 mod embedded;
 mod model;
 mod queue;
+pub mod redis;
 pub mod runner;
-mod spec;
+pub(crate) mod spec;
 pub mod watchdog;
 pub mod worker;
 
@@ -19,6 +20,7 @@ pub use queue::{
     Finish, LIST_DEFAULT, LIST_MAX, Lease, ListQuery, NewJob, Owner, Queue, QueueError, Renewal,
     list_query, run, task_id,
 };
+pub use redis::{QueueStats, RedisQueue};
 pub use spec::{CommandSpec, Op, QueueSettings, TaskAction, check_queues, parse};
 
 /// The room of a task's `TASK_PROGRESS`.

@@ -47,7 +47,7 @@ impl Status {
 }
 
 /// Why an attempt, or the task, failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The job reported failure or exited non-zero.
@@ -61,7 +61,7 @@ pub enum ErrorCode {
 }
 
 /// `{"code","message"}` of a failed attempt or task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskError {
     /// The code.
     pub code: ErrorCode,
@@ -71,7 +71,7 @@ pub struct TaskError {
 
 /// The task object, exactly as clients and workers see it: every key always present, `null`
 /// where nothing is known yet.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Task {
     /// The task id.

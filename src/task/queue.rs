@@ -40,6 +40,10 @@ pub enum QueueError {
     /// A step the task's state does not allow.
     #[error(transparent)]
     Step(#[from] StepError),
+    /// A worker's report the queue refused (a progress that is not an object, a result too
+    /// large).
+    #[error("refused: {0}")]
+    Invalid(String),
     /// The backend cannot be reached (Redis is down): `upstream_unavailable`.
     #[error("the task queue is unavailable: {0}")]
     Unavailable(String),
@@ -54,7 +58,7 @@ impl QueueError {
             QueueError::LimitReached(_) => Code::LimitReached,
             QueueError::Unavailable(_) => Code::UpstreamUnavailable,
             // Worker-side refusals never answer a client request.
-            QueueError::StaleLease | QueueError::Step(_) => {
+            QueueError::StaleLease | QueueError::Step(_) | QueueError::Invalid(_) => {
                 return ActionError::internal(self);
             }
         };
@@ -127,18 +131,19 @@ pub trait Queue: Send + Sync + 'static {
     /// Starts a job, or returns the task this owner already started with this request id.
     fn enqueue<'a>(&'a self, job: NewJob<'a>) -> BoxFuture<'a, Result<Task, QueueError>>;
 
-    /// The task, if `owner` may see it.
+    /// The task, if it is on `queue` (any queue when `None`) and `owner` may see it.
     fn get<'a>(
         &'a self,
-        queue: &'a str,
+        queue: Option<&'a str>,
         id: &'a str,
         owner: Owner<'a>,
     ) -> BoxFuture<'a, Result<Task, QueueError>>;
 
-    /// Cancels it: a queued or delayed task at once, a running one once its worker stops.
+    /// Cancels it (as `get` finds it): a queued or delayed task at once, a running one once
+    /// its worker stops.
     fn cancel<'a>(
         &'a self,
-        queue: &'a str,
+        queue: Option<&'a str>,
         id: &'a str,
         owner: Owner<'a>,
     ) -> BoxFuture<'a, Result<Task, QueueError>>;
@@ -169,6 +174,11 @@ pub trait Queue: Send + Sync + 'static {
         token: u64,
         progress: Map<String, Value>,
     ) -> BoxFuture<'a, Result<(), QueueError>>;
+
+    /// Worker `worker` of `queue` stops for good: what the backend kept for it goes.
+    fn retire<'a>(&'a self, _queue: &'a str, _worker: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(std::future::ready(()))
+    }
 
     /// The end of the attempt, from the lease holder.
     fn finish<'a>(
@@ -274,8 +284,14 @@ pub async fn run(
                 .await
                 .map(task)
         }
-        Op::Get => queue.get(name, task_id(payload)?, owner).await.map(task),
-        Op::Cancel => queue.cancel(name, task_id(payload)?, owner).await.map(task),
+        Op::Get => queue
+            .get(Some(name), task_id(payload)?, owner)
+            .await
+            .map(task),
+        Op::Cancel => queue
+            .cancel(Some(name), task_id(payload)?, owner)
+            .await
+            .map(task),
         Op::List => {
             let query = list_query(payload)?;
             queue

@@ -225,7 +225,7 @@ pub fn check_queues<'a>(
     Ok(())
 }
 
-fn valid_queue(queue: &str) -> bool {
+pub fn valid_queue(queue: &str) -> bool {
     (1..=64).contains(&queue.len())
         && queue
             .bytes()

@@ -58,11 +58,20 @@ impl Worker {
                 _ = stop.cancelled() => break,
                 permit = slots.clone().acquire_owned() => permit.expect("never closed"),
             };
-            let taken = tokio::select! {
-                _ = stop.cancelled() => break,
-                taken = this.queue.take(&this.name, &this.id, TAKE_WAIT) => taken,
-            };
+            // Not raced with `stop`: a read abandoned half-way could still hand this worker
+            // an entry after it has gone. It waits at most `TAKE_WAIT`.
+            let taken = this.queue.take(&this.name, &this.id, TAKE_WAIT).await;
             match taken {
+                Ok(Some(lease)) if stop.is_cancelled() => {
+                    if let Err(e) = this
+                        .queue
+                        .finish(&lease.task.id, lease.token, Finish::HandBack)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "cannot hand a job back");
+                    }
+                    break;
+                }
                 Ok(Some(lease)) => {
                     let this = this.clone();
                     let stop = stop.clone();
@@ -83,6 +92,7 @@ impl Worker {
         }
         jobs.close();
         jobs.wait().await;
+        this.queue.retire(&this.name, &this.id).await;
         tracing::info!(queue = %this.name, worker = %this.id, "worker stopped");
     }
 
@@ -235,4 +245,181 @@ enum Stop {
     HandBack,
     /// The lease went to another worker.
     Lost,
+}
+
+/// A name for a worker: unique among every worker of a queue (the process id, for people, and
+/// a random part).
+pub fn worker_id() -> String {
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{}-{}", std::process::id(), &random[..8])
+}
+
+/// `patchbay worker`'s usage.
+pub const USAGE: &str = "usage: patchbay worker --queue <name> [--concurrency N] [--grace-ms MS] [--output-limit BYTES] -- <program> [args...]";
+
+/// `patchbay worker`'s arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerArgs {
+    /// The queue to run.
+    pub queue: String,
+    /// The command and its limits.
+    pub command: CommandSpec,
+}
+
+impl WorkerArgs {
+    /// Reads the arguments after `worker`.
+    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<WorkerArgs, String> {
+        let mut args = args.into_iter();
+        let mut queue = None;
+        let mut concurrency = 1u32;
+        let mut grace = Duration::from_millis(5_000);
+        let mut output_limit = 1_048_576usize;
+        let mut argv = Vec::new();
+        while let Some(arg) = args.next() {
+            let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
+            match arg.as_str() {
+                "--queue" => queue = Some(value("--queue")?),
+                "--concurrency" => {
+                    concurrency = number("--concurrency", &value("--concurrency")?, 1, 1024)? as u32
+                }
+                "--grace-ms" => {
+                    grace = Duration::from_millis(number(
+                        "--grace-ms",
+                        &value("--grace-ms")?,
+                        0,
+                        86_400_000,
+                    )?)
+                }
+                "--output-limit" => {
+                    output_limit = number(
+                        "--output-limit",
+                        &value("--output-limit")?,
+                        1,
+                        64 * 1024 * 1024,
+                    )? as usize
+                }
+                "--" => {
+                    argv.extend(args.by_ref());
+                    break;
+                }
+                other => return Err(format!("unknown argument `{other}`")),
+            }
+        }
+        let queue = queue.ok_or("--queue is required")?;
+        if !super::spec::valid_queue(&queue) {
+            return Err(format!(
+                "--queue must be 1-64 of a-z 0-9 _ -, not `{}`",
+                crate::error::clip(&queue)
+            ));
+        }
+        if argv.is_empty() || argv[0].is_empty() {
+            return Err("the command to run goes after `--`".into());
+        }
+        Ok(WorkerArgs {
+            queue,
+            command: CommandSpec {
+                argv,
+                concurrency,
+                grace,
+                output_limit,
+            },
+        })
+    }
+}
+
+fn number(name: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {
+    value
+        .parse::<u64>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or(format!(
+            "{name} must be an integer from {min} to {max}, not `{value}`"
+        ))
+}
+
+/// Runs `patchbay worker` until `shutdown` resolves: jobs of one queue on Redis, each as a
+/// child process; on shutdown running jobs are handed back for another worker.
+pub async fn serve(
+    redis_url: &str,
+    prefix: &str,
+    args: WorkerArgs,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let queue = super::RedisQueue::open(redis_url, prefix)
+        .map_err(|e| format!("PATCHBAY_REDIS_URL: {e}"))?;
+    tokio::pin!(shutdown);
+    // Redis may not be up yet: the worker waits for it rather than exiting.
+    let mut warned = false;
+    while let Err(e) = async {
+        queue.load_functions().await?;
+        queue.create_group(&args.queue).await
+    }
+    .await
+    {
+        if !warned {
+            tracing::warn!(error = %e, "Redis is not reachable yet: waiting for it");
+            warned = true;
+        }
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = tokio::time::sleep(RETRY_AFTER) => {}
+        }
+    }
+    let stop = CancellationToken::new();
+    let worker = Worker {
+        queue: Arc::new(queue),
+        name: args.queue,
+        command: args.command,
+        id: worker_id(),
+        watchdog: super::watchdog::for_this_process(),
+    };
+    let run = tokio::spawn(worker.run(stop.clone()));
+    shutdown.await;
+    tracing::info!("stopping: running jobs go back to the queue");
+    stop.cancel();
+    run.await.map_err(|e| format!("the worker failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<WorkerArgs, String> {
+        WorkerArgs::parse(args.iter().map(|a| a.to_string()))
+    }
+
+    #[test]
+    fn worker_arguments_are_read_strictly() {
+        let a = parse(&[
+            "--queue",
+            "exports",
+            "--concurrency",
+            "4",
+            "--grace-ms",
+            "100",
+            "--",
+            "/bin/echo",
+            "--queue",
+        ])
+        .unwrap();
+        assert_eq!(a.queue, "exports");
+        assert_eq!(
+            a.command.argv,
+            vec!["/bin/echo", "--queue"],
+            "everything after -- is the command"
+        );
+        assert_eq!(a.command.concurrency, 4);
+        assert_eq!(a.command.grace, Duration::from_millis(100));
+        assert_eq!(a.command.output_limit, 1_048_576);
+        for bad in [
+            &["--", "/bin/true"][..],
+            &["--queue", "Exports", "--", "/bin/true"],
+            &["--queue", "q"],
+            &["--queue", "q", "--concurrency", "0", "--", "/bin/true"],
+            &["--queue", "q", "--bogus", "--", "/bin/true"],
+            &["--queue"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -2,6 +2,8 @@
 //! and real websocket clients.
 #![allow(dead_code)]
 
+pub mod tasks;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

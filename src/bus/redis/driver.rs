@@ -106,10 +106,7 @@ impl RedisDriver {
     pub fn open(url: &str) -> Result<RedisDriver, redis::RedisError> {
         let client = redis::Client::open(url)?;
         Ok(RedisDriver {
-            commands: Commands {
-                client: client.clone(),
-                slot: tokio::sync::Mutex::default(),
-            },
+            commands: Commands::new(client.clone()),
             client,
         })
     }
@@ -184,8 +181,10 @@ impl Subscriptions for RedisSubscriptions {
     }
 }
 
-/// The command connection: created on first use, replaced when found dead.
-struct Commands {
+/// A command connection that heals itself: created on first use, replaced when found dead,
+/// a command retried once on the new one when it cannot have run, failed connects answered
+/// from memory for a second. Shared by the bus and the Redis task queue.
+pub struct Commands {
     client: redis::Client,
     /// `tokio` lock: held across a connect, so concurrent commands that find no connection
     /// wait for one new connection instead of each opening their own.
@@ -208,6 +207,14 @@ struct Slot {
 const CONNECT_BACKOFF: Duration = Duration::from_secs(1);
 
 impl Commands {
+    /// Commands on `client` (nothing is connected yet).
+    pub fn new(client: redis::Client) -> Commands {
+        Commands {
+            client,
+            slot: tokio::sync::Mutex::default(),
+        }
+    }
+
     /// The current connection with its generation, or a new one; `true` with a new one.
     async fn connection(&self) -> Result<(u64, MultiplexedConnection, bool), redis::RedisError> {
         let mut slot = self.slot.lock().await;
@@ -251,7 +258,7 @@ impl Commands {
     /// and the command tried once more on the new one: Redis closes idle connections by
     /// itself, and the command after that must not fail for it. A command that timed out is
     /// not tried again (Redis may have run it), but its connection is replaced.
-    async fn query<T: redis::FromRedisValue>(
+    pub async fn query<T: redis::FromRedisValue>(
         &self,
         cmd: &redis::Cmd,
     ) -> Result<T, redis::RedisError> {
@@ -295,13 +302,15 @@ fn timed_out() -> redis::RedisError {
 }
 
 /// Whether `e` means the connection must be replaced.
-fn is_dead(e: &redis::RedisError) -> bool {
+/// Whether `e` means the connection is gone (rather than a command refused).
+pub fn is_dead(e: &redis::RedisError) -> bool {
     e.is_connection_dropped() || e.is_io_error() || e.is_timeout() || e.is_unrecoverable_error()
 }
 
 /// What to tell the operator when `e` says Redis refuses patchbay itself (as opposed to being
 /// unreachable): fixing it needs a configuration change, not patience.
-fn refusal(e: &redis::RedisError) -> Option<String> {
+/// What the operator must fix when Redis refuses patchbay (credentials, permissions).
+pub fn refusal(e: &redis::RedisError) -> Option<String> {
     use redis::{ErrorKind, ServerErrorKind};
     let detail = e.detail().map(|d| crate::error::clip(d).into_owned());
     match (e.kind(), e.code()) {
@@ -322,7 +331,8 @@ fn refusal(e: &redis::RedisError) -> Option<String> {
 }
 
 /// Timeouts of every connection patchbay opens.
-fn connection_config() -> redis::AsyncConnectionConfig {
+/// Connect and response timeouts of every Redis connection patchbay opens.
+pub fn connection_config() -> redis::AsyncConnectionConfig {
     redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(OP_TIMEOUT))
         .set_response_timeout(Some(OP_TIMEOUT))

@@ -46,7 +46,10 @@ use super::format::{self, Dedupe, Received};
 use super::{Bus, BusCounters, BusError, BusStatus};
 use crate::rooms::Rooms;
 
-pub use driver::{Driver, DriverError, Msg, OP_TIMEOUT, RedisDriver, Subscriptions};
+pub use driver::{
+    Commands, Driver, DriverError, Msg, OP_TIMEOUT, RedisDriver, Subscriptions, connection_config,
+    is_dead, refusal,
+};
 pub use local::LocalRedis;
 
 /// How often both connections are checked: a silent network partition is noticed this fast.
@@ -372,13 +375,36 @@ impl Worker {
         let rooms = self.rooms.room_names();
         let channels = self.channels(&rooms);
         let connect = self.driver.connect(self.task_pattern.clone(), channels);
-        let (subscriptions, stream) = tokio::time::timeout(OP_TIMEOUT * 2, connect)
+        let (mut subscriptions, stream) = tokio::time::timeout(OP_TIMEOUT * 2, connect)
             .await
             .map_err(|_| DriverError::unavailable("connecting timed out"))??;
-        let count = rooms.len();
-        *self.shared.active.write().unwrap() = rooms.into_iter().collect();
+        let mut active: HashSet<String> = rooms.into_iter().collect();
+        *self.shared.active.write().unwrap() = active.clone();
         self.shared.connected.store(true, Ordering::Release);
-        tracing::info!(rooms = count, pattern = %self.task_pattern, "connected to Redis");
+        // Rooms joined while the connection was being made were refused by `subscribe` (not
+        // connected yet) and are not in the list it was made with: subscribe them now. Joins
+        // from here on see `connected` and queue their own sync.
+        let missed: Vec<String> = self
+            .rooms
+            .room_names()
+            .into_iter()
+            .filter(|r| !active.contains(r))
+            .collect();
+        if !missed.is_empty() {
+            let subscribe = subscriptions.subscribe(self.channels(&missed));
+            match tokio::time::timeout(OP_TIMEOUT, subscribe).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(DriverError::unavailable("subscribing timed out")),
+            }
+            active.extend(missed);
+            self.shared
+                .active
+                .write()
+                .unwrap()
+                .extend(active.iter().cloned());
+        }
+        tracing::info!(rooms = active.len(), pattern = %self.task_pattern, "connected to Redis");
         Ok((subscriptions, stream))
     }
 

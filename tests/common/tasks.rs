@@ -1,0 +1,89 @@
+//! Helpers for the task-manager tests: manifests with one queue `q`, users, and reading
+//! `TASK_PROGRESS` to a task's end.
+
+use serde_json::{Value, json};
+
+use super::{Bridge, Client, jwt, now};
+
+/// The enqueue spec of queue `q` whose jobs run `script` under `/bin/sh -c`, with short
+/// leases and backoffs, and `settings` added.
+pub fn sh_task(script: &str, settings: Value) -> Value {
+    let mut task = json!({
+        "queue": "q",
+        "command": ["/bin/sh", "-c", script],
+        "leaseMs": 2000,
+        "backoffMs": 100,
+        "graceMs": 300,
+    });
+    task.as_object_mut()
+        .unwrap()
+        .extend(settings.as_object().unwrap().clone());
+    task
+}
+
+/// `JOB_START` with the enqueue spec `task` (on queue `q`), and `JOB_GET`, `JOB_CANCEL`,
+/// `JOBS_LIST` for it.
+pub fn task_manifest(task: Value) -> String {
+    json!({
+        "JOB_START": {"task": task, "payload": {"type": "object"}},
+        "JOB_GET": {"task": {"queue": "q", "op": "get"}},
+        "JOB_CANCEL": {"task": {"queue": "q", "op": "cancel"}},
+        "JOBS_LIST": {"task": {"queue": "q", "op": "list"}},
+    })
+    .to_string()
+}
+
+/// Connects as user `sub`.
+pub async fn connect_as(bridge: &Bridge, sub: &str) -> Client {
+    let token = jwt(json!({"sub": sub, "exp": now() + 600}));
+    let mut client = bridge
+        .connect_with(&[("authorization", &format!("Bearer {token}"))])
+        .await
+        .expect("handshake accepted");
+    let hello = client.recv().await;
+    assert_eq!(hello["type"], "@@patchbay/CONNECTED", "{hello}");
+    client
+}
+
+/// Reads `TASK_PROGRESS` for `id` in room `task:<id>` until one has a final status; returns
+/// every one seen.
+pub async fn until_final(client: &mut Client, id: &str) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let m = client.recv().await;
+        if m["type"] != "TASK_PROGRESS" || m["payload"]["id"] != id {
+            continue;
+        }
+        if m["meta"]["room"] != format!("task:{id}") {
+            continue; // the same change through the user's room
+        }
+        let status = m["payload"]["status"].as_str().unwrap().to_string();
+        seen.push(m);
+        if ["succeeded", "failed", "cancelled", "lost"].contains(&status.as_str()) {
+            return seen;
+        }
+    }
+}
+
+/// Starts a job; returns the success.
+pub async fn start_job(client: &mut Client, params: Value) -> Value {
+    let reply = client.request("JOB_START", params).await;
+    assert_eq!(reply["type"], "JOB_START_SUCCESS", "{reply}");
+    reply
+}
+
+/// The id in a success or a task.
+pub fn id_of(reply: &Value) -> String {
+    reply["payload"]["id"].as_str().unwrap().to_string()
+}
+
+/// Whether process `pid` still runs (a zombie does not count).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim().to_string())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z'))
+}

@@ -1,0 +1,980 @@
+//! The task manager on Redis, against private `redis-server`s: patchbay instances and
+//! `patchbay worker` processes sharing queues, workers killed, paused and restarted, Redis
+//! restarted, and the known pitfalls of queues on Redis streams, each pinned by a test.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::tasks::*;
+use common::*;
+use patchbay::task::{ErrorCode, Finish, Queue, QueueError, RedisQueue, TaskError};
+use serde_json::{Value, json};
+
+/// A bridge on `redis` with the JWT auth of the tests and `task` as queue `q`'s spec.
+async fn bridge(redis: &RedisServer, task: Value) -> Bridge {
+    let url = redis.url();
+    Bridge::start(&task_manifest(task), None, move |c| {
+        with_jwt(c);
+        c.redis_url = Some(url);
+    })
+    .await
+}
+
+/// Queue `q`'s settings without a command: jobs are for `patchbay worker` processes.
+fn queue_only(settings: Value) -> Value {
+    let mut task = json!({"queue": "q", "leaseMs": 2000, "backoffMs": 100});
+    task.as_object_mut()
+        .unwrap()
+        .extend(settings.as_object().unwrap().clone());
+    task
+}
+
+/// A worker process, killed when dropped (a failing test leaves none behind).
+struct Proc(Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `patchbay worker` process for queue `q` running `script` under `/bin/sh -c`.
+fn worker(redis: &RedisServer, script: &str, concurrency: u32) -> Proc {
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_patchbay"))
+            .args(["worker", "--queue", "q", "--concurrency"])
+            .arg(concurrency.to_string())
+            .args(["--grace-ms", "300", "--", "/bin/sh", "-c", script])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("PATCHBAY_REDIS_URL", redis.url())
+            .env("PATCHBAY_LOG", "warn")
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the patchbay binary runs"),
+    )
+}
+
+/// Waits until worker `w` reads its queue (its consumer, named `<pid>-…`, exists): its signal
+/// handlers are installed by then.
+async fn reading(redis: &RedisServer, w: &Child) {
+    let prefix = format!("{}-", w.id());
+    let start = Instant::now();
+    loop {
+        let consumers: redis::Value =
+            redis_cmd(redis, &["XINFO", "CONSUMERS", "patchbay:q:q", "workers"]).await;
+        if format!("{consumers:?}").contains(&prefix) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "worker {} reads its queue",
+            w.id()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn sigkill(child: &mut Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// The parent of process `pid`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Polls until `f` is true, failing after `limit`.
+async fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn redis_cmd<T: redis::FromRedisValue>(redis: &RedisServer, args: &[&str]) -> T {
+    let mut conn = redis.connection().await.unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut conn).await.unwrap()
+}
+
+#[tokio::test]
+async fn jobs_run_on_redis_and_every_change_reaches_the_user() {
+    let redis = RedisServer::start().await;
+    let script = r#"read -r job; echo '{"progress":{"percent":50}}'; sleep 0.3; echo '{"result":{"n":12345678901234567890,"empty":[]}}'"#;
+    let bridge = bridge(&redis, sh_task(script, json!({}))).await;
+    let mut client = connect_as(&bridge, "7").await;
+    // Another tab of the same user, in no task room: it hears through `user:7`.
+    let mut tab = connect_as(&bridge, "7").await;
+    let reply = start_job(
+        &mut client,
+        json!({"list": [], "big": 12345678901234567890u64}),
+    )
+    .await;
+    let id = id_of(&reply);
+    assert_eq!(reply["meta"]["subscribed"], format!("task:{id}"));
+    assert_eq!(
+        reply["payload"]["params"]["list"],
+        json!([]),
+        "params kept exactly"
+    );
+    let snapshot = client.recv().await;
+    assert_eq!(snapshot["type"], "TASK_PROGRESS", "{snapshot}");
+    let seen = until_final(&mut client, &id).await;
+    let end = &seen.last().unwrap()["payload"];
+    assert_eq!(end["status"], "succeeded");
+    assert_eq!(end["attempts"], 1);
+    assert_eq!(end["progress"], json!({"percent": 50}));
+    assert_eq!(
+        end["result"].to_string(),
+        r#"{"empty":[],"n":12345678901234567890}"#,
+        "the result kept exactly"
+    );
+    loop {
+        let m = tab.recv().await;
+        if m["payload"]["status"] == "succeeded" {
+            assert_eq!(m["meta"]["room"], "user:7");
+            break;
+        }
+    }
+    let listed = client.request("JOBS_LIST", json!({})).await;
+    assert_eq!(listed["payload"]["tasks"][0]["id"], id.as_str(), "{listed}");
+    let got = client.request("JOB_GET", json!({"id": id})).await;
+    assert_eq!(got["payload"]["status"], "succeeded");
+    let mut bob = connect_as(&bridge, "bob").await;
+    let got = bob.request("JOB_GET", json!({"id": id})).await;
+    assert_failure(&got, "JOB_GET", "not_found");
+    let again = client.request("JOB_CANCEL", json!({"id": id})).await;
+    assert_failure(&again, "JOB_CANCEL", "conflict");
+}
+
+#[tokio::test]
+async fn enqueue_is_idempotent_across_instances() {
+    let redis = RedisServer::start().await;
+    let task = queue_only(json!({}));
+    let a = bridge(&redis, task.clone()).await;
+    let b = bridge(&redis, task).await;
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        clients.push(connect_as(if i % 2 == 0 { &a } else { &b }, "7").await);
+    }
+    let send = json!({"type": "JOB_START_REQUEST", "payload": {}, "meta": {"requestId": "one-id"}});
+    for client in &mut clients {
+        for _ in 0..10 {
+            client.send(send.clone()).await;
+        }
+    }
+    let mut ids = HashSet::new();
+    for client in &mut clients {
+        let mut answered = 0;
+        while answered < 10 {
+            let m = client.recv().await;
+            assert_ne!(m["type"], "JOB_START_FAILURE", "{m}");
+            if m["type"] == "JOB_START_SUCCESS" {
+                ids.insert(id_of(&m));
+                answered += 1;
+            }
+        }
+    }
+    assert_eq!(ids.len(), 1, "100 enqueues, one task: {ids:?}");
+    let mut other = connect_as(&b, "8").await;
+    let theirs = id_of(&start_job(&mut other, json!({})).await);
+    assert!(!ids.contains(&theirs), "another user, another task");
+}
+
+#[tokio::test]
+async fn a_sigkilled_worker_loses_its_job_to_another_within_the_lease() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    // The first attempt notes its pid and hangs; the second succeeds at once.
+    let script = format!(
+        r#"if [ "$PATCHBAY_TASK_ATTEMPT" = 1 ]; then echo $$ > {p}; echo '{{"progress":{{"started":1}}}}'; sleep 60; fi; echo '{{"result":"done"}}'"#,
+        p = pids.display()
+    );
+    let bridge = bridge(&redis, queue_only(json!({"leaseMs": 2000}))).await;
+    let mut workers = vec![worker(&redis, &script, 1), worker(&redis, &script, 1)];
+    let mut client = connect_as(&bridge, "7").await;
+    let id = id_of(&start_job(&mut client, json!({})).await);
+    loop {
+        let m = client.recv().await;
+        if m["payload"]["progress"]["started"] == 1 {
+            break;
+        }
+    }
+    let child: u32 = std::fs::read_to_string(&pids)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let holder = parent_of(child).unwrap();
+    let index = workers.iter().position(|w| w.id() == holder).unwrap();
+    let killed_at = Instant::now();
+    sigkill(&mut workers[index]);
+    eventually(
+        Duration::from_secs(1),
+        "the job's process dies with its worker",
+        || !alive(child),
+    )
+    .await;
+    let seen = until_final(&mut client, &id).await;
+    let elapsed = killed_at.elapsed();
+    let end = &seen.last().unwrap()["payload"];
+    assert_eq!(end["status"], "succeeded", "{end}");
+    assert_eq!(end["attempts"], 2);
+    assert_eq!(end["result"], "done");
+    assert!(
+        elapsed < Duration::from_millis(2000 + 2000),
+        "the next attempt within leaseMs + 2 s: {elapsed:?}"
+    );
+    let finals = seen
+        .iter()
+        .filter(|m| m["payload"]["status"] == "succeeded")
+        .count();
+    assert_eq!(finals, 1, "one final TASK_PROGRESS");
+    for w in &mut workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_worker_paused_past_its_lease_is_refused_when_it_wakes() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    // Attempt 1 reports, then works for a while; attempt 2 is quick. Each result says which.
+    let script = format!(
+        r#"if [ "$PATCHBAY_TASK_ATTEMPT" = 1 ]; then echo $$ > {p}; echo '{{"progress":{{"started":1}}}}'; sleep 4; fi; echo "{{\"result\":$PATCHBAY_TASK_ATTEMPT}}""#,
+        p = pids.display()
+    );
+    let bridge = bridge(&redis, queue_only(json!({"leaseMs": 1000}))).await;
+    let mut workers = vec![worker(&redis, &script, 1), worker(&redis, &script, 1)];
+    let mut client = connect_as(&bridge, "7").await;
+    let id = id_of(&start_job(&mut client, json!({})).await);
+    loop {
+        let m = client.recv().await;
+        if m["payload"]["progress"]["started"] == 1 {
+            break;
+        }
+    }
+    let child: u32 = std::fs::read_to_string(&pids)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let holder = parent_of(child).unwrap();
+    let index = workers.iter().position(|w| w.id() == holder).unwrap();
+    signal(&workers[index], "-STOP");
+    let seen = until_final(&mut client, &id).await;
+    let end = seen.last().unwrap()["payload"].clone();
+    assert_eq!(
+        (end["status"].as_str(), end["result"].as_i64()),
+        (Some("succeeded"), Some(2)),
+        "{end}"
+    );
+    signal(&workers[index], "-CONT");
+    // The paused worker wakes with a stale lease: whatever it reports is refused.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let got = client.request("JOB_GET", json!({"id": id})).await;
+    assert_eq!(got["payload"], end, "the late finish changed nothing");
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_millis(200), client.recv()).await;
+        if let Ok(m) = m {
+            assert_ne!(
+                m["payload"]["id"],
+                id.as_str(),
+                "no change after the end: {m}"
+            );
+        }
+    }
+    for w in &mut workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+}
+
+#[tokio::test]
+async fn failing_jobs_fail_after_their_attempts_and_worker_killers_are_lost() {
+    let redis = RedisServer::start().await;
+    // Always fails: three attempts with growing delays, then failed.
+    let failing = bridge(
+        &redis,
+        sh_task("exit 1", json!({"maxAttempts": 3, "backoffMs": 200})),
+    )
+    .await;
+    let mut client = connect_as(&failing, "7").await;
+    let id = id_of(&start_job(&mut client, json!({})).await);
+    let mut started = Vec::new();
+    let end = loop {
+        let m = client.recv().await;
+        if m["payload"]["id"] != id.as_str() || m["meta"]["room"] != format!("task:{id}") {
+            continue;
+        }
+        let p = &m["payload"];
+        if p["status"] == "running" && p["attempts"].as_u64().unwrap() as usize > started.len() {
+            started.push(Instant::now());
+        }
+        if p["status"] == "failed" {
+            break p.clone();
+        }
+    };
+    assert_eq!(end["attempts"], 3);
+    assert_eq!(end["error"]["code"], "failed");
+    assert_eq!(started.len(), 3);
+    let (first, second) = (started[1] - started[0], started[2] - started[1]);
+    assert!(
+        first >= Duration::from_millis(150) && second >= Duration::from_millis(300),
+        "{first:?} {second:?}"
+    );
+    assert!(second > first, "growing delays");
+    drop(client);
+    drop(failing);
+
+    // Kills its worker every time: handed out three times, then lost, never looping.
+    let redis = RedisServer::start().await;
+    let killers = bridge(
+        &redis,
+        queue_only(json!({"maxAttempts": 3, "leaseMs": 1000})),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let starts = dir.path().join("starts");
+    let script = format!("echo x >> {}; kill -9 $PPID; sleep 5", starts.display());
+    let mut client = connect_as(&killers, "7").await;
+    let id = id_of(&start_job(&mut client, json!({})).await);
+    let mut current = worker(&redis, &script, 1);
+    let end = loop {
+        // A supervisor's job: start a worker again whenever one died.
+        if let Ok(Some(_)) = current.try_wait() {
+            current = worker(&redis, &script, 1);
+        }
+        match tokio::time::timeout(Duration::from_millis(100), client.recv()).await {
+            Ok(m) if m["payload"]["id"] == id.as_str() && m["payload"]["status"] == "lost" => {
+                break m["payload"].clone();
+            }
+            _ => {}
+        }
+    };
+    assert_eq!(end["attempts"], 3);
+    assert_eq!(end["error"]["code"], "worker_lost");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deliveries = std::fs::read_to_string(&starts).unwrap().lines().count();
+    assert_eq!(deliveries, 3, "three deliveries, no more");
+    let _ = current.kill();
+    let _ = current.wait();
+}
+
+#[tokio::test]
+async fn redis_restarts_do_not_stop_workers_and_queued_jobs_survive_with_persistence() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().to_str().unwrap().to_string();
+    let mut redis = RedisServer::start_with(
+        &[
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            &dir_arg,
+        ],
+        None,
+    )
+    .await;
+    let bridge = bridge(&redis, queue_only(json!({"leaseMs": 2000}))).await;
+    let mut w = worker(&redis, r#"echo '{"result":1}'"#, 2);
+    let mut client = connect_as(&bridge, "7").await;
+    // The worker works before the restart.
+    let first = id_of(&start_job(&mut client, json!({})).await);
+    let end = until_final(&mut client, &first).await;
+    assert_eq!(end.last().unwrap()["payload"]["status"], "succeeded");
+
+    redis.kill();
+    let refused = client.request("JOB_START", json!({})).await;
+    assert_failure(&refused, "JOB_START", "upstream_unavailable");
+    // A job queued straight into Redis's persisted state while the worker cannot see it:
+    // stop the worker, restart Redis, enqueue, restart Redis again.
+    redis.restart().await;
+    signal(&w, "-STOP");
+    let queued = loop {
+        let r = client.request("JOB_START", json!({})).await;
+        if r["type"] == "JOB_START_SUCCESS" {
+            break id_of(&r);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    redis.kill();
+    redis.restart().await;
+    let back = Instant::now();
+    signal(&w, "-CONT");
+    // The job queued before the outage runs once Redis is back, on the same worker process.
+    let mut checker = redis.connection().await.unwrap();
+    loop {
+        let json: Option<String> = redis::cmd("FCALL")
+            .arg("patchbay_get")
+            .arg(1)
+            .arg(format!("patchbay:task:{queued}"))
+            .arg("q")
+            .arg("7")
+            .query_async(&mut checker)
+            .await
+            .ok();
+        if let Some(json) = json
+            && json.contains(r#""status":"succeeded""#)
+        {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "the queued job ran after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        back.elapsed() < Duration::from_secs(2),
+        "consumed again soon after Redis came back: {:?}",
+        back.elapsed()
+    );
+    assert!(
+        w.try_wait().unwrap().is_none(),
+        "the worker never restarted"
+    );
+    sigkill(&mut w);
+}
+
+/// A queue on `redis` with the task functions loaded and `q`'s group created.
+async fn queue_on(redis: &RedisServer) -> RedisQueue {
+    let q = RedisQueue::open(&redis.url(), "patchbay").unwrap();
+    q.load_functions().await.unwrap();
+    q.create_group("q").await.unwrap();
+    q
+}
+
+fn settings() -> patchbay::task::QueueSettings {
+    let spec = json!({"queue": "q", "leaseMs": 1000, "backoffMs": 0, "perUserLimit": 1_000_000});
+    match patchbay::task::parse(&spec).unwrap() {
+        patchbay::registry::Handler::Task(t) => t.settings.unwrap(),
+        _ => unreachable!(),
+    }
+}
+
+async fn enqueue(q: &RedisQueue, rid: &str) -> String {
+    let s = settings();
+    q.enqueue(patchbay::task::NewJob {
+        queue: "q",
+        settings: &s,
+        owner: Some("7"),
+        request_id: rid,
+        params: json!({}),
+    })
+    .await
+    .unwrap()
+    .id
+}
+
+#[tokio::test]
+async fn pitfall_a_finish_by_a_worker_that_lost_its_lease_is_refused() {
+    // XACK alone would succeed for a worker that no longer holds the job; the lease token
+    // fences every report.
+    let redis = RedisServer::start().await;
+    let q = queue_on(&redis).await;
+    let id = enqueue(&q, "r").await;
+    let lease = q
+        .take("q", "w1", Duration::from_secs(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.task.id, id);
+    // The lease lapses; the maintainer gives the job its next attempt.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reaped: i64 = redis_cmd(
+        &redis,
+        &["FCALL", "patchbay_reap", "1", "patchbay:leases:q", "60000"],
+    )
+    .await;
+    assert_eq!(reaped, 1);
+    let second = q
+        .take("q", "w2", Duration::from_secs(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.task.attempts, 2);
+    let late = q
+        .finish(&id, lease.token, Finish::Succeeded(json!(1)))
+        .await;
+    assert_eq!(late.unwrap_err(), QueueError::StaleLease);
+    assert_eq!(
+        q.renew(&id, lease.token).await.unwrap_err(),
+        QueueError::StaleLease
+    );
+    let done = q
+        .finish(&id, second.token, Finish::Succeeded(json!(2)))
+        .await
+        .unwrap();
+    assert_eq!(done.result, Some(json!(2)));
+}
+
+#[tokio::test]
+async fn pitfall_after_an_outage_longer_than_a_lease_running_jobs_are_not_reaped_at_once() {
+    // Every lease looks lapsed after a long outage; a lease is judged only once the
+    // maintainer has been connected for longer than it, so workers renew first.
+    let redis = RedisServer::start().await;
+    let q = queue_on(&redis).await;
+    let id = enqueue(&q, "r").await;
+    let lease = q
+        .take("q", "w1", Duration::from_secs(1))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reaped: i64 = redis_cmd(
+        &redis,
+        &["FCALL", "patchbay_reap", "1", "patchbay:leases:q", "500"],
+    )
+    .await;
+    assert_eq!(
+        reaped, 0,
+        "connected for 500 ms: a 1000 ms lease is not judged yet"
+    );
+    q.renew(&id, lease.token)
+        .await
+        .expect("the worker renews in time");
+    let reaped: i64 = redis_cmd(
+        &redis,
+        &["FCALL", "patchbay_reap", "1", "patchbay:leases:q", "60000"],
+    )
+    .await;
+    assert_eq!(reaped, 0, "renewed: not lapsed");
+}
+
+#[tokio::test]
+async fn pitfall_reclaim_follows_the_cursor_and_survives_deleted_entries() {
+    // XAUTOCLAIM looks at part of the pending list per call and reports deleted entries;
+    // entries read by a worker that died before starting them must all be queued again.
+    let redis = RedisServer::start().await;
+    let q = queue_on(&redis).await;
+    let mut ids = Vec::new();
+    for i in 0..250 {
+        ids.push(enqueue(&q, &i.to_string()).await);
+    }
+    // A worker reads every entry and dies without starting any.
+    let read: Value = {
+        let mut conn = redis.connection().await.unwrap();
+        let v: redis::Value = redis::cmd("XREADGROUP")
+            .arg(&[
+                "GROUP",
+                "workers",
+                "dead",
+                "COUNT",
+                "300",
+                "STREAMS",
+                "patchbay:q:q",
+                ">",
+            ])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        json!(format!("{v:?}").len())
+    };
+    assert!(read.as_u64().unwrap() > 0);
+    // Ten of the pending entries are deleted from the stream meanwhile.
+    let pending: Vec<(String, String, u64, u64)> = {
+        let mut conn = redis.connection().await.unwrap();
+        redis::cmd("XPENDING")
+            .arg(&["patchbay:q:q", "workers", "-", "+", "300"])
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    };
+    assert_eq!(pending.len(), 250);
+    for (entry, ..) in pending.iter().take(10) {
+        let _: i64 = redis_cmd(&redis, &["XDEL", "patchbay:q:q", entry]).await;
+    }
+    let mut cursor = "0-0".to_string();
+    let mut handled = 0;
+    let mut calls = 0;
+    loop {
+        let (next, n): (String, i64) = redis_cmd(
+            &redis,
+            &[
+                "FCALL",
+                "patchbay_reclaim",
+                "1",
+                "patchbay:q:q",
+                "0",
+                &cursor,
+            ],
+        )
+        .await;
+        handled += n;
+        calls += 1;
+        if next == "0-0" {
+            break;
+        }
+        cursor = next;
+    }
+    assert!(calls >= 3, "one call does not see 250 entries: {calls}");
+    assert_eq!(handled, 250);
+    let left: Vec<Value> = {
+        let mut conn = redis.connection().await.unwrap();
+        let v: Vec<redis::Value> = redis::cmd("XPENDING")
+            .arg(&["patchbay:q:q", "workers", "-", "+", "300"])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        v.iter().map(|_| Value::Null).collect()
+    };
+    assert!(left.is_empty(), "nothing left pending");
+    // 240 jobs are queued again. A deleted entry no longer names its task: those ten stay
+    // queued without an entry (only something outside patchbay deletes queue entries; the
+    // README tells operators never to XDEL or XTRIM a queue's stream).
+    let xlen: i64 = redis_cmd(&redis, &["XLEN", "patchbay:q:q"]).await;
+    assert_eq!(xlen, 240);
+    let mut started = HashSet::new();
+    while let Some(lease) = q.take("q", "w", Duration::from_millis(200)).await.unwrap() {
+        started.insert(lease.task.id);
+    }
+    assert_eq!(started.len(), 240);
+}
+
+#[tokio::test]
+async fn pitfall_consumers_are_deleted_only_with_nothing_pending_and_trimming_is_never_used() {
+    // XGROUP DELCONSUMER drops the consumer's pending entries: the sweep deletes only idle
+    // consumers with nothing pending. MAXLEN trimming deletes unacknowledged entries: the
+    // queue never trims, a started job's entry is deleted by the start step itself.
+    let redis = RedisServer::start().await;
+    let q = queue_on(&redis).await;
+    for i in 0..2000 {
+        enqueue(&q, &format!("job-{i}")).await;
+    }
+    let xlen: i64 = redis_cmd(&redis, &["XLEN", "patchbay:q:q"]).await;
+    assert_eq!(xlen, 2000, "nothing trimmed");
+    // Consumer `busy` holds a read entry; `idle` holds nothing.
+    let mut conn = redis.connection().await.unwrap();
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg(&[
+            "GROUP",
+            "workers",
+            "busy",
+            "COUNT",
+            "1",
+            "STREAMS",
+            "patchbay:q:q",
+            ">",
+        ])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: redis::Value = redis::cmd("XGROUP")
+        .arg(&["CREATECONSUMER", "patchbay:q:q", "workers", "idle"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let deleted: i64 = redis_cmd(
+        &redis,
+        &["FCALL", "patchbay_sweep", "1", "patchbay:q:q", "10"],
+    )
+    .await;
+    assert_eq!(deleted, 1, "only the consumer with nothing pending");
+    let pending: redis::Value = redis_cmd(&redis, &["XPENDING", "patchbay:q:q", "workers"]).await;
+    assert!(format!("{pending:?}").contains("busy"), "{pending:?}");
+    // A started job leaves no entry and nothing pending.
+    let lease = q
+        .take("q", "w", Duration::from_secs(1))
+        .await
+        .unwrap()
+        .unwrap();
+    let _ = q
+        .finish(
+            &lease.task.id,
+            lease.token,
+            Finish::Failed(TaskError {
+                code: ErrorCode::Failed,
+                message: "no".into(),
+            }),
+        )
+        .await
+        .unwrap();
+    let summary: (i64, Option<String>, Option<String>, redis::Value) =
+        redis_cmd(&redis, &["XPENDING", "patchbay:q:q", "workers"]).await;
+    assert_eq!(
+        summary.0, 1,
+        "the started job left nothing pending: {summary:?}"
+    );
+    let xlen: i64 = redis_cmd(&redis, &["XLEN", "patchbay:q:q"]).await;
+    assert_eq!(xlen, 1999, "its entry is gone; the one `busy` read stays");
+}
+
+/// Enqueues `n` anonymous jobs on `q` straight through the queue (the same function an
+/// enqueue action calls); returns their ids.
+async fn enqueue_many(
+    q: &RedisQueue,
+    n: usize,
+    settings: &patchbay::task::QueueSettings,
+) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let task = q
+            .enqueue(patchbay::task::NewJob {
+                queue: "q",
+                settings,
+                owner: None,
+                request_id: &format!("soak-{i}"),
+                params: json!({"i": i}),
+            })
+            .await
+            .unwrap();
+        ids.push(task.id);
+    }
+    ids
+}
+
+fn queue_settings(spec: Value) -> patchbay::task::QueueSettings {
+    match patchbay::task::parse(&spec).unwrap() {
+        patchbay::registry::Handler::Task(t) => t.settings.unwrap(),
+        _ => unreachable!(),
+    }
+}
+
+/// `patchbay_stats` of queue `q`: queued, running, delayed, workers, succeeded, failed,
+/// cancelled, lost.
+async fn stats(redis: &RedisServer) -> Vec<i64> {
+    redis_cmd(redis, &["FCALL", "patchbay_stats", "1", "patchbay:q:q"]).await
+}
+
+#[tokio::test]
+async fn soak_a_thousand_jobs_while_a_worker_is_killed_every_two_seconds() {
+    let redis = RedisServer::start().await;
+    let spec = json!({"queue": "q", "leaseMs": 1000, "maxAttempts": 5, "backoffMs": 50});
+    let _bridge = bridge(&redis, spec.clone()).await; // the maintainer
+    let q = queue_on(&redis).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ran = dir.path().join("ran");
+    let script = format!(
+        r#"sleep 0.1$(( $$ % 5 )); echo $PATCHBAY_TASK_ID >> {}; echo '{{"result":1}}'"#,
+        ran.display()
+    );
+    let mut workers: Vec<Proc> = (0..3).map(|_| worker(&redis, &script, 4)).collect();
+    let ids = enqueue_many(&q, 1000, &queue_settings(spec)).await;
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut next_kill = Instant::now() + Duration::from_secs(2);
+    loop {
+        let s = stats(&redis).await;
+        if s[4] + s[5] + s[7] >= 1000 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the soak finished: {s:?}"
+        );
+        if Instant::now() >= next_kill {
+            let victim = (started.elapsed().as_millis() as usize) % workers.len();
+            sigkill(&mut workers[victim]);
+            workers[victim] = worker(&redis, &script, 4);
+            kills += 1;
+            next_kill += Duration::from_secs(2);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = stats(&redis).await;
+    assert_eq!(
+        (s[4], s[5], s[7]),
+        (1000, 0, 0),
+        "all succeeded, none failed or lost: {s:?}"
+    );
+    assert!(kills >= 1, "workers were killed during the soak");
+    let mut conn = redis.connection().await.unwrap();
+    for id in &ids {
+        let json: String = redis::cmd("FCALL")
+            .arg(&["patchbay_get", "1", &format!("patchbay:task:{id}"), "q", ""])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let task: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(task["status"], "succeeded", "{task}");
+    }
+    // Every job ran at least once; those cut down by a kill ran again (at least once).
+    let ran = std::fs::read_to_string(&ran).unwrap();
+    let distinct: HashSet<&str> = ran.lines().collect();
+    assert_eq!(distinct.len(), 1000);
+    for w in &mut workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+}
+
+#[tokio::test]
+async fn ten_thousand_jobs_and_twenty_worker_restarts_leave_nothing_behind() {
+    let redis = RedisServer::start().await;
+    let spec = json!({"queue": "q", "leaseMs": 2000, "retentionSecs": 1});
+    let _bridge = bridge(&redis, spec.clone()).await;
+    let q = queue_on(&redis).await;
+    // All queued first, then two workers of two slots each at ~10 ms a job: about half a
+    // minute of work, long enough for twenty restarts in its midst.
+    let ids = enqueue_many(&q, 10_000, &queue_settings(spec)).await;
+    assert_eq!(ids.len(), 10_000);
+    let job = "sleep 0.01";
+    let mut workers: Vec<Proc> = (0..2).map(|_| worker(&redis, job, 2)).collect();
+    let started = Instant::now();
+    let mut restarts = 0;
+    loop {
+        let s = stats(&redis).await;
+        if s[4] >= 10_000 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "all ran: {s:?}"
+        );
+        // Graceful restarts (SIGTERM: jobs handed back), twenty in all, while jobs run.
+        if restarts < 20 {
+            let i = restarts % workers.len();
+            reading(&redis, &workers[i]).await;
+            signal(&workers[i], "-TERM");
+            let status = workers[i].wait().unwrap();
+            assert!(status.success(), "a worker exits 0 on SIGTERM: {status:?}");
+            workers[i] = worker(&redis, job, 2);
+            restarts += 1;
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(restarts, 20, "the restarts happened while jobs ran");
+    let s = stats(&redis).await;
+    assert_eq!((s[4], s[5], s[6], s[7]), (10_000, 0, 0, 0), "{s:?}");
+    for w in &mut workers {
+        reading(&redis, w).await;
+        signal(w, "-TERM");
+        assert!(w.wait().unwrap().success());
+    }
+    // Nothing pending, no consumer left by a worker, finished tasks expired.
+    let pending: (i64, Option<String>, Option<String>, redis::Value) =
+        redis_cmd(&redis, &["XPENDING", "patchbay:q:q", "workers"]).await;
+    assert_eq!(pending.0, 0, "{pending:?}");
+    let consumers: Vec<redis::Value> =
+        redis_cmd(&redis, &["XINFO", "CONSUMERS", "patchbay:q:q", "workers"]).await;
+    assert!(consumers.is_empty(), "no orphaned consumers: {consumers:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<String> = redis_cmd(&redis, &["KEYS", "patchbay:task:*"]).await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} tasks did not expire",
+            left.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let xlen: i64 = redis_cmd(&redis, &["XLEN", "patchbay:q:q"]).await;
+    assert_eq!(xlen, 0, "no entries left");
+}
+
+#[tokio::test]
+async fn a_python_worker_written_from_the_readme_runs_jobs() {
+    let redis = RedisServer::start().await;
+    let bridge = bridge(
+        &redis,
+        queue_only(json!({"leaseMs": 1500, "maxAttempts": 2, "backoffMs": 100})),
+    )
+    .await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python_worker.py");
+    let mut python = Proc(
+        Command::new("python3")
+            .args([script, "--redis", &redis.url(), "--queue", "q"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python3 runs (the test suite's set-up installs its `redis` package)"),
+    );
+    let mut client = connect_as(&bridge, "7").await;
+
+    let id = id_of(&start_job(&mut client, json!({"steps": 3})).await);
+    let seen = until_final(&mut client, &id).await;
+    let end = &seen.last().unwrap()["payload"];
+    assert_eq!(end["status"], "succeeded", "{end}");
+    assert_eq!(end["result"], json!({"steps": 3, "worker": "python"}));
+    assert!(
+        seen.iter()
+            .any(|m| m["payload"]["progress"]["percent"] == 33),
+        "progress reported: {seen:?}"
+    );
+
+    let id = id_of(&start_job(&mut client, json!({"steps": 1, "fail": true})).await);
+    let seen = until_final(&mut client, &id).await;
+    let end = &seen.last().unwrap()["payload"];
+    assert_eq!(
+        (end["status"].as_str(), end["attempts"].as_u64()),
+        (Some("failed"), Some(2)),
+        "{end}"
+    );
+    assert_eq!(end["error"]["message"], "asked to fail");
+
+    // A long job: cancelled while it runs.
+    let id = id_of(&start_job(&mut client, json!({"steps": 100})).await);
+    loop {
+        let m = client.recv().await;
+        if m["payload"]["id"] == id.as_str() && m["payload"]["progress"].is_object() {
+            break;
+        }
+    }
+    let reply = client.request("JOB_CANCEL", json!({"id": id})).await;
+    assert_eq!(reply["payload"]["cancelRequested"], true, "{reply}");
+    let seen = until_final(&mut client, &id).await;
+    assert_eq!(seen.last().unwrap()["payload"]["status"], "cancelled");
+
+    // SIGTERM mid-job: handed back without counting the attempt; the worker exits 0.
+    let id = id_of(&start_job(&mut client, json!({"steps": 100})).await);
+    loop {
+        let m = client.recv().await;
+        if m["payload"]["id"] == id.as_str() && m["payload"]["progress"].is_object() {
+            break;
+        }
+    }
+    signal(&python, "-TERM");
+    assert!(python.wait().unwrap().success());
+    let got = client.request("JOB_GET", json!({"id": id})).await;
+    assert_eq!(got["payload"]["status"], "queued", "{got}");
+    assert_eq!(got["payload"]["attempts"], 0);
+    let consumers: Vec<redis::Value> =
+        redis_cmd(&redis, &["XINFO", "CONSUMERS", "patchbay:q:q", "workers"]).await;
+    assert!(
+        consumers.is_empty(),
+        "it retired its consumer: {consumers:?}"
+    );
+}
