@@ -58,6 +58,8 @@ pub struct App {
     next_conn_id: AtomicU64,
 }
 
+/// How often the queues' counts in `/metrics` are refreshed.
+const QUEUE_COUNTS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often the embedded queue looks for lapsed leases and expired tasks.
 const REAP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -109,7 +111,15 @@ impl App {
         let has_tasks = registry.first_task_action().is_some();
         let (embedded, on_redis) = match (&config.redis_url, has_tasks) {
             (_, false) => (None, None),
-            (None, true) => (Some(Arc::new(EmbeddedQueues::new(publisher(&hub)))), None),
+            (None, true) => {
+                let slots = registry
+                    .task_commands()
+                    .into_iter()
+                    .map(|(queue, c)| (queue.to_string(), u64::from(c.concurrency)))
+                    .collect();
+                let queue = EmbeddedQueues::new(publisher(&hub), slots);
+                (Some(Arc::new(queue)), None)
+            }
             (Some(url), true) => {
                 let queue = RedisQueue::open(url, &config.redis_prefix)
                     .map_err(|e| StartError::RedisUrl(e.to_string()))?;
@@ -150,10 +160,9 @@ impl App {
         let Some(queue) = self.dispatcher.tasks() else {
             return;
         };
-        let stop = self.lifecycle.workers_stop.clone();
+        let stop = || self.lifecycle.workers_stop.clone();
         if let Some(embedded) = &self.embedded {
-            let embedded = embedded.clone();
-            let stop = stop.clone();
+            let (embedded, stop) = (embedded.clone(), stop());
             self.lifecycle.workers.spawn(async move {
                 let mut every = tokio::time::interval(REAP_EVERY);
                 loop {
@@ -165,7 +174,7 @@ impl App {
             });
         }
         if let Some(on_redis) = &self.on_redis {
-            let on_redis = on_redis.clone();
+            let (on_redis, stop) = (on_redis.clone(), stop());
             let queues = self
                 .registry
                 .task_queues()
@@ -176,7 +185,27 @@ impl App {
                 .workers
                 .spawn(async move { on_redis.maintain(queues, worker_id(), stop).await });
         }
-        let stop = self.lifecycle.workers_stop.clone();
+        // The queues' counts for /metrics, refreshed every second.
+        {
+            let (app, queue, stop) = (self.clone(), queue.clone(), stop());
+            self.lifecycle.workers.spawn(async move {
+                let mut every = tokio::time::interval(QUEUE_COUNTS_EVERY);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = every.tick() => {}
+                    }
+                    let mut counts = Vec::new();
+                    for name in app.registry.task_queues() {
+                        if let Ok(stats) = queue.stats(name).await {
+                            counts.push((name.to_string(), stats));
+                        }
+                    }
+                    app.metrics.set_queue_counts(counts);
+                }
+            });
+        }
         for (name, command) in self.registry.task_commands() {
             let worker = Worker {
                 queue: queue.clone(),
@@ -184,8 +213,14 @@ impl App {
                 command: command.clone(),
                 id: format!("{}-{name}", worker_id()),
                 watchdog: crate::task::watchdog::for_this_process(),
+                observe: Some({
+                    let app = self.clone();
+                    Arc::new(move |queue: &str, outcome: &str, took| {
+                        app.metrics.task_attempt(queue, outcome, took)
+                    })
+                }),
             };
-            self.lifecycle.workers.spawn(worker.run(stop.clone()));
+            self.lifecycle.workers.spawn(worker.run(stop()));
         }
     }
 

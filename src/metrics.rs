@@ -4,12 +4,13 @@
 //! reasons, so no client can blow up the number of series: an unknown action is counted as
 //! `unknown`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -19,6 +20,7 @@ use prometheus_client::registry::Registry;
 use crate::bus::Bus;
 use crate::error::Disconnect;
 use crate::rooms::Rooms;
+use crate::task::QueueStats;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ActionOutcome {
@@ -32,6 +34,27 @@ struct ActionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueOutcome {
+    queue: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueStatus {
+    queue: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    queue: String,
+}
+
+/// The latest counts of every queue, refreshed in the background (reading them may need Redis,
+/// which a scrape must not wait for).
+pub type QueueCounts = Arc<Mutex<Vec<(String, QueueStats)>>>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
     reason: String,
 }
@@ -42,6 +65,8 @@ pub struct Metrics {
     actions: Family<ActionOutcome, Counter>,
     upstream: Family<ActionLabel, Histogram>,
     disconnects: Family<Reason, Counter>,
+    attempts: Family<QueueOutcome, Histogram>,
+    queues: QueueCounts,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -55,6 +80,7 @@ struct Live {
     connections: Arc<AtomicUsize>,
     rooms: Arc<Rooms>,
     bus: Arc<dyn Bus>,
+    queues: QueueCounts,
 }
 
 impl std::fmt::Debug for Live {
@@ -122,6 +148,70 @@ impl Collector for Live {
                 counter.metric_type(),
             )?)?;
         }
+        self.encode_queues(&mut encoder)
+    }
+}
+
+impl Live {
+    fn encode_queues(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let queues = self.queues.lock().unwrap().clone();
+        if queues.is_empty() {
+            return Ok(());
+        }
+        let by_status = |encoder: &mut DescriptorEncoder,
+                         name: &str,
+                         help: &str,
+                         pick: &dyn Fn(&QueueStats) -> Vec<(&'static str, u64)>|
+         -> Result<(), std::fmt::Error> {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (queue, stats) in &queues {
+                for (status, value) in pick(stats) {
+                    let labels = QueueStatus {
+                        queue: queue.clone(),
+                        status: status.to_string(),
+                    };
+                    ConstGauge::new(value as i64).encode(family.encode_family(&labels)?)?;
+                }
+            }
+            Ok(())
+        };
+        by_status(
+            encoder,
+            "queue_tasks",
+            "Tasks waiting or running, by queue and status",
+            &|s| {
+                vec![
+                    ("queued", s.queued),
+                    ("running", s.running),
+                    ("delayed", s.delayed),
+                ]
+            },
+        )?;
+        by_status(
+            encoder,
+            "queue_finished_tasks",
+            "Tasks that reached a final status since the queue began, by queue and status (failed and lost are the dead letters)",
+            &|s| {
+                vec![
+                    ("succeeded", s.succeeded),
+                    ("failed", s.failed),
+                    ("cancelled", s.cancelled),
+                    ("lost", s.lost),
+                ]
+            },
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "queue_workers",
+            "Workers of the queue (consumers of its Redis group; with the embedded queue, worker slots in this process)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (queue, stats) in &queues {
+            let labels = QueueLabel {
+                queue: queue.clone(),
+            };
+            ConstGauge::new(stats.workers as i64).encode(family.encode_family(&labels)?)?;
+        }
         Ok(())
     }
 }
@@ -150,16 +240,28 @@ impl Metrics {
             "Connections closed by the server, by reason",
             disconnects.clone(),
         );
+        let attempts = Family::<QueueOutcome, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 20))
+        });
+        registry.register(
+            "task_attempt_duration_seconds",
+            "Job attempts run by this process's workers, by queue and how they ended",
+            attempts.clone(),
+        );
+        let queues = QueueCounts::default();
         registry.register_collector(Box::new(Live {
             connections,
             rooms,
             bus,
+            queues: queues.clone(),
         }));
         Metrics {
             registry,
             actions,
             upstream,
             disconnects,
+            attempts,
+            queues,
         }
     }
 
@@ -179,6 +281,21 @@ impl Metrics {
         self.upstream
             .get_or_create(&ActionLabel {
                 action: action.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Replaces the queues' counts.
+    pub fn set_queue_counts(&self, counts: Vec<(String, QueueStats)>) {
+        *self.queues.lock().unwrap() = counts;
+    }
+
+    /// Records one job attempt run by this process.
+    pub fn task_attempt(&self, queue: &str, outcome: &str, elapsed: Duration) {
+        self.attempts
+            .get_or_create(&QueueOutcome {
+                queue: queue.to_string(),
+                outcome: outcome.to_string(),
             })
             .observe(elapsed.as_secs_f64());
     }

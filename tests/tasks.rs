@@ -54,9 +54,25 @@ async fn a_job_runs_reports_progress_and_succeeds() {
                 && m["payload"]["status"] == "running"),
         "progress pushed while running: {seen:?}"
     );
-    // The same changes reach the user's room: another connection of the user sees the end.
     let got = client.request("JOB_GET", json!({"id": id})).await;
     assert_eq!(got["payload"]["status"], "succeeded", "{got}");
+    // Operators see the queue in /metrics (its counts are refreshed every second).
+    let want = [
+        r#"patchbay_queue_finished_tasks{queue="q",status="succeeded"} 1"#,
+        r#"patchbay_queue_tasks{queue="q",status="running"} 0"#,
+        r#"patchbay_queue_workers{queue="q"} 1"#,
+        r#"patchbay_task_attempt_duration_seconds_count{queue="q",outcome="succeeded"} 1"#,
+    ];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, _, body) = http_raw("GET", &bridge.http_url("/metrics"), &[], "").await;
+        let text = String::from_utf8_lossy(&body).to_string();
+        if want.iter().all(|w| text.contains(w)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{want:?} in {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ mod client;
 mod procs;
 mod reference;
 mod scenarios;
+mod tasks;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -28,7 +29,11 @@ commands:
   ci          a tiny fan-out (50 clients, 10 messages) against patchbay and the reference
               server and a short request/response run through patchbay; exits 1 on any loss
               or failure
-  setup       installs the Socket.IO server's npm packages
+  tasks       no-op jobs through patchbay's Redis task queue and through BullMQ on one
+              private Redis: jobs/s (--messages jobs, default 20000), Redis CPU per job,
+              enqueue-to-start latency at --rate jobs/s (default 1000) for --seconds;
+              --clients sets the worker concurrency (default 50)
+  setup       installs the Socket.IO server's and BullMQ's npm packages
   reference   runs the reference server (--listen ADDR --redis URL [--upstream ADDR]); the
               bench starts it itself
 
@@ -121,11 +126,18 @@ fn main() -> ExitCode {
     let (plan, ci): (Vec<Scenario>, bool) = match command.as_str() {
         "reference" => return reference::main(rest).map_or_else(fail, |()| ExitCode::SUCCESS),
         "setup" => {
-            return match socketio_dir(true) {
-                Ok(dir) => {
-                    println!("Socket.IO server ready in {}", dir.display());
+            return match socketio_dir(true).and_then(|s| Ok((s, tasks::bullmq_dir(true)?))) {
+                Ok((socketio, bullmq)) => {
+                    println!("Socket.IO server ready in {}", socketio.display());
+                    println!("BullMQ ready in {}", bullmq.display());
                     ExitCode::SUCCESS
                 }
+                Err(e) => fail(e),
+            };
+        }
+        "tasks" => {
+            return match parse_opts(rest) {
+                Ok(o) => run_tasks(&o).map_or_else(fail, |()| ExitCode::SUCCESS),
                 Err(e) => fail(e),
             };
         }
@@ -186,6 +198,56 @@ fn main() -> ExitCode {
         Ok(false) => ExitCode::FAILURE,
         Err(e) => fail(e),
     }
+}
+
+/// `patchbay-bench tasks`: both queues, one table.
+fn run_tasks(o: &Opts) -> Result<(), String> {
+    let jobs = o.messages.unwrap_or(20_000);
+    let concurrency = o.clients.unwrap_or(50);
+    let rate = o.rate.unwrap_or(1000.0);
+    let seconds = o.seconds.unwrap_or(10.0);
+    let bullmq = match tasks::bullmq_dir(false) {
+        Ok(dir) => Some(dir),
+        Err(e) => {
+            eprintln!("BullMQ skipped: {e}");
+            None
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let runs = runtime.block_on(tasks::run(
+        bullmq.as_deref(),
+        jobs,
+        concurrency,
+        rate,
+        seconds,
+    ))?;
+    println!("{}", procs::machine());
+    println!(
+        "tasks: {jobs} no-op jobs, {concurrency} worker slots; latency at {rate} jobs/s for {seconds} s"
+    );
+    println!(
+        "  {:<10} {:>10} {:>22} {:>12} {:>12}",
+        "queue", "jobs/s", "Redis CPU us/job", "start p50", "start p99"
+    );
+    for (name, r) in &runs {
+        println!(
+            "  {:<10} {:>10.0} {:>22.1} {:>10.2}ms {:>10.2}ms",
+            name, r.jobs_per_sec, r.redis_cpu_us_per_job, r.p50_ms, r.p99_ms
+        );
+    }
+    if let [(_, pb), (_, bull)] = runs.as_slice() {
+        println!(
+            "  patchbay / BullMQ: {:.2}x the jobs/s, {:.2}x the Redis CPU per job, {:.2}x the p50, {:.2}x the p99",
+            pb.jobs_per_sec / bull.jobs_per_sec,
+            pb.redis_cpu_us_per_job / bull.redis_cpu_us_per_job,
+            pb.p50_ms / bull.p50_ms,
+            pb.p99_ms / bull.p99_ms
+        );
+    }
+    Ok(())
 }
 
 /// The Socket.IO server's directory, its npm packages installed (when `install`, or on first

@@ -15,7 +15,9 @@ use tokio::sync::Notify;
 
 use super::QueueSettings;
 use super::model::{AfterFailure, Status, StepError, Task};
-use super::queue::{Finish, LIST_MAX, Lease, ListQuery, NewJob, Owner, Queue, QueueError, Renewal};
+use super::queue::{
+    Finish, LIST_MAX, Lease, ListQuery, NewJob, Owner, Queue, QueueError, QueueStats, Renewal,
+};
 
 /// Called with every changed task, under the queue's lock: publishes its `TASK_PROGRESS`.
 pub type Publish = Box<dyn Fn(&Task) + Send + Sync>;
@@ -31,6 +33,8 @@ struct State {
     by_request: HashMap<(String, Option<String>, String), String>,
     /// Task ids per queue in enqueue order, for listing newest first.
     order: HashMap<String, Vec<String>>,
+    /// Tasks finished per (queue, final status), for `/metrics`.
+    finished: HashMap<(String, Status), u64>,
     next_lease: u64,
 }
 
@@ -49,15 +53,19 @@ pub struct EmbeddedQueues {
     state: Mutex<State>,
     /// Publishes each change; none in unit tests.
     publish: Option<Publish>,
+    /// Worker slots per queue inside this process, for `/metrics`.
+    slots: HashMap<String, u64>,
     /// Woken when a job may have become ready.
     ready: Notify,
 }
 
 impl EmbeddedQueues {
-    /// Queues that publish every change with `publish`.
-    pub fn new(publish: Publish) -> EmbeddedQueues {
+    /// Queues that publish every change with `publish`; `slots` are the worker slots of
+    /// each queue inside this process.
+    pub fn new(publish: Publish, slots: HashMap<String, u64>) -> EmbeddedQueues {
         EmbeddedQueues {
             publish: Some(publish),
+            slots,
             ..EmbeddedQueues::default()
         }
     }
@@ -66,6 +74,35 @@ impl EmbeddedQueues {
         if let Some(publish) = &self.publish {
             publish(task);
         }
+    }
+
+    /// A queue's counts.
+    pub fn queue_stats(&self, queue: &str) -> QueueStats {
+        let state = self.state.lock().unwrap();
+        let mut stats = QueueStats {
+            workers: self.slots.get(queue).copied().unwrap_or(0),
+            ..QueueStats::default()
+        };
+        for e in state.tasks.values().filter(|e| e.task.queue == queue) {
+            match e.task.status {
+                Status::Queued => stats.queued += 1,
+                Status::Running => stats.running += 1,
+                Status::Delayed => stats.delayed += 1,
+                _ => {}
+            }
+        }
+        let finished = |s| {
+            state
+                .finished
+                .get(&(queue.to_string(), s))
+                .copied()
+                .unwrap_or(0)
+        };
+        stats.succeeded = finished(Status::Succeeded);
+        stats.failed = finished(Status::Failed);
+        stats.cancelled = finished(Status::Cancelled);
+        stats.lost = finished(Status::Lost);
+        stats
     }
 
     /// Starts a job, or returns the task this owner already started with this request id.
@@ -153,6 +190,10 @@ impl EmbeddedQueues {
         let task = entry.task.clone();
         if task.status.is_final() {
             entry.expires = Some(Instant::now() + entry.settings.retention);
+            *state
+                .finished
+                .entry((task.queue.clone(), task.status))
+                .or_default() += 1;
             if let Some(ready) = state.ready.get_mut(&task.queue) {
                 ready.retain(|t| t != id);
             }
@@ -320,6 +361,10 @@ impl EmbeddedQueues {
                         .push_back(entry.task.id.clone());
                 } else {
                     entry.expires = Some(clock + entry.settings.retention);
+                    *state
+                        .finished
+                        .entry((entry.task.queue.clone(), entry.task.status))
+                        .or_default() += 1;
                 }
                 changed += 1;
                 if let Some(publish) = &self.publish {
@@ -371,10 +416,14 @@ impl EmbeddedQueues {
         if entry.task.status != Status::Running {
             entry.lease = None;
         }
-        if entry.task.status.is_final() {
-            entry.expires = Some(clock + entry.settings.retention);
-        }
         let task = entry.task.clone();
+        if task.status.is_final() {
+            entry.expires = Some(clock + entry.settings.retention);
+            *state
+                .finished
+                .entry((task.queue.clone(), task.status))
+                .or_default() += 1;
+        }
         if let Some(delay) = retry {
             if delay.is_zero() {
                 let q = task.queue.clone();
@@ -422,6 +471,10 @@ impl EmbeddedQueues {
 }
 
 impl Queue for EmbeddedQueues {
+    fn stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, QueueError>> {
+        ready(Ok(self.queue_stats(queue))).boxed()
+    }
+
     fn enqueue<'a>(&'a self, job: NewJob<'a>) -> BoxFuture<'a, Result<Task, QueueError>> {
         ready(EmbeddedQueues::enqueue(self, job, SystemTime::now())).boxed()
     }

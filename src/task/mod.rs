@@ -17,10 +17,10 @@ use serde_json::{Map, Value, json};
 pub use embedded::{EmbeddedQueues, Publish, rand_unit};
 pub use model::{AfterFailure, ErrorCode, Status, StepError, Task, TaskError, backoff, timestamp};
 pub use queue::{
-    Finish, LIST_DEFAULT, LIST_MAX, Lease, ListQuery, NewJob, Owner, Queue, QueueError, Renewal,
-    list_query, run, task_id,
+    Finish, LIST_DEFAULT, LIST_MAX, Lease, ListQuery, NewJob, Owner, Queue, QueueError, QueueStats,
+    Renewal, list_query, run, task_id,
 };
-pub use redis::{QueueStats, RedisQueue};
+pub use redis::RedisQueue;
 pub use spec::{CommandSpec, Op, QueueSettings, TaskAction, check_queues, parse};
 
 /// The room of a task's `TASK_PROGRESS`.

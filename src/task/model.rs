@@ -17,7 +17,7 @@ pub const MAX_RESULT_BYTES: usize = 1024 * 1024;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
 
 /// Where a task stands. The last four are final: a task reaches exactly one, once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Waiting for a worker.

@@ -117,6 +117,27 @@ pub enum Finish {
     HandBack,
 }
 
+/// A queue's counts, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Jobs waiting for a worker.
+    pub queued: u64,
+    /// Tasks held by a worker.
+    pub running: u64,
+    /// Tasks waiting for a retry.
+    pub delayed: u64,
+    /// Workers (consumers in the Redis group; worker slots inside this process, embedded).
+    pub workers: u64,
+    /// Tasks that ended so, since the queue began.
+    pub succeeded: u64,
+    /// Tasks that failed for good.
+    pub failed: u64,
+    /// Tasks cancelled.
+    pub cancelled: u64,
+    /// Tasks lost (their workers kept dying).
+    pub lost: u64,
+}
+
 /// What a lease renewal learnt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Renewal {
@@ -174,6 +195,9 @@ pub trait Queue: Send + Sync + 'static {
         token: u64,
         progress: Map<String, Value>,
     ) -> BoxFuture<'a, Result<(), QueueError>>;
+
+    /// The queue's counts, for `/metrics`.
+    fn stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, QueueError>>;
 
     /// Worker `worker` of `queue` stops for good: what the backend kept for it goes.
     fn retire<'a>(&'a self, _queue: &'a str, _worker: &'a str) -> BoxFuture<'a, ()> {

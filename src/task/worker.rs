@@ -43,7 +43,12 @@ pub struct Worker {
     pub id: String,
     /// Kills job groups if this process dies.
     pub watchdog: Option<Arc<Watchdog>>,
+    /// Told of each attempt this worker ran: the queue, how it ended, how long it took.
+    pub observe: Option<Observe>,
 }
+
+/// See [`Worker::observe`].
+pub type Observe = Arc<dyn Fn(&str, &str, Duration) + Send + Sync>;
 
 impl Worker {
     /// Runs jobs until `stop` is cancelled; then hands running jobs back and returns once
@@ -112,6 +117,7 @@ impl Worker {
             attempt: task.attempts,
             user_id: task.user_id.clone(),
         };
+        let began = std::time::Instant::now();
         let kill = CancellationToken::new();
         let (progress_tx, mut progress_rx) = watch::channel::<Option<Map<String, Value>>>(None);
         let run = runner::run(
@@ -157,6 +163,18 @@ impl Worker {
                 }
             }
         };
+        let outcome = match (&end, why_stopped) {
+            (_, Some(Stop::Lost)) => "lease_lost",
+            (_, Some(Stop::HandBack)) => "handed_back",
+            (_, Some(Stop::Cancelled)) => "cancelled",
+            (JobEnd::Succeeded(_), None) => "succeeded",
+            (JobEnd::TimedOut, None) => "timeout",
+            (JobEnd::OutputTooLarge, None) => "output_too_large",
+            _ => "failed",
+        };
+        if let Some(observe) = &self.observe {
+            observe(&self.name, outcome, began.elapsed());
+        }
         if matches!(why_stopped, Some(Stop::Lost)) {
             return;
         }
@@ -372,6 +390,7 @@ pub async fn serve(
         command: args.command,
         id: worker_id(),
         watchdog: super::watchdog::for_this_process(),
+        observe: None,
     };
     let run = tokio::spawn(worker.run(stop.clone()));
     shutdown.await;

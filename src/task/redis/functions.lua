@@ -7,7 +7,8 @@
 --   P:task:<id>                 hash: the task's fields (params, progress, result and error as
 --                               raw JSON, never decoded and re-encoded, so numbers and empty
 --                               arrays survive exactly), its settings, its lease
---   P:q:<queue>                 stream of jobs to start (field `id`), consumer group `workers`
+--   P:q:<queue>                 stream of jobs to start (field `id`), consumer group `workers`;
+--                               entries every worker is done with are trimmed by `trim`
 --   P:delayed:<queue>           zset: retries by due time (ms)
 --   P:leases:<queue>            zset: running tasks by lease end (ms)
 --   P:active:<queue>:<owner>    set: a user's queued, delayed and running tasks
@@ -81,18 +82,22 @@ end
 
 -- Saves the changed fields, publishes the task's TASK_PROGRESS and returns its JSON.
 local function save(P, key, h, fields)
-  local flat = {}
+  local flat, gone = {}, {}
   for _, f in ipairs(fields) do
     if h[f] == nil then
-      redis.call('HDEL', key, f)
+      table.insert(gone, f)
     else
       table.insert(flat, f)
       table.insert(flat, h[f])
     end
   end
-  if #flat > 0 then redis.call('HSET', key, unpack(flat)) end
+  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+  local v = tonumber(h.v or '0') + 1
+  h.v = tostring(v)
+  table.insert(flat, 'v')
+  table.insert(flat, h.v)
+  redis.call('HSET', key, unpack(flat))
   local json = task_json(h)
-  local v = redis.call('HINCRBY', key, 'v', 1)
   local action = '{"type":"TASK_PROGRESS","payload":' .. json .. '}'
   local task_room = 'task:' .. h.id
   if h.owner == '' then
@@ -107,9 +112,12 @@ local function save(P, key, h, fields)
   return json
 end
 
+-- Creates the stream and its group when the stream does not exist (a fresh queue, or Redis
+-- lost it); a worker that finds the group missing creates it too (NOGROUP).
 local function ensure_group(stream)
-  local ok = pcall(redis.call, 'XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
-  return ok
+  if redis.call('EXISTS', stream) == 0 then
+    redis.call('XGROUP', 'CREATE', stream, GROUP, '0', 'MKSTREAM')
+  end
 end
 
 local function queue_job(P, h)
@@ -123,7 +131,6 @@ end
 local function finalize(P, key, h)
   redis.call('SREM', P .. ':active:' .. h.queue .. ':' .. h.owner, h.id)
   redis.call('ZREM', P .. ':leases:' .. h.queue, h.id)
-  redis.call('ZREM', P .. ':delayed:' .. h.queue, h.id)
   redis.call('HINCRBY', P .. ':stats:' .. h.queue, h.status, 1)
   local retention = tonumber(h.retention)
   redis.call('EXPIRE', key, retention)
@@ -187,11 +194,15 @@ local function enqueue(keys, args)
   redis.call('SET', req, id)
   if owner ~= '' then redis.call('SADD', active, id) end
   local list = P .. ':tasks:' .. queue .. ':' .. owner
-  -- Index entries of expired tasks go a few at a time; an idle index expires whole.
-  for _, old in ipairs(redis.call('ZRANGE', list, 0, 4)) do
-    if redis.call('EXISTS', P .. ':task:' .. old) == 0 then redis.call('ZREM', list, old) end
+  local seq = redis.call('INCR', P .. ':seq')
+  -- Index entries of expired tasks go a few at a time (every 16th enqueue looks at the 16
+  -- oldest); an idle index expires whole.
+  if seq % 16 == 0 then
+    for _, old in ipairs(redis.call('ZRANGE', list, 0, 15)) do
+      if redis.call('EXISTS', P .. ':task:' .. old) == 0 then redis.call('ZREM', list, old) end
+    end
   end
-  redis.call('ZADD', list, redis.call('INCR', P .. ':seq'), id)
+  redis.call('ZADD', list, seq, id)
   redis.call('EXPIRE', list, tonumber(args[10]) + 86400)
   local json = save(P, key, h, { 'id', 'queue', 'owner', 'status', 'params', 'attempts', 'max',
     'created', 'updated', 'cancel', 'timeout', 'lease', 'backoff', 'retention', 'req' })
@@ -200,12 +211,12 @@ local function enqueue(keys, args)
 end
 
 -- start: KEYS[1] = P:task:<id>, KEYS[2] = P:q:<queue>; ARGV = stream entry id, consumer.
--- The entry is acknowledged and deleted whatever happens. Returns nil when the task cannot
--- start (cancelled, expired), else {task JSON, lease token, leaseMs, timeoutMs}.
+-- The entry is acknowledged whatever happens (the maintainer trims acknowledged entries).
+-- Returns nil when the task cannot start (cancelled, expired), else
+-- {task JSON, lease token, leaseMs, timeoutMs}.
 local function start(keys, args)
   local P = prefix_of(keys[1], 'task')
   redis.call('XACK', keys[2], GROUP, args[1])
-  redis.call('XDEL', keys[2], args[1])
   local h = load(keys[1])
   if not h or h.status ~= 'queued' then return nil end
   local ms = now()
@@ -341,6 +352,7 @@ local function cancel(keys, args)
     h.cancel = '1'
   else
     -- Its stream entry stays: `start` skips it.
+    if h.status == 'delayed' then redis.call('ZREM', P .. ':delayed:' .. h.queue, h.id) end
     h.status = 'cancelled'
     finalize(P, keys[1], h)
   end
@@ -465,6 +477,26 @@ local function reclaim(keys, args)
   return { reply[1], handled }
 end
 
+-- trim: KEYS[1] = P:q:<queue>. Deletes the entries every worker is done with: those before
+-- both the first pending entry and the group's last delivered one (never an entry not yet
+-- read or still pending, unlike MAXLEN trimming). Returns how many.
+local function trim(keys, args)
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', keys[1])
+  if not ok then return 0 end
+  local last = nil
+  for _, g in ipairs(groups) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info.name == GROUP then last = info['last-delivered-id'] end
+  end
+  if not last or last == '0-0' then return 0 end
+  local ms, seq = string.match(last, '^(%d+)-(%d+)$')
+  local min_id = ms .. '-' .. (tonumber(seq) + 1)
+  local pending = redis.call('XPENDING', keys[1], GROUP)
+  if pending[2] then min_id = pending[2] end
+  return redis.call('XTRIM', keys[1], 'MINID', min_id)
+end
+
 -- sweep: KEYS[1] = P:q:<queue>; ARGV = idle ms. Deletes consumers with nothing pending that
 -- have been idle that long (a live worker is re-created by its next read). Returns how many.
 local function sweep(keys, args)
@@ -521,6 +553,7 @@ redis.register_function('patchbay_promote', promote)
 redis.register_function('patchbay_reap', reap)
 redis.register_function('patchbay_reclaim', reclaim)
 redis.register_function('patchbay_sweep', sweep)
+redis.register_function('patchbay_trim', trim)
 redis.register_function('patchbay_retire', retire)
 redis.register_function{ function_name = 'patchbay_stats', callback = stats, flags = { 'no-writes' } }
 redis.register_function('patchbay_version', version)

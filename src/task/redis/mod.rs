@@ -21,7 +21,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::model::{Status, Task};
-use super::queue::{Finish, Lease, ListQuery, NewJob, Owner, Queue, QueueError, Renewal};
+use super::queue::{
+    Finish, Lease, ListQuery, NewJob, Owner, Queue, QueueError, QueueStats, Renewal,
+};
 use crate::bus::{Commands, connection_config};
 
 /// The function library, loaded by patchbay at start-up and whenever Redis has lost it.
@@ -56,27 +58,6 @@ pub struct RedisQueue {
     /// One connection per worker for its blocking reads (a blocked read would hold up every
     /// other command on a shared connection).
     blocking: tokio::sync::Mutex<HashMap<String, MultiplexedConnection>>,
-}
-
-/// A queue's counts, for `/metrics`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct QueueStats {
-    /// Stream entries waiting for a worker.
-    pub queued: u64,
-    /// Tasks held by a worker.
-    pub running: u64,
-    /// Tasks waiting for a retry.
-    pub delayed: u64,
-    /// Consumers in the queue's group.
-    pub workers: u64,
-    /// Tasks that ended so, since the queue began.
-    pub succeeded: u64,
-    /// Tasks that failed for good.
-    pub failed: u64,
-    /// Tasks cancelled.
-    pub cancelled: u64,
-    /// Tasks lost (their workers kept dying).
-    pub lost: u64,
 }
 
 impl RedisQueue {
@@ -142,7 +123,7 @@ impl RedisQueue {
     }
 
     /// A queue's counts.
-    pub async fn stats(&self, queue: &str) -> Result<QueueStats, QueueError> {
+    pub async fn queue_stats(&self, queue: &str) -> Result<QueueStats, QueueError> {
         let v: Vec<u64> = self
             .fcall("patchbay_stats", &[&self.key("q", queue)], &[])
             .await?;
@@ -283,6 +264,8 @@ impl RedisQueue {
                 for queue in &queues {
                     let delayed = self.key("delayed", queue);
                     let _: i64 = self.fcall("patchbay_promote", &[&delayed], &[]).await?;
+                    let stream = self.key("q", queue);
+                    let _: i64 = self.fcall("patchbay_trim", &[&stream], &[]).await?;
                     let leases = self.key("leases", queue);
                     let reaped: i64 = self
                         .fcall("patchbay_reap", &[&leases], &[&healthy_ms])
@@ -459,6 +442,10 @@ impl Queue for RedisQueue {
             }
         }
         .boxed()
+    }
+
+    fn stats<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueStats, QueueError>> {
+        self.queue_stats(queue).boxed()
     }
 
     fn retire<'a>(&'a self, queue: &'a str, worker: &'a str) -> BoxFuture<'a, ()> {
