@@ -179,6 +179,21 @@ async fn jobs_run_on_redis_and_every_change_reaches_the_user() {
     assert_failure(&got, "JOB_GET", "not_found");
     let again = client.request("JOB_CANCEL", json!({"id": id})).await;
     assert_failure(&again, "JOB_CANCEL", "conflict");
+    // The queue's counts come from Redis: finished tasks and the group's consumers.
+    let want = [
+        r#"patchbay_queue_finished_tasks{queue="q",status="succeeded"} 1"#,
+        r#"patchbay_queue_workers{queue="q"} 1"#,
+    ];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, _, body) = http_raw("GET", &bridge.http_url("/metrics"), &[], "").await;
+        let text = String::from_utf8_lossy(&body).to_string();
+        if want.iter().all(|w| text.contains(w)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{want:?} in {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -671,20 +686,37 @@ async fn pitfall_reclaim_follows_the_cursor_and_survives_deleted_entries() {
 }
 
 #[tokio::test]
-async fn pitfall_consumers_are_deleted_only_with_nothing_pending_and_trimming_is_never_used() {
+async fn pitfall_consumers_are_deleted_only_with_nothing_pending_and_trimming_spares_pending_entries()
+ {
     // XGROUP DELCONSUMER drops the consumer's pending entries: the sweep deletes only idle
     // consumers with nothing pending. MAXLEN trimming deletes unacknowledged entries: the
-    // queue never trims, a started job's entry is deleted by the start step itself.
+    // queue never uses it; its trim stops at the first entry still pending or not yet read.
     let redis = RedisServer::start().await;
     let q = queue_on(&redis).await;
     for i in 0..2000 {
         enqueue(&q, &format!("job-{i}")).await;
     }
     let xlen: i64 = redis_cmd(&redis, &["XLEN", "patchbay:q:q"]).await;
-    assert_eq!(xlen, 2000, "nothing trimmed");
-    // Consumer `busy` holds a read entry; `idle` holds nothing.
+    assert_eq!(xlen, 2000, "nothing trimmed by enqueues");
+    // Worker `w` starts and ends two jobs; then `busy` reads one and holds it; then `w` starts
+    // a fourth.
+    let fail = || {
+        Finish::Failed(TaskError {
+            code: ErrorCode::Failed,
+            message: "no".into(),
+        })
+    };
+    for _ in 0..2 {
+        let lease = q
+            .take("q", "w", Duration::from_secs(1))
+            .await
+            .unwrap()
+            .unwrap();
+        q.finish(&lease.task.id, lease.token, fail()).await.unwrap();
+    }
     let mut conn = redis.connection().await.unwrap();
-    let _: redis::Value = redis::cmd("XREADGROUP")
+    type Reply = Vec<(String, Vec<(String, Vec<String>)>)>;
+    let read: Reply = redis::cmd("XREADGROUP")
         .arg(&[
             "GROUP",
             "workers",
@@ -698,6 +730,11 @@ async fn pitfall_consumers_are_deleted_only_with_nothing_pending_and_trimming_is
         .query_async(&mut conn)
         .await
         .unwrap();
+    let held = read[0].1[0].0.clone();
+    q.take("q", "w", Duration::from_secs(1))
+        .await
+        .unwrap()
+        .unwrap();
     let _: redis::Value = redis::cmd("XGROUP")
         .arg(&["CREATECONSUMER", "patchbay:q:q", "workers", "idle"])
         .query_async(&mut conn)
@@ -709,34 +746,20 @@ async fn pitfall_consumers_are_deleted_only_with_nothing_pending_and_trimming_is
         &["FCALL", "patchbay_sweep", "1", "patchbay:q:q", "10"],
     )
     .await;
-    assert_eq!(deleted, 1, "only the consumer with nothing pending");
+    assert_eq!(
+        deleted, 2,
+        "`idle` and `w` (nothing pending) go, `busy` stays"
+    );
     let pending: redis::Value = redis_cmd(&redis, &["XPENDING", "patchbay:q:q", "workers"]).await;
     assert!(format!("{pending:?}").contains("busy"), "{pending:?}");
-    // A started job leaves no entry and nothing pending.
-    let lease = q
-        .take("q", "w", Duration::from_secs(1))
-        .await
-        .unwrap()
-        .unwrap();
-    let _ = q
-        .finish(
-            &lease.task.id,
-            lease.token,
-            Finish::Failed(TaskError {
-                code: ErrorCode::Failed,
-                message: "no".into(),
-            }),
-        )
-        .await
-        .unwrap();
-    let summary: (i64, Option<String>, Option<String>, redis::Value) =
-        redis_cmd(&redis, &["XPENDING", "patchbay:q:q", "workers"]).await;
-    assert_eq!(
-        summary.0, 1,
-        "the started job left nothing pending: {summary:?}"
-    );
+    // The trim takes the two finished entries and stops at the one `busy` holds.
+    let trimmed: i64 = redis_cmd(&redis, &["FCALL", "patchbay_trim", "1", "patchbay:q:q"]).await;
+    assert_eq!(trimmed, 2);
+    let still: Vec<redis::Value> =
+        redis_cmd(&redis, &["XRANGE", "patchbay:q:q", &held, &held]).await;
+    assert_eq!(still.len(), 1, "the pending entry survives the trim");
     let xlen: i64 = redis_cmd(&redis, &["XLEN", "patchbay:q:q"]).await;
-    assert_eq!(xlen, 1999, "its entry is gone; the one `busy` read stays");
+    assert_eq!(xlen, 1998);
 }
 
 /// Enqueues `n` anonymous jobs on `q` straight through the queue (the same function an
@@ -977,4 +1000,47 @@ async fn a_python_worker_written_from_the_readme_runs_jobs() {
         consumers.is_empty(),
         "it retired its consumer: {consumers:?}"
     );
+}
+
+#[tokio::test]
+async fn maintenance_moves_to_another_instance_when_its_holder_goes() {
+    let redis = RedisServer::start().await;
+    let task = queue_only(json!({"leaseMs": 1000}));
+    let mut first = bridge(&redis, task.clone()).await;
+    // The first instance takes the maintainer's lock.
+    let start = Instant::now();
+    loop {
+        let holder: Option<String> = redis_cmd(&redis, &["GET", "patchbay:tasks:maintainer"]).await;
+        if holder.is_some() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "someone maintains the queues"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = bridge(&redis, task).await;
+    first.shutdown().await;
+    first.stopped().await;
+    // A worker takes a job and dies holding it: only a maintainer gives it its next attempt.
+    let q = queue_on(&redis).await;
+    let mut client = connect_as(&second, "7").await;
+    let id = id_of(&start_job(&mut client, json!({})).await);
+    let lease = q
+        .take("q", "doomed", Duration::from_secs(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.task.id, id);
+    let mut w = worker(&redis, r#"echo '{"result":"second"}'"#, 1);
+    let seen = until_final(&mut client, &id).await;
+    let end = &seen.last().unwrap()["payload"];
+    assert_eq!(
+        (end["status"].as_str(), end["attempts"].as_u64()),
+        (Some("succeeded"), Some(2)),
+        "{end}"
+    );
+    assert_eq!(end["result"], "second");
+    sigkill(&mut w);
 }

@@ -34,10 +34,16 @@ local function now()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), tonumber(t[2])
 end
 
+-- The last second formatted, kept between calls: most steps fall in the same second.
+local cached_sec, cached_prefix = -1, ''
+
 -- RFC 3339 in UTC with milliseconds, from a Unix time in ms (days to civil date after
 -- Howard Hinnant's algorithm).
 local function rfc3339(ms)
   local secs = math.floor(ms / 1000)
+  if secs == cached_sec then
+    return cached_prefix .. string.format('%03dZ', ms % 1000)
+  end
   local days = math.floor(secs / 86400)
   local rem = secs - days * 86400
   local z = days + 719468
@@ -50,8 +56,10 @@ local function rfc3339(ms)
   local m = mp < 10 and mp + 3 or mp - 9
   local y = yoe + era * 400
   if m <= 2 then y = y + 1 end
-  return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%03dZ', y, m, d,
-    math.floor(rem / 3600), math.floor((rem % 3600) / 60), rem % 60, ms % 1000)
+  cached_sec = secs
+  cached_prefix = string.format('%04d-%02d-%02dT%02d:%02d:%02d.', y, m, d,
+    math.floor(rem / 3600), math.floor((rem % 3600) / 60), rem % 60)
+  return cached_prefix .. string.format('%03dZ', ms % 1000)
 end
 
 -- `P` from a key `P:<kind>:<rest>`.
@@ -80,8 +88,9 @@ local function task_json(h)
     h.updated .. '","cancelRequested":' .. (h.cancel == '1' and 'true' or 'false') .. '}'
 end
 
--- Saves the changed fields, publishes the task's TASK_PROGRESS and returns its JSON.
-local function save(P, key, h, fields)
+-- Saves the changed fields, publishes the task's TASK_PROGRESS (unless `quiet`) and returns
+-- its JSON.
+local function save(P, key, h, fields, quiet)
   local flat, gone = {}, {}
   for _, f in ipairs(fields) do
     if h[f] == nil then
@@ -98,6 +107,7 @@ local function save(P, key, h, fields)
   table.insert(flat, h.v)
   redis.call('HSET', key, unpack(flat))
   local json = task_json(h)
+  if quiet then return json end
   local action = '{"type":"TASK_PROGRESS","payload":' .. json .. '}'
   local task_room = 'task:' .. h.id
   if h.owner == '' then
@@ -135,8 +145,6 @@ local function finalize(P, key, h)
   local retention = tonumber(h.retention)
   redis.call('EXPIRE', key, retention)
   if h.req then redis.call('EXPIRE', h.req, retention) end
-  h.token = nil
-  h['until'] = nil
 end
 
 local function error_json(code, message)
@@ -173,15 +181,21 @@ local function enqueue(keys, args)
   local queue, owner, rid, params, id = args[1], args[2], args[3], args[4], args[5]
   -- The owner's length keeps owner `a:b` with request `c` apart from owner `a` with `b:c`.
   local req = P .. ':req:' .. queue .. ':' .. #owner .. ':' .. owner .. ':' .. rid
-  local existing = redis.call('GET', req)
-  if existing then
-    local h = load(P .. ':task:' .. existing)
-    if h then return task_json(h) end
-  end
   local active = P .. ':active:' .. queue .. ':' .. owner
   local limit = tonumber(args[11])
   if owner ~= '' and redis.call('SCARD', active) >= limit then
+    -- At the limit, a repeated request still gets its task.
+    local existing = redis.call('GET', req)
+    local h = existing and load(P .. ':task:' .. existing)
+    if h then return task_json(h) end
     return redis.error_reply('LIMIT ' .. limit)
+  end
+  -- One call claims the request id, or tells which task already has it.
+  local existing = redis.call('SET', req, id, 'NX', 'GET')
+  if existing then
+    local h = load(P .. ':task:' .. existing)
+    if h then return task_json(h) end
+    redis.call('SET', req, id) -- its task expired: this request starts a new one
   end
   local ms = now()
   local at = rfc3339(ms)
@@ -191,7 +205,6 @@ local function enqueue(keys, args)
     timeout = args[7], lease = args[8], backoff = args[9], retention = args[10], req = req,
   }
   local key = P .. ':task:' .. id
-  redis.call('SET', req, id)
   if owner ~= '' then redis.call('SADD', active, id) end
   local list = P .. ':tasks:' .. queue .. ':' .. owner
   local seq = redis.call('INCR', P .. ':seq')
@@ -204,8 +217,10 @@ local function enqueue(keys, args)
   end
   redis.call('ZADD', list, seq, id)
   redis.call('EXPIRE', list, tonumber(args[10]) + 86400)
+  -- An anonymous task's new room has no member yet and it has no user room: nothing to tell.
   local json = save(P, key, h, { 'id', 'queue', 'owner', 'status', 'params', 'attempts', 'max',
-    'created', 'updated', 'cancel', 'timeout', 'lease', 'backoff', 'retention', 'req' })
+    'created', 'updated', 'cancel', 'timeout', 'lease', 'backoff', 'retention', 'req' },
+    owner == '')
   queue_job(P, h)
   return json
 end
@@ -275,7 +290,7 @@ local function succeed(keys, args)
   h.error = nil
   h.updated = rfc3339(now())
   finalize(P, keys[1], h)
-  return save(P, keys[1], h, { 'status', 'result', 'error', 'updated', 'token', 'until' })
+  return save(P, keys[1], h, { 'status', 'result', 'error', 'updated' })
 end
 
 -- fail: KEYS[1] = P:task:<id>; ARGV = token, error code, message. The attempt failed: a

@@ -50,6 +50,10 @@ const LOCK: &str = "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) 
     if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end \
     return 0";
 
+/// Releases the maintainer's lock if this instance holds it.
+const UNLOCK: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
 /// Tasks on Redis.
 pub struct RedisQueue {
     commands: Commands,
@@ -242,7 +246,13 @@ impl RedisQueue {
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => {
+                    // Hand the lock over at once rather than when it expires.
+                    let mut cmd = redis::cmd("EVAL");
+                    cmd.arg(UNLOCK).arg(1).arg(&lock).arg(&instance);
+                    let _ = self.commands.query::<i64>(&cmd).await;
+                    return;
+                }
                 _ = every.tick() => {}
             }
             let round = async {
