@@ -52,11 +52,11 @@ class Job:
             try:
                 answer = self.r.fcall("patchbay_renew", 1, self.key, self.token)
             except redis.ResponseError as e:
-                if str(e).startswith("STALE"):
+                if str(e).startswith(("STALE", "NOT_FOUND")):
                     self.stale.set()
                     return
                 continue
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):
                 continue  # the lease gives us leaseMs to reconnect
             if int(answer) == 1:
                 self.cancel.set()
@@ -162,13 +162,13 @@ def main():
         try:
             create_group(r, stream)
             break
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.TimeoutError):
             time.sleep(0.5)
     print(f"worker {consumer} on {stream}", flush=True)
     while not stopping.is_set():
         try:
             run_one(r, args.prefix, args.queue, consumer, stopping)
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.TimeoutError):
             time.sleep(0.5)  # Redis restarting: reconnect and carry on
         except redis.ResponseError as e:
             if "Function not found" in str(e):

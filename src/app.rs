@@ -251,10 +251,13 @@ impl Lifecycle {
         self.drain.is_cancelled()
     }
 
-    /// Starts shutdown: `/readyz` turns 503 and sessions begin to drain.
+    /// Starts shutdown: `/readyz` turns 503, sessions begin to drain, task workers stop
+    /// taking jobs and hand their running ones back.
     pub fn begin_drain(&self) {
         self.drain.cancel();
         self.sessions.close();
+        // Task workers take no new job from now on; running ones are handed back.
+        self.workers_stop.cancel();
     }
 
     /// Resolves when shutdown starts.

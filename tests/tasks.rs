@@ -347,4 +347,44 @@ async fn anonymous_tasks_belong_to_no_user() {
         got["payload"]["id"], id,
         "any anonymous connection that knows the id"
     );
+    // Each lists only what it started, and request ids are its own.
+    let mine = one.request("JOBS_LIST", json!({})).await;
+    assert_eq!(mine["payload"]["tasks"][0]["id"], id, "{mine}");
+    let theirs = two.request("JOBS_LIST", json!({})).await;
+    assert_eq!(theirs["payload"]["tasks"], json!([]), "{theirs}");
+    let same = json!({"type": "JOB_START_REQUEST", "payload": {}, "meta": {"requestId": "same"}});
+    one.send(same.clone()).await;
+    two.send(same).await;
+    let mut ids = Vec::new();
+    for client in [&mut one, &mut two] {
+        loop {
+            let m = client.recv().await;
+            if m["type"] == "JOB_START_SUCCESS" {
+                ids.push(id_of(&m));
+                break;
+            }
+        }
+    }
+    assert_ne!(
+        ids[0], ids[1],
+        "one request id, two anonymous connections: two tasks"
+    );
+}
+
+#[tokio::test]
+async fn a_result_too_large_for_the_task_fails_the_attempt() {
+    // 2 MB of result within a 4 MB output limit: the queue refuses it (at most 1 MiB), so the
+    // attempt fails as output_too_large instead of leaving the task running.
+    let script = r#"printf '{"result":"%s"}\n' "$(head -c 2000000 /dev/zero | tr '\0' a)""#;
+    let bridge = bridge(
+        script,
+        json!({"maxAttempts": 1, "outputLimitBytes": 4_000_000}),
+    )
+    .await;
+    let mut client = connect_as(&bridge, "7").await;
+    let id = id_of(&start_job(&mut client, json!({})).await);
+    let seen = until_final(&mut client, &id).await;
+    let end = &seen.last().unwrap()["payload"];
+    assert_eq!(end["status"], "failed", "{end}");
+    assert_eq!(end["error"]["code"], "output_too_large");
 }

@@ -512,6 +512,7 @@ async fn enqueue(q: &RedisQueue, rid: &str) -> String {
         queue: "q",
         settings: &s,
         owner: Some("7"),
+        scope: "u:7",
         request_id: rid,
         params: json!({}),
     })
@@ -606,9 +607,10 @@ async fn pitfall_reclaim_follows_the_cursor_and_survives_deleted_entries() {
         ids.push(enqueue(&q, &i.to_string()).await);
     }
     // A worker reads every entry and dies without starting any.
-    let read: Value = {
+    {
         let mut conn = redis.connection().await.unwrap();
-        let v: redis::Value = redis::cmd("XREADGROUP")
+        type Reply = Vec<(String, Vec<(String, Vec<String>)>)>;
+        let read: Reply = redis::cmd("XREADGROUP")
             .arg(&[
                 "GROUP",
                 "workers",
@@ -622,9 +624,8 @@ async fn pitfall_reclaim_follows_the_cursor_and_survives_deleted_entries() {
             .query_async(&mut conn)
             .await
             .unwrap();
-        json!(format!("{v:?}").len())
-    };
-    assert!(read.as_u64().unwrap() > 0);
+        assert_eq!(read[0].1.len(), 250, "the dead worker read every entry");
+    }
     // Ten of the pending entries are deleted from the stream meanwhile.
     let pending: Vec<(String, String, u64, u64)> = {
         let mut conn = redis.connection().await.unwrap();
@@ -776,6 +777,7 @@ async fn enqueue_many(
                 queue: "q",
                 settings,
                 owner: None,
+                scope: "c:soak",
                 request_id: &format!("soak-{i}"),
                 params: json!({"i": i}),
             })
@@ -802,7 +804,7 @@ async fn stats(redis: &RedisServer) -> Vec<i64> {
 #[tokio::test]
 async fn soak_a_thousand_jobs_while_a_worker_is_killed_every_two_seconds() {
     let redis = RedisServer::start().await;
-    let spec = json!({"queue": "q", "leaseMs": 1000, "maxAttempts": 5, "backoffMs": 50});
+    let spec = json!({"queue": "q", "leaseMs": 1000, "maxAttempts": 5, "backoffMs": 50, "perUserLimit": 1_000_000});
     let _bridge = bridge(&redis, spec.clone()).await; // the maintainer
     let q = queue_on(&redis).await;
     let dir = tempfile::tempdir().unwrap();
@@ -864,7 +866,8 @@ async fn soak_a_thousand_jobs_while_a_worker_is_killed_every_two_seconds() {
 #[tokio::test]
 async fn ten_thousand_jobs_and_twenty_worker_restarts_leave_nothing_behind() {
     let redis = RedisServer::start().await;
-    let spec = json!({"queue": "q", "leaseMs": 2000, "retentionSecs": 1});
+    let spec =
+        json!({"queue": "q", "leaseMs": 2000, "retentionSecs": 1, "perUserLimit": 1_000_000});
     let _bridge = bridge(&redis, spec.clone()).await;
     let q = queue_on(&redis).await;
     // All queued first, then two workers of two slots each at ~10 ms a job: about half a
@@ -1043,4 +1046,44 @@ async fn maintenance_moves_to_another_instance_when_its_holder_goes() {
     );
     assert_eq!(end["result"], "second");
     sigkill(&mut w);
+}
+
+#[tokio::test]
+async fn anonymous_connections_are_kept_apart_on_redis() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let bridge = Bridge::start(&task_manifest(queue_only(json!({}))), None, move |c| {
+        c.redis_url = Some(url);
+    })
+    .await;
+    let mut one = bridge.connect().await;
+    let mut two = bridge.connect().await;
+    let id = id_of(&start_job(&mut one, json!({})).await);
+    let got = two.request("JOB_GET", json!({"id": id})).await;
+    assert_eq!(
+        got["payload"]["id"],
+        id.as_str(),
+        "any anonymous connection that knows the id"
+    );
+    let mine = one.request("JOBS_LIST", json!({})).await;
+    assert_eq!(mine["payload"]["tasks"][0]["id"], id.as_str(), "{mine}");
+    let theirs = two.request("JOBS_LIST", json!({})).await;
+    assert_eq!(theirs["payload"]["tasks"], json!([]), "{theirs}");
+    let same = json!({"type": "JOB_START_REQUEST", "payload": {}, "meta": {"requestId": "same"}});
+    one.send(same.clone()).await;
+    two.send(same).await;
+    let mut ids = Vec::new();
+    for client in [&mut one, &mut two] {
+        loop {
+            let m = client.recv().await;
+            if m["type"] == "JOB_START_SUCCESS" {
+                ids.push(id_of(&m));
+                break;
+            }
+        }
+    }
+    assert_ne!(
+        ids[0], ids[1],
+        "one request id, two anonymous connections: two tasks"
+    );
 }

@@ -200,10 +200,11 @@ async fn patchbay_side(
             .arg(STREAM)
             .arg(QUEUE)
             .arg("")
+            .arg("c:bench")
             .arg(format!("r{i}"))
             .arg("{}")
             .arg(format!("job-{i}"))
-            .arg(&["3", "60000", "30000", "1000", "86400", "100"]);
+            .arg(&["3", "60000", "30000", "1000", "86400", "1000000"]);
         c
     };
     match rate {

@@ -29,6 +29,7 @@ pub fn run(
     let user = peer.identity.user_id.clone();
     let ctx = CallContext {
         user: user.clone(),
+        connection_id: peer.connection_id.clone(),
         request_id,
         forwarded: peer.forwarded.clone(),
     };

@@ -31,6 +31,8 @@ pub struct Success {
 pub struct CallContext {
     /// The connection's user (`None` for an anonymous connection): a task's owner.
     pub user: Option<String>,
+    /// The connection's `connectionId`: an anonymous connection's tasks are scoped to it.
+    pub connection_id: String,
     /// The request id: sent upstream as `X-Request-Id` and `Idempotency-Key`.
     pub request_id: String,
     /// The handshake headers named in `PATCHBAY_FORWARD_HEADERS`.
@@ -73,9 +75,15 @@ impl Dispatcher {
                 let queue = self.tasks.as_deref().ok_or_else(|| {
                     ActionError::internal("a task action ran without a task queue")
                 })?;
-                let value =
-                    crate::task::run(queue, task, ctx.user.as_deref(), &ctx.request_id, payload)
-                        .await?;
+                let value = crate::task::run(
+                    queue,
+                    task,
+                    ctx.user.as_deref(),
+                    &ctx.connection_id,
+                    &ctx.request_id,
+                    payload,
+                )
+                .await?;
                 Ok(Success {
                     payload: serde_json::value::to_raw_value(&value)
                         .map_err(ActionError::internal)?,

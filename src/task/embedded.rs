@@ -29,8 +29,8 @@ struct State {
     ready: HashMap<String, VecDeque<String>>,
     /// Delayed retries by due time.
     delayed: BTreeMap<(Instant, u64), String>,
-    /// Enqueues by (queue, owner, request id), for idempotency.
-    by_request: HashMap<(String, Option<String>, String), String>,
+    /// Enqueues by (queue, scope, request id), for idempotency.
+    by_request: HashMap<(String, String, String), String>,
     /// Task ids per queue in enqueue order, for listing newest first.
     order: HashMap<String, Vec<String>>,
     /// Tasks finished per (queue, final status), for `/metrics`.
@@ -40,6 +40,8 @@ struct State {
 
 struct Entry {
     task: Task,
+    /// Who started it (see [`super::scope`]).
+    scope: String,
     settings: QueueSettings,
     lease: Option<(u64, Instant)>,
     /// When a finished task expires.
@@ -105,12 +107,12 @@ impl EmbeddedQueues {
         stats
     }
 
-    /// Starts a job, or returns the task this owner already started with this request id.
+    /// Starts a job, or returns the task this scope already started with this request id.
     pub fn enqueue(&self, job: NewJob<'_>, now: SystemTime) -> Result<Task, QueueError> {
         let mut state = self.state.lock().unwrap();
         let key = (
             job.queue.to_string(),
-            job.owner.map(str::to_string),
+            job.scope.to_string(),
             job.request_id.to_string(),
         );
         if let Some(task) = state
@@ -120,19 +122,15 @@ impl EmbeddedQueues {
         {
             return Ok(task.task.clone());
         }
-        if job.owner.is_some() {
-            let active = state
-                .tasks
-                .values()
-                .filter(|e| {
-                    e.task.queue == job.queue
-                        && e.task.user_id.as_deref() == job.owner
-                        && !e.task.status.is_final()
-                })
-                .count();
-            if active >= job.settings.per_user_limit as usize {
-                return Err(QueueError::LimitReached(job.settings.per_user_limit));
-            }
+        let active = state
+            .tasks
+            .values()
+            .filter(|e| {
+                e.task.queue == job.queue && e.scope == job.scope && !e.task.status.is_final()
+            })
+            .count();
+        if active >= job.settings.per_user_limit as usize {
+            return Err(QueueError::LimitReached(job.settings.per_user_limit));
         }
         let id = uuid::Uuid::new_v4().to_string();
         let task = Task::new(
@@ -147,6 +145,7 @@ impl EmbeddedQueues {
             id.clone(),
             Entry {
                 task: task.clone(),
+                scope: job.scope.to_string(),
                 settings: job.settings.clone(),
                 lease: None,
                 expires: None,
@@ -203,9 +202,9 @@ impl EmbeddedQueues {
         Ok(task)
     }
 
-    /// The owner's tasks of `queue`, newest first: at most `limit` (1–100), with a status in
-    /// `statuses` (all when empty), older than `before` when given.
-    pub fn list(&self, queue: &str, owner: Owner<'_>, query: &ListQuery) -> Vec<Task> {
+    /// The tasks of `queue` started in `scope`, newest first: at most `limit` (1–100), with
+    /// a status in `statuses` (all when empty), older than `before` when given.
+    pub fn list(&self, queue: &str, scope: &str, query: &ListQuery) -> Vec<Task> {
         let state = self.state.lock().unwrap();
         let Some(order) = state.order.get(queue) else {
             return Vec::new();
@@ -223,7 +222,7 @@ impl EmbeddedQueues {
             .iter()
             .rev()
             .filter_map(|id| state.tasks.get(id))
-            .filter(|e| e.task.user_id.as_deref() == owner)
+            .filter(|e| e.scope == scope)
             .filter(|e| query.statuses.is_empty() || query.statuses.contains(&e.task.status))
             .take(query.limit.clamp(1, LIST_MAX))
             .map(|e| e.task.clone())
@@ -507,10 +506,10 @@ impl Queue for EmbeddedQueues {
     fn list<'a>(
         &'a self,
         queue: &'a str,
-        owner: Owner<'a>,
+        scope: &'a str,
         query: &'a ListQuery,
     ) -> BoxFuture<'a, Result<Vec<Task>, QueueError>> {
-        ready(Ok(EmbeddedQueues::list(self, queue, owner, query))).boxed()
+        ready(Ok(EmbeddedQueues::list(self, queue, scope, query))).boxed()
     }
 
     fn take<'a>(
@@ -606,6 +605,10 @@ mod tests {
             queue,
             settings,
             owner,
+            scope: match owner {
+                Some(u) => format!("u:{u}").leak(),
+                None => "c:test",
+            },
             request_id,
             params,
         }
@@ -786,18 +789,18 @@ mod tests {
         q.enqueue(job("q", &s, Some("8"), "x", json!({})), NOW)
             .unwrap();
         q.cancel(Some("q"), &ids[1], Some("7"), NOW).unwrap();
-        let all = q.list("q", Some("7"), &query(&[], 20, None));
+        let all = q.list("q", "u:7", &query(&[], 20, None));
         assert_eq!(
             all.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
             ids.iter().rev().map(String::as_str).collect::<Vec<_>>()
         );
-        let page = q.list("q", Some("7"), &query(&[], 2, Some(&ids[3])));
+        let page = q.list("q", "u:7", &query(&[], 2, Some(&ids[3])));
         assert_eq!(
             page.iter().map(|t| &t.id).collect::<Vec<_>>(),
             vec![&ids[2], &ids[1]]
         );
-        let cancelled = q.list("q", Some("7"), &query(&[Status::Cancelled], 20, None));
+        let cancelled = q.list("q", "u:7", &query(&[Status::Cancelled], 20, None));
         assert_eq!(cancelled.len(), 1);
-        assert!(q.list("other", Some("7"), &query(&[], 20, None)).is_empty());
+        assert!(q.list("other", "u:7", &query(&[], 20, None)).is_empty());
     }
 }

@@ -18,7 +18,7 @@ pub use embedded::{EmbeddedQueues, Publish, rand_unit};
 pub use model::{AfterFailure, ErrorCode, Status, StepError, Task, TaskError, backoff, timestamp};
 pub use queue::{
     Finish, LIST_DEFAULT, LIST_MAX, Lease, ListQuery, NewJob, Owner, Queue, QueueError, QueueStats,
-    Renewal, list_query, run, task_id,
+    Renewal, list_query, run, scope, task_id,
 };
 pub use redis::RedisQueue;
 pub use spec::{CommandSpec, Op, QueueSettings, TaskAction, check_queues, parse};

@@ -22,6 +22,16 @@ pub const LIST_DEFAULT: usize = 20;
 /// knows the id may read or cancel).
 pub type Owner<'a> = Option<&'a str>;
 
+/// What enqueues are idempotent in, what `list` shows and what `perUserLimit` counts: a
+/// user (`u:<id>`), or for an anonymous connection the connection itself (`c:<connectionId>`),
+/// so anonymous connections never see each other's tasks in a list nor share request ids.
+pub fn scope(owner: Owner<'_>, connection_id: &str) -> String {
+    match owner {
+        Some(user) => format!("u:{user}"),
+        None => format!("c:{connection_id}"),
+    }
+}
+
 /// Why a queue operation is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QueueError {
@@ -75,7 +85,9 @@ pub struct NewJob<'a> {
     pub settings: &'a QueueSettings,
     /// Who starts it.
     pub owner: Owner<'a>,
-    /// The request id: one task per (queue, owner, request id).
+    /// Its [`scope`]: one task per (queue, scope, request id).
+    pub scope: &'a str,
+    /// The request id.
     pub request_id: &'a str,
     /// The enqueue payload.
     pub params: Value,
@@ -169,11 +181,11 @@ pub trait Queue: Send + Sync + 'static {
         owner: Owner<'a>,
     ) -> BoxFuture<'a, Result<Task, QueueError>>;
 
-    /// The owner's tasks of `queue`, newest first.
+    /// The tasks of `queue` started in `scope`, newest first.
     fn list<'a>(
         &'a self,
         queue: &'a str,
-        owner: Owner<'a>,
+        scope: &'a str,
         query: &'a ListQuery,
     ) -> BoxFuture<'a, Result<Vec<Task>, QueueError>>;
 
@@ -274,14 +286,17 @@ pub fn list_query(payload: &Value) -> Result<ListQuery, ActionError> {
     })
 }
 
-/// Runs one `task` action against `queue`; the success payload as JSON.
+/// Runs one `task` action against `queue` for `owner` on connection `connection_id`; the
+/// success payload as JSON.
 pub async fn run(
     queue: &dyn Queue,
     action: &TaskAction,
     owner: Owner<'_>,
+    connection_id: &str,
     request_id: &str,
     payload: &Value,
 ) -> Result<Value, ActionError> {
+    let scope = scope(owner, connection_id);
     use super::Op;
     let task = |t: Task| serde_json::to_value(t).expect("tasks serialize");
     let name = action.queue.as_str();
@@ -302,6 +317,7 @@ pub async fn run(
                     queue: name,
                     settings,
                     owner,
+                    scope: &scope,
                     request_id,
                     params,
                 })
@@ -319,7 +335,7 @@ pub async fn run(
         Op::List => {
             let query = list_query(payload)?;
             queue
-                .list(name, owner, &query)
+                .list(name, &scope, &query)
                 .await
                 .map(|tasks| serde_json::json!({ "tasks": tasks }))
         }

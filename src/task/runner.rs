@@ -152,7 +152,7 @@ pub async fn run(
     // Whatever the end, nothing of the job outlives it: the whole group goes (SIGTERM, then
     // SIGKILL after the grace), grandchildren included.
     if let Some(pgid) = pgid {
-        stop_group(pgid, spec.grace).await;
+        stop_group(&mut child, pgid, spec.grace).await;
         if let Some(dog) = watchdog {
             dog.release(pgid);
         }
@@ -183,14 +183,18 @@ fn spawn(spec: &CommandSpec, job: &JobInput) -> std::io::Result<Child> {
 }
 
 /// SIGTERM to the group, then SIGKILL once `grace` has passed if any of it is still there.
-async fn stop_group(pgid: i32, grace: Duration) {
+/// The leader (`child`) is reaped as it goes: an unreaped leader would still count as a
+/// member and make every stop wait out the whole grace.
+async fn stop_group(child: &mut Child, pgid: i32, grace: Duration) {
     // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
     let signal = |sig| unsafe { libc::kill(-pgid, sig) };
     if signal(libc::SIGTERM) != 0 {
+        let _ = child.try_wait();
         return; // the group is already gone
     }
     let deadline = tokio::time::Instant::now() + grace;
     while tokio::time::Instant::now() < deadline {
+        let _ = child.try_wait();
         // Signal 0 checks whether any member is left.
         if signal(0) != 0 {
             return;
@@ -198,6 +202,7 @@ async fn stop_group(pgid: i32, grace: Duration) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     signal(libc::SIGKILL);
+    let _ = child.wait().await;
 }
 
 #[cfg(test)]
@@ -315,6 +320,36 @@ mod tests {
         )
         .await;
         assert!(matches!(end, JobEnd::NotStarted(_)), "{end:?}");
+    }
+
+    #[tokio::test]
+    async fn a_job_that_stops_on_sigterm_does_not_wait_out_the_grace() {
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            stop.cancel();
+        });
+        let slow_grace = CommandSpec {
+            grace: Duration::from_secs(20),
+            ..spec("sleep 30", 1 << 20)
+        };
+        let started = std::time::Instant::now();
+        let (end, _) = run(
+            &slow_grace,
+            &job(json!({})),
+            Duration::from_secs(60),
+            cancel,
+            None,
+            |_| {},
+        )
+        .await;
+        assert_eq!(end, JobEnd::Cancelled);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "stopped when the group was gone, not after the 20 s grace: {:?}",
+            started.elapsed()
+        );
     }
 
     /// Whether process `pid` still runs (a zombie waiting to be reaped does not count).

@@ -221,16 +221,34 @@ impl Worker {
                 "stdout lines that were not reports"
             );
         }
-        // A finish lost to a Redis blip is retried: the lease lasts long enough.
-        for _ in 0..5 {
-            match self.queue.finish(&id, lease.token, finish.clone()).await {
+        self.report(&id, &lease, finish).await;
+    }
+
+    /// Reports the end. While the queue is unreachable it keeps trying, renewing the lease,
+    /// until the lease is surely gone (then the job runs elsewhere and this end is moot). A
+    /// result the queue refuses (too large, not JSON) fails the attempt instead of leaving
+    /// the task running until its lease lapses.
+    async fn report(&self, id: &str, lease: &Lease, mut finish: Finish) {
+        let give_up = tokio::time::Instant::now() + lease.lease + RETRY_AFTER * 4;
+        loop {
+            match self.queue.finish(id, lease.token, finish.clone()).await {
                 Ok(task) => {
                     tracing::debug!(status = ?task.status, "reported");
                     return;
                 }
-                Err(QueueError::Unavailable(e)) => {
+                Err(QueueError::Unavailable(e)) if tokio::time::Instant::now() < give_up => {
                     tracing::warn!(error = %e, "cannot report the end yet; retrying");
                     tokio::time::sleep(RETRY_AFTER).await;
+                    let _ = self.queue.renew(id, lease.token).await;
+                }
+                Err(e @ (QueueError::Invalid(_) | QueueError::Step(_)))
+                    if matches!(finish, Finish::Succeeded(_)) =>
+                {
+                    tracing::warn!(error = %e, "the result was refused: the attempt fails");
+                    finish = Finish::Failed(TaskError {
+                        code: ErrorCode::OutputTooLarge,
+                        message: format!("the result was refused: {e}"),
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "the end was refused");

@@ -11,13 +11,15 @@
 --                               entries every worker is done with are trimmed by `trim`
 --   P:delayed:<queue>           zset: retries by due time (ms)
 --   P:leases:<queue>            zset: running tasks by lease end (ms)
---   P:active:<queue>:<owner>    set: a user's queued, delayed and running tasks
---   P:tasks:<queue>:<owner>     zset: a user's tasks in enqueue order, for `list`
---   P:req:<queue>:<n>:<owner>:<rid>  the task a request id started (n: the owner's length)
+--   P:active:<queue>:<scope>    set: the scope's queued, delayed and running tasks
+--   P:tasks:<queue>:<scope>     zset: the scope's tasks in enqueue order, for `list`
+--   P:req:<queue>:<n>:<scope>:<rid>  the task a request id started (n: the scope's length)
 --   P:stats:<queue>             hash: finished tasks by final status
 --   P:seq                       counter: enqueue order and lease tokens
 --
--- The owner is the user id, or the empty string for an anonymous connection. Every change is
+-- The owner is the user id, or the empty string for an anonymous connection: who may read and
+-- cancel the task. The scope is `u:<user id>`, or `c:<connection id>` for an anonymous
+-- connection: what enqueues are idempotent in, what `list` shows and what the limit counts. Every change is
 -- published as TASK_PROGRESS on P:room:task:<id> (and P:room:user:<owner>), as an envelope
 -- when it goes to both rooms, so every patchbay instance delivers it once per connection.
 -- Times are Redis's own clock (TIME), in milliseconds.
@@ -139,7 +141,7 @@ end
 -- A task reached its final status: it leaves the active set and the lease index, and it and
 -- its request id expire after the retention.
 local function finalize(P, key, h)
-  redis.call('SREM', P .. ':active:' .. h.queue .. ':' .. h.owner, h.id)
+  redis.call('SREM', P .. ':active:' .. h.queue .. ':' .. (h.scope or ('u:' .. h.owner)), h.id)
   redis.call('ZREM', P .. ':leases:' .. h.queue, h.id)
   redis.call('HINCRBY', P .. ':stats:' .. h.queue, h.status, 1)
   local retention = tonumber(h.retention)
@@ -172,18 +174,18 @@ local function visible(key, queue, owner)
   return h
 end
 
--- enqueue: KEYS[1] = P:q:<queue>; ARGV = queue, owner, request id, params JSON, new id,
--- maxAttempts, timeoutMs, leaseMs, backoffMs, retentionSecs, perUserLimit.
--- Returns the task JSON (the existing task for a repeated request id); LIMIT when the owner
+-- enqueue: KEYS[1] = P:q:<queue>; ARGV = queue, owner, scope, request id, params JSON, new
+-- id, maxAttempts, timeoutMs, leaseMs, backoffMs, retentionSecs, perUserLimit.
+-- Returns the task JSON (the existing task for a repeated request id); LIMIT when the scope
 -- has perUserLimit active tasks.
 local function enqueue(keys, args)
   local P = prefix_of(keys[1], 'q')
-  local queue, owner, rid, params, id = args[1], args[2], args[3], args[4], args[5]
-  -- The owner's length keeps owner `a:b` with request `c` apart from owner `a` with `b:c`.
-  local req = P .. ':req:' .. queue .. ':' .. #owner .. ':' .. owner .. ':' .. rid
-  local active = P .. ':active:' .. queue .. ':' .. owner
-  local limit = tonumber(args[11])
-  if owner ~= '' and redis.call('SCARD', active) >= limit then
+  local queue, owner, scope, rid, params, id = args[1], args[2], args[3], args[4], args[5], args[6]
+  -- The scope's length keeps scope `a:b` with request `c` apart from scope `a` with `b:c`.
+  local req = P .. ':req:' .. queue .. ':' .. #scope .. ':' .. scope .. ':' .. rid
+  local active = P .. ':active:' .. queue .. ':' .. scope
+  local limit = tonumber(args[12])
+  if redis.call('SCARD', active) >= limit then
     -- At the limit, a repeated request still gets its task.
     local existing = redis.call('GET', req)
     local h = existing and load(P .. ':task:' .. existing)
@@ -200,13 +202,13 @@ local function enqueue(keys, args)
   local ms = now()
   local at = rfc3339(ms)
   local h = {
-    id = id, queue = queue, owner = owner, status = 'queued', params = params,
-    attempts = '0', max = args[6], created = at, updated = at, cancel = '0',
-    timeout = args[7], lease = args[8], backoff = args[9], retention = args[10], req = req,
+    id = id, queue = queue, owner = owner, scope = scope, status = 'queued', params = params,
+    attempts = '0', max = args[7], created = at, updated = at, cancel = '0',
+    timeout = args[8], lease = args[9], backoff = args[10], retention = args[11], req = req,
   }
   local key = P .. ':task:' .. id
-  if owner ~= '' then redis.call('SADD', active, id) end
-  local list = P .. ':tasks:' .. queue .. ':' .. owner
+  redis.call('SADD', active, id)
+  local list = P .. ':tasks:' .. queue .. ':' .. scope
   local seq = redis.call('INCR', P .. ':seq')
   -- Index entries of expired tasks go a few at a time (every 16th enqueue looks at the 16
   -- oldest); an idle index expires whole.
@@ -216,10 +218,10 @@ local function enqueue(keys, args)
     end
   end
   redis.call('ZADD', list, seq, id)
-  redis.call('EXPIRE', list, tonumber(args[10]) + 86400)
+  redis.call('EXPIRE', list, tonumber(args[11]) + 86400)
   -- An anonymous task's new room has no member yet and it has no user room: nothing to tell.
-  local json = save(P, key, h, { 'id', 'queue', 'owner', 'status', 'params', 'attempts', 'max',
-    'created', 'updated', 'cancel', 'timeout', 'lease', 'backoff', 'retention', 'req' },
+  local json = save(P, key, h, { 'id', 'queue', 'owner', 'scope', 'status', 'params', 'attempts',
+    'max', 'created', 'updated', 'cancel', 'timeout', 'lease', 'backoff', 'retention', 'req' },
     owner == '')
   queue_job(P, h)
   return json
@@ -374,7 +376,7 @@ local function cancel(keys, args)
   return save(P, keys[1], h, { 'status', 'cancel', 'updated', 'token', 'until' })
 end
 
--- list: KEYS[1] = P:tasks:<queue>:<owner>; ARGV = statuses (comma-separated, '' for all),
+-- list: KEYS[1] = P:tasks:<queue>:<scope>; ARGV = statuses (comma-separated, '' for all),
 -- limit, before ('' for none). A JSON array, newest first.
 local function list(keys, args)
   local P = prefix_of(keys[1], 'tasks')
@@ -552,6 +554,8 @@ local function stats(keys, args)
     tonumber(s[1] or 0), tonumber(s[2] or 0), tonumber(s[3] or 0), tonumber(s[4] or 0) }
 end
 
+-- The library's version: patchbay loads it only over an older one. Raise it (and
+-- FUNCTIONS_VERSION in mod.rs) with every change.
 local function version() return 1 end
 
 redis.register_function('patchbay_enqueue', enqueue)

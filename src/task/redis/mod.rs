@@ -28,6 +28,8 @@ use crate::bus::{Commands, connection_config};
 
 /// The function library, loaded by patchbay at start-up and whenever Redis has lost it.
 pub const FUNCTIONS: &str = include_str!("functions.lua");
+/// The version `patchbay_version` returns; raise it with every change of [`FUNCTIONS`].
+const FUNCTIONS_VERSION: i64 = 1;
 /// The consumer group every worker reads a queue's stream through.
 pub const GROUP: &str = "workers";
 
@@ -80,8 +82,17 @@ impl RedisQueue {
         format!("{}:{kind}:{rest}", self.prefix)
     }
 
-    /// Loads (or replaces) the function library.
+    /// Loads the function library, unless Redis already has this version or a newer one
+    /// (during a rolling upgrade the newest library stays, instead of each instance putting
+    /// back its own).
     pub async fn load_functions(&self) -> Result<(), QueueError> {
+        let mut version = redis::cmd("FCALL");
+        version.arg("patchbay_version").arg(0);
+        if let Ok(loaded) = self.commands.query::<i64>(&version).await
+            && loaded >= FUNCTIONS_VERSION
+        {
+            return Ok(());
+        }
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("LOAD").arg("REPLACE").arg(FUNCTIONS);
         self.commands
@@ -351,6 +362,7 @@ impl Queue for RedisQueue {
             let mut args = vec![
                 job.queue,
                 job.owner.unwrap_or(""),
+                job.scope,
                 job.request_id,
                 &params,
                 &id,
@@ -405,7 +417,7 @@ impl Queue for RedisQueue {
     fn list<'a>(
         &'a self,
         queue: &'a str,
-        owner: Owner<'a>,
+        scope: &'a str,
         query: &'a ListQuery,
     ) -> BoxFuture<'a, Result<Vec<Task>, QueueError>> {
         async move {
@@ -415,7 +427,7 @@ impl Queue for RedisQueue {
                 .map(|s| status_name(*s))
                 .collect::<Vec<_>>()
                 .join(",");
-            let index = self.key("tasks", &format!("{queue}:{}", owner.unwrap_or("")));
+            let index = self.key("tasks", &format!("{queue}:{scope}"));
             let json: String = self
                 .fcall(
                     "patchbay_list",
