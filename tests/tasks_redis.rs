@@ -55,6 +55,36 @@ impl Drop for Proc {
     }
 }
 
+/// Polls user 7's task `id` straight from Redis until it has succeeded; returns it.
+async fn succeeded_within(redis: &RedisServer, id: &str, limit: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        let json: Option<String> = match redis.connection().await {
+            Ok(mut conn) => redis::cmd("FCALL")
+                .arg(&["patchbay_get", "1", &format!("patchbay:task:{id}"), "q", "7"])
+                .query_async(&mut conn)
+                .await
+                .ok(),
+            Err(_) => None,
+        };
+        if let Some(task) = json.and_then(|j| serde_json::from_str::<Value>(&j).ok())
+            && task["status"] == "succeeded"
+        {
+            return task;
+        }
+        assert!(start.elapsed() < limit, "task {id} succeeded within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A private Redis that writes every change to its append-only file in `dir`, so a restart
+/// keeps everything.
+async fn persistent_redis(dir: &std::path::Path) -> RedisServer {
+    let dir = dir.to_str().unwrap();
+    let args = ["--appendonly", "yes", "--appendfsync", "always", "--dir", dir];
+    RedisServer::start_with(&args, None).await
+}
+
 /// A `patchbay worker` process for queue `q` running `script` under `/bin/sh -c`.
 fn worker(redis: &RedisServer, script: &str, concurrency: u32) -> Proc {
     Proc(
@@ -73,15 +103,14 @@ fn worker(redis: &RedisServer, script: &str, concurrency: u32) -> Proc {
     )
 }
 
-/// Waits until worker `w` reads its queue (its consumer, named `<pid>-…`, exists): its signal
-/// handlers are installed by then.
+/// Waits until worker `w` reads its queue (its blocking connection, named `<pid>-…`, is
+/// there): its signal handlers are installed by then.
 async fn reading(redis: &RedisServer, w: &Child) {
     let prefix = format!("{}-", w.id());
     let start = Instant::now();
     loop {
-        let consumers: redis::Value =
-            redis_cmd(redis, &["XINFO", "CONSUMERS", "patchbay:q:q", "workers"]).await;
-        if format!("{consumers:?}").contains(&prefix) {
+        let clients: String = redis_cmd(redis, &["CLIENT", "LIST"]).await;
+        if clients.contains(&format!("name={prefix}")) {
             return;
         }
         assert!(
@@ -416,19 +445,7 @@ async fn failing_jobs_fail_after_their_attempts_and_worker_killers_are_lost() {
 #[tokio::test]
 async fn redis_restarts_do_not_stop_workers_and_queued_jobs_survive_with_persistence() {
     let dir = tempfile::tempdir().unwrap();
-    let dir_arg = dir.path().to_str().unwrap().to_string();
-    let mut redis = RedisServer::start_with(
-        &[
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--dir",
-            &dir_arg,
-        ],
-        None,
-    )
-    .await;
+    let mut redis = persistent_redis(dir.path()).await;
     let bridge = bridge(&redis, queue_only(json!({"leaseMs": 2000}))).await;
     let mut w = worker(&redis, r#"echo '{"result":1}'"#, 2);
     let mut client = connect_as(&bridge, "7").await;
@@ -456,28 +473,7 @@ async fn redis_restarts_do_not_stop_workers_and_queued_jobs_survive_with_persist
     let back = Instant::now();
     signal(&w, "-CONT");
     // The job queued before the outage runs once Redis is back, on the same worker process.
-    let mut checker = redis.connection().await.unwrap();
-    loop {
-        let json: Option<String> = redis::cmd("FCALL")
-            .arg("patchbay_get")
-            .arg(1)
-            .arg(format!("patchbay:task:{queued}"))
-            .arg("q")
-            .arg("7")
-            .query_async(&mut checker)
-            .await
-            .ok();
-        if let Some(json) = json
-            && json.contains(r#""status":"succeeded""#)
-        {
-            break;
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(10),
-            "the queued job ran after the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    succeeded_within(&redis, &queued, Duration::from_secs(10)).await;
     assert!(
         back.elapsed() < Duration::from_secs(2),
         "consumed again soon after Redis came back: {:?}",
@@ -1059,31 +1055,75 @@ async fn anonymous_connections_are_kept_apart_on_redis() {
     let mut one = bridge.connect().await;
     let mut two = bridge.connect().await;
     let id = id_of(&start_job(&mut one, json!({})).await);
-    let got = two.request("JOB_GET", json!({"id": id})).await;
-    assert_eq!(
-        got["payload"]["id"],
-        id.as_str(),
-        "any anonymous connection that knows the id"
+    assert_anonymous_connections_apart(&mut one, &mut two, &id).await;
+}
+
+#[tokio::test]
+async fn a_job_running_across_a_redis_restart_finishes_once() {
+    // With persistence the running job's lease survives; its worker renews once Redis is back
+    // and reports the end: one attempt, succeeded.
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = persistent_redis(dir.path()).await;
+    let bridge = bridge(&redis, queue_only(json!({"leaseMs": 3000}))).await;
+    let mut w = worker(
+        &redis,
+        r#"echo '{"progress":{"started":1}}'; sleep 2; echo '{"result":"done"}'"#,
+        1,
     );
-    let mine = one.request("JOBS_LIST", json!({})).await;
-    assert_eq!(mine["payload"]["tasks"][0]["id"], id.as_str(), "{mine}");
-    let theirs = two.request("JOBS_LIST", json!({})).await;
-    assert_eq!(theirs["payload"]["tasks"], json!([]), "{theirs}");
-    let same = json!({"type": "JOB_START_REQUEST", "payload": {}, "meta": {"requestId": "same"}});
-    one.send(same.clone()).await;
-    two.send(same).await;
-    let mut ids = Vec::new();
-    for client in [&mut one, &mut two] {
-        loop {
-            let m = client.recv().await;
-            if m["type"] == "JOB_START_SUCCESS" {
-                ids.push(id_of(&m));
-                break;
-            }
+    let mut client = connect_as(&bridge, "7").await;
+    let id = id_of(&start_job(&mut client, json!({})).await);
+    loop {
+        let m = client.recv().await;
+        if m["payload"]["progress"]["started"] == 1 {
+            break;
         }
     }
-    assert_ne!(
-        ids[0], ids[1],
-        "one request id, two anonymous connections: two tasks"
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.restart().await;
+    let task = succeeded_within(&redis, &id, Duration::from_secs(10)).await;
+    assert_eq!(task["attempts"], 1, "{task}");
+    assert_eq!(task["result"], "done");
+    sigkill(&mut w);
+}
+
+#[tokio::test]
+async fn a_worker_recreates_the_group_after_redis_lost_everything() {
+    // Without persistence a restart loses the stream, the group and the functions: the worker
+    // recreates the group on its next read and consumes jobs enqueued afterwards.
+    // No patchbay yet: only the worker can make the group.
+    let mut redis = RedisServer::start().await;
+    let mut w = worker(&redis, r#"echo '{"result":1}'"#, 1);
+    reading(&redis, &w).await;
+    redis.kill();
+    redis.restart().await;
+    // The worker reads before anything recreates the stream: NOGROUP, then it makes the group.
+    let start = Instant::now();
+    loop {
+        let groups: Result<redis::Value, _> = {
+            let mut conn = redis.connection().await.unwrap();
+            redis::cmd("XINFO")
+                .arg(&["GROUPS", "patchbay:q:q"])
+                .query_async::<redis::Value>(&mut conn)
+                .await
+        };
+        if groups.is_ok_and(|g| format!("{g:?}").contains("workers")) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the worker recreated the group"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bridge = bridge(&redis, queue_only(json!({}))).await;
+    let mut client = connect_as(&bridge, "7").await;
+    let id = id_of(&start_job(&mut client, json!({})).await);
+    let seen = until_final(&mut client, &id).await;
+    assert_eq!(seen.last().unwrap()["payload"]["status"], "succeeded");
+    assert!(
+        w.try_wait().unwrap().is_none(),
+        "the worker never restarted"
     );
+    sigkill(&mut w);
 }

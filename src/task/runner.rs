@@ -18,6 +18,9 @@ use tokio_util::sync::CancellationToken;
 use super::CommandSpec;
 use super::watchdog::Watchdog;
 
+/// How long output is still read after the command exited while something it left running
+/// holds its output open.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
 /// The stderr bytes kept for the log.
 const STDERR_TAIL: usize = 4096;
 
@@ -94,8 +97,8 @@ pub async fn run(
     let stdout = child.stdout.take().expect("piped");
     let mut stderr = child.stderr.take().expect("piped");
     let limit = spec.output_limit;
+    let mut result = Value::Null;
     let read = async {
-        let mut result = Value::Null;
         let mut seen = 0usize;
         let mut lines = BufReader::new(stdout);
         let mut line = Vec::new();
@@ -104,7 +107,7 @@ pub async fn run(
             // Bounded: a line longer than what is left of the limit ends the job.
             let left = (limit + 1).saturating_sub(seen) as u64;
             match (&mut lines).take(left).read_until(b'\n', &mut line).await {
-                Ok(0) | Err(_) => break Ok(result),
+                Ok(0) | Err(_) => break Ok(()),
                 Ok(n) => seen += n,
             }
             if seen > limit {
@@ -135,19 +138,38 @@ pub async fn run(
         }
     };
     let work = async {
-        let (_, result, _) = tokio::join!(feed, read, read_stderr);
-        let status = child.wait().await;
-        (result, status)
+        let pipes = async { tokio::join!(feed, read, read_stderr).1 };
+        tokio::pin!(pipes);
+        let waited = tokio::select! {
+            read = &mut pipes => Err(read),
+            status = child.wait() => Ok(status),
+        };
+        match waited {
+            Err(read) => (read, child.wait().await),
+            // It exited, but something it left running may hold its output open: read what
+            // is there for a moment, then end as its exit status says.
+            Ok(status) => (
+                tokio::time::timeout(DRAIN_AFTER_EXIT, &mut pipes)
+                    .await
+                    .unwrap_or(Ok(())),
+                status,
+            ),
+        }
     };
     let end = tokio::select! {
-        (result, status) = work => match (result, status) {
+        (read, status) = work => match (read, status) {
             (Err(()), _) => JobEnd::OutputTooLarge,
-            (Ok(result), Ok(status)) if status.success() => JobEnd::Succeeded(result),
-            (Ok(_), Ok(status)) => JobEnd::Failed(format!("the command ended with {status}")),
-            (Ok(_), Err(e)) => JobEnd::Failed(format!("waiting for the command failed: {e}")),
+            (Ok(()), Ok(status)) if status.success() => JobEnd::Succeeded(Value::Null),
+            (Ok(()), Ok(status)) => JobEnd::Failed(format!("the command ended with {status}")),
+            (Ok(()), Err(e)) => JobEnd::Failed(format!("waiting for the command failed: {e}")),
         },
         _ = tokio::time::sleep(timeout) => JobEnd::TimedOut,
         _ = cancel.cancelled() => JobEnd::Cancelled,
+    };
+    // The last `{"result":…}` line, now that nothing reads any more.
+    let end = match end {
+        JobEnd::Succeeded(_) => JobEnd::Succeeded(result),
+        other => other,
     };
     // Whatever the end, nothing of the job outlives it: the whole group goes (SIGTERM, then
     // SIGKILL after the grace), grandchildren included.
@@ -350,6 +372,18 @@ mod tests {
             "stopped when the group was gone, not after the 20 s grace: {:?}",
             started.elapsed()
         );
+    }
+
+    #[tokio::test]
+    async fn exit_0_succeeds_even_when_a_leftover_process_holds_the_output() {
+        // The background sleep keeps stdout open after the job itself exited 0.
+        let (end, _) = run_script(
+            r#"echo '{"result":7}'; sleep 30 & exit 0"#,
+            json!({}),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(end, JobEnd::Succeeded(json!(7)));
     }
 
     /// Whether process `pid` still runs (a zombie waiting to be reaped does not count).

@@ -235,11 +235,18 @@ impl RedisQueue {
         }
         // The read blocks up to its wait: the response timeout must be longer.
         let config = connection_config().set_response_timeout(Some(Duration::from_secs(10)));
-        let conn = self
+        let mut conn = self
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(unavailable)?;
+        // Named after the worker, so `CLIENT LIST` shows who is reading (Redis 7.0 makes the
+        // group's consumer only with the first entry it hands out).
+        let mut name = redis::cmd("CLIENT");
+        name.arg("SETNAME").arg(worker);
+        if let Err(e) = name.query_async::<()>(&mut conn).await {
+            tracing::debug!(error = %e, "cannot name the worker's connection");
+        }
         map.insert(worker.to_string(), conn.clone());
         Ok(conn)
     }
