@@ -5,166 +5,20 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::tasks::*;
+use common::workers::*;
 use common::*;
-use patchbay::task::{ErrorCode, Finish, Queue, QueueError, RedisQueue, TaskError};
+use patchbay::task::{ErrorCode, Finish, Queue, QueueError, TaskError};
 use serde_json::{Value, json};
-
-/// A bridge on `redis` with the JWT auth of the tests and `task` as queue `q`'s spec.
-async fn bridge(redis: &RedisServer, task: Value) -> Bridge {
-    let url = redis.url();
-    Bridge::start(&task_manifest(task), None, move |c| {
-        with_jwt(c);
-        c.redis_url = Some(url);
-    })
-    .await
-}
-
-/// Queue `q`'s settings without a command: jobs are for `patchbay worker` processes.
-fn queue_only(settings: Value) -> Value {
-    let mut task = json!({"queue": "q", "leaseMs": 2000, "backoffMs": 100});
-    task.as_object_mut()
-        .unwrap()
-        .extend(settings.as_object().unwrap().clone());
-    task
-}
-
-/// A worker process, killed when dropped (a failing test leaves none behind).
-struct Proc(Child);
-
-impl std::ops::Deref for Proc {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Proc {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Polls user 7's task `id` straight from Redis until it has succeeded; returns it.
-async fn succeeded_within(redis: &RedisServer, id: &str, limit: Duration) -> Value {
-    let start = Instant::now();
-    loop {
-        let json: Option<String> = match redis.connection().await {
-            Ok(mut conn) => redis::cmd("FCALL")
-                .arg(&["patchbay_get", "1", &format!("patchbay:task:{id}"), "q", "7"])
-                .query_async(&mut conn)
-                .await
-                .ok(),
-            Err(_) => None,
-        };
-        if let Some(task) = json.and_then(|j| serde_json::from_str::<Value>(&j).ok())
-            && task["status"] == "succeeded"
-        {
-            return task;
-        }
-        assert!(start.elapsed() < limit, "task {id} succeeded within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// A private Redis that writes every change to its append-only file in `dir`, so a restart
-/// keeps everything.
-async fn persistent_redis(dir: &std::path::Path) -> RedisServer {
-    let dir = dir.to_str().unwrap();
-    let args = ["--appendonly", "yes", "--appendfsync", "always", "--dir", dir];
-    RedisServer::start_with(&args, None).await
-}
-
-/// A `patchbay worker` process for queue `q` running `script` under `/bin/sh -c`.
-fn worker(redis: &RedisServer, script: &str, concurrency: u32) -> Proc {
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_patchbay"))
-            .args(["worker", "--queue", "q", "--concurrency"])
-            .arg(concurrency.to_string())
-            .args(["--grace-ms", "300", "--", "/bin/sh", "-c", script])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("PATCHBAY_REDIS_URL", redis.url())
-            .env("PATCHBAY_LOG", "warn")
-            .current_dir(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("the patchbay binary runs"),
-    )
-}
-
-/// Waits until worker `w` reads its queue (its blocking connection, named `<pid>-…`, is
-/// there): its signal handlers are installed by then.
-async fn reading(redis: &RedisServer, w: &Child) {
-    let prefix = format!("{}-", w.id());
-    let start = Instant::now();
-    loop {
-        let clients: String = redis_cmd(redis, &["CLIENT", "LIST"]).await;
-        if clients.contains(&format!("name={prefix}")) {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "worker {} reads its queue",
-            w.id()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn sigkill(child: &mut Child) {
-    child.kill().unwrap();
-    child.wait().unwrap();
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
-/// The parent of process `pid`.
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Polls until `f` is true, failing after `limit`.
-async fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "{what} within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn redis_cmd<T: redis::FromRedisValue>(redis: &RedisServer, args: &[&str]) -> T {
-    let mut conn = redis.connection().await.unwrap();
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    cmd.query_async(&mut conn).await.unwrap()
-}
 
 #[tokio::test]
 async fn jobs_run_on_redis_and_every_change_reaches_the_user() {
     let redis = RedisServer::start().await;
     let script = r#"read -r job; echo '{"progress":{"percent":50}}'; sleep 0.3; echo '{"result":{"n":12345678901234567890,"empty":[]}}'"#;
-    let bridge = bridge(&redis, sh_task(script, json!({}))).await;
+    let bridge = redis_bridge(&redis, sh_task(script, json!({}))).await;
     let mut client = connect_as(&bridge, "7").await;
     // Another tab of the same user, in no task room: it hears through `user:7`.
     let mut tab = connect_as(&bridge, "7").await;
@@ -229,8 +83,8 @@ async fn jobs_run_on_redis_and_every_change_reaches_the_user() {
 async fn enqueue_is_idempotent_across_instances() {
     let redis = RedisServer::start().await;
     let task = queue_only(json!({}));
-    let a = bridge(&redis, task.clone()).await;
-    let b = bridge(&redis, task).await;
+    let a = redis_bridge(&redis, task.clone()).await;
+    let b = redis_bridge(&redis, task).await;
     let mut clients = Vec::new();
     for i in 0..10 {
         clients.push(connect_as(if i % 2 == 0 { &a } else { &b }, "7").await);
@@ -269,7 +123,7 @@ async fn a_sigkilled_worker_loses_its_job_to_another_within_the_lease() {
         r#"if [ "$PATCHBAY_TASK_ATTEMPT" = 1 ]; then echo $$ > {p}; echo '{{"progress":{{"started":1}}}}'; sleep 60; fi; echo '{{"result":"done"}}'"#,
         p = pids.display()
     );
-    let bridge = bridge(&redis, queue_only(json!({"leaseMs": 2000}))).await;
+    let bridge = redis_bridge(&redis, queue_only(json!({"leaseMs": 2000}))).await;
     let mut workers = vec![worker(&redis, &script, 1), worker(&redis, &script, 1)];
     let mut client = connect_as(&bridge, "7").await;
     let id = id_of(&start_job(&mut client, json!({})).await);
@@ -322,10 +176,10 @@ async fn a_worker_paused_past_its_lease_is_refused_when_it_wakes() {
     let pids = dir.path().join("pids");
     // Attempt 1 reports, then works for a while; attempt 2 is quick. Each result says which.
     let script = format!(
-        r#"if [ "$PATCHBAY_TASK_ATTEMPT" = 1 ]; then echo $$ > {p}; echo '{{"progress":{{"started":1}}}}'; sleep 4; fi; echo "{{\"result\":$PATCHBAY_TASK_ATTEMPT}}""#,
+        r#"if [ "$PATCHBAY_TASK_ATTEMPT" = 1 ]; then echo $$ > {p}; echo '{{"progress":{{"started":1}}}}'; sleep 8; fi; echo "{{\"result\":$PATCHBAY_TASK_ATTEMPT}}""#,
         p = pids.display()
     );
-    let bridge = bridge(&redis, queue_only(json!({"leaseMs": 1000}))).await;
+    let bridge = redis_bridge(&redis, queue_only(json!({"leaseMs": 2000}))).await;
     let mut workers = vec![worker(&redis, &script, 1), worker(&redis, &script, 1)];
     let mut client = connect_as(&bridge, "7").await;
     let id = id_of(&start_job(&mut client, json!({})).await);
@@ -340,7 +194,7 @@ async fn a_worker_paused_past_its_lease_is_refused_when_it_wakes() {
         .trim()
         .parse()
         .unwrap();
-    let holder = parent_of(child).unwrap();
+    let holder = parent_of(child).expect("attempt 1 still runs");
     let index = workers.iter().position(|w| w.id() == holder).unwrap();
     signal(&workers[index], "-STOP");
     let seen = until_final(&mut client, &id).await;
@@ -351,8 +205,13 @@ async fn a_worker_paused_past_its_lease_is_refused_when_it_wakes() {
         "{end}"
     );
     signal(&workers[index], "-CONT");
-    // The paused worker wakes with a stale lease: whatever it reports is refused.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The paused worker wakes with a stale lease: whatever it reports (its job ends by 8 s)
+    // is refused.
+    eventually(Duration::from_secs(15), "attempt 1's process ends", || {
+        !alive(child)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let got = client.request("JOB_GET", json!({"id": id})).await;
     assert_eq!(got["payload"], end, "the late finish changed nothing");
     for _ in 0..3 {
@@ -375,9 +234,13 @@ async fn a_worker_paused_past_its_lease_is_refused_when_it_wakes() {
 async fn failing_jobs_fail_after_their_attempts_and_worker_killers_are_lost() {
     let redis = RedisServer::start().await;
     // Always fails: three attempts with growing delays, then failed.
-    let failing = bridge(
+    let failing = redis_bridge(
         &redis,
-        sh_task("exit 1", json!({"maxAttempts": 3, "backoffMs": 200})),
+        // Each attempt runs a moment, so its start is seen (live, or in the snapshot).
+        sh_task(
+            "sleep 0.3; exit 1",
+            json!({"maxAttempts": 3, "backoffMs": 200}),
+        ),
     )
     .await;
     let mut client = connect_as(&failing, "7").await;
@@ -410,7 +273,7 @@ async fn failing_jobs_fail_after_their_attempts_and_worker_killers_are_lost() {
 
     // Kills its worker every time: handed out three times, then lost, never looping.
     let redis = RedisServer::start().await;
-    let killers = bridge(
+    let killers = redis_bridge(
         &redis,
         queue_only(json!({"maxAttempts": 3, "leaseMs": 1000})),
     )
@@ -446,7 +309,7 @@ async fn failing_jobs_fail_after_their_attempts_and_worker_killers_are_lost() {
 async fn redis_restarts_do_not_stop_workers_and_queued_jobs_survive_with_persistence() {
     let dir = tempfile::tempdir().unwrap();
     let mut redis = persistent_redis(dir.path()).await;
-    let bridge = bridge(&redis, queue_only(json!({"leaseMs": 2000}))).await;
+    let bridge = redis_bridge(&redis, queue_only(json!({"leaseMs": 2000}))).await;
     let mut w = worker(&redis, r#"echo '{"result":1}'"#, 2);
     let mut client = connect_as(&bridge, "7").await;
     // The worker works before the restart.
@@ -484,37 +347,6 @@ async fn redis_restarts_do_not_stop_workers_and_queued_jobs_survive_with_persist
         "the worker never restarted"
     );
     sigkill(&mut w);
-}
-
-/// A queue on `redis` with the task functions loaded and `q`'s group created.
-async fn queue_on(redis: &RedisServer) -> RedisQueue {
-    let q = RedisQueue::open(&redis.url(), "patchbay").unwrap();
-    q.load_functions().await.unwrap();
-    q.create_group("q").await.unwrap();
-    q
-}
-
-fn settings() -> patchbay::task::QueueSettings {
-    let spec = json!({"queue": "q", "leaseMs": 1000, "backoffMs": 0, "perUserLimit": 1_000_000});
-    match patchbay::task::parse(&spec).unwrap() {
-        patchbay::registry::Handler::Task(t) => t.settings.unwrap(),
-        _ => unreachable!(),
-    }
-}
-
-async fn enqueue(q: &RedisQueue, rid: &str) -> String {
-    let s = settings();
-    q.enqueue(patchbay::task::NewJob {
-        queue: "q",
-        settings: &s,
-        owner: Some("7"),
-        scope: "u:7",
-        request_id: rid,
-        params: json!({}),
-    })
-    .await
-    .unwrap()
-    .id
 }
 
 #[tokio::test]
@@ -759,179 +591,10 @@ async fn pitfall_consumers_are_deleted_only_with_nothing_pending_and_trimming_sp
     assert_eq!(xlen, 1998);
 }
 
-/// Enqueues `n` anonymous jobs on `q` straight through the queue (the same function an
-/// enqueue action calls); returns their ids.
-async fn enqueue_many(
-    q: &RedisQueue,
-    n: usize,
-    settings: &patchbay::task::QueueSettings,
-) -> Vec<String> {
-    let mut ids = Vec::with_capacity(n);
-    for i in 0..n {
-        let task = q
-            .enqueue(patchbay::task::NewJob {
-                queue: "q",
-                settings,
-                owner: None,
-                scope: "c:soak",
-                request_id: &format!("soak-{i}"),
-                params: json!({"i": i}),
-            })
-            .await
-            .unwrap();
-        ids.push(task.id);
-    }
-    ids
-}
-
-fn queue_settings(spec: Value) -> patchbay::task::QueueSettings {
-    match patchbay::task::parse(&spec).unwrap() {
-        patchbay::registry::Handler::Task(t) => t.settings.unwrap(),
-        _ => unreachable!(),
-    }
-}
-
-/// `patchbay_stats` of queue `q`: queued, running, delayed, workers, succeeded, failed,
-/// cancelled, lost.
-async fn stats(redis: &RedisServer) -> Vec<i64> {
-    redis_cmd(redis, &["FCALL", "patchbay_stats", "1", "patchbay:q:q"]).await
-}
-
-#[tokio::test]
-async fn soak_a_thousand_jobs_while_a_worker_is_killed_every_two_seconds() {
-    let redis = RedisServer::start().await;
-    let spec = json!({"queue": "q", "leaseMs": 1000, "maxAttempts": 5, "backoffMs": 50, "perUserLimit": 1_000_000});
-    let _bridge = bridge(&redis, spec.clone()).await; // the maintainer
-    let q = queue_on(&redis).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ran = dir.path().join("ran");
-    let script = format!(
-        r#"sleep 0.1$(( $$ % 5 )); echo $PATCHBAY_TASK_ID >> {}; echo '{{"result":1}}'"#,
-        ran.display()
-    );
-    let mut workers: Vec<Proc> = (0..3).map(|_| worker(&redis, &script, 4)).collect();
-    let ids = enqueue_many(&q, 1000, &queue_settings(spec)).await;
-    let started = Instant::now();
-    let mut kills = 0;
-    let mut next_kill = Instant::now() + Duration::from_secs(2);
-    loop {
-        let s = stats(&redis).await;
-        if s[4] + s[5] + s[7] >= 1000 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the soak finished: {s:?}"
-        );
-        if Instant::now() >= next_kill {
-            let victim = (started.elapsed().as_millis() as usize) % workers.len();
-            sigkill(&mut workers[victim]);
-            workers[victim] = worker(&redis, &script, 4);
-            kills += 1;
-            next_kill += Duration::from_secs(2);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let s = stats(&redis).await;
-    assert_eq!(
-        (s[4], s[5], s[7]),
-        (1000, 0, 0),
-        "all succeeded, none failed or lost: {s:?}"
-    );
-    assert!(kills >= 1, "workers were killed during the soak");
-    let mut conn = redis.connection().await.unwrap();
-    for id in &ids {
-        let json: String = redis::cmd("FCALL")
-            .arg(&["patchbay_get", "1", &format!("patchbay:task:{id}"), "q", ""])
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let task: Value = serde_json::from_str(&json).unwrap();
-        assert_eq!(task["status"], "succeeded", "{task}");
-    }
-    // Every job ran at least once; those cut down by a kill ran again (at least once).
-    let ran = std::fs::read_to_string(&ran).unwrap();
-    let distinct: HashSet<&str> = ran.lines().collect();
-    assert_eq!(distinct.len(), 1000);
-    for w in &mut workers {
-        let _ = w.kill();
-        let _ = w.wait();
-    }
-}
-
-#[tokio::test]
-async fn ten_thousand_jobs_and_twenty_worker_restarts_leave_nothing_behind() {
-    let redis = RedisServer::start().await;
-    let spec =
-        json!({"queue": "q", "leaseMs": 2000, "retentionSecs": 1, "perUserLimit": 1_000_000});
-    let _bridge = bridge(&redis, spec.clone()).await;
-    let q = queue_on(&redis).await;
-    // All queued first, then two workers of two slots each at ~10 ms a job: about half a
-    // minute of work, long enough for twenty restarts in its midst.
-    let ids = enqueue_many(&q, 10_000, &queue_settings(spec)).await;
-    assert_eq!(ids.len(), 10_000);
-    let job = "sleep 0.01";
-    let mut workers: Vec<Proc> = (0..2).map(|_| worker(&redis, job, 2)).collect();
-    let started = Instant::now();
-    let mut restarts = 0;
-    loop {
-        let s = stats(&redis).await;
-        if s[4] >= 10_000 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(180),
-            "all ran: {s:?}"
-        );
-        // Graceful restarts (SIGTERM: jobs handed back), twenty in all, while jobs run.
-        if restarts < 20 {
-            let i = restarts % workers.len();
-            reading(&redis, &workers[i]).await;
-            signal(&workers[i], "-TERM");
-            let status = workers[i].wait().unwrap();
-            assert!(status.success(), "a worker exits 0 on SIGTERM: {status:?}");
-            workers[i] = worker(&redis, job, 2);
-            restarts += 1;
-            continue;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    assert_eq!(restarts, 20, "the restarts happened while jobs ran");
-    let s = stats(&redis).await;
-    assert_eq!((s[4], s[5], s[6], s[7]), (10_000, 0, 0, 0), "{s:?}");
-    for w in &mut workers {
-        reading(&redis, w).await;
-        signal(w, "-TERM");
-        assert!(w.wait().unwrap().success());
-    }
-    // Nothing pending, no consumer left by a worker, finished tasks expired.
-    let pending: (i64, Option<String>, Option<String>, redis::Value) =
-        redis_cmd(&redis, &["XPENDING", "patchbay:q:q", "workers"]).await;
-    assert_eq!(pending.0, 0, "{pending:?}");
-    let consumers: Vec<redis::Value> =
-        redis_cmd(&redis, &["XINFO", "CONSUMERS", "patchbay:q:q", "workers"]).await;
-    assert!(consumers.is_empty(), "no orphaned consumers: {consumers:?}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left: Vec<String> = redis_cmd(&redis, &["KEYS", "patchbay:task:*"]).await;
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} tasks did not expire",
-            left.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let xlen: i64 = redis_cmd(&redis, &["XLEN", "patchbay:q:q"]).await;
-    assert_eq!(xlen, 0, "no entries left");
-}
-
 #[tokio::test]
 async fn a_python_worker_written_from_the_readme_runs_jobs() {
     let redis = RedisServer::start().await;
-    let bridge = bridge(
+    let bridge = redis_bridge(
         &redis,
         queue_only(json!({"leaseMs": 1500, "maxAttempts": 2, "backoffMs": 100})),
     )
@@ -1005,7 +668,7 @@ async fn a_python_worker_written_from_the_readme_runs_jobs() {
 async fn maintenance_moves_to_another_instance_when_its_holder_goes() {
     let redis = RedisServer::start().await;
     let task = queue_only(json!({"leaseMs": 1000}));
-    let mut first = bridge(&redis, task.clone()).await;
+    let mut first = redis_bridge(&redis, task.clone()).await;
     // The first instance takes the maintainer's lock.
     let start = Instant::now();
     loop {
@@ -1019,7 +682,7 @@ async fn maintenance_moves_to_another_instance_when_its_holder_goes() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let second = bridge(&redis, task).await;
+    let second = redis_bridge(&redis, task).await;
     first.shutdown().await;
     first.stopped().await;
     // A worker takes a job and dies holding it: only a maintainer gives it its next attempt.
@@ -1064,7 +727,7 @@ async fn a_job_running_across_a_redis_restart_finishes_once() {
     // and reports the end: one attempt, succeeded.
     let dir = tempfile::tempdir().unwrap();
     let mut redis = persistent_redis(dir.path()).await;
-    let bridge = bridge(&redis, queue_only(json!({"leaseMs": 3000}))).await;
+    let bridge = redis_bridge(&redis, queue_only(json!({"leaseMs": 3000}))).await;
     let mut w = worker(
         &redis,
         r#"echo '{"progress":{"started":1}}'; sleep 2; echo '{"result":"done"}'"#,
@@ -1116,7 +779,7 @@ async fn a_worker_recreates_the_group_after_redis_lost_everything() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let bridge = bridge(&redis, queue_only(json!({}))).await;
+    let bridge = redis_bridge(&redis, queue_only(json!({}))).await;
     let mut client = connect_as(&bridge, "7").await;
     let id = id_of(&start_job(&mut client, json!({})).await);
     let seen = until_final(&mut client, &id).await;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod tasks;
+pub mod workers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -499,6 +500,25 @@ pub fn assert_failure<'a>(reply: &'a Value, name: &str, code: &str) -> &'a Value
     &reply["payload"]
 }
 
+/// A free port for a private `redis-server`, never handed out twice in this process and outside
+/// the kernel's ephemeral range: a test that restarts its Redis must find the port still free,
+/// and no other test's Redis (or a connection's local port) may take it in between, else that
+/// test's clients would reconnect to another test's Redis.
+fn redis_port() -> u16 {
+    static TAKEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut taken = TAKEN.lock().unwrap();
+    loop {
+        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 10_000) as u16;
+        if taken.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.push(port);
+            return port;
+        }
+    }
+}
+
 /// A private `redis-server` on a free port, killed when dropped.
 pub struct RedisServer {
     pub port: u16,
@@ -517,11 +537,7 @@ impl RedisServer {
 
     /// Starts `redis-server` with extra arguments; `password` is what `url` then carries.
     pub async fn start_with(args: &[&str], password: Option<&str>) -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = redis_port();
         let mut server = RedisServer {
             port,
             child: None,

@@ -87,3 +87,34 @@ pub fn alive(pid: u32) -> bool {
         })
         .is_some_and(|rest| !rest.starts_with('Z'))
 }
+
+/// Two anonymous connections, `one` having started task `id`: either may read it (it belongs
+/// to no user), but each lists only what it started, and a request id is each one's own.
+pub async fn assert_anonymous_connections_apart(one: &mut Client, two: &mut Client, id: &str) {
+    let got = two.request("JOB_GET", json!({"id": id})).await;
+    assert_eq!(
+        got["payload"]["id"], id,
+        "any anonymous connection that knows the id"
+    );
+    let mine = one.request("JOBS_LIST", json!({})).await;
+    assert_eq!(mine["payload"]["tasks"][0]["id"], id, "{mine}");
+    let theirs = two.request("JOBS_LIST", json!({})).await;
+    assert_eq!(theirs["payload"]["tasks"], json!([]), "{theirs}");
+    let same = json!({"type": "JOB_START_REQUEST", "payload": {}, "meta": {"requestId": "same"}});
+    one.send(same.clone()).await;
+    two.send(same).await;
+    let mut ids = Vec::new();
+    for client in [one, two] {
+        loop {
+            let m = client.recv().await;
+            if m["type"] == "JOB_START_SUCCESS" {
+                ids.push(id_of(&m));
+                break;
+            }
+        }
+    }
+    assert_ne!(
+        ids[0], ids[1],
+        "one request id, two anonymous connections: two tasks"
+    );
+}
