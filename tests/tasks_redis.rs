@@ -790,3 +790,37 @@ async fn a_worker_recreates_the_group_after_redis_lost_everything() {
     );
     sigkill(&mut w);
 }
+
+#[tokio::test]
+async fn an_outage_longer_than_a_lease_does_not_take_running_jobs_from_their_workers() {
+    // Every lease looks lapsed when Redis comes back; the maintainer judges none until it has
+    // been connected for a lease's length, and by then the workers have renewed their own.
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = persistent_redis(dir.path()).await;
+    let bridge = redis_bridge(&redis, queue_only(json!({"leaseMs": 2000}))).await;
+    let mut w = worker(
+        &redis,
+        r#"echo '{"progress":{"started":1}}'; sleep 7; echo '{"result":"kept"}'"#,
+        1,
+    );
+    let mut client = connect_as(&bridge, "7").await;
+    let id = id_of(&start_job(&mut client, json!({})).await);
+    loop {
+        let m = client.recv().await;
+        if m["payload"]["progress"]["started"] == 1 {
+            break;
+        }
+    }
+    // The worker is held back until a second after Redis returns, so only the maintainer's
+    // patience keeps the job from being given away.
+    signal(&w, "-STOP");
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(3000)).await; // longer than the lease
+    redis.restart().await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    signal(&w, "-CONT");
+    let task = succeeded_within(&redis, &id, Duration::from_secs(15)).await;
+    assert_eq!(task["attempts"], 1, "never taken from its worker: {task}");
+    assert_eq!(task["result"], "kept");
+    sigkill(&mut w);
+}
