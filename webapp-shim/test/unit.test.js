@@ -17,6 +17,7 @@ const MANIFEST = {
   TASK_STEP: { http: { method: 'PATCH', path: '/tasks/{id}/steps/{step}' } },
   TASK_CANCEL: { http: { method: 'DELETE', path: '/tasks/{id}' } },
   SLOW: { http: { method: 'GET', path: '/slow' }, timeoutMs: 30 },
+  EXPORT_START: { task: { queue: 'exports' } },
   TASK_ENQUEUE: {
     http: { method: 'POST', path: '/tasks' },
     subscribe: 'task:{id}',
@@ -557,6 +558,21 @@ test('SUBSCRIBE while in fallback succeeds with meta.deferred and joins on recon
   ws.last.accept()
   assert.deepEqual(ws.last.requests('@@patchbay/SUBSCRIBE_REQUEST').map(m => m.payload), [{ room: 'org:1', token: 't1' }])
   assert.equal(api.calls.length, 0)
+})
+
+test('a task action has no REST fallback: with the socket down it fails at once with upstream_unavailable', async t => {
+  const { ws, dispatch, api } = setup(t)
+  const offline = await dispatch({ type: 'EXPORT_START_REQUEST', payload: { format: 'csv' } })
+  assert.equal(offline.type, 'EXPORT_START_FAILURE')
+  assert.equal(offline.payload.code, 'upstream_unavailable')
+  assert.equal(api.calls.length, 0, 'the API is never called for a task action')
+
+  ws.last.accept()
+  const reply = dispatch({ type: 'EXPORT_START_REQUEST', payload: { format: 'csv' } })
+  const sent = ws.last.requests('EXPORT_START_REQUEST')
+  assert.equal(sent.length, 1, 'with the socket open it goes to patchbay')
+  ws.last.receive({ type: 'EXPORT_START_SUCCESS', payload: { id: 't1', status: 'queued' }, meta: { requestId: sent[0].meta.requestId } })
+  assert.equal((await reply).type, 'EXPORT_START_SUCCESS')
 })
 
 test('in fallback a subscribe room is polled with the `as` action and meta.room until the `until` status', async t => {
