@@ -6,6 +6,10 @@
 //! output bomb.
 //!
 //! With a [`Watchdog`], the group also dies when the worker itself is killed.
+//!
+//! The job's leader is reaped only after its group has been stopped: process ids are reused
+//! (quickly, where `pid_max` is small), and a group signalled after its leader was reaped and
+//! its last member gone could be a stranger's new group.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -137,48 +141,49 @@ pub async fn run(
             }
         }
     };
+    // The leader is never reaped before its group has been stopped: while it is a zombie its
+    // pid, which is the group's id, cannot be given to another process, so signalling the
+    // group can never reach a stranger's processes.
+    let leader = child.id();
     let work = async {
         let pipes = async { tokio::join!(feed, read, read_stderr).1 };
         tokio::pin!(pipes);
-        let waited = tokio::select! {
-            read = &mut pipes => Err(read),
-            status = child.wait() => Ok(status),
-        };
-        match waited {
-            Err(read) => (read, child.wait().await),
+        let exited = leader_exited(leader);
+        tokio::pin!(exited);
+        tokio::select! {
+            read = &mut pipes => {
+                exited.await;
+                read
+            }
             // It exited, but something it left running may hold its output open: read what
             // is there for a moment, then end as its exit status says.
-            Ok(status) => (
-                tokio::time::timeout(DRAIN_AFTER_EXIT, &mut pipes)
-                    .await
-                    .unwrap_or(Ok(())),
-                status,
-            ),
+            () = &mut exited => tokio::time::timeout(DRAIN_AFTER_EXIT, &mut pipes)
+                .await
+                .unwrap_or(Ok(())),
         }
     };
-    let end = tokio::select! {
-        (read, status) = work => match (read, status) {
-            (Err(()), _) => JobEnd::OutputTooLarge,
-            (Ok(()), Ok(status)) if status.success() => JobEnd::Succeeded(Value::Null),
-            (Ok(()), Ok(status)) => JobEnd::Failed(format!("the command ended with {status}")),
-            (Ok(()), Err(e)) => JobEnd::Failed(format!("waiting for the command failed: {e}")),
-        },
-        _ = tokio::time::sleep(timeout) => JobEnd::TimedOut,
-        _ = cancel.cancelled() => JobEnd::Cancelled,
-    };
-    // The last `{"result":…}` line, now that nothing reads any more.
-    let end = match end {
-        JobEnd::Succeeded(_) => JobEnd::Succeeded(result),
-        other => other,
+    let ended = tokio::select! {
+        read = work => Ok(read),
+        _ = tokio::time::sleep(timeout) => Err(JobEnd::TimedOut),
+        _ = cancel.cancelled() => Err(JobEnd::Cancelled),
     };
     // Whatever the end, nothing of the job outlives it: the whole group goes (SIGTERM, then
-    // SIGKILL after the grace), grandchildren included.
+    // SIGKILL after the grace), grandchildren included. Then the leader is reaped.
     if let Some(pgid) = pgid {
-        stop_group(&mut child, pgid, spec.grace).await;
+        stop_group(pgid, spec.grace).await;
         if let Some(dog) = watchdog {
             dog.release(pgid);
         }
     }
+    let status = child.wait().await;
+    let end = match (ended, status) {
+        (Err(end), _) => end,
+        (Ok(Err(())), _) => JobEnd::OutputTooLarge,
+        // The last `{"result":…}` line.
+        (Ok(Ok(())), Ok(status)) if status.success() => JobEnd::Succeeded(result),
+        (Ok(Ok(())), Ok(status)) => JobEnd::Failed(format!("the command ended with {status}")),
+        (Ok(Ok(())), Err(e)) => JobEnd::Failed(format!("waiting for the command failed: {e}")),
+    };
     output.stderr_tail = String::from_utf8_lossy(&tail).into_owned();
     (end, output)
 }
@@ -204,27 +209,73 @@ fn spawn(spec: &CommandSpec, job: &JobInput) -> std::io::Result<Child> {
     command.spawn()
 }
 
-/// SIGTERM to the group, then SIGKILL once `grace` has passed if any of it is still there.
-/// The leader (`child`) is reaped as it goes: an unreaped leader would still count as a
-/// member and make every stop wait out the whole grace.
-async fn stop_group(child: &mut Child, pgid: i32, grace: Duration) {
+/// Resolves when process `pid` has exited, without reaping it (`waitid` with `WNOWAIT`).
+async fn leader_exited(pid: Option<u32>) {
+    let Some(pid) = pid else { return };
+    let exited = || {
+        // SAFETY: `info` is a plain C struct that waitid(2) fills in; zeroed is a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid(2) on our own child with a valid out-pointer.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: reading the pid field of a siginfo_t waitid(2) filled in (0 while it runs).
+        r != 0 || unsafe { info.si_pid() } != 0
+    };
+    while !exited() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Whether any process of group `pgid` still runs (a zombie, such as the unreaped leader,
+/// does not count).
+fn group_alive(pgid: i32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            return false;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return false;
+        };
+        // After the command: state, ppid, pgrp.
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|g| g.parse::<i32>().ok());
+        pgrp == Some(pgid) && state != Some("Z") && state != Some("X")
+    })
+}
+
+/// SIGTERM to the group, then SIGKILL once `grace` has passed if any of it still runs. The
+/// leader must not have been reaped yet (see [`run`]).
+async fn stop_group(pgid: i32, grace: Duration) {
     // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
     let signal = |sig| unsafe { libc::kill(-pgid, sig) };
     if signal(libc::SIGTERM) != 0 {
-        let _ = child.try_wait();
         return; // the group is already gone
     }
     let deadline = tokio::time::Instant::now() + grace;
     while tokio::time::Instant::now() < deadline {
-        let _ = child.try_wait();
-        // Signal 0 checks whether any member is left.
-        if signal(0) != 0 {
+        if !group_alive(pgid) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     signal(libc::SIGKILL);
-    let _ = child.wait().await;
 }
 
 #[cfg(test)]
