@@ -81,14 +81,11 @@ pub async fn run(
     mut on_progress: impl FnMut(Map<String, Value>),
 ) -> (JobEnd, JobOutput) {
     let mut output = JobOutput::default();
-    let mut child = match spawn(spec, job) {
+    let mut child = match spawn(spec, job, watchdog.and_then(Watchdog::fd)) {
         Ok(child) => child,
         Err(e) => return (JobEnd::NotStarted(e.to_string()), output),
     };
     let pgid = child.id().map(|id| id as i32);
-    if let (Some(dog), Some(pgid)) = (watchdog, pgid) {
-        dog.watch(pgid);
-    }
     let stdin = child.stdin.take();
     let input = serde_json::to_vec(job).expect("JSON values always serialize");
     let feed = async move {
@@ -188,7 +185,14 @@ pub async fn run(
     (end, output)
 }
 
-fn spawn(spec: &CommandSpec, job: &JobInput) -> std::io::Result<Child> {
+/// Starts the job in its own process group. With a watchdog's pipe `watchdog`, the child
+/// registers its group there itself before its program runs, so no moment exists in which the
+/// worker could die leaving an unregistered job behind.
+fn spawn(
+    spec: &CommandSpec,
+    job: &JobInput,
+    watchdog: Option<std::os::fd::RawFd>,
+) -> std::io::Result<Child> {
     let mut command = Command::new(&spec.argv[0]);
     command
         .args(&spec.argv[1..])
@@ -204,6 +208,12 @@ fn spawn(spec: &CommandSpec, job: &JobInput) -> std::io::Result<Child> {
     for name in ["PATH", "HOME", "LANG"] {
         if let Some(value) = std::env::var_os(name) {
             command.env(name, value);
+        }
+    }
+    if let Some(fd) = watchdog {
+        // SAFETY: the closure only calls async-signal-safe functions (see `register_self`).
+        unsafe {
+            command.pre_exec(move || super::watchdog::register_self(fd));
         }
     }
     command.spawn()

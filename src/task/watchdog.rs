@@ -3,8 +3,8 @@
 //! `PR_SET_PDEATHSIG` is not enough: it reaches only the direct child, and fires when the
 //! spawning *thread* exits (tokio's blocking threads come and go). Instead each worker process
 //! starts one small watchdog: the `patchbay` binary itself, run as `patchbay __watchdog`, in
-//! its own process group, reading a pipe from the worker. The worker writes `+<pgid>` when it
-//! starts a job's process group and `-<pgid>` when that group is gone. When the pipe closes —
+//! its own process group, reading a pipe from the worker. Each job writes `+<pgid>` itself,
+//! between fork and exec, and the worker writes `-<pgid>` when that group is gone. When the pipe closes —
 //! the worker exited, crashed or was SIGKILLed; the kernel closes it in every case — the
 //! watchdog SIGKILLs every group still listed, grandchildren included, and exits.
 
@@ -71,9 +71,11 @@ impl Watchdog {
         })
     }
 
-    /// The watchdog will kill group `pgid` if this process dies.
-    pub fn watch(&self, pgid: i32) {
-        self.send(&format!("+{pgid}\n"));
+    /// The pipe's descriptor, for a job to register its own group from between fork and exec
+    /// ([`register_self`]), before any of its code runs.
+    pub fn fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.pipe.lock().unwrap().as_ref().map(|p| p.as_raw_fd())
     }
 
     /// Group `pgid` is gone: forget it.
@@ -96,6 +98,37 @@ impl Drop for Watchdog {
         // Closing the pipe lets it exit (nothing is listed by then); reap it.
         drop(self.pipe.get_mut().unwrap().take());
         let _ = self.child.get_mut().unwrap().wait();
+    }
+}
+
+/// Writes `+<own pid>` to the watchdog's pipe `fd`. Called in a job's child between fork and
+/// exec, where only async-signal-safe calls are allowed: no allocation, one `write` of fewer
+/// than `PIPE_BUF` bytes (so it is never interleaved with the worker's own lines).
+pub fn register_self(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: getpid(2) and write(2) are async-signal-safe; the buffer lives on this stack.
+    let pid = unsafe { libc::getpid() };
+    let mut buf = [0u8; 16];
+    let mut digits = [0u8; 12];
+    let (mut n, mut len) = (pid as u32, 0);
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf[0] = b'+';
+    for i in 0..len {
+        buf[1 + i] = digits[len - 1 - i];
+    }
+    buf[1 + len] = b'\n';
+    // SAFETY: as above.
+    let written = unsafe { libc::write(fd, buf.as_ptr().cast(), len + 2) };
+    if written == (len + 2) as isize {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -132,9 +132,12 @@ local function ensure_group(stream)
   end
 end
 
-local function queue_job(P, h)
+-- `fresh`: a new task's first entry. Its stream may be made here without the group: patchbay
+-- creates every queue's group at start-up and workers create it on NOGROUP, both from id 0,
+-- so the entry is read either way. A job queued again checks, as Redis may have lost both.
+local function queue_job(P, h, fresh)
   local stream = P .. ':q:' .. h.queue
-  ensure_group(stream)
+  if not fresh then ensure_group(stream) end
   redis.call('XADD', stream, '*', 'id', h.id)
 end
 
@@ -223,7 +226,7 @@ local function enqueue(keys, args)
   local json = save(P, key, h, { 'id', 'queue', 'owner', 'scope', 'status', 'params', 'attempts',
     'max', 'created', 'updated', 'cancel', 'timeout', 'lease', 'backoff', 'retention', 'req' },
     owner == '')
-  queue_job(P, h)
+  queue_job(P, h, true)
   return json
 end
 
@@ -287,12 +290,15 @@ local function succeed(keys, args)
   local raw = args[2]
   if not is_json(raw) then return redis.error_reply('INVALID the result must be JSON') end
   if #raw > MAX_RESULT then return redis.error_reply('INVALID the result is larger than 1 MiB') end
+  local fields = { 'status', 'result', 'updated' }
+  -- An error left by a failed attempt goes; most tasks never had one.
+  if h.error then table.insert(fields, 'error') end
   h.status = 'succeeded'
   h.result = raw
   h.error = nil
   h.updated = rfc3339(now())
   finalize(P, keys[1], h)
-  return save(P, keys[1], h, { 'status', 'result', 'error', 'updated' })
+  return save(P, keys[1], h, fields)
 end
 
 -- fail: KEYS[1] = P:task:<id>; ARGV = token, error code, message. The attempt failed: a
@@ -556,7 +562,7 @@ end
 
 -- The library's version: patchbay loads it only over an older one. Raise it (and
 -- FUNCTIONS_VERSION in mod.rs) with every change.
-local function version() return 1 end
+local function version() return 2 end
 
 redis.register_function('patchbay_enqueue', enqueue)
 redis.register_function('patchbay_start', start)
