@@ -63,16 +63,7 @@ async fn a_job_runs_reports_progress_and_succeeds() {
         r#"patchbay_queue_workers{queue="q"} 1"#,
         r#"patchbay_task_attempt_duration_seconds_count{queue="q",outcome="succeeded"} 1"#,
     ];
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let (_, _, body) = http_raw("GET", &bridge.http_url("/metrics"), &[], "").await;
-        let text = String::from_utf8_lossy(&body).to_string();
-        if want.iter().all(|w| text.contains(w)) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{want:?} in {text}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    metrics_show(&bridge, &want).await;
 }
 
 #[tokio::test]

@@ -67,16 +67,7 @@ async fn jobs_run_on_redis_and_every_change_reaches_the_user() {
         r#"patchbay_queue_finished_tasks{queue="q",status="succeeded"} 1"#,
         r#"patchbay_queue_workers{queue="q"} 1"#,
     ];
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let (_, _, body) = http_raw("GET", &bridge.http_url("/metrics"), &[], "").await;
-        let text = String::from_utf8_lossy(&body).to_string();
-        if want.iter().all(|w| text.contains(w)) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{want:?} in {text}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    metrics_show(&bridge, &want).await;
 }
 
 #[tokio::test]
@@ -127,12 +118,7 @@ async fn a_sigkilled_worker_loses_its_job_to_another_within_the_lease() {
     let mut workers = vec![worker(&redis, &script, 1), worker(&redis, &script, 1)];
     let mut client = connect_as(&bridge, "7").await;
     let id = id_of(&start_job(&mut client, json!({})).await);
-    loop {
-        let m = client.recv().await;
-        if m["payload"]["progress"]["started"] == 1 {
-            break;
-        }
-    }
+    until_progress(&mut client, "started").await;
     let child: u32 = std::fs::read_to_string(&pids)
         .unwrap()
         .trim()
@@ -183,12 +169,7 @@ async fn a_worker_paused_past_its_lease_is_refused_when_it_wakes() {
     let mut workers = vec![worker(&redis, &script, 1), worker(&redis, &script, 1)];
     let mut client = connect_as(&bridge, "7").await;
     let id = id_of(&start_job(&mut client, json!({})).await);
-    loop {
-        let m = client.recv().await;
-        if m["payload"]["progress"]["started"] == 1 {
-            break;
-        }
-    }
+    until_progress(&mut client, "started").await;
     let child: u32 = std::fs::read_to_string(&pids)
         .unwrap()
         .trim()
@@ -735,12 +716,7 @@ async fn a_job_running_across_a_redis_restart_finishes_once() {
     );
     let mut client = connect_as(&bridge, "7").await;
     let id = id_of(&start_job(&mut client, json!({})).await);
-    loop {
-        let m = client.recv().await;
-        if m["payload"]["progress"]["started"] == 1 {
-            break;
-        }
-    }
+    until_progress(&mut client, "started").await;
     redis.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     redis.restart().await;
@@ -805,12 +781,7 @@ async fn an_outage_longer_than_a_lease_does_not_take_running_jobs_from_their_wor
     );
     let mut client = connect_as(&bridge, "7").await;
     let id = id_of(&start_job(&mut client, json!({})).await);
-    loop {
-        let m = client.recv().await;
-        if m["payload"]["progress"]["started"] == 1 {
-            break;
-        }
-    }
+    until_progress(&mut client, "started").await;
     // The worker is held back until a second after Redis returns, so only the maintainer's
     // patience keeps the job from being given away.
     signal(&w, "-STOP");

@@ -145,11 +145,13 @@ pub async fn run(
     let work = async {
         let pipes = async { tokio::join!(feed, read, read_stderr).1 };
         tokio::pin!(pipes);
-        let exited = leader_exited(leader);
+        // While the job runs, its exit is looked for ever less often (its output closing is
+        // the usual sign of its end); once the output has closed, promptly.
+        let exited = leader_exited(leader, LONG_RUN_POLL);
         tokio::pin!(exited);
         tokio::select! {
             read = &mut pipes => {
-                exited.await;
+                leader_exited(leader, END_POLL).await;
                 read
             }
             // It exited, but something it left running may hold its output open: read what
@@ -219,8 +221,14 @@ fn spawn(
     command.spawn()
 }
 
-/// Resolves when process `pid` has exited, without reaping it (`waitid` with `WNOWAIT`).
-async fn leader_exited(pid: Option<u32>) {
+/// Longest pause between looks for a running job's exit.
+const LONG_RUN_POLL: Duration = Duration::from_millis(100);
+/// Longest pause between looks once the job's output has closed.
+const END_POLL: Duration = Duration::from_millis(10);
+
+/// Resolves when process `pid` has exited, without reaping it (`waitid` with `WNOWAIT`),
+/// looking after 1 ms, then twice as long each time up to `longest`.
+async fn leader_exited(pid: Option<u32>, longest: Duration) {
     let Some(pid) = pid else { return };
     let exited = || {
         // SAFETY: `info` is a plain C struct that waitid(2) fills in; zeroed is a valid value.
@@ -237,8 +245,10 @@ async fn leader_exited(pid: Option<u32>) {
         // SAFETY: reading the pid field of a siginfo_t waitid(2) filled in (0 while it runs).
         r != 0 || unsafe { info.si_pid() } != 0
     };
+    let mut pause = Duration::from_millis(1);
     while !exited() {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(longest);
     }
 }
 

@@ -118,3 +118,28 @@ pub async fn assert_anonymous_connections_apart(one: &mut Client, two: &mut Clie
         "one request id, two anonymous connections: two tasks"
     );
 }
+
+/// Polls `/metrics` until it shows every line of `want` (queue counts refresh every second).
+pub async fn metrics_show(bridge: &Bridge, want: &[&str]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (_, _, body) = super::http_raw("GET", &bridge.http_url("/metrics"), &[], "").await;
+        let text = String::from_utf8_lossy(&body).to_string();
+        if want.iter().all(|w| text.contains(w)) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{want:?} in {text}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads until a `TASK_PROGRESS` whose progress has `key` set to 1 (what the test jobs report
+/// once they are under way).
+pub async fn until_progress(client: &mut Client, key: &str) {
+    loop {
+        let m = client.recv().await;
+        if m["payload"]["progress"][key] == 1 {
+            return;
+        }
+    }
+}

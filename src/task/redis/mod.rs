@@ -137,6 +137,24 @@ impl RedisQueue {
         }
     }
 
+    /// `get` or `cancel`: function `name` on task `id`, as `owner` may see it on `queue`.
+    async fn owned_step(
+        &self,
+        name: &str,
+        queue: Option<&str>,
+        id: &str,
+        owner: Owner<'_>,
+    ) -> Result<Task, QueueError> {
+        let json: String = self
+            .fcall(
+                name,
+                &[&self.key("task", id)],
+                &[queue.unwrap_or(""), owner.unwrap_or("")],
+            )
+            .await?;
+        parse_task(&json)
+    }
+
     /// A queue's counts.
     pub async fn queue_stats(&self, queue: &str) -> Result<QueueStats, QueueError> {
         let v: Vec<u64> = self
@@ -389,17 +407,7 @@ impl Queue for RedisQueue {
         id: &'a str,
         owner: Owner<'a>,
     ) -> BoxFuture<'a, Result<Task, QueueError>> {
-        async move {
-            let json: String = self
-                .fcall(
-                    "patchbay_get",
-                    &[&self.key("task", id)],
-                    &[queue.unwrap_or(""), owner.unwrap_or("")],
-                )
-                .await?;
-            parse_task(&json)
-        }
-        .boxed()
+        self.owned_step("patchbay_get", queue, id, owner).boxed()
     }
 
     fn cancel<'a>(
@@ -408,17 +416,7 @@ impl Queue for RedisQueue {
         id: &'a str,
         owner: Owner<'a>,
     ) -> BoxFuture<'a, Result<Task, QueueError>> {
-        async move {
-            let json: String = self
-                .fcall(
-                    "patchbay_cancel",
-                    &[&self.key("task", id)],
-                    &[queue.unwrap_or(""), owner.unwrap_or("")],
-                )
-                .await?;
-            parse_task(&json)
-        }
-        .boxed()
+        self.owned_step("patchbay_cancel", queue, id, owner).boxed()
     }
 
     fn list<'a>(
