@@ -93,8 +93,21 @@ fn assert_whole_script(stdout: &str, report: &str) {
         "no greeting\n{report}"
     );
     assert!(
-        stdout.contains("TASK_ENQUEUE_SUCCESS") && stdout.contains("\"subscribed\""),
+        stdout.contains("NOTES_FETCH_SUCCESS") && stdout.contains("\"subscribed\":\"notes\""),
+        "the notes list did not join the room `notes`\n{report}"
+    );
+    assert!(
+        stdout.contains("NOTE_ADDED") && stdout.contains("\"room\":\"notes\""),
+        "the API's push of the new note never arrived\n{report}"
+    );
+    assert!(
+        stdout.contains("TASK_ENQUEUE_SUCCESS") && stdout.contains("\"subscribed\":\"task:"),
         "no subscribed enqueue\n{report}"
+    );
+    assert!(
+        stdout.contains("succeeded step 5 of 5")
+            && stdout.contains("final status: succeeded, result: {\"steps\":5}"),
+        "the job's command did not report its steps and result\n{report}"
     );
     assert!(
         stdout.contains("[####################] 100%"),
@@ -103,6 +116,10 @@ fn assert_whole_script(stdout: &str, report: &str) {
     assert!(
         stdout.contains("TASK_CANCEL_SUCCESS") && stdout.contains("final status: cancelled"),
         "no cancel\n{report}"
+    );
+    assert!(
+        stdout.contains("TASK_CANCEL_FAILURE") && stdout.contains("\"code\":\"conflict\""),
+        "cancelling a finished task was not a conflict\n{report}"
     );
     assert!(
         stdout.contains("TASK_ENQUEUE_FAILURE") && stdout.contains("\"code\":\"invalid_payload\""),
@@ -114,8 +131,9 @@ fn assert_whole_script(stdout: &str, report: &str) {
 fn demo_once_runs_the_whole_script() {
     let (stdout, report) = run_demo(&["--once"]);
     assert!(
-        stdout.contains("bus       in-memory"),
-        "no in-memory bus in the banner\n{report}"
+        stdout.contains("bus       in-memory")
+            && stdout.contains("tasks     patchbay's embedded queue"),
+        "no in-memory bus or embedded queue in the banner\n{report}"
     );
     assert_whole_script(&stdout, &report);
 }
@@ -134,11 +152,20 @@ fn demo_once_with_redis_runs_the_whole_script() {
         stdout.contains("(a private redis-server, stopped on exit)"),
         "no private Redis in the banner\n{report}"
     );
-    assert!(
-        stdout.contains("PUBLISH tasks."),
-        "progress was not published on Redis\n{report}"
-    );
     assert_whole_script(&stdout, &report);
+    // The jobs ran in a separate worker process, which is gone with the demo.
+    let worker: i32 = stdout
+        .split("run by a separate worker process (pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no worker process in the banner\n{report}"));
+    assert!(
+        !std::path::Path::new(&format!("/proc/{worker}")).exists()
+            || std::fs::read_to_string(format!("/proc/{worker}/stat"))
+                .is_ok_and(|stat| stat.contains(") Z ")),
+        "the worker process {worker} outlived the demo\n{report}"
+    );
 
     // The demo stops its redis-server before exiting.
     let port = stdout
@@ -374,12 +401,13 @@ fn demo_serves_the_page_and_stops_and_starts_patchbay() {
     }
 
     // What the page loads before it connects: the manifests (with the polling the fallback
-    // uses) and where patchbay is.
+    // uses for notes, and the task actions) and where patchbay is.
     let actions: serde_json::Value = serde_json::from_str(&get(api, "/actions").body).unwrap();
     assert_eq!(
-        actions["TASK_ENQUEUE"]["client"]["poll"]["action"],
-        "TASK_FETCH"
+        actions["NOTES_FETCH"]["client"]["poll"]["action"],
+        "NOTES_FETCH"
     );
+    assert_eq!(actions["TASK_ENQUEUE"]["task"]["queue"], "demo");
     let config: serde_json::Value = serde_json::from_str(&get(api, "/demo/config").body).unwrap();
     assert_eq!(config["patchbay"], format!("ws://{patchbay}/ws"));
     assert_eq!(config["controls"], true);
@@ -418,7 +446,7 @@ fn demo_serves_the_page_and_stops_and_starts_patchbay() {
         "patchbay still answers after the stop"
     );
     // The API keeps working without patchbay: that is the page's fallback.
-    assert_eq!(get(api, "/tasks").status, 200);
+    assert_eq!(get(api, "/notes").status, 200);
 
     let started = post_json(api, "/demo/patchbay/start");
     assert_eq!(started.status, 200, "{}", started.body);

@@ -1,16 +1,19 @@
-//! The demo REST API: an in-memory task store behind plain HTTP/JSON.
+//! The demo REST API: a small in-memory board of notes behind plain HTTP/JSON.
 //!
 //! It knows nothing about websockets. Clients reach it through patchbay (the manifests in
-//! `actions/tasks.json` map each action to one of these routes), and it pushes progress to
-//! them the way any backend would: `POST /publish` on patchbay with a bearer token, or, with
-//! the Redis bus, `PUBLISH tasks.<id> <task JSON>` on Redis like a task worker in any language.
-//! It also serves the demo page ([`Site`]), so the page calls it on its own origin.
+//! `actions/notes.json` map each action to one of these routes) or, while patchbay is down,
+//! straight from the shim's REST fallback. It pushes each new note to everyone in the room
+//! `notes` the way any backend would: `POST /publish` on patchbay with a bearer token, or,
+//! with the Redis bus, `PUBLISH <prefix>:room:notes <action JSON>` on Redis. It also serves
+//! the demo page ([`Site`]), so the page calls it on its own origin.
+//!
+//! The demo's tasks are not the API's business: they are `task` actions, which patchbay's
+//! task manager runs itself (see `actions/tasks.json`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -26,75 +29,36 @@ use tokio::sync::mpsc;
 
 use crate::site::Site;
 
-const PAGE_SIZE: usize = 20;
-const STEP_EVERY: Duration = Duration::from_millis(300);
-const DEFAULT_STEPS: u64 = 5;
+/// The most notes kept (and listed); older ones are dropped.
+const KEEP: usize = 50;
+const MAX_TEXT: usize = 500;
+/// The room every `NOTES_FETCH` joins and every new note is pushed to.
+const ROOM: &str = "notes";
 
-/// Where and how to push task progress.
+/// Where and how to push new notes.
 pub enum Publisher {
-    /// `POST /publish` on patchbay: `TASK_PROGRESS` into the room `task:<id>`.
+    /// `POST /publish` on patchbay, into the room `notes`.
     Http { patchbay: SocketAddr, token: String },
-    /// `PUBLISH tasks.<id> <task JSON>`: patchbay matches the channel with its task pattern
-    /// (default `tasks.*`) and makes the `TASK_PROGRESS` itself.
-    Redis(MultiplexedConnection),
-}
-
-struct Task {
-    id: String,
-    title: String,
-    status: &'static str,
-    step: u64,
-    steps: u64,
-}
-
-impl Task {
-    fn finished(&self) -> bool {
-        matches!(self.status, "succeeded" | "cancelled")
-    }
-
-    /// The task JSON of Patchbay's task manager, so existing front ends can render it.
-    fn to_json(&self) -> Value {
-        let progress_status = match self.status {
-            "running" => format!("step {} of {}", self.step, self.steps),
-            other => other.to_string(),
-        };
-        json!({
-            "id": self.id,
-            "title": self.title,
-            "userId": null,
-            "type": "demo",
-            "status": self.status,
-            "progress": {
-                "percent": self.step * 100 / self.steps,
-                "step": self.step,
-                "steps": self.steps,
-                "status": progress_status,
-                "done": self.finished(),
-            },
-        })
-    }
+    /// `PUBLISH <prefix>:room:notes <action>` on Redis; every instance delivers it.
+    Redis {
+        conn: MultiplexedConnection,
+        prefix: String,
+    },
 }
 
 #[derive(Default)]
 struct Store {
-    /// In creation order, which is also the listing order.
-    tasks: Vec<Task>,
-    /// `Idempotency-Key` → task id: patchbay sends the request id as the key, and a retried
-    /// request must not queue a second task.
-    keys: HashMap<String, String>,
-}
-
-impl Store {
-    fn get_mut(&mut self, id: &str) -> Option<&mut Task> {
-        self.tasks.iter_mut().find(|t| t.id == id)
-    }
+    /// Newest first.
+    notes: VecDeque<Value>,
+    /// `Idempotency-Key` → note: patchbay sends the request id as the key (and so does the
+    /// shim's fallback), so a retried request adds nothing.
+    keys: HashMap<String, Value>,
 }
 
 #[derive(Clone)]
 struct Api {
     store: Arc<Mutex<Store>>,
-    /// Snapshots to publish. One queue, filled while the store is locked, keeps the pushes
-    /// in the same order as the state changes (a step can never overtake a cancel).
+    /// Notes to push, in the order they were added.
     outbox: mpsc::UnboundedSender<Value>,
     site: Arc<Site>,
 }
@@ -129,7 +93,6 @@ impl Api {
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let query = req.uri().query().unwrap_or_default().to_string();
         let key = req
             .headers()
             .get("idempotency-key")
@@ -137,13 +100,14 @@ impl Api {
             .map(str::to_string);
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (&method, segments.as_slice()) {
-            (&Method::GET, ["tasks"]) => self.list(&query),
-            (&Method::GET, ["tasks", id]) => self.fetch(id),
-            (&Method::POST, ["tasks"]) => {
-                let body = req.into_body().collect().await.map(|b| b.to_bytes());
-                self.enqueue(&body.unwrap_or_default(), key)
+            (&Method::GET, ["notes"]) => {
+                let notes: Vec<Value> = self.store.lock().unwrap().notes.iter().cloned().collect();
+                reply(StatusCode::OK, &json!({ "notes": notes }))
             }
-            (&Method::DELETE, ["tasks", id]) => self.cancel(id),
+            (&Method::POST, ["notes"]) => {
+                let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                self.add(&body.unwrap_or_default(), key)
+            }
             (&Method::GET, ["demo", "patchbay"]) => self.site.control(None, false).await,
             (&Method::POST, ["demo", "patchbay", action @ ("stop" | "start")]) => {
                 let json_body = req
@@ -161,135 +125,60 @@ impl Api {
         }
     }
 
-    fn list(&self, query: &str) -> Response<Full<Bytes>> {
-        let page = query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("page="))
-            .map_or(Some(1), |p| p.parse::<usize>().ok().filter(|p| *p >= 1));
-        let Some(page) = page else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_page",
-                "page must be 1 or more",
-            );
-        };
-        let store = self.store.lock().unwrap();
-        let tasks: Vec<Value> = store
-            .tasks
-            .iter()
-            .skip((page - 1) * PAGE_SIZE)
-            .take(PAGE_SIZE)
-            .map(Task::to_json)
-            .collect();
-        let body = json!({"tasks": tasks, "page": page, "total": store.tasks.len()});
-        reply(StatusCode::OK, &body)
-    }
-
-    fn fetch(&self, id: &str) -> Response<Full<Bytes>> {
-        match self.store.lock().unwrap().get_mut(id) {
-            Some(task) => reply(StatusCode::OK, &task.to_json()),
-            None => not_found(id),
-        }
-    }
-
-    fn enqueue(&self, body: &[u8], key: Option<String>) -> Response<Full<Bytes>> {
+    fn add(&self, body: &[u8], key: Option<String>) -> Response<Full<Bytes>> {
         // Through patchbay the manifest's schema already checked this; the API checks again
-        // because clients may also call it directly.
-        let (title, steps) = match parse_new_task(body) {
+        // because the shim's fallback calls it directly.
+        let text = match parse_text(body) {
             Ok(t) => t,
-            Err(message) => return error(StatusCode::BAD_REQUEST, "invalid_task", &message),
+            Err(message) => return error(StatusCode::BAD_REQUEST, "invalid_note", &message),
         };
         let mut store = self.store.lock().unwrap();
-        if let Some(id) = key.as_ref().and_then(|k| store.keys.get(k)).cloned() {
-            let task = store.get_mut(&id).expect("keys point at tasks");
-            return reply(StatusCode::CREATED, &task.to_json());
+        if let Some(note) = key.as_ref().and_then(|k| store.keys.get(k)) {
+            return reply(StatusCode::CREATED, note);
         }
-        let id = uuid::Uuid::new_v4().to_string();
-        let task = Task {
-            id: id.clone(),
-            title,
-            status: "queued",
-            step: 0,
-            steps,
-        };
-        let body = task.to_json();
-        store.tasks.push(task);
+        let note = json!({
+            "id": uuid::Uuid::new_v4().to_string(),
+            "text": text,
+            "createdAt": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        });
+        store.notes.push_front(note.clone());
+        if store.notes.len() > KEEP
+            && let Some(old) = store.notes.pop_back()
+        {
+            store.keys.retain(|_, n| n["id"] != old["id"]);
+        }
         if let Some(key) = key {
-            store.keys.insert(key, id.clone());
+            store.keys.insert(key, note.clone());
         }
-        tokio::spawn(self.clone().work(id));
-        reply(StatusCode::CREATED, &body)
-    }
-
-    fn cancel(&self, id: &str) -> Response<Full<Bytes>> {
-        let mut store = self.store.lock().unwrap();
-        let Some(task) = store.get_mut(id) else {
-            return not_found(id);
-        };
-        if task.finished() {
-            let message = format!("task {id} is already {}", task.status);
-            return error(StatusCode::CONFLICT, "already_finished", &message);
-        }
-        task.status = "cancelled";
-        let body = task.to_json();
-        let _ = self.outbox.send(body.clone());
-        reply(StatusCode::OK, &body)
-    }
-
-    /// The "worker": one step every [`STEP_EVERY`], each step pushed to the task's room.
-    async fn work(self, id: String) {
-        loop {
-            tokio::time::sleep(STEP_EVERY).await;
-            let mut store = self.store.lock().unwrap();
-            let task = store.get_mut(&id).expect("tasks are never removed");
-            if task.finished() {
-                return; // cancelled meanwhile; the cancel already pushed the final state
-            }
-            task.step += 1;
-            task.status = if task.step == task.steps {
-                "succeeded"
-            } else {
-                "running"
-            };
-            let _ = self.outbox.send(task.to_json());
-            if task.finished() {
-                return;
-            }
-        }
+        // Queued while the store is locked, so pushes go out in the order notes were added.
+        let _ = self.outbox.send(note.clone());
+        reply(StatusCode::CREATED, &note)
     }
 }
 
-fn parse_new_task(body: &[u8]) -> Result<(String, u64), String> {
+fn parse_text(body: &[u8]) -> Result<String, String> {
     let body: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
-    let title = match body.get("title") {
-        Some(Value::String(t)) if (1..=200).contains(&t.chars().count()) => t.clone(),
-        _ => return Err("title must be a string of 1 to 200 characters".into()),
-    };
-    let steps = match body.get("steps") {
-        None | Some(Value::Null) => DEFAULT_STEPS,
-        Some(v) => v
-            .as_u64()
-            .filter(|s| (1..=100).contains(s))
-            .ok_or("steps must be an integer from 1 to 100")?,
-    };
-    Ok((title, steps))
+    match body.get("text") {
+        Some(Value::String(t)) if (1..=MAX_TEXT).contains(&t.chars().count()) => Ok(t.clone()),
+        _ => Err(format!(
+            "text must be a string of 1 to {MAX_TEXT} characters"
+        )),
+    }
 }
 
-/// Sends each snapshot, in order, so that it reaches the room `task:<id>` as `TASK_PROGRESS`.
+/// Pushes each new note, in order, as `NOTE_ADDED` into the room `notes`.
 async fn publish_loop(mut queue: mpsc::UnboundedReceiver<Value>, mut to: Publisher) {
-    // While patchbay is stopped every push fails: say so once, not at every step.
+    // While patchbay is stopped every push fails: say so once, not at every note.
     let mut failing = false;
-    while let Some(task) = queue.recv().await {
-        let id = task["id"].as_str().unwrap_or_default().to_string();
+    while let Some(note) = queue.recv().await {
+        let action = json!({"type": "NOTE_ADDED", "payload": note});
         let sent = match &mut to {
             Publisher::Http { patchbay, token } => {
-                let room = format!("task:{id}");
-                let action = json!({"type": "TASK_PROGRESS", "payload": task});
-                post_publish(*patchbay, token, json!({"rooms": [room], "action": action})).await
+                post_publish(*patchbay, token, json!({"rooms": [ROOM], "action": action})).await
             }
-            Publisher::Redis(conn) => redis::cmd("PUBLISH")
-                .arg(format!("tasks.{id}"))
-                .arg(task.to_string())
+            Publisher::Redis { conn, prefix } => redis::cmd("PUBLISH")
+                .arg(format!("{prefix}:room:{ROOM}"))
+                .arg(action.to_string())
                 .query_async::<i64>(conn)
                 .await
                 .map(drop)
@@ -298,11 +187,11 @@ async fn publish_loop(mut queue: mpsc::UnboundedReceiver<Value>, mut to: Publish
         match sent {
             Err(e) if !failing => {
                 failing = true;
-                tracing::warn!(error = %e, "publishing task progress failed (pushes are lost until it works again; clients poll meanwhile)");
+                tracing::warn!(error = %e, "pushing a note failed (pushes are lost until it works again; pages refetch on reconnect)");
             }
             Ok(()) if failing => {
                 failing = false;
-                tracing::info!("publishing task progress works again");
+                tracing::info!("pushing notes works again");
             }
             _ => {}
         }
@@ -351,8 +240,4 @@ fn reply(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
     reply(status, &json!({"error": code, "message": message}))
-}
-
-fn not_found(id: &str) -> Response<Full<Bytes>> {
-    error(StatusCode::NOT_FOUND, "not_found", &format!("no task {id}"))
 }

@@ -24,10 +24,12 @@ struct Client {
     /// The latest TASK_PROGRESS payload per task id: progress may arrive while we wait for
     /// a reply, and must not be lost.
     progress: HashMap<String, Value>,
+    /// The ids of the notes pushed to us.
+    notes: Vec<Value>,
 }
 
-/// Runs the whole script against patchbay at `addr`; `redis` says how the API publishes.
-pub async fn run(addr: SocketAddr, redis: bool) -> Step {
+/// Runs the whole script against patchbay at `addr`.
+pub async fn run(addr: SocketAddr) -> Step {
     let url = format!("ws://{addr}/ws");
     println!("1. connect to {url}");
     let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(&url))
@@ -37,16 +39,35 @@ pub async fn run(addr: SocketAddr, redis: bool) -> Step {
     let mut c = Client {
         ws,
         progress: HashMap::new(),
+        notes: Vec::new(),
     };
     let hello = c.recv().await?;
     println!("   <- {}", show(&hello));
     expect_type(&hello, "@@patchbay/CONNECTED")?;
 
-    println!("\n2. list tasks (TASKS_FETCH calls GET /tasks?page=1 on the API)");
-    let reply = c.request("TASKS_FETCH", json!({"page": 1})).await?;
-    expect_type(&reply, "TASKS_FETCH_SUCCESS")?;
+    println!(
+        "\n2. an `http` action: NOTES_FETCH calls GET /notes on the REST API; its manifest's \
+         `subscribe` puts us in the room `notes`"
+    );
+    let reply = c.request("NOTES_FETCH", json!({})).await?;
+    expect_type(&reply, "NOTES_FETCH_SUCCESS")?;
 
-    println!("\n3. enqueue a task; the manifest's `subscribe` puts us in the room task:<id>");
+    println!("\n3. NOTE_ADD calls POST /notes; the API pushes NOTE_ADDED into the room `notes`");
+    let reply = c
+        .request(
+            "NOTE_ADD",
+            json!({"text": "hello from the scripted client"}),
+        )
+        .await?;
+    expect_type(&reply, "NOTE_ADD_SUCCESS")?;
+    let note = reply["payload"]["id"].clone();
+    c.until(|c| c.notes.contains(&note)).await?;
+
+    println!(
+        "\n4. a `task` action: TASK_ENQUEUE queues a job on patchbay's task manager and puts us \
+         in the room task:<id>;\n   a worker runs the queue's command (a shell script) with \
+         the job as JSON on stdin, and each\n   progress line it prints becomes a TASK_PROGRESS"
+    );
     let reply = c
         .request("TASK_ENQUEUE", json!({"title": "demo task", "steps": 5}))
         .await?;
@@ -57,29 +78,27 @@ pub async fn run(addr: SocketAddr, redis: bool) -> Step {
         "   meta.roomToken  = {} (rejoins the room after a reconnect)",
         reply["meta"]["roomToken"]
     );
-
-    if redis {
-        println!(
-            "\n4. the API publishes the task JSON with PUBLISH tasks.{id} on Redis, like any task \
-             worker;\n   patchbay turns each message into TASK_PROGRESS for the room task:{id}"
-        );
-    } else {
-        println!("\n4. the API pushes TASK_PROGRESS into task:{id} through POST /publish");
-    }
-    let last = c.until_done(&id).await?;
+    let last = c.until_final(&id).await?;
     println!(
-        "   final status: {}",
-        last["status"].as_str().unwrap_or("?")
+        "   final status: {}, result: {}",
+        last["status"].as_str().unwrap_or("?"),
+        last["result"]
     );
     if last["status"] != "succeeded" {
         return Err(format!("task {id} ended {}", last["status"]));
     }
 
-    println!("\n5. fetch it once more (TASK_FETCH calls GET /tasks/{{id}})");
+    println!("\n5. read it again (TASK_FETCH), and list our tasks (TASKS_FETCH)");
     let reply = c.request("TASK_FETCH", json!({"id": id})).await?;
     expect_type(&reply, "TASK_FETCH_SUCCESS")?;
+    let reply = c.request("TASKS_FETCH", json!({"limit": 5})).await?;
+    expect_type(&reply, "TASKS_FETCH_SUCCESS")?;
+    let listed = reply["payload"]["tasks"].as_array().map_or(0, Vec::len);
+    if listed == 0 {
+        return Err("the list does not show the task".into());
+    }
 
-    println!("\n6. enqueue a long task and cancel it (TASK_CANCEL calls DELETE /tasks/{{id}})");
+    println!("\n6. enqueue a long task and cancel it while it runs: its process group is stopped");
     let reply = c
         .request(
             "TASK_ENQUEUE",
@@ -88,10 +107,15 @@ pub async fn run(addr: SocketAddr, redis: bool) -> Step {
         .await?;
     expect_type(&reply, "TASK_ENQUEUE_SUCCESS")?;
     let id = task_id(&reply)?;
-    c.until(|c| c.progress.contains_key(&id)).await?;
+    c.until(|c| {
+        c.progress
+            .get(&id)
+            .is_some_and(|t| t["status"] == "running")
+    })
+    .await?;
     let reply = c.request("TASK_CANCEL", json!({"id": id})).await?;
     expect_type(&reply, "TASK_CANCEL_SUCCESS")?;
-    let last = c.until_done(&id).await?;
+    let last = c.until_final(&id).await?;
     println!(
         "   final status: {}",
         last["status"].as_str().unwrap_or("?")
@@ -99,16 +123,13 @@ pub async fn run(addr: SocketAddr, redis: bool) -> Step {
     if last["status"] != "cancelled" {
         return Err(format!("task {id} ended {}", last["status"]));
     }
+    println!("   cancelling it again is a conflict:");
+    let reply = c.request("TASK_CANCEL", json!({"id": id})).await?;
+    expect_code(&reply, "TASK_CANCEL_FAILURE", "conflict")?;
 
-    println!("\n7. an invalid request: the manifest's schema rejects it, the API is never called");
+    println!("\n7. an invalid request: the manifest's schema rejects it, nothing is queued");
     let reply = c.request("TASK_ENQUEUE", json!({"steps": 3})).await?;
-    expect_type(&reply, "TASK_ENQUEUE_FAILURE")?;
-    if reply["payload"]["code"] != "invalid_payload" {
-        return Err(format!(
-            "expected invalid_payload, got {}",
-            reply["payload"]
-        ));
-    }
+    expect_code(&reply, "TASK_ENQUEUE_FAILURE", "invalid_payload")?;
 
     let _ = c.ws.close(None).await;
     Ok(())
@@ -149,19 +170,18 @@ impl Client {
         Ok(())
     }
 
-    /// Waits for the TASK_PROGRESS that says task `id` is done, and returns it.
-    async fn until_done(&mut self, id: &str) -> Step<Value> {
-        self.until(|c| {
-            c.progress
-                .get(id)
-                .is_some_and(|t| t["progress"]["done"] == true)
-        })
-        .await?;
+    /// Waits for the TASK_PROGRESS with task `id`'s final status, and returns the task.
+    async fn until_final(&mut self, id: &str) -> Step<Value> {
+        self.until(|c| c.progress.get(id).is_some_and(is_final))
+            .await?;
         Ok(self.progress[id].clone())
     }
 
     /// A message that is not the reply being waited for.
     fn other(&mut self, msg: Value) {
+        if msg["type"] == "NOTE_ADDED" {
+            self.notes.push(msg["payload"]["id"].clone());
+        }
         if msg["type"] != "TASK_PROGRESS" {
             println!("   <- {}", show(&msg));
             return;
@@ -171,10 +191,11 @@ impl Client {
         let percent = p["percent"].as_u64().unwrap_or(0);
         let filled = (percent / 5) as usize;
         println!(
-            "   <- TASK_PROGRESS [{}{}] {percent:>3}%  {:<14} room {}",
+            "   <- TASK_PROGRESS [{}{}] {percent:>3}%  {:<9} {:<14} room {}",
             "#".repeat(filled),
             ".".repeat(20 - filled.min(20)),
-            p["status"].as_str().unwrap_or_default(),
+            task["status"].as_str().unwrap_or_default(),
+            p["message"].as_str().unwrap_or_default(),
             msg["meta"]["room"].as_str().unwrap_or_default(),
         );
         if let Some(id) = task["id"].as_str() {
@@ -216,6 +237,22 @@ fn expect_type(msg: &Value, expected: &str) -> Step {
     } else {
         Err(format!("expected {expected}, got {msg}"))
     }
+}
+
+fn expect_code(msg: &Value, expected: &str, code: &str) -> Step {
+    expect_type(msg, expected)?;
+    if msg["payload"]["code"] == code {
+        Ok(())
+    } else {
+        Err(format!("expected the code {code}, got {}", msg["payload"]))
+    }
+}
+
+fn is_final(task: &Value) -> bool {
+    matches!(
+        task["status"].as_str(),
+        Some("succeeded" | "failed" | "cancelled" | "lost")
+    )
 }
 
 fn task_id(reply: &Value) -> Step<String> {

@@ -1,20 +1,24 @@
 //! The patchbay demo, in one process and with no external services:
 //!
-//! 1. a small REST API with an in-memory task store ([`api`]), which also serves the demo
-//!    page and the shim's modules ([`site`]) on the same origin,
-//! 2. patchbay in front of it, configured with the manifests in `actions/` ([`bridge`]); the
-//!    page can stop and start it to show the REST fallback and the reconnect,
+//! 1. patchbay, configured with the manifests in `actions/` ([`bridge`]): tasks are `task`
+//!    actions, queued and run by patchbay's task manager (a small shell command per job);
+//!    notes are `http` actions, answered by
+//! 2. a small REST API with an in-memory board of notes ([`api`]), which also serves the demo
+//!    page and the shim's modules ([`site`]) on the same origin; the page can stop and start
+//!    patchbay to show the REST fallback and the reconnect,
 //! 3. a scripted websocket client that shows the protocol step by step ([`client`]).
 //!
 //! Afterwards it keeps serving, so you can open the page or connect yourself, until ctrl-c.
 //! `--once` exits right after the script instead: 0 when every step got its expected reply.
-//! `--redis [URL]` runs patchbay with the Redis bus, and the API publishes task progress on
-//! Redis as a task worker would; without a URL the demo runs a private `redis-server`.
+//! `--redis [URL]` runs patchbay with Redis: its bus, its task queue, and a separate worker
+//! process per queue ([`workers`]); the API publishes notes on Redis as any service would.
+//! Without a URL the demo runs a private `redis-server`.
 //! `--api-listen ADDR` is the API's and the page's address (default 127.0.0.1:8000; a busy
 //! one falls back to a free port).
 //! `--no-bridge --bridge-addr ADDR` runs only the API and the page, for a patchbay started
-//! separately on ADDR; the API then pushes progress with `--publish-token TOKEN` (its
+//! separately on ADDR; the API then pushes notes with `--publish-token TOKEN` (its
 //! `PATCHBAY_PUBLISH_TOKEN`) or on Redis with `--redis URL`.
+//! `demo worker …` is `patchbay worker …` (the `--redis` demo runs itself so).
 //!
 //! Environment: `PATCHBAY_LISTEN` (default 127.0.0.1:8080) and `PATCHBAY_LOG` (default info).
 
@@ -23,6 +27,7 @@ mod bridge;
 mod client;
 mod redis_bus;
 mod site;
+mod workers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -107,6 +112,19 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
+    // The demo binary doubles as `patchbay worker` and as the job watchdog, as the
+    // `patchbay` binary does.
+    let mut argv = std::env::args().skip(1);
+    match argv.next().as_deref() {
+        Some("worker") => return worker(argv),
+        Some(patchbay::task::watchdog::ARG) => {
+            return ExitCode::from(patchbay::task::watchdog::serve() as u8);
+        }
+        _ => {}
+    }
+    if let Ok(program) = std::env::current_exe() {
+        patchbay::task::watchdog::use_program(program);
+    }
     // Declared before the runtime, so dropped after it: redis-server stops only once
     // patchbay's Redis bus has stopped, instead of under it (which it would log as a loss).
     let mut private_redis = None;
@@ -188,13 +206,14 @@ async fn demo(private_redis: &mut Option<redis_bus::PrivateServer>) -> ExitCode 
         bridge,
     };
 
+    let prefix = patchbay::Config::default().redis_prefix;
     if let Some(External {
         bridge_addr,
         publish_token,
     }) = external
     {
         let publisher = match (redis_conn, publish_token.clone()) {
-            (Some(conn), _) => api::Publisher::Redis(conn),
+            (Some(conn), _) => api::Publisher::Redis { conn, prefix },
             (None, token) => api::Publisher::Http {
                 patchbay: bridge_addr,
                 token: token.expect("checked with the arguments"),
@@ -203,7 +222,7 @@ async fn demo(private_redis: &mut Option<redis_bus::PrivateServer>) -> ExitCode 
         tokio::spawn(api::serve(api_listener, publisher, site(bridge_addr, None)));
         println!("patchbay demo: the REST API and the page; patchbay runs separately");
         println!("  page      open {api_url}/ in a browser");
-        println!("  REST API  {api_url}  (in-memory tasks)");
+        println!("  REST API  {api_url}  (in-memory notes)");
         println!("  patchbay  expected at ws://{bridge_addr}/ws, started for example with");
         let push = match (&redis_url, &publish_token) {
             (Some(url), _) => format!("PATCHBAY_REDIS_URL={url}"),
@@ -211,34 +230,58 @@ async fn demo(private_redis: &mut Option<redis_bus::PrivateServer>) -> ExitCode 
         };
         println!(
             "            PATCHBAY_LISTEN={bridge_addr} PATCHBAY_API_URL={api_url} \
-             PATCHBAY_ALLOWED_ORIGINS={} {push} patchbay",
-            page_origins(api_addr).join(",")
+             PATCHBAY_ALLOWED_ORIGINS={} PATCHBAY_ACTIONS={} {push} patchbay",
+            page_origins(api_addr).join(","),
+            actions_dir.display()
         );
         println!("Press ctrl-c to stop.");
         shutdown_signal().await;
         return ExitCode::SUCCESS;
     }
 
+    // With Redis, patchbay only queues and separate worker processes run the commands.
+    let (patchbay_actions, worker_specs) = match &redis_url {
+        None => (None, Vec::new()),
+        Some(_) => match workers::split_manifests(&actions_dir) {
+            Ok((dir, specs)) => (Some(dir), specs),
+            Err(e) => return fail(e),
+        },
+    };
     let publish_token = uuid::Uuid::new_v4().simple().to_string();
     let config = patchbay::Config {
         listen,
-        actions_dir: actions_dir.clone(),
+        actions_dir: patchbay_actions
+            .as_ref()
+            .map_or(actions_dir.clone(), |d| d.path().to_path_buf()),
         api_url: Some(api_url.clone()),
         // With Redis the API publishes there; POST /publish stays off, as nothing uses it.
         publish_token: redis_url.is_none().then(|| publish_token.clone()),
         redis_url: redis_url.clone(),
         // The page comes from the API's origin and opens its websocket on patchbay's port.
         allowed_origins: patchbay::config::AllowedOrigins::List(page_origins(api_addr)),
-        log,
+        log: log.clone(),
         ..patchbay::Config::default()
     };
     let bridge = match Bridge::start(config) {
         Ok(b) => Arc::new(b),
         Err(e) => return fail(e),
     };
+    let workers = match &redis_url {
+        None => Vec::new(),
+        Some(url) => match workers::start(&worker_specs, url, &log) {
+            Ok(children) => children,
+            Err(e) => {
+                bridge.stop().await;
+                return fail(e);
+            }
+        },
+    };
     let addr = bridge.addr();
     let publisher = match redis_conn {
-        Some(conn) => api::Publisher::Redis(conn),
+        Some(conn) => api::Publisher::Redis {
+            conn,
+            prefix: prefix.clone(),
+        },
         None => api::Publisher::Http {
             patchbay: addr,
             token: publish_token,
@@ -252,25 +295,40 @@ async fn demo(private_redis: &mut Option<redis_bus::PrivateServer>) -> ExitCode 
 
     println!("patchbay demo");
     println!("  page      open {api_url}/ in a browser");
-    println!("  REST API  {api_url}  (in-memory tasks)");
     println!("  patchbay  ws://{addr}/ws  (manifests: http://{addr}/actions)");
-    let bus = match (&redis_url, &*private_redis) {
-        (None, _) => "in-memory; the API pushes progress with POST /publish".to_string(),
-        (Some(url), private) => format!(
-            "Redis {url}{}; the API publishes progress on tasks.<id>",
-            if private.is_some() {
-                " (a private redis-server, stopped on exit)"
-            } else {
-                ""
+    println!("  REST API  {api_url}  (in-memory notes)");
+    match (&redis_url, &*private_redis) {
+        (None, _) => {
+            println!(
+                "  tasks     patchbay's embedded queue; patchbay runs each job's command itself"
+            );
+            println!("  bus       in-memory; the API pushes notes with POST /publish\n");
+        }
+        (Some(url), private) => {
+            let private = match private {
+                Some(_) => " (a private redis-server, stopped on exit)",
+                None => "",
+            };
+            println!("  Redis     {url}{private}");
+            for (spec, worker) in worker_specs.iter().zip(&workers) {
+                println!(
+                    "  tasks     queue `{}` on Redis, run by a separate worker process (pid {}),",
+                    spec.queue,
+                    worker.id().unwrap_or_default()
+                );
+                println!(
+                    "            as `PATCHBAY_REDIS_URL={url} patchbay worker {}` would",
+                    spec.args[..2].join(" ")
+                );
             }
-        ),
-    };
-    println!("  bus       {bus}\n");
+            println!("  bus       Redis; the API publishes notes on {prefix}:room:notes\n");
+        }
+    }
 
     let script = match redis_url {
-        None => client::run(addr, false).await,
+        None => client::run(addr).await,
         Some(_) => match redis_bus::wait_connected(addr).await {
-            Ok(()) => client::run(addr, true).await,
+            Ok(()) => client::run(addr).await,
             Err(e) => Err(e),
         },
     };
@@ -287,25 +345,68 @@ async fn demo(private_redis: &mut Option<redis_bus::PrivateServer>) -> ExitCode 
 
     if !once {
         println!("\nThe demo keeps running. Open {api_url}/ in a browser: start tasks and watch");
-        println!("their progress; the page's buttons stop and start patchbay, so you can see it");
-        println!("fall back to the REST API and reconnect.");
+        println!("their progress, add notes; the page's buttons stop and start patchbay, so you");
+        println!("can see notes fall back to the REST API, tasks fail clearly meanwhile, and the");
+        println!("page reconnect.");
         println!("Or connect with any websocket client to ws://{addr}/ws");
         println!("and send one JSON object per message, for example:");
         println!(
             r#"  {{"type":"TASK_ENQUEUE_REQUEST","payload":{{"title":"my task","steps":10}},"meta":{{"requestId":"1"}}}}"#
         );
-        println!(r#"  {{"type":"TASKS_FETCH_REQUEST","payload":{{"page":1}}}}"#);
-        if let Some(url) = &redis_url {
-            println!("Task workers publish progress on Redis; for a task you enqueued, try");
-            println!("  cargo run --example worker -- --redis {url} --task <its id>");
-        }
+        println!(
+            r#"  {{"type":"NOTE_ADD_REQUEST","payload":{{"text":"hello"}},"meta":{{"requestId":"2"}}}}"#
+        );
         println!("Press ctrl-c to stop.");
         shutdown_signal().await;
     }
 
-    // Graceful shutdown: patchbay drains requests and closes websockets with 1001.
+    // Graceful shutdown: patchbay drains requests and closes websockets with 1001; the
+    // workers hand running jobs back.
     bridge.stop().await;
+    workers::stop(workers).await;
+    drop(patchbay_actions);
     code
+}
+
+/// `demo worker …`: `patchbay worker …`, configured from the environment like it.
+fn worker(args: impl Iterator<Item = String>) -> ExitCode {
+    let args = match patchbay::task::worker::WorkerArgs::parse(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("demo worker: {e}\n{}", patchbay::task::worker::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    let config = match patchbay::Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("demo worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(url) = config.redis_url.clone() else {
+        eprintln!("demo worker: PATCHBAY_REDIS_URL is not set");
+        return ExitCode::from(2);
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Ok(program) = std::env::current_exe() {
+        patchbay::task::watchdog::use_program(program);
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    runtime.block_on(async {
+        match patchbay::task::worker::serve(&url, &config.redis_prefix, args, shutdown_signal())
+            .await
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("demo worker: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 /// Binds the API's address, or a free port on the same interface when it is taken.
@@ -334,18 +435,17 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// Resolves on ctrl-c or, on Unix, SIGTERM (how test harnesses and service managers stop
-/// processes), so that a private redis-server is stopped either way.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+/// Resolves on ctrl-c (SIGINT) or SIGTERM (how test harnesses and service managers stop
+/// processes), so that a private redis-server and the workers are stopped either way. The
+/// handlers are in place from the call on, so a signal that arrives early is not lost.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("a SIGINT handler");
+    async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -2,6 +2,7 @@
 //! patchbay has connected to it.
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -25,19 +26,29 @@ impl PrivateServer {
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("no free port for redis-server: {e}"))?
             .port();
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => "redis-server is not installed: install it \
+            .stdout(Stdio::null());
+        // Gone with the demo even when the demo is SIGKILLed.
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => "redis-server is not installed: install it \
                     (`apt-get install redis-server` on Debian/Ubuntu, `brew install redis` on \
                     macOS) or pass the URL of a running Redis after --redis"
-                    .to_string(),
-                _ => format!("cannot run redis-server: {e}"),
-            })?;
+                .to_string(),
+            _ => format!("cannot run redis-server: {e}"),
+        })?;
         // From here on, dropping `server` kills the child, whatever goes wrong.
         let mut server = PrivateServer {
             url: format!("redis://127.0.0.1:{port}"),

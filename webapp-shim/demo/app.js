@@ -37,19 +37,26 @@ const request = (name, payload) => ({ type: `${name}_REQUEST`, payload, meta: { 
 
 // --- state ---------------------------------------------------------------------------------
 
-const initial = { status: 'connecting', order: [], tasks: {} }
+const initial = { status: 'connecting', order: [], tasks: {}, notes: [] }
 
-/** Keeps the newest snapshot of a task: pushes, polls and replies may arrive out of order. */
+const isFinal = task => FINAL.includes(task?.status)
+
+/**
+ * Keeps the newest state of a task: the reply to an enqueue, the snapshot on joining its room
+ * and the pushes may arrive in any order. A final state is never replaced.
+ */
 function upsert (state, task) {
   if (!task || typeof task.id !== 'string') return state
   const known = state.tasks[task.id]
-  if (known) {
-    const done = FINAL.includes(known.status)
-    if (done && !FINAL.includes(task.status)) return state
-    if (!done && (task.progress?.step ?? 0) < (known.progress?.step ?? 0) && !FINAL.includes(task.status)) return state
-  }
+  if (known && (isFinal(known) || (!isFinal(task) && task.updatedAt < known.updatedAt))) return state
   const order = known ? state.order : [...state.order, task.id]
   return { ...state, order, tasks: { ...state.tasks, [task.id]: task } }
+}
+
+function addNote (state, note) {
+  if (!note || typeof note.id !== 'string' || state.notes.some(n => n.id === note.id)) return state
+  const notes = [...state.notes, note].sort((a, b) => (a.createdAt < b.createdAt ? 1 : -1)).slice(0, 50)
+  return { ...state, notes }
 }
 
 function reducer (state = initial, action) {
@@ -57,12 +64,24 @@ function reducer (state = initial, action) {
     case '@@patchbay/STATUS':
       return { ...state, status: action.payload.status }
     case 'TASKS_FETCH_SUCCESS':
-      return (action.payload?.tasks ?? []).reduce(upsert, state)
+      // Newest first: add the oldest first, so that new rows end up on top.
+      return [...(action.payload?.tasks ?? [])].reverse().reduce(upsert, state)
     case 'TASK_ENQUEUE_SUCCESS':
     case 'TASK_FETCH_SUCCESS':
     case 'TASK_CANCEL_SUCCESS':
     case 'TASK_PROGRESS':
       return upsert(state, action.payload)
+    case 'demo/TASK_GONE': {
+      // The embedded queue lives in patchbay's memory: a restart forgets its tasks.
+      const task = state.tasks[action.payload.id]
+      if (!task || isFinal(task)) return state
+      return { ...state, tasks: { ...state.tasks, [task.id]: { ...task, status: 'gone', progress: { ...task.progress, message: 'patchbay restarted, and its embedded queue with it' } } } }
+    }
+    case 'NOTES_FETCH_SUCCESS':
+      return (action.payload?.notes ?? []).reduce(addNote, state)
+    case 'NOTE_ADD_SUCCESS':
+    case 'NOTE_ADDED':
+      return addNote(state, action.payload)
     default:
       return state
   }
@@ -82,15 +101,20 @@ function addLog (entry) {
   log.length = Math.min(log.length, LOG_SIZE)
 }
 
+const titleOf = task => task?.params?.title ?? task?.id
+
 function describe (action) {
   const p = action.payload
-  if (action.type === 'TASK_PROGRESS') return `${p?.title ?? p?.id}: ${p?.progress?.percent ?? 0}% ${p?.status ?? ''}`
+  if (action.type === 'TASK_PROGRESS') return `${titleOf(p)}: ${p?.progress?.percent ?? 0}% ${p?.status ?? ''}`
   if (action.type === '@@patchbay/STATUS') return p?.status
   if (action.error) return `${p?.code}${p?.status ? ` (${p.status})` : ''}: ${p?.message}`
   if (action.type.endsWith('_SUCCESS')) {
-    if (p?.tasks) return `${p.tasks.length} of ${p.total} tasks`
-    if (p?.title) return `${p.title}: ${p.status}${action.meta?.status ? ` (${action.meta.status})` : ''}`
+    if (p?.tasks) return `${p.tasks.length} tasks`
+    if (p?.notes) return `${p.notes.length} notes`
+    if (p?.queue) return `${titleOf(p)}: ${p.status}`
+    if (p?.text) return p.text.slice(0, 80)
   }
+  if (action.type === 'NOTE_ADDED') return p?.text?.slice(0, 80)
   return p === undefined ? '' : JSON.stringify(p).slice(0, 120)
 }
 
@@ -101,7 +125,8 @@ const logger = bridge => () => next => action => {
     const before = { ...bridge.stats }
     const result = next(action) // the shim sends (or calls the API) synchronously
     // A request made while the first connection is still opening waits for it (briefly).
-    const via = bridge.stats.socket > before.socket ? 'socket' : bridge.stats.rest > before.rest ? 'rest' : 'waiting'
+    // A task action in fallback is refused at once and goes nowhere.
+    const via = bridge.stats.socket > before.socket ? 'socket' : bridge.stats.rest > before.rest ? 'rest' : bridge.status === 'fallback' ? 'not sent' : 'waiting'
     travel.set(id, via)
     addLog({ type: action.type, via, detail: describe(action) })
     return result
@@ -113,8 +138,10 @@ const logger = bridge => () => next => action => {
   let via = ''
   let key
   if (action.type === 'TASK_PROGRESS') {
-    via = action.meta?.polled ? 'poll' : 'push'
+    via = 'push'
     key = `progress:${action.payload?.id}`
+  } else if (action.type === 'NOTE_ADDED') {
+    via = 'push'
   } else if (id !== undefined && travel.has(id)) {
     via = travel.get(id)
     travel.delete(id)
@@ -142,10 +169,11 @@ function h (tag, attrs = {}, ...children) {
 const rows = new Map()
 
 function taskRow (task, cancel) {
+  const title = titleOf(task)
   const fill = h('div', { class: 'fill' })
-  const row = h('li', { class: 'task', 'data-task-id': task.id, 'data-title': task.title },
-    h('span', { class: 'title' }, task.title, h('span', { class: 'state' })),
-    h('div', { class: 'bar', role: 'progressbar', 'aria-valuemin': '0', 'aria-valuemax': '100', 'aria-label': `progress of ${task.title}` }, fill),
+  const row = h('li', { class: 'task', 'data-task-id': task.id, 'data-title': title },
+    h('span', { class: 'title' }, title, h('span', { class: 'state' })),
+    h('div', { class: 'bar', role: 'progressbar', 'aria-valuemin': '0', 'aria-valuemax': '100', 'aria-label': `progress of ${title}` }, fill),
     h('span', { class: 'percent' }),
     h('button', { type: 'button', class: 'cancel', onclick: () => cancel(task.id) }, 'Cancel'))
   rows.set(task.id, row)
@@ -155,11 +183,12 @@ function taskRow (task, cancel) {
 function renderTask (row, task) {
   const percent = Math.max(0, Math.min(100, Number(task.progress?.percent) || 0))
   row.dataset.status = task.status
-  row.querySelector('.state').textContent = task.progress?.status ?? task.status
+  const detail = task.error?.message ?? task.progress?.message
+  row.querySelector('.state').textContent = detail ? `${task.status}: ${detail}` : task.status
   row.querySelector('.bar').setAttribute('aria-valuenow', String(percent))
   row.querySelector('.fill').style.width = `${percent}%`
   row.querySelector('.percent').textContent = `${percent}%`
-  row.querySelector('.cancel').disabled = FINAL.includes(task.status)
+  row.querySelector('.cancel').disabled = isFinal(task) || task.status === 'gone'
 }
 
 function render (state, bridge, cancel) {
@@ -177,6 +206,9 @@ function render (state, bridge, cancel) {
     renderTask(row, task)
   }
   $('no-tasks').hidden = state.order.length > 0
+
+  $('notes').replaceChildren(...state.notes.map(note => h('li', { class: 'note', 'data-note-id': note.id }, note.text)))
+  $('no-notes').hidden = state.notes.length > 0
 
   $('log').replaceChildren(...log.map(entry => h('li', { 'data-type': entry.type, 'data-via': entry.via, class: entry.error ? 'error' : '' },
     h('span', { class: 'via', 'data-via': entry.via }, entry.via), ' ', h('strong', {}, entry.type), ' ', entry.detail ?? '')))
@@ -210,6 +242,11 @@ async function main () {
   globalThis.demo = { store, bridge }
 
   const cancel = id => store.dispatch(request('TASK_CANCEL', { id }))
+  const showError = (id, reply, what) => {
+    const error = $(id)
+    error.hidden = !reply?.error
+    error.textContent = reply?.error ? `${what}: ${describe(reply)}` : ''
+  }
   let queued = false
   store.subscribe(() => {
     if (queued) return
@@ -225,12 +262,34 @@ async function main () {
     event.preventDefault()
     const title = $('title').value.trim()
     const steps = Number($('steps').value)
-    const reply = await store.dispatch(request('TASK_ENQUEUE', { title, steps }))
-    const error = $('form-error')
-    error.hidden = !reply?.error
-    error.textContent = reply?.error ? `Not started: ${describe(reply)}` : ''
+    showError('form-error', await store.dispatch(request('TASK_ENQUEUE', { title, steps })), 'Not started')
   })
-  $('refresh').addEventListener('click', () => store.dispatch(request('TASKS_FETCH', { page: 1 })))
+  $('refresh').addEventListener('click', () => store.dispatch(request('TASKS_FETCH', {})))
+  $('note-form').addEventListener('submit', async event => {
+    event.preventDefault()
+    const reply = await store.dispatch(request('NOTE_ADD', { text: $('note').value.trim() }))
+    showError('note-error', reply, 'Not added')
+    if (!reply?.error) $('note').value = ''
+  })
+
+  // Pushes are not kept for a socket that is down: after a reconnect, fetch what may have
+  // changed meanwhile. A task the server no longer knows was in the embedded queue of a
+  // patchbay that restarted.
+  let lastStatus = null
+  store.subscribe(() => {
+    const state = store.getState()
+    if (state.status === lastStatus) return
+    // Set first: the requests below run this listener again.
+    lastStatus = state.status
+    if (state.status !== 'open' && state.status !== 'fallback') return
+    store.dispatch(request('NOTES_FETCH', {}))
+    if (state.status !== 'open') return
+    for (const id of state.order.filter(id => !isFinal(state.tasks[id]) && state.tasks[id].status !== 'gone')) {
+      store.dispatch(request('TASK_FETCH', { id })).then(reply => {
+        if (reply?.error && reply.payload?.code === 'not_found') store.dispatch({ type: 'demo/TASK_GONE', payload: { id } })
+      })
+    }
+  })
 
   if (config.controls) {
     $('controls').hidden = false
@@ -249,7 +308,6 @@ async function main () {
     control('/demo/patchbay')
   }
 
-  store.dispatch(request('TASKS_FETCH', { page: 1 }))
 }
 
 main().catch(e => {

@@ -1,7 +1,9 @@
-// The demo page in headless Chromium: a task's progress fills its bar over the websocket;
-// with the patchbay process killed the page keeps working over REST (progress by polling);
-// with patchbay back the socket reopens and carries the next request. Then the same outage
-// with the demo's own stop and start buttons.
+// The demo page in headless Chromium: a task's progress fills its bar over the websocket and
+// notes are pushed to the page; with the patchbay process killed, notes keep working over REST
+// (others' notes by polling) and a new task fails with a clear message; with patchbay back the
+// socket reopens and carries the next requests. Then the same outage with the demo's own stop
+// and start buttons, on the embedded queue (a running task is forgotten, and the page says
+// so) and over Redis (the running task goes on in its worker and its bar fills up).
 
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
@@ -30,7 +32,17 @@ function demoPage (page) {
       await line.waitFor()
       return line.getAttribute('data-via')
     },
-    count: async which => Number(await page.locator(`#via-${which}`).textContent())
+    count: async which => Number(await page.locator(`#via-${which}`).textContent()),
+    async addNote (text) {
+      await page.fill('#note', text)
+      await page.click('#add-note')
+      await page.locator('#notes li', { hasText: text }).waitFor()
+    },
+    note: text => page.locator('#notes li', { hasText: text }).waitFor(),
+    /** Waits until the task's row shows `status`. */
+    taskStatus: (title, status) => page.locator(`#tasks li[data-title="${title}"][data-status="${status}"]`).waitFor(),
+    /** Waits until the task has made at least one step. */
+    running: title => row(title).locator('[role="progressbar"]:not([aria-valuenow="0"])').waitFor()
   }
 }
 
@@ -50,16 +62,25 @@ test('the demo page works over the socket, over REST while patchbay is dead, and
     await demo.finished('first, over the socket')
     assert.equal(await demo.via('TASK_ENQUEUE_SUCCESS', 'first, over the socket'), 'socket')
     assert.equal(await demo.via('TASK_PROGRESS', 'first, over the socket'), 'push')
+    await demo.addNote('a note over the socket')
+    assert.equal(await demo.via('NOTE_ADD_SUCCESS', 'a note over the socket'), 'socket')
+    assert.equal(await demo.via('NOTE_ADDED', 'a note over the socket'), 'push')
     const socketBefore = await demo.count('socket')
-    assert.ok(socketBefore >= 1)
+    assert.ok(socketBefore >= 2)
 
     await stack.killPatchbay()
     await demo.status('fallback')
     const restBefore = await demo.count('rest')
-    await demo.start('second, over REST', 3)
-    assert.equal(await demo.via('TASK_ENQUEUE_SUCCESS', 'second, over REST'), 'rest')
-    await demo.finished('second, over REST')
-    assert.equal(await demo.via('TASK_PROGRESS', 'second, over REST'), 'poll')
+    await demo.addNote('a note over REST')
+    assert.equal(await demo.via('NOTE_ADD_SUCCESS', 'a note over REST'), 'rest')
+    // Someone else's note reaches the page by polling meanwhile.
+    const other = await fetch(`${stack.apiUrl}/notes`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ text: 'a note from elsewhere' }) })
+    assert.equal(other.status, 201)
+    await demo.note('a note from elsewhere')
+    // A task needs patchbay: the page says so at once.
+    await demo.start('second, while down', 3)
+    await page.locator('#form-error', { hasText: 'Not started: upstream_unavailable' }).waitFor()
+    assert.equal(await page.locator('#tasks li[data-title="second, while down"]').count(), 0)
     assert.ok(await demo.count('rest') > restBefore)
     assert.equal(await demo.count('socket'), socketBefore)
 
@@ -69,6 +90,7 @@ test('the demo page works over the socket, over REST while patchbay is dead, and
     assert.equal(await demo.via('TASK_ENQUEUE_SUCCESS', 'third, after the restart'), 'socket')
     await demo.finished('third, after the restart')
     assert.equal(await demo.via('TASK_PROGRESS', 'third, after the restart'), 'push')
+    assert.equal(await page.locator('#form-error').isHidden(), true)
     assert.ok(await demo.count('socket') > socketBefore)
 
     assert.deepEqual(browser.errors.map(String), [], 'the page threw')
@@ -79,35 +101,45 @@ test('the demo page works over the socket, over REST while patchbay is dead, and
   }
 })
 
-test("the demo's buttons stop and start its own patchbay", async t => {
-  const demoProcess = await startDemo()
-  t.after(() => demoProcess.stop())
-  const browser = await openBrowser(t, { timeoutMs: WAIT_MS })
-  const { page } = browser
-  const demo = demoPage(page)
-  try {
-    await page.goto(`${demoProcess.apiUrl}/`)
-    await demo.status('open')
-    await page.locator('#patchbay-state', { hasText: 'running' }).waitFor()
+for (const [queue, args] of [['embedded', []], ['Redis', ['--redis']]]) {
+  test(`the demo's buttons stop and start its own patchbay (${queue} queue)`, async t => {
+    const demoProcess = await startDemo(args)
+    t.after(() => demoProcess.stop())
+    const browser = await openBrowser(t, { timeoutMs: WAIT_MS })
+    const { page } = browser
+    const demo = demoPage(page)
+    try {
+      await page.goto(`${demoProcess.apiUrl}/`)
+      await demo.status('open')
+      await page.locator('#patchbay-state', { hasText: 'running' }).waitFor()
+      await demo.start('across the restart', 15)
+      await demo.running('across the restart')
 
-    await page.click('#stop-patchbay')
-    await page.locator('#patchbay-state', { hasText: 'stopped' }).waitFor()
-    await demo.status('fallback')
-    await demo.start('while stopped', 2)
-    assert.equal(await demo.via('TASK_ENQUEUE_SUCCESS', 'while stopped'), 'rest')
-    await demo.finished('while stopped')
+      await page.click('#stop-patchbay')
+      await page.locator('#patchbay-state', { hasText: 'stopped' }).waitFor()
+      await demo.status('fallback')
+      await demo.addNote('while stopped')
+      assert.equal(await demo.via('NOTE_ADD_SUCCESS', 'while stopped'), 'rest')
 
-    await page.click('#start-patchbay')
-    await page.locator('#patchbay-state', { hasText: `running on ${demoProcess.bridgeAddr}` }).waitFor()
-    await demo.status('open')
-    await demo.start('after start', 2)
-    assert.equal(await demo.via('TASK_ENQUEUE_SUCCESS', 'after start'), 'socket')
-    await demo.finished('after start')
+      await page.click('#start-patchbay')
+      await page.locator('#patchbay-state', { hasText: `running on ${demoProcess.bridgeAddr}` }).waitFor()
+      await demo.status('open')
+      if (queue === 'Redis') {
+        // The job went on in the worker process; the rejoin brings its progress back.
+        await demo.finished('across the restart')
+      } else {
+        // The embedded queue lived in the stopped patchbay's memory.
+        await demo.taskStatus('across the restart', 'gone')
+      }
+      await demo.start('after start', 2)
+      assert.equal(await demo.via('TASK_ENQUEUE_SUCCESS', 'after start'), 'socket')
+      await demo.finished('after start')
 
-    assert.deepEqual(browser.errors.map(String), [], 'the page threw')
-  } catch (e) {
-    await browser.explain(e)
-    e.message += `\n${demoProcess.output()}`
-    throw e
-  }
-})
+      assert.deepEqual(browser.errors.map(String), [], 'the page threw')
+    } catch (e) {
+      await browser.explain(e)
+      e.message += `\n${demoProcess.output()}`
+      throw e
+    }
+  })
+}

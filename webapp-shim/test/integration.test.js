@@ -7,7 +7,7 @@ import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import WebSocket from 'ws'
 import { createPatchbay } from '../src/index.js'
-import { startStack } from './support/stack.js'
+import { startDemo, startStack } from './support/stack.js'
 import { recordingStore } from './support/store.js'
 
 /** The JSON type of a value, and for objects the shape of each field. */
@@ -61,46 +61,50 @@ async function withBridge (t, body, { patchbayUp = true } = {}) {
   }
 }
 
+const noteAdded = id => a => a.type === 'NOTE_ADDED' && a.payload?.id === id
+const final = a => ['succeeded', 'failed', 'cancelled', 'lost'].includes(a.payload?.status)
+
 test('requests use the socket, fall back to REST while patchbay is dead, and return to the socket', async t => {
   await withBridge(t, async ({ stack, bridge, send, seen, waitForAction }) => {
     await waitForAction(isStatus('open'), { what: 'the socket to open' })
     assert.equal(bridge.status, 'open')
 
-    // Over the socket.
-    const listed = await send('TASKS_FETCH', { page: 1 })
+    // An `http` action over the socket: the API answers, and its push reaches the room.
+    const listed = await send('NOTES_FETCH', {})
     assert.equal(listed.via, 'socket')
-    assert.equal(listed.reply.type, 'TASKS_FETCH_SUCCESS')
+    assert.equal(listed.reply.type, 'NOTES_FETCH_SUCCESS')
     assert.equal(listed.reply.meta.status, 200)
+    assert.equal(listed.reply.meta.subscribed, 'notes')
+    const added = await send('NOTE_ADD', { text: 'over the socket' })
+    assert.equal(added.via, 'socket')
+    assert.equal(added.reply.type, 'NOTE_ADD_SUCCESS', JSON.stringify(added.reply))
+    assert.equal(added.reply.meta.status, 201)
+    const pushed = await waitForAction(noteAdded(added.reply.payload.id), { what: 'the NOTE_ADDED push' })
+    assert.equal(pushed.meta.room, 'notes')
+    assert.deepEqual(pushed.payload, added.reply.payload)
 
+    // A `task` action: patchbay's task manager runs the job and pushes its progress.
     const enqueued = await send('TASK_ENQUEUE', { title: 'over the socket', steps: 3 })
     assert.equal(enqueued.via, 'socket')
     assert.equal(enqueued.reply.type, 'TASK_ENQUEUE_SUCCESS', JSON.stringify(enqueued.reply))
-    assert.equal(enqueued.reply.meta.status, 201)
     const id = enqueued.reply.payload.id
     assert.equal(enqueued.reply.meta.subscribed, `task:${id}`)
     assert.equal(typeof enqueued.reply.meta.roomToken, 'string')
-
-    // Progress pushes into the task's room, until it is done.
-    await waitForAction(progressOf(id, a => a.payload.status === 'succeeded'), { what: `task ${id} to succeed` })
+    assert.deepEqual(enqueued.reply.payload.params, { title: 'over the socket', steps: 3 })
+    const done = await waitForAction(progressOf(id, final), { what: `task ${id} to finish` })
+    assert.equal(done.payload.status, 'succeeded', JSON.stringify(done.payload))
+    assert.deepEqual(done.payload.result, { steps: 3 })
     const pushes = seen.filter(progressOf(id))
-    assert.ok(pushes.every(a => a.meta.room === `task:${id}` && !a.meta.polled), 'progress came as pushes into the room')
-    const percents = pushes.map(a => a.payload.progress.percent)
+    assert.ok(pushes.every(a => a.meta.room === `task:${id}`), 'progress came into the task room')
+    const percents = pushes.map(a => a.payload.progress?.percent ?? 0)
     assert.deepEqual(percents, [...percents].sort((a, b) => a - b), 'progress only grows')
     assert.equal(percents.at(-1), 100)
-
-    // Replies to compare with the same calls over REST.
-    const fetchedBySocket = await send('TASK_FETCH', { id })
-    assert.equal(fetchedBySocket.via, 'socket')
-    const refusedBySocket = await send('TASK_CANCEL', { id })
-    assert.equal(refusedBySocket.via, 'socket')
-    assert.equal(refusedBySocket.reply.type, 'TASK_CANCEL_FAILURE')
-    assert.equal(refusedBySocket.reply.payload.code, 'upstream_error')
-
-    // A long task whose room has to survive the outage.
-    const long = await send('TASK_ENQUEUE', { title: 'long', steps: 100 })
-    assert.equal(long.via, 'socket')
-    const longId = long.reply.payload.id
-    await waitForAction(progressOf(longId), { what: 'the long task to make progress' })
+    const fetched = await send('TASK_FETCH', { id })
+    assert.equal(fetched.reply.type, 'TASK_FETCH_SUCCESS')
+    assert.equal(fetched.reply.payload.status, 'succeeded')
+    const conflict = await send('TASK_CANCEL', { id })
+    assert.equal(conflict.reply.type, 'TASK_CANCEL_FAILURE')
+    assert.equal(conflict.reply.payload.code, 'conflict')
 
     // patchbay dies.
     const killed = seen.length
@@ -108,49 +112,43 @@ test('requests use the socket, fall back to REST while patchbay is dead, and ret
     await waitForAction(isStatus('fallback'), { from: killed, what: 'the fallback status' })
     assert.equal(bridge.status, 'fallback')
 
-    // The same calls, straight to the API, give the same actions.
-    const fetchedByRest = await send('TASK_FETCH', { id })
-    assert.equal(fetchedByRest.via, 'rest')
-    assert.deepEqual(
-      { type: fetchedByRest.reply.type, payload: fetchedByRest.reply.payload, status: fetchedByRest.reply.meta.status },
-      { type: fetchedBySocket.reply.type, payload: fetchedBySocket.reply.payload, status: fetchedBySocket.reply.meta.status })
-    assert.equal(typeof fetchedByRest.reply.meta.requestId, 'string')
-
-    const refusedByRest = await send('TASK_CANCEL', { id })
-    assert.equal(refusedByRest.via, 'rest')
-    const failure = r => ({ type: r.type, error: r.error, code: r.payload.code, status: r.payload.status, details: r.payload.details })
-    assert.deepEqual(failure(refusedByRest.reply), failure(refusedBySocket.reply))
-
-    const byRest = await send('TASK_ENQUEUE', { title: 'over REST', steps: 3 })
+    // `http` actions go straight to the API and give the same actions.
+    const byRest = await send('NOTE_ADD', { text: 'over REST' })
     assert.equal(byRest.via, 'rest')
-    assert.equal(byRest.reply.type, enqueued.reply.type)
-    assert.deepEqual(shape(byRest.reply.payload), shape(enqueued.reply.payload))
-    assert.equal(byRest.reply.meta.status, enqueued.reply.meta.status)
-    assert.equal(byRest.reply.meta.subscribed, undefined, 'no room is joined over REST')
-    const restId = byRest.reply.payload.id
+    assert.equal(byRest.reply.type, added.reply.type)
+    assert.deepEqual(shape(byRest.reply.payload), shape(added.reply.payload))
+    assert.equal(byRest.reply.meta.status, added.reply.meta.status)
+    assert.equal(typeof byRest.reply.meta.requestId, 'string')
+    // Without pushes, the shim polls the room `notes` (the manifest's client.poll): a note
+    // someone else adds meanwhile still arrives.
+    const other = await (await fetch(`${stack.apiUrl}/notes`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ text: 'from elsewhere' }) })).json()
+    const polled = await waitForAction(a => a.type === 'NOTES_FETCH_SUCCESS' && a.meta?.polled && a.payload.notes.some(n => n.id === other.id), { from: killed, what: 'a poll that shows the other note' })
+    assert.equal(polled.meta.room, 'notes')
 
-    // Without pushes, the shim polls the task (the manifest's client.poll) until it is done.
-    const polled = await waitForAction(progressOf(restId, a => a.payload.status === 'succeeded'), { what: `task ${restId} to succeed by polling` })
-    assert.equal(polled.meta.polled, true)
-    assert.equal(polled.meta.room, `task:${restId}`)
-    // The long task's room, joined over the socket, is polled as well.
-    await waitForAction(progressOf(longId, a => a.meta.polled === true), { from: killed, what: 'the long task to be polled' })
+    // `task` actions have no REST twin: a clear failure at once, and the API is not called.
+    const before = { ...bridge.stats }
+    for (const [name, payload] of [['TASK_ENQUEUE', { title: 'while down', steps: 1 }], ['TASK_FETCH', { id }], ['TASK_CANCEL', { id }], ['TASKS_FETCH', {}]]) {
+      const { reply: refused } = await send(name, payload)
+      assert.equal(refused.type, `${name}_FAILURE`)
+      assert.equal(refused.payload.code, 'upstream_unavailable')
+      assert.match(refused.payload.message, /no REST fallback/)
+    }
+    assert.equal(bridge.stats.rest, before.rest, 'no REST call for task actions')
 
     // patchbay comes back on the same address.
     const restarted = seen.length
     await stack.startPatchbay()
     await waitForAction(isStatus('open'), { from: restarted, what: 'the socket to reopen' })
-    const again = await send('TASKS_FETCH', { page: 1 })
+    const again = await send('TASK_ENQUEUE', { title: 'after the restart', steps: 2 })
     assert.equal(again.via, 'socket')
-    assert.equal(again.reply.type, 'TASKS_FETCH_SUCCESS')
+    assert.equal(again.reply.type, 'TASK_ENQUEUE_SUCCESS', JSON.stringify(again.reply))
+    const after = await waitForAction(progressOf(again.reply.payload.id, final), { from: restarted, what: 'the new task to finish' })
+    assert.equal(after.payload.status, 'succeeded')
 
-    // The room was rejoined with its token: the long task's progress is pushed again.
-    await waitForAction(progressOf(longId, a => !a.meta.polled), { from: restarted, what: 'a pushed TASK_PROGRESS of the long task after the restart' })
-
-    const cancelled = await send('TASK_CANCEL', { id: longId })
-    assert.equal(cancelled.via, 'socket')
-    assert.equal(cancelled.reply.type, 'TASK_CANCEL_SUCCESS')
-    await waitForAction(progressOf(longId, a => a.payload.status === 'cancelled' && !a.meta.polled), { from: restarted, what: 'the pushed cancellation' })
+    // The room `notes` was rejoined with its token: pushes arrive again.
+    const third = await send('NOTE_ADD', { text: 'after the restart' })
+    assert.equal(third.via, 'socket')
+    await waitForAction(noteAdded(third.reply.payload.id), { from: restarted, what: 'the NOTE_ADDED push after the restart' })
   })
 })
 
@@ -161,14 +159,14 @@ test('a bridge created while patchbay is down works over REST and connects once 
 
     // Reconnect attempts keep failing meanwhile; requests keep working.
     for (let i = 0; i < 3; i++) {
-      const listed = await send('TASKS_FETCH', { page: 1 })
+      const listed = await send('NOTES_FETCH', {})
       assert.equal(listed.via, 'rest')
-      assert.equal(listed.reply.type, 'TASKS_FETCH_SUCCESS')
+      assert.equal(listed.reply.type, 'NOTES_FETCH_SUCCESS')
     }
-    const invalid = await send('TASK_ENQUEUE', { steps: 3 })
+    const invalid = await send('NOTE_ADD', { text: '' })
     assert.equal(invalid.via, 'rest')
     // Documented difference: over REST the API, not patchbay, validates the payload.
-    assert.equal(invalid.reply.type, 'TASK_ENQUEUE_FAILURE')
+    assert.equal(invalid.reply.type, 'NOTE_ADD_FAILURE')
     assert.equal(invalid.reply.payload.code, 'upstream_error')
     assert.equal(invalid.reply.payload.status, 400)
 
@@ -176,9 +174,50 @@ test('a bridge created while patchbay is down works over REST and connects once 
     await stack.startPatchbay()
     await waitForAction(isStatus('open'), { from: started, what: 'the socket to open' })
     assert.equal(bridge.status, 'open')
+    const invalidBySocket = await send('NOTE_ADD', { text: '' })
+    assert.equal(invalidBySocket.via, 'socket')
+    assert.equal(invalidBySocket.reply.payload.code, 'invalid_payload')
     const enqueued = await send('TASK_ENQUEUE', { title: 'after the outage', steps: 2 })
     assert.equal(enqueued.via, 'socket')
     const id = enqueued.reply.payload.id
-    await waitForAction(progressOf(id, a => a.payload.status === 'succeeded' && !a.meta.polled), { what: 'pushed progress to 100%' })
+    await waitForAction(progressOf(id, a => a.payload.status === 'succeeded'), { what: 'pushed progress to the end' })
   }, { patchbayUp: false })
+})
+
+test('over Redis, a task keeps running in its separate worker while patchbay restarts, and its progress resumes on the rejoin', async t => {
+  const demo = await startDemo(['--redis'])
+  let bridge = null
+  t.after(async () => {
+    bridge?.close()
+    await demo.stop()
+  })
+  try {
+    const manifest = await (await fetch(`${demo.apiUrl}/actions`)).json()
+    bridge = createPatchbay({ url: demo.wsUrl, apiUrl: demo.apiUrl, manifest, WebSocket, minBackoffMs: 50, maxBackoffMs: 250, requestTimeoutMs: 5000 })
+    const { store, seen, waitForAction } = recordingStore(bridge.middleware)
+    await waitForAction(isStatus('open'), { what: 'the socket to open' })
+    const reply = await store.dispatch({ type: 'TASK_ENQUEUE_REQUEST', payload: { title: 'across a restart', steps: 20 } })
+    assert.equal(reply.type, 'TASK_ENQUEUE_SUCCESS', JSON.stringify(reply))
+    const id = reply.payload.id
+    await waitForAction(progressOf(id, a => a.payload.progress?.step >= 1), { what: 'the first step' })
+
+    const stopped = seen.length
+    await demo.control('stop')
+    await waitForAction(isStatus('fallback'), { from: stopped, what: 'the fallback status' })
+    // The job goes on meanwhile, in the worker process.
+    await new Promise(resolve => setTimeout(resolve, 1500))
+    const started = seen.length
+    await demo.control('start')
+    await waitForAction(isStatus('open'), { from: started, what: 'the socket to reopen' })
+    // The rejoin's snapshot comes first, then the pushes go on, up to the end of the same attempt.
+    const snapshot = await waitForAction(progressOf(id), { from: started, what: 'the snapshot on the rejoin' })
+    const lastBefore = seen.slice(0, stopped).filter(progressOf(id)).at(-1)
+    assert.ok(snapshot.payload.progress.step > lastBefore.payload.progress.step, 'the job made progress while patchbay was down')
+    const done = await waitForAction(progressOf(id, final), { from: started, what: 'the task to finish' })
+    assert.equal(done.payload.status, 'succeeded', JSON.stringify(done.payload))
+    assert.equal(done.payload.attempts, 1, 'one attempt: the worker never stopped')
+  } catch (e) {
+    e.message += `\n${demo.output()}`
+    throw e
+  }
 })

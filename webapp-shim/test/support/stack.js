@@ -198,19 +198,35 @@ export async function startStack () {
 
 /**
  * The whole demo as a user runs it (`cargo run --example demo`): patchbay in-process, which
- * the page's buttons stop and start, behind the API and the page; on free ports.
+ * the page's buttons (and `control('stop' | 'start')`) stop and start, behind the API and the
+ * page; on free ports. `args` are more of the demo's arguments, such as `--redis`.
  */
-export async function startDemo () {
+export async function startDemo (args = []) {
   requireBinaries()
-  const demo = await launch('demo', binaries.demo, ['--api-listen', '127.0.0.1:0'], {
+  const demo = await launch('demo', binaries.demo, ['--api-listen', '127.0.0.1:0', ...args], {
     env: { PATCHBAY_LISTEN: '127.0.0.1:0', PATCHBAY_LOG: 'warn' },
     // Once its scripted client is done: stopping patchbay under it would fail the script.
     ready: /open (http:\/\/127\.0\.0\.1:\d+)\/ in a browser[\s\S]*patchbay +ws:\/\/(\S+)\/ws[\s\S]*Press ctrl-c to stop/
   })
+  const apiUrl = demo.match[1]
   return {
-    apiUrl: demo.match[1],
+    apiUrl,
     bridgeAddr: demo.match[2],
+    wsUrl: `ws://${demo.match[2]}/ws`,
     output: demo.output,
-    stop: () => demo.kill()
+    /** The demo's own stop and start of its patchbay, as the page's buttons do it. */
+    async control (action) {
+      const response = await fetch(`${apiUrl}/demo/patchbay/${action}`, {
+        method: 'POST', headers: { 'Content-Type': 'application/json' }, body: '{}'
+      })
+      if (!response.ok) throw new Error(`${action} answered ${response.status}: ${await response.text()}`)
+      return response.json()
+    },
+    /** SIGTERM, so that it stops its redis-server and workers too; SIGKILL if it hangs. */
+    async stop () {
+      const killer = setTimeout(() => demo.child.kill('SIGKILL'), WAIT_MS)
+      await demo.kill('SIGTERM')
+      clearTimeout(killer)
+    }
   }
 }
