@@ -795,3 +795,95 @@ async fn an_outage_longer_than_a_lease_does_not_take_running_jobs_from_their_wor
     assert_eq!(task["result"], "kept");
     sigkill(&mut w);
 }
+
+#[tokio::test]
+async fn tasks_written_by_the_previous_function_library_keep_working_after_an_upgrade() {
+    // Version 2 of the library kept every field of a task apart; version 3 reads a `head`
+    // and a `cfg`, makes them for an old task when it reads one, and stores them at the
+    // first step that writes.
+    let redis = RedisServer::start().await;
+    let q = queue_on(&redis).await;
+    let id = "old-task";
+    let key = format!("patchbay:task:{id}");
+    let _: i64 = redis_cmd(
+        &redis,
+        &[
+            "HSET",
+            &key,
+            "id",
+            id,
+            "queue",
+            "q",
+            "owner",
+            "7",
+            "scope",
+            "u:7",
+            "status",
+            "queued",
+            "params",
+            r#"{"n":[1,2.50]}"#,
+            "attempts",
+            "0",
+            "max",
+            "3",
+            "created",
+            "2026-12-01T10:00:00.000Z",
+            "updated",
+            "2026-12-01T10:00:00.000Z",
+            "cancel",
+            "0",
+            "timeout",
+            "60000",
+            "lease",
+            "1000",
+            "backoff",
+            "0",
+            "retention",
+            "3600",
+            "req",
+            "patchbay:req:q:3:u:7:r",
+            "v",
+            "1",
+        ],
+    )
+    .await;
+    let _: i64 = redis_cmd(&redis, &["SADD", "patchbay:active:q:u:7", id]).await;
+    let _: String = redis_cmd(&redis, &["XADD", "patchbay:q:q", "*", "id", id]).await;
+
+    let got = q.get(Some("q"), id, Some("7")).await.unwrap();
+    assert_eq!(got.status, patchbay::task::Status::Queued);
+    assert_eq!(got.params, json!({"n": [1, 2.50]}));
+    assert_eq!(got.max_attempts, 3);
+    assert_eq!(got.user_id.as_deref(), Some("7"));
+    assert_eq!(
+        q.get(Some("q"), id, Some("8")).await.unwrap_err(),
+        QueueError::NotFound
+    );
+
+    let lease = q
+        .take("q", "w1", Duration::from_secs(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.task.id, id);
+    assert_eq!(lease.task.attempts, 1);
+    assert_eq!(lease.lease, Duration::from_millis(1000));
+    // `get` only reads; the first step that writes stores the new fields.
+    let raw: Option<String> = redis_cmd(&redis, &["HGET", &key, "params"]).await;
+    assert_eq!(raw, None, "the old fields have gone into `head`");
+    let cfg: String = redis_cmd(&redis, &["HGET", &key, "cfg"]).await;
+    assert_eq!(cfg, "3 60000 1000 0 3600");
+    let done = q
+        .finish(id, lease.token, Finish::Succeeded(json!("ok")))
+        .await
+        .unwrap();
+    assert_eq!(done.status, patchbay::task::Status::Succeeded);
+    assert_eq!(done.created_at, "2026-12-01T10:00:00.000Z");
+    let active: i64 = redis_cmd(&redis, &["SCARD", "patchbay:active:q:u:7"]).await;
+    assert_eq!(active, 0, "the finished task left the active set");
+    let ttl: i64 = redis_cmd(&redis, &["TTL", &key]).await;
+    assert!(
+        (1..=3600).contains(&ttl),
+        "expires after its retention: {ttl}"
+    );
+}

@@ -30,9 +30,13 @@ commands:
               server and a short request/response run through patchbay; exits 1 on any loss
               or failure
   tasks       no-op jobs through patchbay's Redis task queue and through BullMQ on one
-              private Redis: jobs/s (--messages jobs, default 20000), Redis CPU per job,
+              private Redis: jobs/s (--messages jobs, default 100000), Redis CPU per job,
               enqueue-to-start latency at --rate jobs/s (default 1000) for --seconds;
               --clients sets the worker concurrency (default 50)
+  tasks-instructions
+              the same no-op jobs (--messages, default 2000) against a Redis run under
+              valgrind's callgrind: instructions Redis executes per job, the same from run
+              to run where CPU time on a shared machine is not (needs valgrind)
   setup       installs the Socket.IO server's and BullMQ's npm packages
   reference   runs the reference server (--listen ADDR --redis URL [--upstream ADDR]); the
               bench starts it itself
@@ -141,6 +145,12 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             };
         }
+        "tasks-instructions" => {
+            return match parse_opts(rest) {
+                Ok(o) => run_tasks_instructions(&o).map_or_else(fail, |()| ExitCode::SUCCESS),
+                Err(e) => fail(e),
+            };
+        }
         "fanout" => (vec![Scenario::Fanout], false),
         "idle" => (vec![Scenario::Idle], false),
         "targeted" => (vec![Scenario::Targeted], false),
@@ -202,7 +212,7 @@ fn main() -> ExitCode {
 
 /// `patchbay-bench tasks`: both queues, one table.
 fn run_tasks(o: &Opts) -> Result<(), String> {
-    let jobs = o.messages.unwrap_or(20_000);
+    let jobs = o.messages.unwrap_or(100_000);
     let concurrency = o.clients.unwrap_or(50);
     let rate = o.rate.unwrap_or(1000.0);
     let seconds = o.seconds.unwrap_or(10.0);
@@ -245,6 +255,33 @@ fn run_tasks(o: &Opts) -> Result<(), String> {
             pb.redis_cpu_us_per_job / bull.redis_cpu_us_per_job,
             pb.p50_ms / bull.p50_ms,
             pb.p99_ms / bull.p99_ms
+        );
+    }
+    Ok(())
+}
+
+/// `tasks-instructions`: Redis instructions per job, both queues, under callgrind.
+fn run_tasks_instructions(o: &Opts) -> Result<(), String> {
+    let jobs = o.messages.unwrap_or(2_000);
+    let concurrency = o.clients.unwrap_or(50);
+    let bullmq = tasks::bullmq_dir(false)
+        .map_err(|e| eprintln!("BullMQ skipped: {e}"))
+        .ok();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let counts = runtime.block_on(tasks::instructions(bullmq.as_deref(), jobs, concurrency))?;
+    println!(
+        "tasks-instructions: {jobs} no-op jobs, {concurrency} worker slots, Redis under callgrind"
+    );
+    for (name, per_job) in &counts {
+        println!("  {name:<10} {per_job:>12.0} instructions per job");
+    }
+    if let [(_, pb), (_, bull)] = counts.as_slice() {
+        println!(
+            "  patchbay / BullMQ: {:.2}x the instructions per job",
+            pb / bull
         );
     }
     Ok(())

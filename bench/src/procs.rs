@@ -174,6 +174,11 @@ pub fn http_post(addr: SocketAddr, path: &str, token: &str, body: &str) -> Resul
 
 /// A private redis-server on a free port, without persistence.
 pub async fn start_redis() -> Result<(Proc, String), String> {
+    start_redis_under(&[]).await
+}
+
+/// [`start_redis`], run under `prefix` (a profiler, for example).
+pub async fn start_redis_under(prefix: &[String]) -> Result<(Proc, String), String> {
     let port = free_port();
     let argv: Vec<String> = [
         "redis-server",
@@ -189,7 +194,7 @@ pub async fn start_redis() -> Result<(Proc, String), String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut proc = spawn("redis-server", &[], &argv, &[], None, None)
+    let mut proc = spawn("redis-server", prefix, &argv, &[], None, None)
         .map_err(|e| format!("{e}: install redis-server (apt-get install redis-server)"))?;
     wait_listening(
         &mut proc,

@@ -113,6 +113,91 @@ pub async fn run(
     Ok(out)
 }
 
+/// Instructions redis-server executes per job, counted by valgrind's callgrind: each side's
+/// throughput run (as in [`run`]) against its own Redis under callgrind, minus a run of the
+/// same Redis that does no jobs. Unlike CPU time on a shared VM, the count is the same from
+/// run to run. Sides without BullMQ installed are left out.
+pub async fn instructions(
+    bullmq_dir: Option<&Path>,
+    jobs: u64,
+    concurrency: usize,
+) -> Result<Vec<(&'static str, f64)>, String> {
+    let mut out = Vec::new();
+    let pb = counted(Side::Patchbay, jobs, concurrency).await?;
+    let pb_empty = counted(Side::Patchbay, 0, concurrency).await?;
+    out.push(("patchbay", (pb - pb_empty) as f64 / jobs as f64));
+    if let Some(dir) = bullmq_dir {
+        let bull = counted(Side::Bullmq(dir), jobs, concurrency).await?;
+        let empty = counted(Side::Bullmq(dir), 0, concurrency).await?;
+        out.push(("bullmq", (bull - empty) as f64 / jobs as f64));
+    }
+    Ok(out)
+}
+
+enum Side<'a> {
+    Patchbay,
+    Bullmq(&'a Path),
+}
+
+/// The instructions a Redis under callgrind executes from start to shutdown around `jobs`
+/// jobs of `side` (none: only start-up, the library load and shutdown).
+async fn counted(side: Side<'_>, jobs: u64, concurrency: usize) -> Result<u64, String> {
+    let dir = std::env::temp_dir().join(format!("patchbay-bench-cg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let file = dir.join("callgrind.out");
+    let _ = std::fs::remove_file(&file);
+    let prefix: Vec<String> = [
+        "valgrind",
+        "--tool=callgrind",
+        &format!("--callgrind-out-file={}", file.display()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (mut redis, url) = procs::start_redis_under(&prefix)
+        .await
+        .map_err(|e| format!("{e} (this needs valgrind: apt-get install valgrind)"))?;
+    let conn = connect(&url).await?;
+    if let Side::Patchbay = side {
+        cmd(
+            &conn,
+            redis::cmd("FUNCTION")
+                .arg("LOAD")
+                .arg("REPLACE")
+                .arg(FUNCTIONS),
+        )
+        .await?;
+        patchbay_side(&url, jobs, concurrency, None).await?;
+    } else if let Side::Bullmq(dir) = side
+        && jobs > 0
+    {
+        node(
+            dir,
+            &url,
+            &["throughput", &jobs.to_string(), &concurrency.to_string()],
+        )?;
+    }
+    // Callgrind writes its counts when Redis exits.
+    let _ = cmd(&conn, redis::cmd("SHUTDOWN").arg("NOSAVE")).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while redis.child.try_wait().map_err(|e| e.to_string())?.is_none() {
+        if Instant::now() > deadline {
+            return Err("redis-server under callgrind did not exit".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| format!("no callgrind output at {}: {e}", file.display()))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| "callgrind wrote no totals".to_string())
+}
+
 fn node(dir: &Path, url: &str, args: &[&str]) -> Result<serde_json::Value, String> {
     let out = Command::new("node")
         .arg(dir.join("bench.js"))
@@ -132,9 +217,13 @@ fn node(dir: &Path, url: &str, args: &[&str]) -> Result<serde_json::Value, Strin
 }
 
 async fn connect(url: &str) -> Result<MultiplexedConnection, String> {
+    // A generous timeout: under callgrind Redis runs some fifty times slower.
+    let config = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(Duration::from_secs(120)))
+        .set_connection_timeout(Some(Duration::from_secs(30)));
     redis::Client::open(url)
         .map_err(|e| e.to_string())?
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .map_err(|e| e.to_string())
 }

@@ -4,9 +4,9 @@
 -- any language needs one command per step. patchbay loads this library at start-up (and again
 -- when Redis lost it). Keys, for a prefix P (PATCHBAY_REDIS_PREFIX):
 --
---   P:task:<id>                 hash: the task's fields (params, progress, result and error as
---                               raw JSON, never decoded and re-encoded, so numbers and empty
---                               arrays survive exactly), its settings, its lease
+--   P:task:<id>                 hash: the task (see FIELDS below); params, progress, result
+--                               and error are raw JSON, never decoded and re-encoded, so
+--                               numbers and empty arrays survive exactly
 --   P:q:<queue>                 stream of jobs to start (field `id`), consumer group `workers`;
 --                               entries every worker is done with are trimmed by `trim`
 --   P:delayed:<queue>           zset: retries by due time (ms)
@@ -30,6 +30,18 @@ local MAX_RESULT = 1048576
 local MAX_BACKOFF = 600000
 local ERROR_CODES = { failed = true, timeout = true, output_too_large = true, worker_lost = true }
 local FINAL = { succeeded = true, failed = true, cancelled = true, lost = true }
+
+-- FIELDS of P:task:<id>. Written once by enqueue:
+--   head      the task object's fixed part, as JSON without its closing brace:
+--             {"id":…,"queue":…,"userId":…,"params":…,"maxAttempts":…,"createdAt":…
+--   cfg       "<maxAttempts> <timeoutMs> <leaseMs> <backoffMs> <retentionSecs>"
+--   owner     the user id, '' for an anonymous connection
+--   queue, scope, req (the request id's key)
+-- Changed by the steps: status, attempts, updated, cancel ('1' once asked), token and until
+-- (the lease: its fencing token and end in ms), consumer, progress, result and error (raw
+-- JSON), v (the version of a user's task: the id of its envelopes).
+-- Each step reads only the fields it needs (HMGET) and writes only those it changes: the Lua
+-- around the Redis calls, not the calls, is most of what a step costs.
 
 local function now()
   local t = redis.call('TIME')
@@ -71,57 +83,91 @@ local function prefix_of(key, kind)
   return string.sub(key, 1, at - 1)
 end
 
-local function load(key)
+-- The task id of a key `P:task:<id>`.
+local function id_of(P, key)
+  return string.sub(key, #P + 7)
+end
+
+-- From `cfg`: maxAttempts, timeoutMs, leaseMs, backoffMs, retentionSecs as numbers; or
+-- just what a step needs.
+local function settings(cfg)
+  local max, timeout, lease, backoff, retention =
+    string.match(cfg, '^(%d+) (%d+) (%d+) (%d+) (%d+)$')
+  return tonumber(max), tonumber(timeout), tonumber(lease), tonumber(backoff), tonumber(retention)
+end
+
+local function lease_of(cfg)
+  return tonumber(string.match(cfg, '^%d+ %d+ (%d+)'))
+end
+
+-- retentionSecs, as the string EXPIRE takes.
+local function retention_of(cfg)
+  return string.match(cfg, '(%d+)$')
+end
+
+-- A task written by version 2 of this library kept every field apart: its fields with
+-- `head` and `cfg` made from them (and written, unless `readonly`: get and list only read).
+-- nil for no task.
+local function upgrade(key, readonly)
   local flat = redis.call('HGETALL', key)
   if #flat == 0 then return nil end
   local h = {}
   for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+  if h.head then return h end
+  local user = 'null'
+  if h.owner ~= '' then user = cjson.encode(h.owner) end
+  h.head = '{"id":' .. cjson.encode(h.id) .. ',"queue":' .. cjson.encode(h.queue) ..
+    ',"userId":' .. user .. ',"params":' .. h.params .. ',"maxAttempts":' .. h.max ..
+    ',"createdAt":"' .. h.created .. '"'
+  h.cfg = h.max .. ' ' .. h.timeout .. ' ' .. h.lease .. ' ' .. h.backoff .. ' ' .. h.retention
+  h.scope = h.scope or ('u:' .. h.owner)
+  if readonly then return h end
+  redis.call('HSET', key, 'head', h.head, 'cfg', h.cfg, 'scope', h.scope)
+  redis.call('HDEL', key, 'id', 'params', 'max', 'created', 'timeout', 'lease', 'backoff', 'retention')
   return h
 end
 
-local function task_json(h)
-  local user = 'null'
-  if h.owner ~= '' then user = cjson.encode(h.owner) end
-  return '{"id":' .. cjson.encode(h.id) .. ',"queue":' .. cjson.encode(h.queue) ..
-    ',"userId":' .. user .. ',"status":"' .. h.status .. '","params":' .. h.params ..
-    ',"progress":' .. (h.progress or 'null') .. ',"result":' .. (h.result or 'null') ..
-    ',"error":' .. (h.error or 'null') .. ',"attempts":' .. h.attempts ..
-    ',"maxAttempts":' .. h.max .. ',"createdAt":"' .. h.created .. '","updatedAt":"' ..
-    h.updated .. '","cancelRequested":' .. (h.cancel == '1' and 'true' or 'false') .. '}'
+-- HMGET of `fields` (the first must be `head`), for a task of version 2 too. nil when there
+-- is no task.
+local function read(key, fields, readonly)
+  local f = redis.call('HMGET', key, unpack(fields))
+  if f[1] then return f end
+  local h = upgrade(key, readonly)
+  if not h then return nil end
+  for i, name in ipairs(fields) do f[i] = h[name] or false end
+  return f
 end
 
--- Saves the changed fields, publishes the task's TASK_PROGRESS (unless `quiet`) and returns
--- its JSON.
-local function save(P, key, h, fields, quiet)
-  local flat, gone = {}, {}
-  for _, f in ipairs(fields) do
-    if h[f] == nil then
-      table.insert(gone, f)
-    else
-      table.insert(flat, f)
-      table.insert(flat, h[f])
-    end
-  end
-  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
-  local v = tonumber(h.v or '0') + 1
-  h.v = tostring(v)
-  table.insert(flat, 'v')
-  table.insert(flat, h.v)
-  redis.call('HSET', key, unpack(flat))
-  local json = task_json(h)
-  if quiet then return json end
+-- The task object: its fixed head and its current state.
+local function task_json(head, status, progress, result, err, attempts, updated, cancel)
+  return head .. ',"status":"' .. status .. '","progress":' .. (progress or 'null') ..
+    ',"result":' .. (result or 'null') .. ',"error":' .. (err or 'null') ..
+    ',"attempts":' .. attempts .. ',"updatedAt":"' .. updated ..
+    '","cancelRequested":' .. (cancel == '1' and 'true' or 'false') .. '}'
+end
+
+-- The fields `current` reads, and the task object from them.
+local VIEW = { 'head', 'status', 'progress', 'result', 'error', 'attempts', 'updated', 'cancel' }
+local function view_json(f)
+  return task_json(f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8])
+end
+
+-- Publishes TASK_PROGRESS with the task object to task:<id> and, for a user's task, in one
+-- envelope to user:<owner> as well (its id is the task's new version, so each instance
+-- delivers it once per connection).
+local function publish(P, key, id, owner, json)
   local action = '{"type":"TASK_PROGRESS","payload":' .. json .. '}'
-  local task_room = 'task:' .. h.id
-  if h.owner == '' then
+  local task_room = 'task:' .. id
+  if owner == '' then
     redis.call('PUBLISH', P .. ':room:' .. task_room, action)
-  else
-    local user_room = 'user:' .. h.owner
-    local envelope = '{"id":' .. cjson.encode('task/' .. h.id .. '/' .. v) .. ',"rooms":[' ..
-      cjson.encode(task_room) .. ',' .. cjson.encode(user_room) .. '],"action":' .. action .. '}'
-    redis.call('PUBLISH', P .. ':room:' .. task_room, envelope)
-    redis.call('PUBLISH', P .. ':room:' .. user_room, envelope)
+    return
   end
-  return json
+  local v = redis.call('HINCRBY', key, 'v', 1)
+  local user_room = 'user:' .. owner
+  local envelope = '{"id":' .. cjson.encode('task/' .. id .. '/' .. v) .. ',"rooms":[' ..
+    cjson.encode(task_room) .. ',' .. cjson.encode(user_room) .. '],"action":' .. action .. '}'
+  redis.call('PUBLISH', P .. ':room:' .. task_room, envelope)
+  redis.call('PUBLISH', P .. ':room:' .. user_room, envelope)
 end
 
 -- Creates the stream and its group when the stream does not exist (a fresh queue, or Redis
@@ -132,49 +178,38 @@ local function ensure_group(stream)
   end
 end
 
--- `fresh`: a new task's first entry. Its stream may be made here without the group: patchbay
--- creates every queue's group at start-up and workers create it on NOGROUP, both from id 0,
--- so the entry is read either way. A job queued again checks, as Redis may have lost both.
-local function queue_job(P, h, fresh)
-  local stream = P .. ':q:' .. h.queue
-  if not fresh then ensure_group(stream) end
-  redis.call('XADD', stream, '*', 'id', h.id)
+-- Queues the task's job again (a retry, a hand-back, a lapsed lease). Redis may have lost
+-- the stream and group meanwhile, so this checks; a new task's first entry does not
+-- (patchbay and the workers make every queue's group, from id 0).
+local function queue_again(P, queue, id)
+  local stream = P .. ':q:' .. queue
+  ensure_group(stream)
+  redis.call('XADD', stream, '*', 'id', id)
 end
 
 -- A task reached its final status: it leaves the active set and the lease index, and it and
 -- its request id expire after the retention.
-local function finalize(P, key, h)
-  redis.call('SREM', P .. ':active:' .. h.queue .. ':' .. (h.scope or ('u:' .. h.owner)), h.id)
-  redis.call('ZREM', P .. ':leases:' .. h.queue, h.id)
-  redis.call('HINCRBY', P .. ':stats:' .. h.queue, h.status, 1)
-  local retention = tonumber(h.retention)
+local function finalize(P, key, id, queue, scope, req, status, retention)
+  redis.call('SREM', P .. ':active:' .. queue .. ':' .. scope, id)
+  redis.call('ZREM', P .. ':leases:' .. queue, id)
+  redis.call('HINCRBY', P .. ':stats:' .. queue, status, 1)
   redis.call('EXPIRE', key, retention)
-  if h.req then redis.call('EXPIRE', h.req, retention) end
+  if req then redis.call('EXPIRE', req, retention) end
 end
 
 local function error_json(code, message)
   return '{"code":' .. cjson.encode(code) .. ',"message":' .. cjson.encode(message) .. '}'
 end
 
-local function is_json(raw)
-  local ok, v = pcall(cjson.decode, raw)
-  return ok, v
-end
-
--- The lease holder's task, or an error reply: STALE when the token is not the current lease.
-local function held(key, token)
-  local h = load(key)
-  if not h then return nil, redis.error_reply('NOT_FOUND no such task') end
-  if h.status ~= 'running' or h.token ~= token then
+-- The lease holder's fields `fields` (after `head`, `status` and `token`, which it checks), or
+-- an error reply: STALE when the token is not the current lease.
+local function held(key, token, fields)
+  local f = read(key, fields)
+  if not f then return nil, redis.error_reply('NOT_FOUND no such task') end
+  if f[2] ~= 'running' or f[3] ~= token then
     return nil, redis.error_reply('STALE this worker no longer holds the task')
   end
-  return h
-end
-
-local function visible(key, queue, owner)
-  local h = load(key)
-  if not h or h.owner ~= owner or (queue ~= '' and h.queue ~= queue) then return nil end
-  return h
+  return f
 end
 
 -- enqueue: KEYS[1] = P:q:<queue>; ARGV = queue, owner, scope, request id, params JSON, new
@@ -191,24 +226,23 @@ local function enqueue(keys, args)
   if redis.call('SCARD', active) >= limit then
     -- At the limit, a repeated request still gets its task.
     local existing = redis.call('GET', req)
-    local h = existing and load(P .. ':task:' .. existing)
-    if h then return task_json(h) end
+    local f = existing and read(P .. ':task:' .. existing, VIEW)
+    if f then return view_json(f) end
     return redis.error_reply('LIMIT ' .. limit)
   end
   -- One call claims the request id, or tells which task already has it.
   local existing = redis.call('SET', req, id, 'NX', 'GET')
   if existing then
-    local h = load(P .. ':task:' .. existing)
-    if h then return task_json(h) end
+    local f = read(P .. ':task:' .. existing, VIEW)
+    if f then return view_json(f) end
     redis.call('SET', req, id) -- its task expired: this request starts a new one
   end
-  local ms = now()
-  local at = rfc3339(ms)
-  local h = {
-    id = id, queue = queue, owner = owner, scope = scope, status = 'queued', params = params,
-    attempts = '0', max = args[7], created = at, updated = at, cancel = '0',
-    timeout = args[8], lease = args[9], backoff = args[10], retention = args[11], req = req,
-  }
+  local at = rfc3339(now())
+  local user = 'null'
+  if owner ~= '' then user = cjson.encode(owner) end
+  local head = '{"id":' .. cjson.encode(id) .. ',"queue":' .. cjson.encode(queue) ..
+    ',"userId":' .. user .. ',"params":' .. params .. ',"maxAttempts":' .. args[7] ..
+    ',"createdAt":"' .. at .. '"'
   local key = P .. ':task:' .. id
   redis.call('SADD', active, id)
   local list = P .. ':tasks:' .. queue .. ':' .. scope
@@ -222,11 +256,14 @@ local function enqueue(keys, args)
   end
   redis.call('ZADD', list, seq, id)
   redis.call('EXPIRE', list, tonumber(args[11]) + 86400)
+  redis.call('HSET', key, 'head', head,
+    'cfg', args[7] .. ' ' .. args[8] .. ' ' .. args[9] .. ' ' .. args[10] .. ' ' .. args[11],
+    'owner', owner, 'queue', queue, 'scope', scope, 'req', req,
+    'status', 'queued', 'attempts', '0', 'updated', at)
+  local json = task_json(head, 'queued', nil, nil, nil, '0', at, nil)
   -- An anonymous task's new room has no member yet and it has no user room: nothing to tell.
-  local json = save(P, key, h, { 'id', 'queue', 'owner', 'scope', 'status', 'params', 'attempts',
-    'max', 'created', 'updated', 'cancel', 'timeout', 'lease', 'backoff', 'retention', 'req' },
-    owner == '')
-  queue_job(P, h, true)
+  if owner ~= '' then publish(P, key, id, owner, json) end
+  redis.call('XADD', keys[1], '*', 'id', id)
   return json
 end
 
@@ -237,68 +274,110 @@ end
 local function start(keys, args)
   local P = prefix_of(keys[1], 'task')
   redis.call('XACK', keys[2], GROUP, args[1])
-  local h = load(keys[1])
-  if not h or h.status ~= 'queued' then return nil end
+  local f = read(keys[1], { 'head', 'status', 'owner', 'queue', 'cfg', 'attempts', 'progress',
+    'result', 'error', 'cancel' })
+  if not f or f[2] ~= 'queued' then return nil end
+  local id = id_of(P, keys[1])
   local ms = now()
-  h.status = 'running'
-  h.attempts = tostring(tonumber(h.attempts) + 1)
-  h.updated = rfc3339(ms)
-  h.token = tostring(redis.call('INCR', P .. ':seq'))
-  h['until'] = tostring(ms + tonumber(h.lease))
-  h.consumer = args[2]
-  redis.call('ZADD', P .. ':leases:' .. h.queue, h['until'], h.id)
-  local json = save(P, keys[1], h, { 'status', 'attempts', 'updated', 'token', 'until', 'consumer' })
-  return { json, h.token, tonumber(h.lease), tonumber(h.timeout) }
+  local timeout, lease = string.match(f[5], '^%d+ (%d+) (%d+)')
+  lease = tonumber(lease)
+  local attempts = tostring(tonumber(f[6]) + 1)
+  local updated = rfc3339(ms)
+  local token = tostring(redis.call('INCR', P .. ':seq'))
+  local lease_end = tostring(ms + lease)
+  redis.call('ZADD', P .. ':leases:' .. f[4], lease_end, id)
+  redis.call('HSET', keys[1], 'status', 'running', 'attempts', attempts, 'updated', updated,
+    'token', token, 'until', lease_end, 'consumer', args[2])
+  local json = task_json(f[1], 'running', f[7], f[8], f[9], attempts, updated, f[10])
+  publish(P, keys[1], id, f[3], json)
+  return { json, token, lease, tonumber(timeout) }
 end
 
 -- renew: KEYS[1] = P:task:<id>; ARGV = token. Returns 1 when a cancel was asked, else 0.
 local function renew(keys, args)
   local P = prefix_of(keys[1], 'task')
-  local h, err = held(keys[1], args[1])
-  if not h then return err end
-  local ms = now()
-  local lease_end = ms + tonumber(h.lease)
+  local f, err = held(keys[1], args[1], { 'head', 'status', 'token', 'queue', 'cfg', 'cancel' })
+  if not f then return err end
+  local lease_end = tostring(now() + lease_of(f[5]))
   redis.call('HSET', keys[1], 'until', lease_end)
-  redis.call('ZADD', P .. ':leases:' .. h.queue, lease_end, h.id)
-  return h.cancel == '1' and 1 or 0
+  redis.call('ZADD', P .. ':leases:' .. f[4], lease_end, id_of(P, keys[1]))
+  return f[6] == '1' and 1 or 0
 end
 
 -- progress: KEYS[1] = P:task:<id>; ARGV = token, a JSON object of at most 16 KiB.
 local function progress(keys, args)
   local P = prefix_of(keys[1], 'task')
-  local h, err = held(keys[1], args[1])
-  if not h then return err end
+  local f, err = held(keys[1], args[1], { 'head', 'status', 'token', 'owner', 'result', 'error',
+    'attempts', 'cancel' })
+  if not f then return err end
   local raw = args[2]
-  local ok, v = is_json(raw)
+  local ok, v = pcall(cjson.decode, raw)
   if not ok or type(v) ~= 'table' or not string.find(raw, '^%s*{') then
     return redis.error_reply('INVALID progress must be a JSON object')
   end
   if #raw > MAX_PROGRESS then
     return redis.error_reply('INVALID progress is larger than 16384 bytes')
   end
-  h.progress = raw
-  h.updated = rfc3339(now())
-  save(P, keys[1], h, { 'progress', 'updated' })
+  local updated = rfc3339(now())
+  redis.call('HSET', keys[1], 'progress', raw, 'updated', updated)
+  publish(P, keys[1], id_of(P, keys[1]), f[4],
+    task_json(f[1], 'running', raw, f[5], f[6], f[7], updated, f[8]))
   return 1
 end
 
 -- succeed: KEYS[1] = P:task:<id>; ARGV = token, the result as JSON (at most 1 MiB).
 local function succeed(keys, args)
   local P = prefix_of(keys[1], 'task')
-  local h, err = held(keys[1], args[1])
-  if not h then return err end
+  local f, err = held(keys[1], args[1], { 'head', 'status', 'token', 'owner', 'queue', 'scope',
+    'req', 'cfg', 'progress', 'error', 'attempts', 'cancel' })
+  if not f then return err end
   local raw = args[2]
-  if not is_json(raw) then return redis.error_reply('INVALID the result must be JSON') end
+  if not pcall(cjson.decode, raw) then return redis.error_reply('INVALID the result must be JSON') end
   if #raw > MAX_RESULT then return redis.error_reply('INVALID the result is larger than 1 MiB') end
-  local fields = { 'status', 'result', 'updated' }
+  local id = id_of(P, keys[1])
+  local updated = rfc3339(now())
   -- An error left by a failed attempt goes; most tasks never had one.
-  if h.error then table.insert(fields, 'error') end
-  h.status = 'succeeded'
-  h.result = raw
-  h.error = nil
-  h.updated = rfc3339(now())
-  finalize(P, keys[1], h)
-  return save(P, keys[1], h, fields)
+  if f[10] then redis.call('HDEL', keys[1], 'error') end
+  redis.call('HSET', keys[1], 'status', 'succeeded', 'result', raw, 'updated', updated)
+  finalize(P, keys[1], id, f[5], f[6], f[7], 'succeeded', retention_of(f[8]))
+  local json = task_json(f[1], 'succeeded', f[9], raw, nil, f[11], updated, f[12])
+  publish(P, keys[1], id, f[4], json)
+  return json
+end
+
+-- What fail, handback and reap read, in this order after `head`, `status` and `token`.
+local ENDING = { 'head', 'status', 'token', 'owner', 'queue', 'scope', 'req', 'cfg', 'progress',
+  'result', 'error', 'attempts', 'cancel' }
+
+-- Ends the current attempt of a task whose ENDING fields are `f`, with `status` (queued for
+-- another attempt at once, delayed for a retry after the backoff, or final), `attempts` and
+-- `err` (the error JSON). Publishes and returns the task JSON.
+local function end_attempt(P, key, f, ms, usec, status, attempts, err)
+  local id = id_of(P, key)
+  local queue = f[5]
+  local _, _, _, backoff = settings(f[8])
+  local retention = retention_of(f[8])
+  local updated = rfc3339(ms)
+  redis.call('ZREM', P .. ':leases:' .. queue, id)
+  redis.call('HDEL', key, 'token', 'until')
+  if err ~= f[11] then
+    redis.call('HSET', key, 'status', status, 'attempts', attempts, 'updated', updated, 'error', err)
+  else
+    redis.call('HSET', key, 'status', status, 'attempts', attempts, 'updated', updated)
+  end
+  if status == 'delayed' then
+    local nominal = math.min(backoff * 2 ^ math.min(tonumber(attempts) - 1, 30), MAX_BACKOFF)
+    local jitter = 0.8 + 0.4 * ((usec % 1000) / 1000)
+    local due = ms + math.floor(math.min(nominal * jitter, MAX_BACKOFF))
+    redis.call('ZADD', P .. ':delayed:' .. queue, due, id)
+  elseif status == 'queued' then
+    queue_again(P, queue, id)
+  else
+    finalize(P, key, id, queue, f[6], f[7], status, retention)
+  end
+  local json = task_json(f[1], status, f[9], f[10], err, attempts, updated, f[13])
+  publish(P, key, id, f[4], json)
+  return json
 end
 
 -- fail: KEYS[1] = P:task:<id>; ARGV = token, error code, message. The attempt failed: a
@@ -306,80 +385,77 @@ end
 -- asked.
 local function fail(keys, args)
   local P = prefix_of(keys[1], 'task')
-  local h, err = held(keys[1], args[1])
-  if not h then return err end
+  local f, err = held(keys[1], args[1], ENDING)
+  if not f then return err end
   if not ERROR_CODES[args[2]] then
     return redis.error_reply('INVALID error code must be failed, timeout, output_too_large or worker_lost')
   end
   local ms, usec = now()
-  h.updated = rfc3339(ms)
-  h.token = nil
-  h['until'] = nil
-  redis.call('ZREM', P .. ':leases:' .. h.queue, h.id)
-  if h.cancel == '1' then
-    h.status = 'cancelled'
-  else
-    h.error = error_json(args[2], string.sub(args[3] or '', 1, 4096))
-    local attempts = tonumber(h.attempts)
-    if attempts >= tonumber(h.max) then
-      h.status = 'failed'
-    else
-      h.status = 'delayed'
-      local nominal = math.min(tonumber(h.backoff) * 2 ^ math.min(attempts - 1, 30), MAX_BACKOFF)
-      local jitter = 0.8 + 0.4 * ((usec % 1000) / 1000)
-      local due = ms + math.floor(math.min(nominal * jitter, MAX_BACKOFF))
-      redis.call('ZADD', P .. ':delayed:' .. h.queue, due, h.id)
-    end
+  if f[13] == '1' then
+    return end_attempt(P, keys[1], f, ms, usec, 'cancelled', f[12], f[11])
   end
-  if FINAL[h.status] then finalize(P, keys[1], h) end
-  return save(P, keys[1], h, { 'status', 'error', 'updated', 'token', 'until' })
+  local max = settings(f[8])
+  local status = tonumber(f[12]) >= max and 'failed' or 'delayed'
+  return end_attempt(P, keys[1], f, ms, usec, status, f[12],
+    error_json(args[2], string.sub(args[3] or '', 1, 4096)))
 end
 
 -- handback: KEYS[1] = P:task:<id>; ARGV = token. The worker is stopping: the job is queued
 -- again without counting the attempt (cancelled if a cancel was asked).
 local function handback(keys, args)
   local P = prefix_of(keys[1], 'task')
-  local h, err = held(keys[1], args[1])
-  if not h then return err end
-  h.updated = rfc3339(now())
-  h.token = nil
-  h['until'] = nil
-  redis.call('ZREM', P .. ':leases:' .. h.queue, h.id)
-  if h.cancel == '1' then
-    h.status = 'cancelled'
-    finalize(P, keys[1], h)
-  else
-    h.status = 'queued'
-    h.attempts = tostring(math.max(tonumber(h.attempts) - 1, 0))
-    queue_job(P, h)
+  local f, err = held(keys[1], args[1], ENDING)
+  if not f then return err end
+  local ms, usec = now()
+  if f[13] == '1' then
+    return end_attempt(P, keys[1], f, ms, usec, 'cancelled', f[12], f[11])
   end
-  return save(P, keys[1], h, { 'status', 'attempts', 'updated', 'token', 'until' })
+  local attempts = tostring(math.max(tonumber(f[12]) - 1, 0))
+  return end_attempt(P, keys[1], f, ms, usec, 'queued', attempts, f[11])
+end
+
+-- The task of `key` if `owner` may see it (and it is of `queue`, unless that is ''): the VIEW
+-- fields, then owner, queue, scope, req, cfg. nil otherwise.
+local function visible(key, queue, owner)
+  local f = read(key, { 'head', 'status', 'progress', 'result', 'error', 'attempts', 'updated',
+    'cancel', 'owner', 'queue', 'scope', 'req', 'cfg' })
+  if not f or f[9] ~= owner or (queue ~= '' and f[10] ~= queue) then return nil end
+  return f
 end
 
 -- get: KEYS[1] = P:task:<id>; ARGV = queue ('' for any), owner. The task JSON, or NOT_FOUND.
 local function get(keys, args)
-  local h = visible(keys[1], args[1], args[2])
-  if not h then return redis.error_reply('NOT_FOUND no such task') end
-  return task_json(h)
+  local f = read(keys[1], { 'head', 'status', 'progress', 'result', 'error', 'attempts',
+    'updated', 'cancel', 'owner', 'queue' }, true)
+  if not f or f[9] ~= args[2] or (args[1] ~= '' and f[10] ~= args[1]) then
+    return redis.error_reply('NOT_FOUND no such task')
+  end
+  return view_json(f)
 end
 
 -- cancel: KEYS[1] = P:task:<id>; ARGV = queue ('' for any), owner. The task after the
 -- cancel; NOT_FOUND; CONFLICT when it has finished.
 local function cancel(keys, args)
   local P = prefix_of(keys[1], 'task')
-  local h = visible(keys[1], args[1], args[2])
-  if not h then return redis.error_reply('NOT_FOUND no such task') end
-  if FINAL[h.status] then return redis.error_reply('CONFLICT the task has already finished') end
-  h.updated = rfc3339(now())
-  if h.status == 'running' then
-    h.cancel = '1'
+  local f = visible(keys[1], args[1], args[2])
+  if not f then return redis.error_reply('NOT_FOUND no such task') end
+  local status = f[2]
+  if FINAL[status] then return redis.error_reply('CONFLICT the task has already finished') end
+  local id = id_of(P, keys[1])
+  local updated = rfc3339(now())
+  if status == 'running' then
+    -- The worker learns it at its next renewal and stops the job.
+    redis.call('HSET', keys[1], 'cancel', '1', 'updated', updated)
   else
     -- Its stream entry stays: `start` skips it.
-    if h.status == 'delayed' then redis.call('ZREM', P .. ':delayed:' .. h.queue, h.id) end
-    h.status = 'cancelled'
-    finalize(P, keys[1], h)
+    if status == 'delayed' then redis.call('ZREM', P .. ':delayed:' .. f[10], id) end
+    status = 'cancelled'
+    redis.call('HSET', keys[1], 'status', status, 'updated', updated)
+    finalize(P, keys[1], id, f[10], f[11], f[12], status, retention_of(f[13]))
   end
-  return save(P, keys[1], h, { 'status', 'cancel', 'updated', 'token', 'until' })
+  local json = task_json(f[1], status, f[3], f[4], f[5], f[6], updated, status == 'running' and '1' or f[8])
+  publish(P, keys[1], id, f[9], json)
+  return json
 end
 
 -- list: KEYS[1] = P:tasks:<queue>:<scope>; ARGV = statuses (comma-separated, '' for all),
@@ -404,10 +480,9 @@ local function list(keys, args)
     local ids = redis.call('ZREVRANGE', keys[1], from, from + 99)
     if #ids == 0 then break end
     for _, id in ipairs(ids) do
-      local h = load(P .. ':task:' .. id)
-      if h and (not wanted or wanted[h.status]) and #out < limit then
-        table.insert(out, task_json(h))
-      end
+      if #out >= limit then break end
+      local f = read(P .. ':task:' .. id, VIEW, true)
+      if f and (not wanted or wanted[f[2]]) then table.insert(out, view_json(f)) end
     end
     scanned = scanned + #ids
     from = from + #ids
@@ -423,12 +498,13 @@ local function promote(keys, args)
   for _, id in ipairs(due) do
     redis.call('ZREM', keys[1], id)
     local key = P .. ':task:' .. id
-    local h = load(key)
-    if h and h.status == 'delayed' then
-      h.status = 'queued'
-      h.updated = rfc3339(ms)
-      save(P, key, h, { 'status', 'updated' })
-      queue_job(P, h)
+    local f = read(key, { 'head', 'status', 'progress', 'result', 'error', 'attempts', 'updated',
+      'cancel', 'owner', 'queue' })
+    if f and f[2] == 'delayed' then
+      local updated = rfc3339(ms)
+      redis.call('HSET', key, 'status', 'queued', 'updated', updated)
+      publish(P, key, id, f[9], task_json(f[1], 'queued', f[3], f[4], f[5], f[6], updated, f[8]))
+      queue_again(P, f[10], id)
     end
   end
   return #due
@@ -441,31 +517,28 @@ end
 local function reap(keys, args)
   local P = prefix_of(keys[1], 'leases')
   local healthy_for = tonumber(args[1])
-  local ms = now()
+  local ms, usec = now()
   local lapsed = redis.call('ZRANGEBYSCORE', keys[1], '-inf', ms, 'LIMIT', 0, 100)
   local changed = 0
   for _, id in ipairs(lapsed) do
     local key = P .. ':task:' .. id
-    local h = load(key)
-    if not h or h.status ~= 'running' then
+    local f = read(key, ENDING)
+    if not f or f[2] ~= 'running' then
       redis.call('ZREM', keys[1], id)
-    elseif tonumber(h.lease) < healthy_for and tonumber(h['until'] or '0') <= ms then
-      redis.call('ZREM', keys[1], id)
-      h.updated = rfc3339(ms)
-      h.token = nil
-      h['until'] = nil
-      h.error = error_json('worker_lost', 'the worker running it stopped answering')
-      if h.cancel == '1' then
-        h.status = 'cancelled'
-      elseif tonumber(h.attempts) >= tonumber(h.max) then
-        h.status = 'lost'
-      else
-        h.status = 'queued'
-        queue_job(P, h)
+    else
+      local max, _, lease = settings(f[8])
+      local lease_end = tonumber(redis.call('HGET', key, 'until') or '0')
+      if lease < healthy_for and lease_end <= ms then
+        local err = error_json('worker_lost', 'the worker running it stopped answering')
+        local status = 'queued'
+        if f[13] == '1' then
+          status = 'cancelled'
+        elseif tonumber(f[12]) >= max then
+          status = 'lost'
+        end
+        end_attempt(P, key, f, ms, usec, status, f[12], err)
+        changed = changed + 1
       end
-      if FINAL[h.status] then finalize(P, key, h) end
-      save(P, key, h, { 'status', 'error', 'updated', 'token', 'until' })
-      changed = changed + 1
     end
   end
   return changed
@@ -485,9 +558,8 @@ local function reclaim(keys, args)
     redis.call('XDEL', keys[1], entry[1])
     local fields = entry[2]
     if type(fields) == 'table' and fields[1] == 'id' then
-      local key = P .. ':task:' .. fields[2]
-      local h = load(key)
-      if h and h.status == 'queued' then queue_job(P, h) end
+      local f = read(P .. ':task:' .. fields[2], { 'head', 'status', 'queue' })
+      if f and f[2] == 'queued' then queue_again(P, f[3], fields[2]) end
     end
     handled = handled + 1
   end
@@ -499,7 +571,6 @@ local function reclaim(keys, args)
   pcall(redis.call, 'XGROUP', 'DELCONSUMER', keys[1], GROUP, 'patchbay-reaper')
   return { reply[1], handled }
 end
-
 -- trim: KEYS[1] = P:q:<queue>. Deletes the entries every worker is done with: those before
 -- both the first pending entry and the group's last delivered one (never an entry not yet
 -- read or still pending, unlike MAXLEN trimming). Returns how many.
@@ -562,7 +633,7 @@ end
 
 -- The library's version: patchbay loads it only over an older one. Raise it (and
 -- FUNCTIONS_VERSION in mod.rs) with every change.
-local function version() return 2 end
+local function version() return 3 end
 
 redis.register_function('patchbay_enqueue', enqueue)
 redis.register_function('patchbay_start', start)
