@@ -887,3 +887,130 @@ async fn tasks_written_by_the_previous_function_library_keep_working_after_an_up
         "expires after its retention: {ttl}"
     );
 }
+
+/// A task as version 2 of the function library wrote it, `running` under lease token 5 (or
+/// `queued` when `running` is false) with its lease ending at `until` (ms).
+async fn old_task(redis: &RedisServer, id: &str, running: bool, until: u64) {
+    let key = format!("patchbay:task:{id}");
+    let status = if running { "running" } else { "queued" };
+    let until = until.to_string();
+    let _: i64 = redis_cmd(
+        redis,
+        &[
+            "HSET",
+            &key,
+            "id",
+            id,
+            "queue",
+            "q",
+            "owner",
+            "",
+            "scope",
+            "c:conn",
+            "status",
+            status,
+            "params",
+            "{}",
+            "attempts",
+            "1",
+            "max",
+            "3",
+            "created",
+            "2026-12-01T10:00:00.000Z",
+            "updated",
+            "2026-12-01T10:00:00.000Z",
+            "cancel",
+            "0",
+            "timeout",
+            "60000",
+            "lease",
+            "1000",
+            "backoff",
+            "0",
+            "retention",
+            "3600",
+            "token",
+            "5",
+            "until",
+            &until,
+            "consumer",
+            "w0",
+        ],
+    )
+    .await;
+    let _: i64 = redis_cmd(redis, &["SADD", "patchbay:active:q:c:conn", id]).await;
+    let _: i64 = redis_cmd(redis, &["ZADD", "patchbay:leases:q", &until, id]).await;
+}
+
+#[tokio::test]
+async fn running_tasks_of_the_previous_function_library_renew_fail_retry_and_are_reaped() {
+    let redis = RedisServer::start().await;
+    let q = queue_on(&redis).await;
+    let far = 4_000_000_000_000u64;
+
+    // Renewed, then failed: a retry after the (zero) backoff, promoted, then cancelled.
+    old_task(&redis, "a", true, far).await;
+    assert!(!q.renew("a", 5).await.unwrap().cancel_requested);
+    assert_eq!(q.renew("a", 6).await.unwrap_err(), QueueError::StaleLease);
+    let failed = q
+        .finish(
+            "a",
+            5,
+            Finish::Failed(TaskError {
+                code: ErrorCode::Failed,
+                message: "exit 1".into(),
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(failed.status, patchbay::task::Status::Delayed);
+    assert_eq!(failed.error.unwrap().message, "exit 1");
+    let promoted: i64 = redis_cmd(
+        &redis,
+        &["FCALL", "patchbay_promote", "1", "patchbay:delayed:q"],
+    )
+    .await;
+    assert_eq!(promoted, 1);
+    let queued = q.get(Some("q"), "a", None).await.unwrap();
+    assert_eq!(queued.status, patchbay::task::Status::Queued);
+    let cancelled = q.cancel(Some("q"), "a", None).await.unwrap();
+    assert_eq!(cancelled.status, patchbay::task::Status::Cancelled);
+
+    // A lapsed lease: the maintainer queues the next attempt.
+    old_task(&redis, "b", true, 1).await;
+    let reaped: i64 = redis_cmd(
+        &redis,
+        &["FCALL", "patchbay_reap", "1", "patchbay:leases:q", "60000"],
+    )
+    .await;
+    assert_eq!(reaped, 1);
+    let b = q.get(Some("q"), "b", None).await.unwrap();
+    assert_eq!(b.status, patchbay::task::Status::Queued);
+    assert_eq!(b.error.unwrap().code, ErrorCode::WorkerLost);
+
+    // A running one cancelled, then handed back by its worker: cancelled, listed as such.
+    old_task(&redis, "c", true, far).await;
+    let asked = q.cancel(Some("q"), "c", None).await.unwrap();
+    assert!(asked.cancel_requested);
+    assert!(q.renew("c", 5).await.unwrap().cancel_requested);
+    let ended = q.finish("c", 5, Finish::HandBack).await.unwrap();
+    assert_eq!(ended.status, patchbay::task::Status::Cancelled);
+    let _: i64 = redis_cmd(&redis, &["ZADD", "patchbay:tasks:q:c:conn", "1", "c"]).await;
+    let listed: String = redis_cmd(
+        &redis,
+        &[
+            "FCALL",
+            "patchbay_list",
+            "1",
+            "patchbay:tasks:q:c:conn",
+            "",
+            "10",
+            "",
+        ],
+    )
+    .await;
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed[0]["id"], "c");
+    assert_eq!(listed[0]["status"], "cancelled");
+    assert_eq!(listed[0]["params"], json!({}));
+}

@@ -347,7 +347,7 @@ end
 
 -- What fail, handback and reap read, in this order after `head`, `status` and `token`.
 local ENDING = { 'head', 'status', 'token', 'owner', 'queue', 'scope', 'req', 'cfg', 'progress',
-  'result', 'error', 'attempts', 'cancel' }
+  'result', 'error', 'attempts', 'cancel', 'until' }
 
 -- Ends the current attempt of a task whose ENDING fields are `f`, with `status` (queued for
 -- another attempt at once, delayed for a retry after the backoff, or final), `attempts` and
@@ -527,16 +527,15 @@ local function reap(keys, args)
       redis.call('ZREM', keys[1], id)
     else
       local max, _, lease = settings(f[8])
-      local lease_end = tonumber(redis.call('HGET', key, 'until') or '0')
-      if lease < healthy_for and lease_end <= ms then
-        local err = error_json('worker_lost', 'the worker running it stopped answering')
-        local status = 'queued'
+      if lease < healthy_for and tonumber(f[14] or '0') <= ms then
         if f[13] == '1' then
-          status = 'cancelled'
-        elseif tonumber(f[12]) >= max then
-          status = 'lost'
+          -- A cancelled task keeps the error it had, as when its worker reports the stop.
+          end_attempt(P, key, f, ms, usec, 'cancelled', f[12], f[11])
+        else
+          local status = tonumber(f[12]) >= max and 'lost' or 'queued'
+          end_attempt(P, key, f, ms, usec, status, f[12],
+            error_json('worker_lost', 'the worker running it stopped answering'))
         end
-        end_attempt(P, key, f, ms, usec, status, f[12], err)
         changed = changed + 1
       end
     end
@@ -617,7 +616,7 @@ local function retire(keys, args)
   return redis.call('XGROUP', 'DELCONSUMER', keys[1], GROUP, args[1])
 end
 
--- stats: KEYS[1] = P:q:<queue>. {queued entries, running, delayed, consumers, succeeded,
+-- stats: KEYS[1] = P:q:<queue>. {queued, running, delayed, consumers, succeeded,
 -- failed, cancelled, lost}.
 local function stats(keys, args)
   local P = prefix_of(keys[1], 'q')
@@ -625,8 +624,20 @@ local function stats(keys, args)
   local consumers = 0
   local ok, info = pcall(redis.call, 'XINFO', 'CONSUMERS', keys[1], GROUP)
   if ok then consumers = #info end
+  -- Queued: entries not yet read by any worker, and read but not started. Started entries
+  -- stay in the stream until the maintainer trims them, so its length says more.
+  local queued = nil
+  local found, groups = pcall(redis.call, 'XINFO', 'GROUPS', keys[1])
+  if found then
+    for _, g in ipairs(groups) do
+      local info = {}
+      for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+      if info.name == GROUP and type(info.lag) == 'number' then queued = info.lag + info.pending end
+    end
+  end
+  if not queued then queued = redis.call('XLEN', keys[1]) end
   local s = redis.call('HMGET', P .. ':stats:' .. queue, 'succeeded', 'failed', 'cancelled', 'lost')
-  return { redis.call('XLEN', keys[1]), redis.call('ZCARD', P .. ':leases:' .. queue),
+  return { queued, redis.call('ZCARD', P .. ':leases:' .. queue),
     redis.call('ZCARD', P .. ':delayed:' .. queue), consumers,
     tonumber(s[1] or 0), tonumber(s[2] or 0), tonumber(s[3] or 0), tonumber(s[4] or 0) }
 end
