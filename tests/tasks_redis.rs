@@ -805,45 +805,15 @@ async fn tasks_written_by_the_previous_function_library_keep_working_after_an_up
     let q = queue_on(&redis).await;
     let id = "old-task";
     let key = format!("patchbay:task:{id}");
-    let _: i64 = redis_cmd(
+    old_task(
         &redis,
+        id,
         &[
-            "HSET",
-            &key,
-            "id",
-            id,
-            "queue",
-            "q",
-            "owner",
-            "7",
-            "scope",
-            "u:7",
-            "status",
-            "queued",
-            "params",
-            r#"{"n":[1,2.50]}"#,
-            "attempts",
-            "0",
-            "max",
-            "3",
-            "created",
-            "2026-12-01T10:00:00.000Z",
-            "updated",
-            "2026-12-01T10:00:00.000Z",
-            "cancel",
-            "0",
-            "timeout",
-            "60000",
-            "lease",
-            "1000",
-            "backoff",
-            "0",
-            "retention",
-            "3600",
-            "req",
-            "patchbay:req:q:3:u:7:r",
-            "v",
-            "1",
+            ("owner", "7"),
+            ("scope", "u:7"),
+            ("params", r#"{"n":[1,2.50]}"#),
+            ("req", "patchbay:req:q:3:u:7:r"),
+            ("v", "1"),
         ],
     )
     .await;
@@ -888,56 +858,47 @@ async fn tasks_written_by_the_previous_function_library_keep_working_after_an_up
     );
 }
 
-/// A task as version 2 of the function library wrote it, `running` under lease token 5 (or
-/// `queued` when `running` is false) with its lease ending at `until` (ms).
-async fn old_task(redis: &RedisServer, id: &str, running: bool, until: u64) {
+/// A task hash as version 2 of the function library wrote it: an anonymous, queued task of
+/// queue `q`, with `fields` over those defaults.
+async fn old_task(redis: &RedisServer, id: &str, fields: &[(&str, &str)]) {
     let key = format!("patchbay:task:{id}");
-    let status = if running { "running" } else { "queued" };
+    let defaults = [
+        ("id", id),
+        ("queue", "q"),
+        ("owner", ""),
+        ("scope", "c:conn"),
+        ("status", "queued"),
+        ("params", "{}"),
+        ("attempts", "0"),
+        ("max", "3"),
+        ("created", "2026-12-01T10:00:00.000Z"),
+        ("updated", "2026-12-01T10:00:00.000Z"),
+        ("cancel", "0"),
+        ("timeout", "60000"),
+        ("lease", "1000"),
+        ("backoff", "0"),
+        ("retention", "3600"),
+    ];
+    // HSET takes the last value of a field named twice.
+    let mut args = vec!["HSET", key.as_str()];
+    for (k, v) in defaults.iter().chain(fields) {
+        args.extend([*k, *v]);
+    }
+    let _: i64 = redis_cmd(redis, &args).await;
+}
+
+/// [`old_task`] running under lease token 5 until `until` (ms), in the active set and the
+/// lease index.
+async fn old_running_task(redis: &RedisServer, id: &str, until: u64) {
     let until = until.to_string();
-    let _: i64 = redis_cmd(
-        redis,
-        &[
-            "HSET",
-            &key,
-            "id",
-            id,
-            "queue",
-            "q",
-            "owner",
-            "",
-            "scope",
-            "c:conn",
-            "status",
-            status,
-            "params",
-            "{}",
-            "attempts",
-            "1",
-            "max",
-            "3",
-            "created",
-            "2026-12-01T10:00:00.000Z",
-            "updated",
-            "2026-12-01T10:00:00.000Z",
-            "cancel",
-            "0",
-            "timeout",
-            "60000",
-            "lease",
-            "1000",
-            "backoff",
-            "0",
-            "retention",
-            "3600",
-            "token",
-            "5",
-            "until",
-            &until,
-            "consumer",
-            "w0",
-        ],
-    )
-    .await;
+    let fields = [
+        ("status", "running"),
+        ("attempts", "1"),
+        ("token", "5"),
+        ("until", until.as_str()),
+        ("consumer", "w0"),
+    ];
+    old_task(redis, id, &fields).await;
     let _: i64 = redis_cmd(redis, &["SADD", "patchbay:active:q:c:conn", id]).await;
     let _: i64 = redis_cmd(redis, &["ZADD", "patchbay:leases:q", &until, id]).await;
 }
@@ -949,7 +910,7 @@ async fn running_tasks_of_the_previous_function_library_renew_fail_retry_and_are
     let far = 4_000_000_000_000u64;
 
     // Renewed, then failed: a retry after the (zero) backoff, promoted, then cancelled.
-    old_task(&redis, "a", true, far).await;
+    old_running_task(&redis, "a", far).await;
     assert!(!q.renew("a", 5).await.unwrap().cancel_requested);
     assert_eq!(q.renew("a", 6).await.unwrap_err(), QueueError::StaleLease);
     let failed = q
@@ -977,7 +938,7 @@ async fn running_tasks_of_the_previous_function_library_renew_fail_retry_and_are
     assert_eq!(cancelled.status, patchbay::task::Status::Cancelled);
 
     // A lapsed lease: the maintainer queues the next attempt.
-    old_task(&redis, "b", true, 1).await;
+    old_running_task(&redis, "b", 1).await;
     let reaped: i64 = redis_cmd(
         &redis,
         &["FCALL", "patchbay_reap", "1", "patchbay:leases:q", "60000"],
@@ -989,7 +950,7 @@ async fn running_tasks_of_the_previous_function_library_renew_fail_retry_and_are
     assert_eq!(b.error.unwrap().code, ErrorCode::WorkerLost);
 
     // A running one cancelled, then handed back by its worker: cancelled, listed as such.
-    old_task(&redis, "c", true, far).await;
+    old_running_task(&redis, "c", far).await;
     let asked = q.cancel(Some("q"), "c", None).await.unwrap();
     assert!(asked.cancel_requested);
     assert!(q.renew("c", 5).await.unwrap().cancel_requested);

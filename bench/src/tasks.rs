@@ -48,14 +48,7 @@ pub async fn run(
     let mut out = Vec::new();
 
     let conn = connect(&url).await?;
-    cmd(
-        &conn,
-        redis::cmd("FUNCTION")
-            .arg("LOAD")
-            .arg("REPLACE")
-            .arg(FUNCTIONS),
-    )
-    .await?;
+    load_functions(&conn).await?;
     let before = cpu(redis.pid());
     let (jobs_per_sec, _) = patchbay_side(&url, jobs, concurrency, None).await?;
     let used = cpu(redis.pid()) - before;
@@ -65,14 +58,7 @@ pub async fn run(
         ..TasksRun::default()
     };
     cmd(&conn, &mut redis::cmd("FLUSHALL")).await?;
-    cmd(
-        &conn,
-        redis::cmd("FUNCTION")
-            .arg("LOAD")
-            .arg("REPLACE")
-            .arg(FUNCTIONS),
-    )
-    .await?;
+    load_functions(&conn).await?;
     let total = (rate * seconds).round() as u64;
     let (_, latencies) = patchbay_side(&url, total, concurrency, Some(rate)).await?;
     let p = crate::scenarios::percentiles(latencies.iter().map(|d| d.as_micros() as u32).collect());
@@ -159,14 +145,7 @@ async fn counted(side: Side<'_>, jobs: u64, concurrency: usize) -> Result<u64, S
         .map_err(|e| format!("{e} (this needs valgrind: apt-get install valgrind)"))?;
     let conn = connect(&url).await?;
     if let Side::Patchbay = side {
-        cmd(
-            &conn,
-            redis::cmd("FUNCTION")
-                .arg("LOAD")
-                .arg("REPLACE")
-                .arg(FUNCTIONS),
-        )
-        .await?;
+        load_functions(&conn).await?;
         patchbay_side(&url, jobs, concurrency, None).await?;
     } else if let Side::Bullmq(dir) = side
         && jobs > 0
@@ -226,6 +205,13 @@ async fn connect(url: &str) -> Result<MultiplexedConnection, String> {
         .get_multiplexed_async_connection_with_config(&config)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Loads patchbay's task functions, as patchbay does at start-up.
+async fn load_functions(conn: &MultiplexedConnection) -> Result<(), String> {
+    let mut load = redis::cmd("FUNCTION");
+    load.arg("LOAD").arg("REPLACE").arg(FUNCTIONS);
+    cmd(conn, &mut load).await.map(drop)
 }
 
 async fn cmd(conn: &MultiplexedConnection, cmd: &mut redis::Cmd) -> Result<redis::Value, String> {

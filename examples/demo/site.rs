@@ -108,16 +108,21 @@ impl Site {
     }
 }
 
-/// `*.json` of `dir`, in name order, merged into one object.
-fn merged_manifests(dir: &Path) -> Result<Map<String, Value>, String> {
+/// The manifests of `dir`: its `*.json` files, in name order, as patchbay reads them.
+pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     files.sort();
+    Ok(files)
+}
+
+/// `*.json` of `dir`, in name order, merged into one object.
+fn merged_manifests(dir: &Path) -> Result<Map<String, Value>, String> {
     let mut all = Map::new();
-    for path in files {
+    for path in manifest_files(dir)? {
         let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         match serde_json::from_slice(&text) {
             Ok(Value::Object(actions)) => all.extend(actions),

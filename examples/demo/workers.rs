@@ -7,7 +7,7 @@
 //! demo binary run as `demo worker …`, which is `patchbay worker`'s code from the library, so it
 //! is always the build being run.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -30,13 +30,7 @@ pub struct WorkerSpec {
 pub fn split_manifests(dir: &Path) -> Result<(tempfile::TempDir, Vec<WorkerSpec>), String> {
     let out = tempfile::tempdir().map_err(|e| format!("cannot make a manifest directory: {e}"))?;
     let mut specs = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
-    for path in files {
+    for path in crate::site::manifest_files(dir)? {
         let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut actions: Value = serde_json::from_slice(&text)
             .map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
