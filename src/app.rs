@@ -11,6 +11,7 @@ use crate::auth::{Authenticator, DelegatedAuth, JwtVerifier, RoomTokens};
 use crate::bus::{Bus, MemoryBus, RedisBus};
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
+use crate::history::MemoryHistory;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -51,6 +52,8 @@ pub struct App {
     pub lifecycle: Lifecycle,
     /// Prometheus metrics.
     pub metrics: Metrics,
+    /// The embedded history, when some room keeps history (the in-memory bus only, so far).
+    pub history: Option<Arc<MemoryHistory>>,
     /// The embedded task queue, when some action is a `task` action and Redis is not set.
     embedded: Option<Arc<EmbeddedQueues>>,
     /// The Redis task queue, when some action is a `task` action and Redis is set.
@@ -60,19 +63,20 @@ pub struct App {
 
 /// How often the queues' counts in `/metrics` are refreshed.
 const QUEUE_COUNTS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often the embedded history forgets what expired.
+const HISTORY_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often the embedded queue looks for lapsed leases and expired tasks.
 const REAP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Publishes each change of an embedded task to this instance's rooms, synchronously (the
-/// queue calls it under its lock, so changes leave in order).
-fn publisher(hub: &Arc<Hub>) -> Publish {
-    let hub = hub.clone();
+/// Publishes each change of an embedded task on the in-memory bus, synchronously (the queue
+/// calls it under its lock, so changes leave in order).
+fn publisher(bus: &Arc<MemoryBus>) -> Publish {
+    let bus = bus.clone();
     Box::new(move |task: &Task| {
-        let rooms = crate::task::progress_rooms(task);
-        let delivery = hub
-            .rooms()
-            .deliver(&rooms, &crate::task::progress_action(task));
-        hub.bus().counters().count(delivery);
+        bus.publish_now(
+            crate::task::progress_rooms(task),
+            crate::task::progress_action(task),
+        );
     })
 }
 
@@ -84,9 +88,21 @@ impl App {
             return Err(StartError::MissingApiUrl);
         }
         let rooms = Arc::new(Rooms::default());
-        let bus: Arc<dyn Bus> = match &config.redis_url {
-            None => Arc::new(MemoryBus::new(rooms.clone())),
-            Some(url) => Arc::new(
+        // History is embedded only so far (the configuration refuses it with Redis, but a
+        // configuration built in code may still carry the default).
+        let history = config
+            .history
+            .clone()
+            .filter(|_| config.redis_url.is_none())
+            .map(|h| Arc::new(MemoryHistory::new(h)));
+        let memory = config
+            .redis_url
+            .is_none()
+            .then(|| Arc::new(MemoryBus::with_history(rooms.clone(), history.clone())));
+        let bus: Arc<dyn Bus> = match (&config.redis_url, &memory) {
+            (None, Some(memory)) => memory.clone(),
+            (None, None) => unreachable!("made above without Redis"),
+            (Some(url), _) => Arc::new(
                 RedisBus::start(
                     url,
                     &config.redis_prefix,
@@ -117,7 +133,8 @@ impl App {
                     .into_iter()
                     .map(|(queue, c)| (queue.to_string(), u64::from(c.concurrency)))
                     .collect();
-                let queue = EmbeddedQueues::new(publisher(&hub), slots);
+                let memory = memory.as_ref().expect("the in-memory bus without Redis");
+                let queue = EmbeddedQueues::new(publisher(memory), slots);
                 (Some(Arc::new(queue)), None)
             }
             (Some(url), true) => {
@@ -145,6 +162,7 @@ impl App {
             dispatcher: Dispatcher::new(api, client, tasks),
             authenticator,
             room_tokens: RoomTokens::new(&config.room_secret),
+            history,
             config,
             registry,
             hub,
@@ -157,10 +175,22 @@ impl App {
     /// Starts what runs beside the connections: the embedded queue's reaper and the workers
     /// of every queue with a `command`. They stop when [`Lifecycle::stop_workers`] is called.
     pub fn start_background(self: &Arc<Self>) {
+        let stop = || self.lifecycle.workers_stop.clone();
+        if let Some(history) = &self.history {
+            let (history, stop) = (history.clone(), stop());
+            self.lifecycle.workers.spawn(async move {
+                let mut every = tokio::time::interval(HISTORY_SWEEP_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = every.tick() => history.sweep(),
+                    }
+                }
+            });
+        }
         let Some(queue) = self.dispatcher.tasks() else {
             return;
         };
-        let stop = || self.lifecycle.workers_stop.clone();
         if let Some(embedded) = &self.embedded {
             let (embedded, stop) = (embedded.clone(), stop());
             self.lifecycle.workers.spawn(async move {

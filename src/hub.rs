@@ -107,11 +107,17 @@ impl Hub {
     /// [`Hub::leave`].
     pub fn join(&self, conn: ConnId, room: &str, max_rooms: usize) -> Result<Join, JoinError> {
         let added = self.rooms.join(conn, room, max_rooms)?;
+        Ok(self.confirm(room, added))
+    }
+
+    /// The bus's confirmation of a local join made directly on [`Hub::rooms`] (`added`: whether
+    /// that join added the connection).
+    pub fn confirm(&self, room: &str, added: bool) -> Join {
         let (bus, room) = (self.bus.clone(), room.to_string());
-        Ok(Join {
+        Join {
             added,
             confirmed: Box::pin(async move { bus.subscribe(&room).await }),
-        })
+        }
     }
 
     /// Removes the connection from `room` now; when it was the last local member, the

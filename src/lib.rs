@@ -15,6 +15,7 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod handshake;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod metrics;

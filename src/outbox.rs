@@ -225,6 +225,27 @@ impl Outbox {
         false
     }
 
+    /// Queues a text frame if there is room for it now. Unlike [`Outbox::push`] a full queue
+    /// does not close the connection: the frame comes back (`Err(Some)`) for a later try.
+    /// `Err(None)`: the connection is closing.
+    pub fn try_push(&self, text: Text) -> Result<(), Option<Text>> {
+        let q = &self.queue;
+        let mut state = q.state.lock().unwrap();
+        if state.closed || q.closer.reason().is_some() {
+            return Err(None);
+        }
+        if state.frames.len() < q.limits.frames
+            && state.bytes + q.control.load(Ordering::Relaxed) + text.len() <= q.limits.bytes
+        {
+            state.bytes += text.len();
+            state.frames.push_back(text);
+            drop(state);
+            q.ready.wake();
+            return Ok(());
+        }
+        Err(Some(text))
+    }
+
     /// Counts `len` bytes of a control frame the websocket layer queued by itself (the pong to
     /// a client's ping) against the byte bound, and asks the writer to flush it. Over the
     /// bound the connection is closed with 4008 and `false` returned.

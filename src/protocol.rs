@@ -246,11 +246,40 @@ pub fn check_action_object(obj: &Map<String, Value>) -> Result<(), String> {
 /// Serializes a server-fired action for the members reached through `room`: the published
 /// action with `meta.room` set and its other meta fields kept.
 pub fn server_action_for_room(action: &Map<String, Value>, room: &str) -> String {
+    server_action(action, room, &Stamp::default())
+}
+
+/// What history adds to a server-fired action's `meta` (contract section 8).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stamp<'a> {
+    /// `meta.id`: the same in every room.
+    pub id: Option<&'a str>,
+    /// `meta.offset`: its position in `meta.room`'s history.
+    pub offset: Option<u64>,
+    /// `meta.replayed`: sent by a recovery.
+    pub replayed: bool,
+}
+
+/// [`server_action_for_room`] with history's `meta` keys. The reserved keys a publisher may
+/// have set are replaced (or dropped).
+pub fn server_action(action: &Map<String, Value>, room: &str, stamp: &Stamp<'_>) -> String {
     let mut meta = match action.get("meta") {
         Some(Value::Object(m)) => m.clone(),
         _ => Map::new(),
     };
+    for reserved in ["id", "offset", "offsets", "replayed"] {
+        meta.remove(reserved);
+    }
     meta.insert("room".into(), Value::String(room.to_string()));
+    if let Some(id) = stamp.id {
+        meta.insert("id".into(), Value::String(id.to_string()));
+    }
+    if let Some(offset) = stamp.offset {
+        meta.insert("offset".into(), Value::from(offset));
+    }
+    if stamp.replayed {
+        meta.insert("replayed".into(), Value::Bool(true));
+    }
     #[derive(Serialize)]
     struct WithMeta<'a> {
         #[serde(flatten)]

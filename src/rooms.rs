@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use crate::outbox::{Outbox, Text};
 use crate::protocol;
@@ -112,7 +112,14 @@ struct Maps {
     /// per recipient.
     rooms: HashMap<String, ConnMap<Outbox>>,
     members: ConnMap<Member>,
+    /// Memberships being recovered: what arrives for them waits here, with its offset, until
+    /// the replay has been queued ([`Rooms::end_recovery`]). Behind its own lock, as delivery
+    /// holds `maps` for reading only.
+    recovering: Mutex<HashMap<(ConnId, String), Waiting>>,
 }
+
+/// What arrived for a membership being recovered: each frame with its offset in the room.
+type Waiting = Vec<(Option<u64>, Text)>;
 
 /// A map keyed by connection id with a cheap multiplicative hash: ids are process-local
 /// counters, never client input, so a DoS-resistant hash buys nothing on the fan-out path.
@@ -176,6 +183,10 @@ impl Rooms {
         let Some(member) = maps.members.remove(&id) else {
             return Vec::new();
         };
+        let recovering = maps.recovering.get_mut().unwrap();
+        if !recovering.is_empty() {
+            recovering.retain(|(conn, _), _| *conn != id);
+        }
         member
             .rooms
             .into_iter()
@@ -186,9 +197,36 @@ impl Rooms {
     /// Adds a connection to a room. Returns `true` when this call added it, `false` when it
     /// was already a member.
     pub fn join(&self, id: ConnId, room: &str, max_rooms: usize) -> Result<bool, JoinError> {
+        self.join_as(id, room, max_rooms, false)
+    }
+
+    /// [`Rooms::join`] for a recovery: from now on what is delivered to the connection through
+    /// `room` waits until [`Rooms::end_recovery`], so that the replay can go first.
+    pub fn join_recovering(
+        &self,
+        id: ConnId,
+        room: &str,
+        max_rooms: usize,
+    ) -> Result<bool, JoinError> {
+        self.join_as(id, room, max_rooms, true)
+    }
+
+    fn join_as(
+        &self,
+        id: ConnId,
+        room: &str,
+        max_rooms: usize,
+        recovering: bool,
+    ) -> Result<bool, JoinError> {
         let mut maps = self.maps.write().unwrap();
         let maps = &mut *maps;
         let member = maps.members.get_mut(&id).ok_or(JoinError::Gone)?;
+        if recovering {
+            maps.recovering
+                .get_mut()
+                .unwrap()
+                .insert((id, room.to_string()), Vec::new());
+        }
         if member.rooms.contains(room) {
             return Ok(false);
         }
@@ -202,6 +240,36 @@ impl Rooms {
             .or_default()
             .insert(id, outbox);
         Ok(true)
+    }
+
+    /// Ends the recovery of `room` by connection `id`: queues what arrived meanwhile, except
+    /// stored actions at or before `after` (the replay or the client already had them), and
+    /// lets deliveries through again. Nothing is delivered to the room while this runs.
+    pub fn end_recovery(&self, id: ConnId, room: &str, after: u64) {
+        let mut maps = self.maps.write().unwrap();
+        let maps = &mut *maps;
+        let Some(waiting) = maps
+            .recovering
+            .get_mut()
+            .unwrap()
+            .remove(&(id, room.to_string()))
+        else {
+            return;
+        };
+        let Some(member) = maps.members.get(&id) else {
+            return;
+        };
+        for (offset, text) in waiting {
+            if offset.is_none_or(|o| o > after) && !member.outbox.push(text) {
+                return;
+            }
+        }
+    }
+
+    /// The outbox of connection `id`.
+    pub fn outbox(&self, id: ConnId) -> Option<Outbox> {
+        let maps = self.maps.read().unwrap();
+        maps.members.get(&id).map(|m| m.outbox.clone())
     }
 
     /// Removes a connection from a room. Returns `true` when the room became empty.
@@ -239,20 +307,51 @@ impl Rooms {
     /// least one of `targets`, once each; `meta.room` is the first target room the connection
     /// is in. The action is serialized once per target room that has recipients.
     pub fn deliver(&self, targets: &[String], action: &Map<String, Value>) -> Delivery {
+        self.deliver_stored(targets, action, None, &[])
+    }
+
+    /// [`Rooms::deliver`] of an action history stored: it carries `meta.id` = `id`, and in
+    /// each target room the offset it got there (`offsets`, one per target; `None` where it
+    /// was not stored).
+    pub fn deliver_stored(
+        &self,
+        targets: &[String],
+        action: &Map<String, Value>,
+        id: Option<&str>,
+        offsets: &[Option<u64>],
+    ) -> Delivery {
         let maps = self.maps.read().unwrap();
         let mut seen: HashSet<ConnId, BuildHasherDefault<ConnHasher>> = HashSet::default();
         let mut result = Delivery::default();
-        for room in targets {
+        let mut recovering = None;
+        if !maps.recovering.lock().unwrap().is_empty() {
+            recovering = Some(maps.recovering.lock().unwrap());
+        }
+        for (i, room) in targets.iter().enumerate() {
             let Some(conns) = maps.rooms.get(room) else {
                 continue;
             };
+            let offset = offsets.get(i).copied().flatten();
             let mut bytes: Option<Text> = None;
-            for (id, outbox) in conns {
-                if targets.len() > 1 && !seen.insert(*id) {
+            for (id_, outbox) in conns {
+                if targets.len() > 1 && !seen.insert(*id_) {
                     continue;
                 }
-                let text = bytes
-                    .get_or_insert_with(|| protocol::server_action_for_room(action, room).into());
+                let text = bytes.get_or_insert_with(|| {
+                    let stamp = protocol::Stamp {
+                        id,
+                        offset,
+                        replayed: false,
+                    };
+                    protocol::server_action(action, room, &stamp).into()
+                });
+                if let Some(waiting) = recovering
+                    .as_mut()
+                    .and_then(|r| r.get_mut(&(*id_, room.clone())))
+                {
+                    waiting.push((offset, text.clone()));
+                    continue;
+                }
                 if !outbox.fits(text.len()) {
                     result.oversize += 1;
                     warn_oversize(action, text.len());

@@ -311,7 +311,9 @@ impl Session {
         {
             self.grants.insert(room);
         }
-        self.send(outcome.reply);
+        if !outcome.reply.is_empty() {
+            self.send(outcome.reply);
+        }
         if let Some(then) = outcome.then {
             self.send(then);
         }

@@ -204,9 +204,13 @@ async fn a_user_receives_what_is_published_to_their_user_room() {
     let body = json!({"rooms": ["user:42"], "action": {"type": "NOTIFY", "payload": "hi"}});
     let (status, _) = publish(&bridge, body).await;
     assert_eq!(status, 202);
+    // `user:` rooms keep history by default: the action carries its id and offset there.
+    let got = alice.recv().await;
+    let id = got["meta"]["id"].as_str().unwrap_or_default().to_string();
+    assert!(uuid::Uuid::try_parse(&id).is_ok(), "{got}");
     assert_eq!(
-        alice.recv().await,
-        json!({"type": "NOTIFY", "payload": "hi", "meta": {"room": "user:42"}})
+        got,
+        json!({"type": "NOTIFY", "payload": "hi", "meta": {"room": "user:42", "id": id, "offset": 1}})
     );
     assert_answers_ping(&mut bob).await;
 }

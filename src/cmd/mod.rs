@@ -44,6 +44,8 @@ pub enum Command {
     Subscribe {
         /// The room.
         room: String,
+        /// Recover what came after this position (section 8).
+        since: Option<crate::history::Position>,
     },
     /// `@@patchbay/UNSUBSCRIBE`: leave a room.
     Unsubscribe {
@@ -75,7 +77,8 @@ pub struct Parsed {
 /// What applying a command produced, for the session.
 #[derive(Debug)]
 pub struct Outcome {
-    /// The reply to write.
+    /// The reply to write; empty when the command wrote it itself (a recovery, which must
+    /// order its reply, replay and the live actions that arrived meanwhile).
     pub reply: String,
     /// A frame to write right after the reply: a task's state when its room was joined.
     pub then: Option<String>,
@@ -115,7 +118,7 @@ impl Command {
         match req.builtin {
             Some(Builtin::Ping) => Ok(Command::Ping),
             Some(Builtin::Subscribe) => room::parse_subscribe(&req.payload, app, allowed)
-                .map(|room| Command::Subscribe { room }),
+                .map(|(room, since)| Command::Subscribe { room, since }),
             Some(Builtin::Unsubscribe) => {
                 room_payload(&req.payload).map(|(room, _)| Command::Unsubscribe { room })
             }
@@ -155,9 +158,9 @@ impl Parsed {
                 &json!({}),
                 Map::new(),
             )),
-            Command::Subscribe { room } => {
+            Command::Subscribe { room, since } => {
                 let user = peer.identity.user_id.clone();
-                room::subscribe(app, conn, user, room, name, request_id)
+                room::subscribe(app, conn, user, room, since, name, request_id)
             }
             Command::Unsubscribe { room } => room::unsubscribe(app, conn, room, name, request_id),
             Command::Action { spec } => action::run(app, conn, peer, spec, payload, request_id),

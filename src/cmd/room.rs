@@ -8,6 +8,8 @@ use serde_json::{Map, Value, json};
 use super::{Allowed, Applied, Outcome};
 use crate::app::App;
 use crate::error::{ActionError, Code};
+use crate::history::{MemoryHistory, Position, Reason};
+use crate::outbox::Text;
 use crate::protocol;
 use crate::rooms::{ConnId, JoinError, valid_room};
 
@@ -38,8 +40,14 @@ pub fn parse_subscribe(
     payload: &Value,
     app: &App,
     allowed: &Allowed<'_>,
-) -> Result<String, ActionError> {
+) -> Result<(String, Option<Position>), ActionError> {
     let (room, token) = room_payload(payload)?;
+    let since = match payload.get("since") {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            Some(Position::from_json(v).map_err(|e| ActionError::new(Code::InvalidPayload, e))?)
+        }
+    };
     let user = allowed.identity.user_id.as_deref();
     let may = allowed.identity.may_join(&room, &app.config.public_rooms)
         || allowed.grants.contains(&room)
@@ -52,21 +60,30 @@ pub fn parse_subscribe(
             format!("this connection may not join {room}"),
         ));
     }
-    Ok(room)
+    Ok((room, since))
 }
 
 /// Joins `room` now; answers once the bus confirms the subscription. If the bus cannot, the
 /// client is told to retry (`upstream_unavailable`), and the connection leaves the room again
-/// only if this request added it.
+/// only if this request added it. A history room's success says where the room stands; with
+/// `since` it recovers what the client missed ([`recover`]).
 pub fn subscribe(
     app: &Arc<App>,
     conn: ConnId,
     user: Option<String>,
     room: String,
+    since: Option<Position>,
     name: String,
     request_id: String,
 ) -> Applied {
-    let join = match app.hub.join(conn, &room, app.config.max_rooms) {
+    let history = app.history.clone().filter(|h| h.keeps(&room));
+    let recovering = since.is_some() && history.is_some();
+    let rooms = app.hub.rooms();
+    let joined = match recovering {
+        true => rooms.join_recovering(conn, &room, app.config.max_rooms),
+        false => rooms.join(conn, &room, app.config.max_rooms),
+    };
+    let join = match joined.map(|added| app.hub.confirm(&room, added)) {
         Ok(join) => join,
         Err(e @ JoinError::TooMany(_)) => {
             let err = ActionError::new(Code::Forbidden, e.to_string());
@@ -79,6 +96,7 @@ pub fn subscribe(
     Applied::Later(Box::pin(async move {
         if let Err(e) = join.confirmed.await {
             tracing::warn!(%room, error = %e, "the bus could not confirm a subscription");
+            app.hub.rooms().end_recovery(conn, &room, u64::MAX);
             if join.added
                 && let Some(left) = app.hub.leave(conn, &room)
             {
@@ -91,16 +109,117 @@ pub fn subscribe(
             .with_status(503);
             return Outcome::reply(protocol::failure(&name, &request_id, &err));
         }
-        let mut outcome = Outcome::reply(protocol::success(
-            &name,
-            &request_id,
-            &json!({ "room": room }),
-            Map::new(),
-        ));
+        let mut payload = Map::new();
+        payload.insert("room".into(), Value::String(room.clone()));
+        let mut outcome = match (history, since) {
+            (Some(history), Some(since)) => {
+                recover(
+                    &app,
+                    &history,
+                    conn,
+                    &room,
+                    &since,
+                    payload,
+                    &name,
+                    &request_id,
+                )
+                .await
+            }
+            (Some(history), None) => {
+                let position = history.lock().position(&room);
+                payload.insert("position".into(), position.to_json());
+                Outcome::reply(protocol::success(
+                    &name,
+                    &request_id,
+                    &Value::Object(payload),
+                    Map::new(),
+                ))
+            }
+            (None, since) => {
+                if since.is_some() {
+                    payload.insert("recovered".into(), Value::Bool(false));
+                    payload.insert("reason".into(), json!(Reason::NotKept.as_str()));
+                    payload.insert("replayed".into(), json!(0));
+                }
+                Outcome::reply(protocol::success(
+                    &name,
+                    &request_id,
+                    &Value::Object(payload),
+                    Map::new(),
+                ))
+            }
+        };
         outcome.then = snapshot(&app, &room, user.as_deref()).await;
         outcome
     }))
 }
+
+/// A recovery (section 8): reads what `room` stored after `since` while live actions for this
+/// connection wait ([`crate::rooms::Rooms::join_recovering`]), writes the success, then the
+/// replay paced into the send queue (a replay never closes the connection as slow), then what
+/// waited, without what the replay or the client already had.
+#[allow(clippy::too_many_arguments)]
+async fn recover(
+    app: &App,
+    history: &MemoryHistory,
+    conn: ConnId,
+    room: &str,
+    since: &Position,
+    mut payload: Map<String, Value>,
+    name: &str,
+    request_id: &str,
+) -> Outcome {
+    let read = history.lock().read(room, since);
+    let (replay, position, reason) = match read {
+        Ok((replay, position)) => (replay, position, None),
+        Err((reason, position)) => (Vec::new(), position, Some(reason)),
+    };
+    payload.insert("position".into(), position.to_json());
+    payload.insert("recovered".into(), Value::Bool(reason.is_none()));
+    if let Some(reason) = reason {
+        payload.insert("reason".into(), json!(reason.as_str()));
+    }
+    payload.insert("replayed".into(), json!(replay.len()));
+    let reply = protocol::success(name, request_id, &Value::Object(payload), Map::new());
+    let rooms = app.hub.rooms();
+    let Some(outbox) = rooms.outbox(conn) else {
+        rooms.end_recovery(conn, room, u64::MAX);
+        return Outcome::reply(String::new());
+    };
+    let mut texts = std::iter::once(reply.into()).chain(replay.iter().map(|(offset, stored)| {
+        let stamp = protocol::Stamp {
+            id: Some(&stored.id),
+            offset: Some(*offset),
+            replayed: true,
+        };
+        protocol::server_action(&stored.action, room, &stamp).into()
+    }));
+    // Paced: wait for room in the queue rather than overflow it.
+    let mut next: Option<Text> = texts.next();
+    while let Some(text) = next.take() {
+        if !outbox.fits(text.len()) {
+            // Larger than the whole queue: never for this connection (as live).
+            next = texts.next();
+            continue;
+        }
+        match outbox.try_push(text) {
+            Ok(()) => next = texts.next(),
+            Err(Some(text)) => {
+                next = Some(text);
+                tokio::time::sleep(REPLAY_PACE).await;
+            }
+            // The connection is closing.
+            Err(None) => break,
+        }
+    }
+    // What arrived meanwhile with an offset up to where the replay stands was just sent; after
+    // a refused recovery the client refetches and goes on from `position`.
+    rooms.end_recovery(conn, room, position.offset);
+    Outcome::reply(String::new())
+}
+
+/// How long a paced replay waits for room in a full send queue.
+const REPLAY_PACE: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// The state of the task whose room `room` is, as the `TASK_PROGRESS` a connection gets
 /// right after joining it, so a job that ended before the join still reaches the client.

@@ -123,6 +123,9 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// `PATCHBAY_SHUTDOWN_GRACE_SECS`: time for in-flight requests at shutdown.
     pub shutdown_grace: Duration,
+    /// `PATCHBAY_HISTORY_*` and `PATCHBAY_RECOVER_MAX`: `None` when no room keeps history
+    /// (none listed, or the Redis bus, which keeps none yet).
+    pub history: Option<crate::history::HistoryConfig>,
     /// `PATCHBAY_LOG`: a tracing filter.
     pub log: String,
 }
@@ -196,6 +199,28 @@ impl Config {
                 format!("`{p}` would let anyone join other users' `user:` rooms; name other rooms"),
             ));
         }
+        let history_rooms: Vec<RoomPattern> = list(raw.get("history_rooms"))
+            .map(|p| RoomPattern::parse(p).map_err(|e| ConfigError::var("history_rooms", e)))
+            .collect::<Result<_, _>>()?;
+        let history = crate::history::HistoryConfig {
+            rooms: history_rooms,
+            size: positive::<usize>("history_size", raw.get("history_size"))?.min(100_000),
+            ttl: Duration::from_secs(positive("history_ttl_secs", raw.get("history_ttl_secs"))?),
+            recover_max: positive("recover_max", raw.get("recover_max"))?,
+        };
+        // History is embedded only so far: with Redis a room keeps none. Said loudly when
+        // asked for, and the default then means none.
+        let history = match (&redis_url, history.rooms.is_empty()) {
+            (_, true) => None,
+            (None, false) => Some(history),
+            (Some(_), false) if !raw.is_set("history_rooms") => None,
+            (Some(_), false) => {
+                return Err(ConfigError::var(
+                    "history_rooms",
+                    "history is kept with the embedded bus only in this version; unset it (or leave it empty) with PATCHBAY_REDIS_URL",
+                ));
+            }
+        };
         let origins: Vec<String> = list(raw.get("allowed_origins"))
             .map(|o| o.to_ascii_lowercase())
             .collect();
@@ -328,6 +353,7 @@ impl Config {
             ping_interval,
             idle_timeout,
             shutdown_grace: seconds("shutdown_grace_secs", raw.get("shutdown_grace_secs"), 0)?,
+            history,
             log: raw.get("log").to_string(),
         })
     }

@@ -32,7 +32,7 @@ const fn var(name: &'static str, default: &'static str, help: &'static str) -> V
 /// start-up: a misspelt variable must never silently turn a feature off
 /// (`PATCHBAY_JWT_SECERT` would otherwise let everyone in).
 #[rustfmt::skip]
-pub const VARIABLES: [Var; 29] = [
+pub const VARIABLES: [Var; 33] = [
     var("PATCHBAY_LISTEN", "127.0.0.1:8080", "address to bind; port 0 picks a free port"),
     var("PATCHBAY_API_URL", "", "base URL of the REST API that `http` actions call"),
     var("PATCHBAY_ACTIONS", "./actions", "directory of action manifests"),
@@ -61,21 +61,21 @@ pub const VARIABLES: [Var; 29] = [
     var("PATCHBAY_PING_INTERVAL_SECS", "25", "websocket ping interval, seconds"),
     var("PATCHBAY_IDLE_TIMEOUT_SECS", "60", "close a silent client after this long, seconds"),
     var("PATCHBAY_SHUTDOWN_GRACE_SECS", "10", "time for in-flight requests at shutdown, seconds"),
+    var("PATCHBAY_HISTORY_ROOMS", "task:*,user:*", "rooms that keep history for recovery; empty: none (embedded bus only for now)"),
+    var("PATCHBAY_HISTORY_SIZE", "100", "actions kept per history room"),
+    var("PATCHBAY_HISTORY_TTL_SECS", "300", "a history room's actions expire this long after its last append, seconds"),
+    var("PATCHBAY_RECOVER_MAX", "1000", "most actions replayed to one connection for one SUBSCRIBE"),
     var("PATCHBAY_LOG", "info", "tracing filter"),
 ];
 
 /// Variables of features this version does not have yet. Setting one is refused like an
 /// unknown name, with a message that says so: ignoring it would leave the feature silently
 /// off (a JWKS URL that authenticates nobody, history that is never kept).
-const NOT_YET_SUPPORTED: [&str; 15] = [
+const NOT_YET_SUPPORTED: [&str; 11] = [
     "PATCHBAY_REDIS_CA_FILE",
     "PATCHBAY_JWKS_URL",
     "PATCHBAY_JWT_ISSUER",
     "PATCHBAY_JWT_AUDIENCE",
-    "PATCHBAY_HISTORY_ROOMS",
-    "PATCHBAY_HISTORY_SIZE",
-    "PATCHBAY_HISTORY_TTL_SECS",
-    "PATCHBAY_RECOVER_MAX",
     "PATCHBAY_PRESENCE_ROOMS",
     "PATCHBAY_PRESENCE_GRACE_MS",
     "PATCHBAY_EMITTER_KEY",
@@ -111,6 +111,11 @@ impl Raw {
     /// The value, trimmed, or `None` when it is empty.
     pub(super) fn opt(&self, name: &str) -> Option<String> {
         non_empty(Some(self.get(name).to_string()))
+    }
+
+    /// Whether `PATCHBAY_<NAME>` was set at all (to anything, even empty).
+    pub(super) fn is_set(&self, name: &str) -> bool {
+        self.0.contains_key(name)
     }
 }
 
