@@ -91,7 +91,23 @@ pub async fn admit(
             connection_id: app.hub.connection_id(conn_id),
             identity,
             forwarded: Arc::new(forwarded),
+            since: since_of(query),
         },
         slot,
     })
+}
+
+/// `?since=<epoch>:<offset>` of a handshake. A value that is no position still asks for a
+/// recovery: of a sequence that is not the room's, so `epoch_changed`.
+fn since_of(query: Option<&str>) -> Option<crate::history::Position> {
+    let raw = query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("since="))?;
+    let raw = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+    Some(
+        crate::history::Position::from_query(&raw).unwrap_or(crate::history::Position {
+            epoch: "-".into(),
+            offset: 0,
+        }),
+    )
 }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod protocol;
 pub mod ratelimit;
+pub mod recovery;
 pub mod registry;
 pub mod rooms;
 pub mod server;

@@ -179,13 +179,22 @@ fn request_meta(request_id: &str) -> Map<String, Value> {
 }
 
 /// `@@patchbay/CONNECTED` with the connection's id, user and initial rooms.
-pub fn connected(connection_id: &str, user_id: Option<&str>, rooms: &[String]) -> String {
-    let payload = serde_json::json!({
+/// `extra`: more payload fields (history's `positions` and `recovery`).
+pub fn connected(
+    connection_id: &str,
+    user_id: Option<&str>,
+    rooms: &[String],
+    extra: Option<Map<String, Value>>,
+) -> String {
+    let mut payload = serde_json::json!({
         "protocol": 1,
         "connectionId": connection_id,
         "userId": user_id,
         "rooms": rooms,
     });
+    if let (Some(extra), Some(p)) = (extra, payload.as_object_mut()) {
+        p.extend(extra);
+    }
     encode(CONNECTED, false, &payload, None)
 }
 
@@ -258,6 +267,8 @@ pub struct Stamp<'a> {
     pub offset: Option<u64>,
     /// `meta.replayed`: sent by a recovery.
     pub replayed: bool,
+    /// `meta.offsets`: its offsets in the other rooms of the connection it was stored in.
+    pub offsets: Option<&'a Map<String, Value>>,
 }
 
 /// [`server_action_for_room`] with history's `meta` keys. The reserved keys a publisher may
@@ -279,6 +290,9 @@ pub fn server_action(action: &Map<String, Value>, room: &str, stamp: &Stamp<'_>)
     }
     if stamp.replayed {
         meta.insert("replayed".into(), Value::Bool(true));
+    }
+    if let Some(offsets) = stamp.offsets {
+        meta.insert("offsets".into(), Value::Object(offsets.clone()));
     }
     #[derive(Serialize)]
     struct WithMeta<'a> {
@@ -434,7 +448,7 @@ mod tests {
             parsed(&e),
             json!({"type":"@@patchbay/ERROR","error":true,"payload":{"code":"bad_json","message":"nope"}})
         );
-        let c = connected("id", None, &["user:1".into()]);
+        let c = connected("id", None, &["user:1".into()], None);
         assert_eq!(
             parsed(&c),
             json!({"type":"@@patchbay/CONNECTED","payload":{"protocol":1,"connectionId":"id","userId":null,"rooms":["user:1"]}})

@@ -327,24 +327,44 @@ impl Rooms {
         if !maps.recovering.lock().unwrap().is_empty() {
             recovering = Some(maps.recovering.lock().unwrap());
         }
+        // Stored in several rooms: a connection in more than one of them also gets the
+        // offsets of the others (`meta.offsets`), so its text is its own.
+        let stored_in = offsets.iter().filter(|o| o.is_some()).count();
         for (i, room) in targets.iter().enumerate() {
             let Some(conns) = maps.rooms.get(room) else {
                 continue;
             };
             let offset = offsets.get(i).copied().flatten();
             let mut bytes: Option<Text> = None;
+            let mut own: Option<Text>;
             for (id_, outbox) in conns {
                 if targets.len() > 1 && !seen.insert(*id_) {
                     continue;
                 }
-                let text = bytes.get_or_insert_with(|| {
-                    let stamp = protocol::Stamp {
-                        id,
-                        offset,
-                        replayed: false,
-                    };
-                    protocol::server_action(action, room, &stamp).into()
-                });
+                let others = (stored_in > 1)
+                    .then(|| other_offsets(&maps, *id_, targets, offsets, i))
+                    .filter(|others| !others.is_empty());
+                let text = match &others {
+                    Some(others) => {
+                        let stamp = protocol::Stamp {
+                            id,
+                            offset,
+                            replayed: false,
+                            offsets: Some(others),
+                        };
+                        own = Some(protocol::server_action(action, room, &stamp).into());
+                        own.as_ref().expect("just set")
+                    }
+                    None => bytes.get_or_insert_with(|| {
+                        let stamp = protocol::Stamp {
+                            id,
+                            offset,
+                            replayed: false,
+                            offsets: None,
+                        };
+                        protocol::server_action(action, room, &stamp).into()
+                    }),
+                };
                 if let Some(waiting) = recovering
                     .as_mut()
                     .and_then(|r| r.get_mut(&(*id_, room.clone())))
@@ -366,6 +386,32 @@ impl Rooms {
         }
         result
     }
+}
+
+/// The offsets of an action in the target rooms after `first` (the one it is delivered
+/// through) that connection `id` is also in, by room.
+fn other_offsets(
+    maps: &Maps,
+    id: ConnId,
+    targets: &[String],
+    offsets: &[Option<u64>],
+    first: usize,
+) -> Map<String, Value> {
+    let Some(member) = maps.members.get(&id) else {
+        return Map::new();
+    };
+    targets
+        .iter()
+        .zip(offsets)
+        .skip(first + 1)
+        .filter_map(|(room, offset)| {
+            let offset = (*offset)?;
+            member
+                .rooms
+                .contains(room)
+                .then(|| (room.clone(), Value::from(offset)))
+        })
+        .collect()
 }
 
 /// Logs an action too large for a send queue, at most once a minute: a publisher that keeps

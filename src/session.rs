@@ -15,6 +15,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{Stream, StreamExt};
 use hyper::HeaderMap;
+use serde_json::{Map, Value, json};
 use tokio::time::{Instant, Sleep, sleep, sleep_until};
 
 use crate::app::App;
@@ -24,6 +25,7 @@ use crate::error::{ActionError, Code, Disconnect};
 use crate::outbox::{Closer, Outbox, Text};
 use crate::protocol::{self, FrameError, Request};
 use crate::ratelimit::{RateLimiter, Verdict};
+use crate::recovery::Recovery;
 use crate::rooms::ConnId;
 
 /// Most rooms a connection may be granted by `subscribe`, as a multiple of
@@ -42,6 +44,9 @@ pub struct Peer {
     pub identity: Identity,
     /// Handshake headers forwarded upstream.
     pub forwarded: Arc<HeaderMap>,
+    /// `?since=<epoch>:<offset>`: recover the identity room from there (section 8); an
+    /// unreadable value is a position of no sequence (`epoch_changed`).
+    pub since: Option<crate::history::Position>,
 }
 
 /// What a client sent, as the session sees it.
@@ -130,24 +135,58 @@ struct Session {
 }
 
 impl Session {
-    /// Joins the identity's room and greets the client. Returns false if the session is
-    /// already closing.
+    /// Joins the identity's room and greets the client: with history, `positions`, and with
+    /// `?since=` the recovery of that room, whose replay follows the greeting. Returns false
+    /// if the session is already closing.
     async fn start(&mut self) -> bool {
-        let mut initial = Vec::new();
-        if let Some(room) = self.peer.identity.user_room() {
-            if let Ok(join) = self.app.hub.join(self.peer.conn_id, &room, usize::MAX)
-                && let Err(e) = join.confirmed.await
-            {
-                tracing::warn!(%room, error = %e, "bus subscribe failed");
-            }
-            initial.push(room);
+        let conn = self.peer.conn_id;
+        let Some(room) = self.peer.identity.user_room() else {
+            let hello = protocol::connected(&self.peer.connection_id, None, &[], None);
+            return self.outbox.push(hello.into());
+        };
+        let history = self.app.history.clone().filter(|h| h.keeps(&room));
+        let since = self.peer.since.take().filter(|_| history.is_some());
+        let rooms = self.app.hub.rooms();
+        let joined = match since {
+            Some(_) => rooms.join_recovering(conn, &room, usize::MAX),
+            None => rooms.join(conn, &room, usize::MAX),
+        };
+        if let Ok(added) = joined
+            && let Err(e) = self.app.hub.confirm(&room, added).confirmed.await
+        {
+            tracing::warn!(%room, error = %e, "bus subscribe failed");
         }
+        let mut extra = Map::new();
+        let recovery = match (&history, &since) {
+            (Some(history), Some(since)) => Some(Recovery::read(history, &room, since)),
+            _ => None,
+        };
+        let position = match (&history, &recovery) {
+            (_, Some(recovery)) => Some(recovery.position.clone()),
+            (Some(history), None) => Some(history.lock().position(&room)),
+            (None, None) => None,
+        };
+        if let Some(position) = position {
+            extra.insert("positions".into(), json!({ &room: position.to_json() }));
+        }
+        let user = self.peer.identity.user_id.as_deref();
+        let Some(recovery) = recovery else {
+            let hello = protocol::connected(&self.peer.connection_id, user, &[room], Some(extra));
+            return self.outbox.push(hello.into());
+        };
+        let mut fields = Map::new();
+        fields.insert("room".into(), Value::String(room.clone()));
+        recovery.fields(&mut fields);
+        fields.remove("position");
+        extra.insert("recovery".into(), Value::Object(fields));
         let hello = protocol::connected(
             &self.peer.connection_id,
-            self.peer.identity.user_id.as_deref(),
-            &initial,
+            user,
+            std::slice::from_ref(&room),
+            Some(extra),
         );
-        self.outbox.push(hello.into())
+        recovery.send(&self.app, conn, &room, hello).await;
+        self.outbox.closer().reason().is_none()
     }
 
     async fn read_loop<S>(&mut self, mut inbound: S)

@@ -294,6 +294,7 @@ mod tests {
             connection_id: "c1".into(),
             identity: Identity::default(),
             forwarded: Arc::default(),
+            since: None,
         };
         (client, tokio::spawn(serve(server, app, peer)))
     }

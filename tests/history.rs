@@ -251,3 +251,94 @@ async fn task_rooms_keep_history_and_user_rooms_keep_only_final_states() {
     assert_eq!(logs.position("task:1").offset, 3);
     assert_eq!(logs.position("user:7").offset, 1, "only the final state");
 }
+
+/// Connects with `query` (after `?`); returns the client and its CONNECTED.
+async fn connect_with_query(bridge: &Bridge, query: &str) -> (Client, Value) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let req = format!("{}?{query}", bridge.ws_url())
+        .into_client_request()
+        .unwrap();
+    let stream = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    let mut client = Client { ws };
+    let hello = client.recv().await;
+    assert_eq!(hello["type"], "@@patchbay/CONNECTED", "{hello}");
+    (client, hello)
+}
+
+#[tokio::test]
+async fn the_identity_room_recovers_with_the_handshake() {
+    let bridge = Bridge::start("{}", None, with_jwt).await;
+    let token = jwt(json!({"sub": "7", "exp": now() + 600}));
+    let (first, hello) = connect_with_query(&bridge, &format!("token={token}")).await;
+    let position = hello["payload"]["positions"]["user:7"].clone();
+    assert_eq!(position["offset"], 0, "{hello}");
+    assert!(hello["payload"].get("recovery").is_none(), "{hello}");
+    drop(first);
+    publish_n(&bridge, "user:7", 1, 3).await;
+
+    let since = format!("{}:0", position["epoch"].as_str().unwrap());
+    let (mut again, hello) =
+        connect_with_query(&bridge, &format!("token={token}&since={since}")).await;
+    assert_eq!(
+        hello["payload"]["recovery"],
+        json!({"room": "user:7", "recovered": true, "replayed": 3}),
+        "{hello}"
+    );
+    assert_eq!(hello["payload"]["positions"]["user:7"]["offset"], 3);
+    for n in 1..=3u64 {
+        let got = again.recv().await;
+        assert_eq!(
+            (got["payload"].clone(), got["meta"]["replayed"].clone()),
+            (json!(n), json!(true))
+        );
+    }
+    publish_n(&bridge, "user:7", 4, 4).await;
+    assert_eq!(again.recv().await["meta"]["offset"], 4);
+
+    // A since of another sequence, or no position at all: told so, nothing replayed.
+    for since in ["someone-else:2", "garbage"] {
+        let (_c, hello) =
+            connect_with_query(&bridge, &format!("token={token}&since={since}")).await;
+        assert_eq!(hello["payload"]["recovery"]["recovered"], false, "{hello}");
+        assert_eq!(
+            hello["payload"]["recovery"]["reason"], "epoch_changed",
+            "{hello}"
+        );
+        assert_eq!(hello["payload"]["positions"]["user:7"]["offset"], 4);
+    }
+}
+
+#[tokio::test]
+async fn an_action_stored_in_several_rooms_of_a_connection_carries_all_its_offsets() {
+    let bridge = history_bridge(100, 1000).await;
+    let mut both = bridge.connect().await;
+    subscribe(&mut both, json!({"room": "feed:a"})).await;
+    subscribe(&mut both, json!({"room": "feed:b"})).await;
+    let mut only_b = bridge.connect().await;
+    subscribe(&mut only_b, json!({"room": "feed:b"})).await;
+    publish_n(&bridge, "feed:b", 1, 1).await;
+    assert_eq!(both.recv().await["meta"]["offset"], 1);
+    assert_eq!(only_b.recv().await["meta"]["offset"], 1);
+    bridge
+        .app
+        .hub
+        .publish(vec!["feed:a".into(), "feed:b".into()], action(2))
+        .await
+        .unwrap();
+    let got = both.recv().await;
+    assert_eq!(got["meta"]["room"], "feed:a");
+    assert_eq!(got["meta"]["offset"], 1);
+    assert_eq!(got["meta"]["offsets"], json!({"feed:b": 2}), "{got}");
+    let got_b = only_b.recv().await;
+    assert_eq!(got_b["meta"]["room"], "feed:b");
+    assert_eq!(got_b["meta"]["offset"], 2);
+    assert!(
+        got_b["meta"].get("offsets").is_none(),
+        "no room of another: {got_b}"
+    );
+    assert_eq!(
+        got["meta"]["id"], got_b["meta"]["id"],
+        "one id in every room"
+    );
+}

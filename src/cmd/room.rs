@@ -9,8 +9,8 @@ use super::{Allowed, Applied, Outcome};
 use crate::app::App;
 use crate::error::{ActionError, Code};
 use crate::history::{MemoryHistory, Position, Reason};
-use crate::outbox::Text;
 use crate::protocol;
+use crate::recovery::Recovery;
 use crate::rooms::{ConnId, JoinError, valid_room};
 
 /// `{"room": "...", "token"?: "..."}` of SUBSCRIBE and UNSUBSCRIBE.
@@ -113,17 +113,8 @@ pub fn subscribe(
         payload.insert("room".into(), Value::String(room.clone()));
         let mut outcome = match (history, since) {
             (Some(history), Some(since)) => {
-                recover(
-                    &app,
-                    &history,
-                    conn,
-                    &room,
-                    &since,
-                    payload,
-                    &name,
-                    &request_id,
-                )
-                .await
+                let at = (room.as_str(), &since);
+                recover(&app, &history, conn, at, payload, (&name, &request_id)).await
             }
             (Some(history), None) => {
                 let position = history.lock().position(&room);
@@ -154,72 +145,22 @@ pub fn subscribe(
     }))
 }
 
-/// A recovery (section 8): reads what `room` stored after `since` while live actions for this
-/// connection wait ([`crate::rooms::Rooms::join_recovering`]), writes the success, then the
-/// replay paced into the send queue (a replay never closes the connection as slow), then what
-/// waited, without what the replay or the client already had.
-#[allow(clippy::too_many_arguments)]
+/// A recovery (section 8): the success with the recovery's fields, then the replay, then the
+/// live actions that waited meanwhile; all written here, in that order.
 async fn recover(
     app: &App,
     history: &MemoryHistory,
     conn: ConnId,
-    room: &str,
-    since: &Position,
+    (room, since): (&str, &Position),
     mut payload: Map<String, Value>,
-    name: &str,
-    request_id: &str,
+    (name, request_id): (&str, &str),
 ) -> Outcome {
-    let read = history.lock().read(room, since);
-    let (replay, position, reason) = match read {
-        Ok((replay, position)) => (replay, position, None),
-        Err((reason, position)) => (Vec::new(), position, Some(reason)),
-    };
-    payload.insert("position".into(), position.to_json());
-    payload.insert("recovered".into(), Value::Bool(reason.is_none()));
-    if let Some(reason) = reason {
-        payload.insert("reason".into(), json!(reason.as_str()));
-    }
-    payload.insert("replayed".into(), json!(replay.len()));
+    let recovery = Recovery::read(history, room, since);
+    recovery.fields(&mut payload);
     let reply = protocol::success(name, request_id, &Value::Object(payload), Map::new());
-    let rooms = app.hub.rooms();
-    let Some(outbox) = rooms.outbox(conn) else {
-        rooms.end_recovery(conn, room, u64::MAX);
-        return Outcome::reply(String::new());
-    };
-    let mut texts = std::iter::once(reply.into()).chain(replay.iter().map(|(offset, stored)| {
-        let stamp = protocol::Stamp {
-            id: Some(&stored.id),
-            offset: Some(*offset),
-            replayed: true,
-        };
-        protocol::server_action(&stored.action, room, &stamp).into()
-    }));
-    // Paced: wait for room in the queue rather than overflow it.
-    let mut next: Option<Text> = texts.next();
-    while let Some(text) = next.take() {
-        if !outbox.fits(text.len()) {
-            // Larger than the whole queue: never for this connection (as live).
-            next = texts.next();
-            continue;
-        }
-        match outbox.try_push(text) {
-            Ok(()) => next = texts.next(),
-            Err(Some(text)) => {
-                next = Some(text);
-                tokio::time::sleep(REPLAY_PACE).await;
-            }
-            // The connection is closing.
-            Err(None) => break,
-        }
-    }
-    // What arrived meanwhile with an offset up to where the replay stands was just sent; after
-    // a refused recovery the client refetches and goes on from `position`.
-    rooms.end_recovery(conn, room, position.offset);
+    recovery.send(app, conn, room, reply).await;
     Outcome::reply(String::new())
 }
-
-/// How long a paced replay waits for room in a full send queue.
-const REPLAY_PACE: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// The state of the task whose room `room` is, as the `TASK_PROGRESS` a connection gets
 /// right after joining it, so a job that ended before the join still reaches the client.
