@@ -56,38 +56,81 @@ impl Recovery {
     /// in the send queue rather than overflowing it, then what was held back for the room
     /// while this ran; and lets the room's live actions through again.
     pub async fn send(self, app: &App, conn: ConnId, room: &str, answer: String) {
-        let rooms = app.hub.rooms();
-        if let Some(outbox) = rooms.outbox(conn) {
-            let replay = self.replay.iter().map(|(offset, stored)| {
+        send_all(app, conn, answer, vec![(room.to_string(), self)]).await;
+    }
+}
+
+/// [`Recovery::send`] for several rooms answered at once (a batch SUBSCRIBE): the answer,
+/// each room's replay in turn (an action stored in several of them only the first time),
+/// then what was held back for each.
+pub async fn send_all(
+    app: &App,
+    conn: ConnId,
+    answer: String,
+    recoveries: Vec<(String, Recovery)>,
+) {
+    let rooms = app.hub.rooms();
+    if let Some(outbox) = rooms.outbox(conn) {
+        // An action stored in several of the rooms goes out once, through the first, with its
+        // offsets in the others.
+        let mut elsewhere: std::collections::HashMap<&str, Map<String, Value>> =
+            std::collections::HashMap::new();
+        let mut first_room: std::collections::HashMap<&str, &str> =
+            std::collections::HashMap::new();
+        for (room, recovery) in &recoveries {
+            for (offset, stored) in &recovery.replay {
+                if first_room.entry(stored.id.as_str()).or_insert(room) != room {
+                    elsewhere
+                        .entry(stored.id.as_str())
+                        .or_default()
+                        .insert(room.clone(), json!(offset));
+                }
+            }
+        }
+        let mut texts = vec![Text::from(answer)];
+        for (room, recovery) in &recoveries {
+            for (offset, stored) in &recovery.replay {
+                if first_room.get(stored.id.as_str()) != Some(&room.as_str()) {
+                    continue;
+                }
                 let stamp = protocol::Stamp {
                     id: Some(&stored.id),
                     offset: Some(*offset),
                     replayed: true,
-                    offsets: None,
+                    offsets: elsewhere.get(stored.id.as_str()),
                 };
-                Text::from(protocol::server_action(&stored.action, room, &stamp))
-            });
-            let mut texts = std::iter::once(Text::from(answer)).chain(replay);
-            let mut next = texts.next();
-            while let Some(text) = next.take() {
-                if !outbox.fits(text.len()) {
-                    // Larger than the whole queue: never for this connection, as when live.
-                    next = texts.next();
-                    continue;
-                }
-                match outbox.try_push(text) {
-                    Ok(()) => next = texts.next(),
-                    Err(Some(text)) => {
-                        next = Some(text);
-                        tokio::time::sleep(PACE).await;
-                    }
-                    // The connection is closing.
-                    Err(None) => break,
-                }
+                texts.push(protocol::server_action(&stored.action, room, &stamp).into());
             }
         }
-        // Held-back actions up to where the replay stands were just sent; after a refused
-        // recovery the client refetches and goes on from `position`.
-        rooms.end_recovery(conn, room, self.position.offset);
+        drop((elsewhere, first_room));
+        push_paced(&outbox, texts).await;
+    }
+    // Held-back actions up to where each replay stands were just sent; after a refused
+    // recovery the client refetches and goes on from `position`.
+    for (room, recovery) in &recoveries {
+        rooms.end_recovery(conn, room, recovery.position.offset);
+    }
+}
+
+/// Queues `texts` in order, waiting for room in the send queue rather than overflowing it
+/// (a replay never closes a connection as slow). A frame larger than the whole queue is never
+/// for this connection, as when live, and is skipped.
+async fn push_paced(outbox: &crate::outbox::Outbox, texts: Vec<Text>) {
+    for text in texts {
+        if !outbox.fits(text.len()) {
+            continue;
+        }
+        let mut text = text;
+        loop {
+            match outbox.try_push(text) {
+                Ok(()) => break,
+                Err(Some(back)) => {
+                    text = back;
+                    tokio::time::sleep(PACE).await;
+                }
+                // The connection is closing.
+                Err(None) => return,
+            }
+        }
     }
 }

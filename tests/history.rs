@@ -342,3 +342,79 @@ async fn an_action_stored_in_several_rooms_of_a_connection_carries_all_its_offse
         "one id in every room"
     );
 }
+
+#[tokio::test]
+async fn a_batch_subscribe_rejoins_every_room_and_replays_a_shared_action_once() {
+    let bridge = history_bridge(100, 1000).await;
+    let mut first = bridge.connect().await;
+    let a = subscribe(&mut first, json!({"room": "feed:a"})).await["position"].clone();
+    let b = subscribe(&mut first, json!({"room": "feed:b"})).await["position"].clone();
+    drop(first);
+    publish_n(&bridge, "feed:a", 1, 1).await;
+    bridge
+        .app
+        .hub
+        .publish(vec!["feed:a".into(), "feed:b".into()], action(2))
+        .await
+        .unwrap();
+    publish_n(&bridge, "feed:b", 3, 3).await;
+
+    let mut again = bridge.connect().await;
+    let reply = again
+        .request(
+            "@@patchbay/SUBSCRIBE",
+            json!({"rooms": [
+                {"room": "feed:a", "since": a},
+                {"room": "secret"},
+                {"room": "feed:b", "since": b},
+                {"room": "lobby"},
+            ]}),
+        )
+        .await;
+    assert_eq!(reply["type"], "@@patchbay/SUBSCRIBE_SUCCESS", "{reply}");
+    let rooms = reply["payload"]["rooms"].as_array().unwrap().clone();
+    assert_eq!(rooms.len(), 4, "{reply}");
+    assert_eq!(
+        (
+            rooms[0]["room"].clone(),
+            rooms[0]["recovered"].clone(),
+            rooms[0]["replayed"].clone()
+        ),
+        (json!("feed:a"), json!(true), json!(2))
+    );
+    assert_eq!(rooms[1]["room"], "secret");
+    assert_eq!(rooms[1]["error"]["code"], "forbidden", "{reply}");
+    assert_eq!(
+        (rooms[2]["recovered"].clone(), rooms[2]["replayed"].clone()),
+        (json!(true), json!(2)),
+        "{reply}"
+    );
+    assert_eq!(rooms[3], json!({"room": "lobby"}));
+    // Three actions missed in all: the one stored in both rooms comes once.
+    let mut payloads = Vec::new();
+    for _ in 0..3 {
+        let got = again.recv().await;
+        assert_eq!(got["meta"]["replayed"], true, "{got}");
+        if got["payload"] == 2 {
+            // Through the first of its rooms, with its offset in the other.
+            assert_eq!(got["meta"]["room"], "feed:a", "{got}");
+            assert_eq!(got["meta"]["offsets"], json!({"feed:b": 1}), "{got}");
+        }
+        payloads.push(got["payload"].as_u64().unwrap());
+    }
+    payloads.sort();
+    assert_eq!(payloads, [1, 2, 3]);
+    assert_answers_ping(&mut again).await;
+    // Every admitted room is joined: live actions flow.
+    publish_n(&bridge, "lobby", 9, 9).await;
+    assert_eq!(again.recv().await["payload"], 9);
+
+    // Too many entries is refused whole.
+    let many: Vec<Value> = (0..300)
+        .map(|i| json!({"room": format!("feed:{i}")}))
+        .collect();
+    let reply = again
+        .request("@@patchbay/SUBSCRIBE", json!({ "rooms": many }))
+        .await;
+    assert_failure(&reply, "@@patchbay/SUBSCRIBE", "invalid_payload");
+}

@@ -47,6 +47,12 @@ pub enum Command {
         /// Recover what came after this position (section 8).
         since: Option<crate::history::Position>,
     },
+    /// `@@patchbay/SUBSCRIBE` of `rooms`, the batch a client rejoins with: each room admitted
+    /// or refused on its own, in request order.
+    SubscribeMany {
+        /// Each room with its position to recover from, or why it may not be joined.
+        rooms: Vec<room::BatchEntry>,
+    },
     /// `@@patchbay/UNSUBSCRIBE`: leave a room.
     Unsubscribe {
         /// The room.
@@ -117,6 +123,10 @@ impl Command {
     pub fn parse(req: &Request, app: &App, allowed: &Allowed<'_>) -> Result<Command, ActionError> {
         match req.builtin {
             Some(Builtin::Ping) => Ok(Command::Ping),
+            Some(Builtin::Subscribe) if req.payload.get("rooms").is_some() => {
+                room::parse_subscribe_many(&req.payload, app, allowed)
+                    .map(|rooms| Command::SubscribeMany { rooms })
+            }
             Some(Builtin::Subscribe) => room::parse_subscribe(&req.payload, app, allowed)
                 .map(|(room, since)| Command::Subscribe { room, since }),
             Some(Builtin::Unsubscribe) => {
@@ -161,6 +171,10 @@ impl Parsed {
             Command::Subscribe { room, since } => {
                 let user = peer.identity.user_id.clone();
                 room::subscribe(app, conn, user, room, since, name, request_id)
+            }
+            Command::SubscribeMany { rooms } => {
+                let user = peer.identity.user_id.clone();
+                room::subscribe_many(app, conn, user, rooms, name, request_id)
             }
             Command::Unsubscribe { room } => room::unsubscribe(app, conn, room, name, request_id),
             Command::Action { spec } => action::run(app, conn, peer, spec, payload, request_id),

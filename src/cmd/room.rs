@@ -63,6 +63,131 @@ pub fn parse_subscribe(
     Ok((room, since))
 }
 
+/// One room of a batch SUBSCRIBE: the room and its position to recover from, or its entry
+/// (`room` as sent) and why it may not be joined.
+pub type BatchEntry = Result<(String, Option<Position>), (Value, ActionError)>;
+
+/// The rooms of a batch SUBSCRIBE, `{"rooms":[{"room","token"?,"since"?}, …]}`: each one
+/// checked on its own (a refused room keeps its entry, with the error); at most
+/// `PATCHBAY_MAX_ROOMS` entries.
+pub fn parse_subscribe_many(
+    payload: &Value,
+    app: &App,
+    allowed: &Allowed<'_>,
+) -> Result<Vec<BatchEntry>, ActionError> {
+    let invalid = |m: String| ActionError::new(Code::InvalidPayload, m);
+    let entries = payload
+        .get("rooms")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            invalid("payload.rooms must be an array of {room, token?, since?}".into())
+        })?;
+    if entries.len() > app.config.max_rooms {
+        return Err(invalid(format!(
+            "payload.rooms may hold at most {} rooms",
+            app.config.max_rooms
+        )));
+    }
+    Ok(entries
+        .iter()
+        .map(|entry| {
+            parse_subscribe(entry, app, allowed)
+                .map_err(|e| (entry.get("room").cloned().unwrap_or(Value::Null), e))
+        })
+        .collect())
+}
+
+/// A batch SUBSCRIBE: joins every admitted room now, then answers
+/// `{"rooms":[<each room's success payload, or {"room","error"}>]}` once the bus confirms
+/// them, followed by the replays of the rooms that recover; an action stored in several of
+/// them is replayed once. Task rooms' snapshots follow.
+pub fn subscribe_many(
+    app: &Arc<App>,
+    conn: ConnId,
+    user: Option<String>,
+    entries: Vec<BatchEntry>,
+    name: String,
+    request_id: String,
+) -> Applied {
+    let rooms = app.hub.rooms();
+    let mut joins = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let joined = entry.and_then(|(room, since)| {
+            let history = app.history.clone().filter(|h| h.keeps(&room));
+            let since = since.filter(|_| history.is_some());
+            let joined = match since {
+                Some(_) => rooms.join_recovering(conn, &room, app.config.max_rooms),
+                None => rooms.join(conn, &room, app.config.max_rooms),
+            };
+            match joined {
+                Ok(added) => Ok((app.hub.confirm(&room, added), room, since, history)),
+                Err(JoinError::Gone) => {
+                    Err((Value::Null, ActionError::new(Code::Internal, "closing")))
+                }
+                Err(e) => Err((
+                    Value::String(room),
+                    ActionError::new(Code::Forbidden, e.to_string()),
+                )),
+            }
+        });
+        joins.push(joined);
+    }
+    let app = app.clone();
+    Applied::Later(Box::pin(async move {
+        let mut answers = Vec::with_capacity(joins.len());
+        let mut recoveries = Vec::new();
+        let mut snapshots = Vec::new();
+        for joined in joins {
+            let (join, room, since, history) = match joined {
+                Ok(j) => j,
+                Err((room, err)) => {
+                    answers.push(
+                        json!({"room": room, "error": {"code": err.code, "message": err.message}}),
+                    );
+                    continue;
+                }
+            };
+            if let Err(e) = join.confirmed.await {
+                tracing::warn!(%room, error = %e, "the bus could not confirm a subscription");
+                app.hub.rooms().end_recovery(conn, &room, u64::MAX);
+                if join.added
+                    && let Some(left) = app.hub.leave(conn, &room)
+                {
+                    left.await;
+                }
+                answers.push(json!({"room": room, "error": {"code": Code::UpstreamUnavailable, "message": "the bus is unavailable; try again"}}));
+                continue;
+            }
+            let mut payload = Map::new();
+            payload.insert("room".into(), Value::String(room.clone()));
+            match (history, since) {
+                (Some(history), Some(since)) => {
+                    let recovery = Recovery::read(&history, &room, &since);
+                    recovery.fields(&mut payload);
+                    recoveries.push((room.clone(), recovery));
+                }
+                (Some(history), None) => {
+                    let position = history.lock().position(&room);
+                    payload.insert("position".into(), position.to_json());
+                }
+                (None, _) => {}
+            }
+            answers.push(Value::Object(payload));
+            if let Some(snapshot) = snapshot(&app, &room, user.as_deref()).await {
+                snapshots.push(snapshot);
+            }
+        }
+        let reply = protocol::success(&name, &request_id, &json!({ "rooms": answers }), Map::new());
+        crate::recovery::send_all(&app, conn, reply, recoveries).await;
+        if let Some(outbox) = app.hub.rooms().outbox(conn) {
+            for snapshot in snapshots {
+                outbox.push(snapshot.into());
+            }
+        }
+        Outcome::reply(String::new())
+    }))
+}
+
 /// Joins `room` now; answers once the bus confirms the subscription. If the bus cannot, the
 /// client is told to retry (`upstream_unavailable`), and the connection leaves the room again
 /// only if this request added it. A history room's success says where the room stands; with
