@@ -77,14 +77,47 @@ export type ReplyAction<P = unknown> = SuccessAction<P> | FailureAction
 
 export interface StatusAction { type: '@@patchbay/STATUS', payload: { status: Status } }
 export interface AuthExpiredAction { type: '@@patchbay/AUTH_EXPIRED' }
+/** Where a client stands in a room's history: after `offset` of `epoch`. */
+export interface Position { epoch: string, offset: number }
+/** Why a recovery replayed nothing. */
+export type RecoveryReason = 'not_kept' | 'unavailable' | 'epoch_changed' | 'too_old' | 'too_many'
 export interface ConnectedAction {
   type: '@@patchbay/CONNECTED'
-  payload: { protocol: number, connectionId: string, userId: string | null, rooms: string[] }
+  payload: {
+    protocol: number
+    connectionId: string
+    userId: string | null
+    rooms: string[]
+    /** Where the identity's room stands, when it keeps history. */
+    positions?: Record<string, Position>
+    /** How the recovery asked for by the reconnect went. */
+    recovery?: { room: string, recovered: boolean, reason?: RecoveryReason, replayed: number }
+  }
 }
+/**
+ * What a room missed while the socket was down could not be replayed (or the server missed it
+ * itself): refetch what you show of `room`; pushes go on from `position`.
+ */
+export interface ResyncAction { type: '@@patchbay/RESYNC', payload: { room: string, reason: RecoveryReason, position: Position | null } }
 /** A result of `client.poll`, dispatched as `poll.as`. */
 export interface PolledAction<P = unknown> { type: string, payload: P, meta: { room: string, polled: true } }
 /** Pushed by the server into a room the connection is in. */
-export interface ServerAction<P = unknown> { type: string, payload?: P, meta: { room: string, [key: string]: unknown } }
+export interface ServerAction<P = unknown> {
+  type: string
+  payload?: P
+  meta: {
+    room: string
+    /** The action's id, the same in every room (rooms that keep history). */
+    id?: string
+    /** Its place in `room`'s history. */
+    offset?: number
+    /** Its places in the other rooms of this connection it was stored in. */
+    offsets?: Record<string, number>
+    /** Sent by a recovery. */
+    replayed?: true
+    [key: string]: unknown
+  }
+}
 
 /** The request types the middleware answers: the manifest's, and the built-ins. */
 export type RequestType<M = Manifest> = `${Extract<keyof M, string>}_REQUEST` | `@@patchbay/${string}_REQUEST`

@@ -19,6 +19,17 @@ const ROOM_PART = /^[A-Za-z0-9\-._~]+$/
 const ROOM = /^[\x21-\x7e]{1,128}$/
 /** How many ids of requests answered some other way are kept, to drop late socket replies. */
 const LATE_IDS = 1000
+/** How many `meta.id`s of server-fired actions are remembered to drop a repeat. */
+const SEEN_IDS = 2000
+const RESYNC = BUILTIN + 'RESYNC'
+
+/** A position as the server sends it, `{epoch, offset}`, or null. */
+const positionOf = p => (p && typeof p.epoch === 'string' && Number.isSafeInteger(p.offset) ? { epoch: p.epoch, offset: p.offset } : null)
+
+/** `url` with `since=<epoch>:<offset>` added to its query. */
+function withSince (url, position) {
+  return `${url}${url.includes('?') ? '&' : '?'}since=${encodeURIComponent(`${position.epoch}:${position.offset}`)}`
+}
 
 function uuid () {
   if (globalThis.crypto?.randomUUID) return globalThis.crypto.randomUUID()
@@ -86,8 +97,13 @@ export function createPatchbay (options) {
   const inRest = new Set()
   /** Ids of requests sent over the socket but answered otherwise: a late reply is dropped. */
   const late = new Set()
-  /** room → { token, poll, live, timer, chain }: rooms to rejoin after a reconnect, or to poll. */
+  /** room → { token, poll, live, timer, chain, position }: rooms to rejoin after a reconnect
+   *  (recovering from `position` where the room keeps history), or to poll. */
   const rooms = new Map()
+  /** The identity's own room (`user:<id>`) and where it stands: recovered with the handshake. */
+  let identity = null
+  /** `meta.id`s of the server-fired actions dispatched lately, oldest first. */
+  const seenIds = new Set()
   const stats = { socket: 0, rest: 0 }
   /** Aborts of the REST calls under way, all cut short by `close()`. */
   const inFlight = new Set()
@@ -131,19 +147,55 @@ export function createPatchbay (options) {
       const state = entry.rejoin
       if (rooms.get(room) !== state) return
       state.live = !reply.error
-      if (state.live) stopPolling(state)
-      else startPolling(room, state)
+      if (state.live) {
+        stopPolling(state)
+        recovered(room, state, reply.payload)
+      } else startPolling(room, state)
     } else if (entry.name === SUBSCRIBE) {
       const state = rooms.get(room)
       if (!state) return
       if (!reply.error && !reply.meta?.deferred) {
         state.live = true
         stopPolling(state)
+        state.position = positionOf(reply.payload?.position) ?? state.position
       } else if (reply.error && state === entry.added) {
         forget(room)
       }
     } else if (!entry.builtin && !reply.error) {
       remember(entry.spec, reply)
+    }
+  }
+
+  /** A rejoin's answer: where the room stands now, and a RESYNC when what was missed could
+   *  not be replayed (the app refetches what it shows of the room). */
+  function recovered (room, state, payload) {
+    state.position = positionOf(payload?.position)
+    if (payload?.recovered === false && payload.reason !== 'not_kept') {
+      emit({ type: RESYNC, payload: { room, reason: payload.reason, position: state.position } })
+    }
+  }
+
+  /** Moves the positions of the rooms a server-fired action was stored in. */
+  function advance (meta) {
+    const move = (room, offset) => {
+      if (!Number.isSafeInteger(offset)) return
+      const position = room === identity?.room ? identity.position : rooms.get(room)?.position
+      if (position && offset > position.offset) position.offset = offset
+    }
+    move(meta.room, meta.offset)
+    if (meta.offsets && typeof meta.offsets === 'object') {
+      for (const [room, offset] of Object.entries(meta.offsets)) move(room, offset)
+    }
+  }
+
+  /** The greeting: where the identity's room stands, and how its recovery went. */
+  function greeted (payload) {
+    const room = Array.isArray(payload?.rooms) ? payload.rooms[0] : undefined
+    const position = typeof room === 'string' ? positionOf(payload.positions?.[room]) : null
+    identity = position ? { room, position } : null
+    const recovery = payload?.recovery
+    if (recovery && recovery.recovered === false && recovery.reason !== 'not_kept') {
+      emit({ type: RESYNC, payload: { room: recovery.room, reason: recovery.reason, position } })
     }
   }
 
@@ -163,7 +215,7 @@ export function createPatchbay (options) {
       // The payload cannot name the room: nothing to poll, and in fallback nothing to join.
     }
     if (!room) return
-    const state = rooms.get(room) ?? { token: null, poll: null, live: false, timer: null, chain: null }
+    const state = rooms.get(room) ?? { token: null, poll: null, live: false, timer: null, chain: null, position: null }
     rooms.set(room, state)
     if (typeof reply.meta?.roomToken === 'string') state.token = reply.meta.roomToken
     if (spec.client?.poll && fields) state.poll = { ...spec.client.poll, fields }
@@ -234,7 +286,7 @@ export function createPatchbay (options) {
     const room = entry.payload?.room
     if (isRoomOp(entry) && isRoom(room)) {
       if (entry.name === UNSUBSCRIBE) forget(room)
-      else if (!rooms.has(room)) rooms.set(room, entry.added = { token: null, poll: null, live: false, timer: null, chain: null })
+      else if (!rooms.has(room)) rooms.set(room, entry.added = { token: null, poll: null, live: false, timer: null, chain: null, position: null })
       const token = entry.payload.token
       if (entry.name === SUBSCRIBE && typeof token === 'string') rooms.get(room).token = token
     }
@@ -257,6 +309,7 @@ export function createPatchbay (options) {
   /** Quietly (re)joins a remembered room, presenting its token; a refusal falls back to polling. */
   function join (room, state) {
     const payload = state.token ? { room, token: state.token } : { room }
+    if (state.position) payload.since = { ...state.position }
     const entry = entryFor(SUBSCRIBE, payload, uuid(), { quiet: true, rejoin: state })
     if (!send(entry)) startPolling(room, state)
   }
@@ -301,6 +354,17 @@ export function createPatchbay (options) {
     }
     // A reply to a request that already timed out or was answered over REST.
     if (late.delete(id)) return
+    if (message.type === BUILTIN + 'CONNECTED') greeted(message.payload)
+    const meta = message.meta
+    if (meta && typeof meta === 'object') {
+      // A recovery may replay what another room's recovery (or the live stream) brought.
+      if (typeof meta.id === 'string') {
+        if (seenIds.has(meta.id)) return
+        seenIds.add(meta.id)
+        if (seenIds.size > SEEN_IDS) seenIds.delete(seenIds.values().next().value)
+      }
+      advance(meta)
+    }
     emit(message)
     finishedByPush(message)
   }
@@ -334,7 +398,8 @@ export function createPatchbay (options) {
   }
 
   const connection = new Connection({
-    url,
+    // The identity's room recovers with the handshake, from where it stood.
+    url: () => (identity ? withSince(url, identity.position) : url),
     WebSocket,
     minBackoffMs,
     maxBackoffMs,

@@ -14,7 +14,7 @@ const PING_PREFIX = 'ping-'
 export class Connection {
   /**
    * @param {object} o
-   * @param {string} o.url
+   * @param {string | (() => string)} o.url  (a function: asked again at every connect)
    * @param {typeof WebSocket} o.WebSocket
    * @param {number} o.minBackoffMs first reconnect delay
    * @param {number} o.maxBackoffMs largest reconnect delay; a socket that stayed open this long
@@ -62,7 +62,7 @@ export class Connection {
     if (this.stopped) return
     let ws
     try {
-      ws = new this.o.WebSocket(this.o.url)
+      ws = new this.o.WebSocket(typeof this.o.url === 'function' ? this.o.url() : this.o.url)
     } catch {
       this.down(1006)
       return

@@ -546,6 +546,83 @@ test('a push that finishes a polled room leaves it: no rejoin, no poll after the
   assert.deepEqual(ws.last.requests('@@patchbay/SUBSCRIBE_REQUEST'), [], 'nor rejoined')
 })
 
+// --- history and recovery ------------------------------------------------------------------
+
+/** Opens `socket` and greets with a CONNECTED of this payload. */
+function acceptWith (socket, payload) {
+  socket.readyState = 1
+  socket.onopen?.({})
+  socket.receive({ type: '@@patchbay/CONNECTED', payload: { protocol: 1, connectionId: 'c', userId: null, rooms: [], ...payload } })
+}
+
+const push = (socket, n, meta) => socket.receive({ type: 'TICK', payload: n, meta })
+
+test('a rejoined room recovers from where it stood, and an action seen already is dropped', async t => {
+  const { ws, dispatch, of } = setup(t)
+  ws.last.accept()
+  const joined = dispatch({ type: '@@patchbay/SUBSCRIBE_REQUEST', payload: { room: 'feed:1' } })
+  ws.last.succeed('@@patchbay/SUBSCRIBE_REQUEST', { room: 'feed:1', position: { epoch: 'e', offset: 0 } })
+  await joined
+  push(ws.last, 1, { room: 'feed:1', id: 'i1', offset: 1 })
+  push(ws.last, 2, { room: 'feed:1', id: 'i2', offset: 2 })
+
+  ws.last.drop(1006)
+  await until(() => ws.sockets.length === 2, 'a reconnect')
+  ws.last.accept()
+  const rejoin = ws.last.requests('@@patchbay/SUBSCRIBE_REQUEST').at(-1)
+  assert.deepEqual(rejoin.payload, { room: 'feed:1', since: { epoch: 'e', offset: 2 } })
+  ws.last.receive({ type: '@@patchbay/SUBSCRIBE_SUCCESS', payload: { room: 'feed:1', position: { epoch: 'e', offset: 3 }, recovered: true, replayed: 1 }, meta: { requestId: rejoin.meta.requestId } })
+  push(ws.last, 3, { room: 'feed:1', id: 'i3', offset: 3, replayed: true })
+  push(ws.last, 2, { room: 'feed:1', id: 'i2', offset: 2, replayed: true })
+  await tick()
+  assert.deepEqual(of('TICK').map(a => a.payload), [1, 2, 3], 'each action once')
+  assert.equal(of('@@patchbay/RESYNC').length, 0)
+
+  // The next reconnect asks from offset 3.
+  ws.last.drop(1006)
+  await until(() => ws.sockets.length === 3, 'another reconnect')
+  ws.last.accept()
+  assert.deepEqual(ws.last.requests('@@patchbay/SUBSCRIBE_REQUEST').at(-1).payload.since, { epoch: 'e', offset: 3 })
+})
+
+test('a recovery that cannot replay dispatches RESYNC with where the room stands', async t => {
+  const { ws, dispatch, of } = setup(t)
+  ws.last.accept()
+  const joined = dispatch({ type: '@@patchbay/SUBSCRIBE_REQUEST', payload: { room: 'feed:1' } })
+  ws.last.succeed('@@patchbay/SUBSCRIBE_REQUEST', { room: 'feed:1', position: { epoch: 'e', offset: 5 } })
+  await joined
+  ws.last.drop(1006)
+  await until(() => ws.sockets.length === 2, 'a reconnect')
+  ws.last.accept()
+  const rejoin = ws.last.requests('@@patchbay/SUBSCRIBE_REQUEST').at(-1)
+  ws.last.receive({ type: '@@patchbay/SUBSCRIBE_SUCCESS', payload: { room: 'feed:1', position: { epoch: 'f', offset: 9 }, recovered: false, reason: 'epoch_changed', replayed: 0 }, meta: { requestId: rejoin.meta.requestId } })
+  await tick()
+  assert.deepEqual(of('@@patchbay/RESYNC').map(a => a.payload), [{ room: 'feed:1', reason: 'epoch_changed', position: { epoch: 'f', offset: 9 } }])
+  // A room without history is no reason to refetch.
+  ws.last.drop(1006)
+  await until(() => ws.sockets.length === 3, 'another reconnect')
+  ws.last.accept()
+  const again = ws.last.requests('@@patchbay/SUBSCRIBE_REQUEST').at(-1)
+  assert.deepEqual(again.payload.since, { epoch: 'f', offset: 9 })
+  ws.last.receive({ type: '@@patchbay/SUBSCRIBE_SUCCESS', payload: { room: 'feed:1', recovered: false, reason: 'not_kept', replayed: 0 }, meta: { requestId: again.meta.requestId } })
+  await tick()
+  assert.equal(of('@@patchbay/RESYNC').length, 1)
+})
+
+test('the identity room recovers with the handshake: since in the URL, RESYNC when it cannot', async t => {
+  const { ws, of } = setup(t)
+  assert.ok(!ws.last.url.includes('since'), ws.last.url)
+  acceptWith(ws.last, { userId: '7', rooms: ['user:7'], positions: { 'user:7': { epoch: 'u', offset: 4 } } })
+  push(ws.last, 'hi', { room: 'user:7', id: 'x1', offset: 5 })
+  push(ws.last, 'both', { room: 'feed:9', id: 'x2', offsets: { 'user:7': 6 } })
+  ws.last.drop(1006)
+  await until(() => ws.sockets.length === 2, 'a reconnect')
+  assert.ok(ws.last.url.endsWith('?since=u%3A6'), ws.last.url)
+  acceptWith(ws.last, { userId: '7', rooms: ['user:7'], positions: { 'user:7': { epoch: 'v', offset: 0 } }, recovery: { room: 'user:7', recovered: false, reason: 'epoch_changed', replayed: 0 } })
+  await tick()
+  assert.deepEqual(of('@@patchbay/RESYNC').map(a => a.payload), [{ room: 'user:7', reason: 'epoch_changed', position: { epoch: 'v', offset: 0 } }])
+})
+
 test('SUBSCRIBE while in fallback succeeds with meta.deferred and joins on reconnect; other built-ins fail', async t => {
   const { ws, dispatch, api } = setup(t)
   const reply = await dispatch({ type: '@@patchbay/SUBSCRIBE_REQUEST', payload: { room: 'org:1', token: 't1' } })

@@ -160,6 +160,9 @@ export async function startStack () {
     PATCHBAY_ROOM_SECRET: randomBytes(32).toString('hex'),
     // The demo page is served by the API, on another port than patchbay.
     PATCHBAY_ALLOWED_ORIGINS: apiUrl,
+    // Rooms any connection may join that keep history, for the recovery tests.
+    PATCHBAY_PUBLIC_ROOMS: 'feed:*',
+    PATCHBAY_HISTORY_ROOMS: 'task:*,user:*,feed:*',
     PATCHBAY_LOG: 'info'
   }
   let patchbay = null
