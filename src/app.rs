@@ -14,6 +14,7 @@ use crate::dispatch::Dispatcher;
 use crate::history::MemoryHistory;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::presence::Presence;
 use crate::registry::Registry;
 use crate::rooms::{ConnId, Rooms};
 use crate::task::worker::{Worker, worker_id};
@@ -54,6 +55,8 @@ pub struct App {
     pub metrics: Metrics,
     /// The embedded history, when some room keeps history (the in-memory bus only, so far).
     pub history: Option<Arc<MemoryHistory>>,
+    /// Presence, when some room tracks it (the in-memory bus only, so far).
+    pub presence: Option<Arc<Presence>>,
     /// The embedded task queue, when some action is a `task` action and Redis is not set.
     embedded: Option<Arc<EmbeddedQueues>>,
     /// The Redis task queue, when some action is a `task` action and Redis is set.
@@ -163,6 +166,11 @@ impl App {
             authenticator,
             room_tokens: RoomTokens::new(&config.room_secret),
             history,
+            presence: config
+                .presence
+                .clone()
+                .filter(|_| config.redis_url.is_none())
+                .map(|p| Presence::new(p, rooms.clone())),
             config,
             registry,
             hub,

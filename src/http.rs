@@ -37,7 +37,9 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Infal
         .unify()
         .or(metrics(app.clone()))
         .unify()
-        .or(publish_route(app))
+        .or(publish_route(app.clone()))
+        .unify()
+        .or(presence_route(app))
         .unify()
         .recover(handle_rejection)
         .unify()
@@ -120,6 +122,52 @@ fn publish_route(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Re
                 publish(&app, &headers, body).await
             },
         )
+}
+
+/// `GET /presence/<room>`: the room's presence snapshot, for backends (the publish token).
+fn presence_route(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::path::full()
+        .and_then(|full: warp::path::FullPath| async move {
+            let room = full.as_str().strip_prefix("/presence/").map(|r| {
+                percent_encoding::percent_decode_str(r)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            });
+            room.ok_or_else(warp::reject::not_found)
+        })
+        .and(get_or_head())
+        .and(with_app(app))
+        .and(warp::header::headers_cloned())
+        .map(|room: String, app: Arc<App>, headers: hyper::HeaderMap| {
+            let Some(expected) = &app.config.publish_token else {
+                return error_response(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "the presence endpoint needs PATCHBAY_PUBLISH_TOKEN",
+                );
+            };
+            if !token_matches(headers.get(hyper::header::AUTHORIZATION), expected) {
+                return error_response(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "missing or wrong bearer token",
+                );
+            }
+            match app.presence.as_ref().filter(|p| p.tracks(&room)) {
+                Some(presence) => {
+                    let mut body = presence.snapshot(&room);
+                    if let Some(b) = body.as_object_mut() {
+                        b.insert("room".into(), json!(room));
+                    }
+                    json_response(StatusCode::OK, &body)
+                }
+                None => error_response(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "this room does not track presence",
+                ),
+            }
+        })
 }
 
 /// The one place a rejection becomes an answer: 404 for an unknown route, 405 for a known

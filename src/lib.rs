@@ -20,6 +20,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod outbox;
+pub mod presence;
 pub mod protocol;
 pub mod ratelimit;
 pub mod recovery;

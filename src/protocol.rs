@@ -29,12 +29,15 @@ pub enum Builtin {
     Unsubscribe,
     /// `@@patchbay/PING`: application-level keepalive.
     Ping,
+    /// `@@patchbay/PRESENCE_SET`: set the user's presence state in a room.
+    PresenceSet,
 }
 
 impl Builtin {
     fn from_name(name: &str) -> Option<Builtin> {
         match name {
             "@@patchbay/SUBSCRIBE" => Some(Builtin::Subscribe),
+            "@@patchbay/PRESENCE_SET" => Some(Builtin::PresenceSet),
             "@@patchbay/UNSUBSCRIBE" => Some(Builtin::Unsubscribe),
             "@@patchbay/PING" => Some(Builtin::Ping),
             _ => None,

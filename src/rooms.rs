@@ -266,6 +266,15 @@ impl Rooms {
         }
     }
 
+    /// The rooms connection `id` is in.
+    pub fn rooms_of(&self, id: ConnId) -> Vec<String> {
+        let maps = self.maps.read().unwrap();
+        maps.members
+            .get(&id)
+            .map(|m| m.rooms.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// The outbox of connection `id`.
     pub fn outbox(&self, id: ConnId) -> Option<Outbox> {
         let maps = self.maps.read().unwrap();

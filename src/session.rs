@@ -23,6 +23,7 @@ use crate::auth::Identity;
 use crate::cmd::{Allowed, Applied, Command, Outcome, Parsed};
 use crate::error::{ActionError, Code, Disconnect};
 use crate::outbox::{Closer, Outbox, Text};
+use crate::presence::Leave;
 use crate::protocol::{self, FrameError, Request};
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::recovery::Recovery;
@@ -79,6 +80,7 @@ where
         app: app.clone(),
         conn_id: peer.conn_id,
         closer: closer.clone(),
+        user: peer.identity.user_id.clone(),
     };
     let mut session = Session {
         rate: RateLimiter::new(
@@ -92,12 +94,18 @@ where
         grants: HashSet::new(),
         pending: FuturesUnordered::new(),
         actions_in_flight: 0,
+        closed_by_client: false,
     };
     if session.start().await {
         session.read_loop(inbound).await;
     }
     // Cleanup, once: leave every room (the outbox the hub held goes with it).
+    let how = match session.closed_by_client {
+        true => Leave::Left,
+        false => Leave::Timeout,
+    };
     let Session { app, peer, .. } = session;
+    leave_presence(&app, peer.conn_id, peer.identity.user_id.as_deref(), how);
     app.hub.leave_all(peer.conn_id).await;
     drop(registration);
 }
@@ -108,12 +116,15 @@ struct Registration {
     app: Arc<App>,
     conn_id: ConnId,
     closer: Arc<Closer>,
+    user: Option<String>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.closer.close(Disconnect::Internal);
+            let user = self.user.as_deref();
+            leave_presence(&self.app, self.conn_id, user, Leave::Timeout);
         }
         // After a normal exit the session has already left everything, and this finds nothing.
         self.app.hub.leave_all_detached(self.conn_id);
@@ -132,6 +143,9 @@ struct Session {
     actions_in_flight: usize,
     /// Every client message counts against it.
     rate: RateLimiter,
+    /// The client closed the session itself (a close frame): its presences leave at once,
+    /// where a dropped connection's wait out the grace.
+    closed_by_client: bool,
 }
 
 impl Session {
@@ -251,7 +265,11 @@ impl Session {
                             return;
                         },
                         Some(Inbound::Pong) => {}
-                        Some(Inbound::Close) | None => return,
+                        Some(Inbound::Close) => {
+                            self.closed_by_client = true;
+                            return;
+                        }
+                        None => return,
                         Some(Inbound::Failed(reason)) => {
                             if let Some(reason) = reason {
                                 closer.close(reason);
@@ -355,6 +373,18 @@ impl Session {
         }
         if let Some(then) = outcome.then {
             self.send(then);
+        }
+    }
+}
+
+/// The user of a closing connection leaves the presence of every room it was in.
+fn leave_presence(app: &App, conn: ConnId, user: Option<&str>, how: Leave) {
+    let (Some(presence), Some(user)) = (&app.presence, user) else {
+        return;
+    };
+    for room in app.hub.rooms().rooms_of(conn) {
+        if presence.tracks(&room) {
+            presence.leave(&room, user, conn, how);
         }
     }
 }

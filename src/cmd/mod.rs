@@ -19,7 +19,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
-use serde_json::{Map, json};
+use serde_json::{Map, Value, json};
 
 use crate::app::App;
 use crate::auth::Identity;
@@ -52,6 +52,13 @@ pub enum Command {
     SubscribeMany {
         /// Each room with its position to recover from, or why it may not be joined.
         rooms: Vec<room::BatchEntry>,
+    },
+    /// `@@patchbay/PRESENCE_SET`: the user's presence state in a room.
+    PresenceSet {
+        /// The room.
+        room: String,
+        /// A JSON object of at most 1 KiB.
+        state: Value,
     },
     /// `@@patchbay/UNSUBSCRIBE`: leave a room.
     Unsubscribe {
@@ -129,6 +136,11 @@ impl Command {
             }
             Some(Builtin::Subscribe) => room::parse_subscribe(&req.payload, app, allowed)
                 .map(|(room, since)| Command::Subscribe { room, since }),
+            Some(Builtin::PresenceSet) => {
+                let (room, _) = room_payload(&req.payload)?;
+                let state = req.payload.get("state").cloned().unwrap_or(Value::Null);
+                Ok(Command::PresenceSet { room, state })
+            }
             Some(Builtin::Unsubscribe) => {
                 room_payload(&req.payload).map(|(room, _)| Command::Unsubscribe { room })
             }
@@ -176,7 +188,21 @@ impl Parsed {
                 let user = peer.identity.user_id.clone();
                 room::subscribe_many(app, conn, user, rooms, name, request_id)
             }
-            Command::Unsubscribe { room } => room::unsubscribe(app, conn, room, name, request_id),
+            Command::PresenceSet { room, state } => {
+                let user = peer.identity.user_id.as_deref();
+                Applied::Now(room::presence_set(
+                    app,
+                    user,
+                    &room,
+                    &state,
+                    &name,
+                    &request_id,
+                ))
+            }
+            Command::Unsubscribe { room } => {
+                let user = peer.identity.user_id.clone();
+                room::unsubscribe(app, conn, user, room, name, request_id)
+            }
             Command::Action { spec } => action::run(app, conn, peer, spec, payload, request_id),
         }
     }

@@ -9,6 +9,7 @@ use super::{Allowed, Applied, Outcome};
 use crate::app::App;
 use crate::error::{ActionError, Code};
 use crate::history::{MemoryHistory, Position, Reason};
+use crate::presence::{Leave, SetError};
 use crate::protocol;
 use crate::recovery::Recovery;
 use crate::rooms::{ConnId, JoinError, valid_room};
@@ -160,6 +161,9 @@ pub fn subscribe_many(
             }
             let mut payload = Map::new();
             payload.insert("room".into(), Value::String(room.clone()));
+            if let Some(snapshot) = presence_join(&app, &room, user.as_deref(), conn) {
+                payload.insert("presence".into(), snapshot);
+            }
             match (history, since) {
                 (Some(history), Some(since)) => {
                     let recovery = Recovery::read(&history, &room, &since);
@@ -236,6 +240,9 @@ pub fn subscribe(
         }
         let mut payload = Map::new();
         payload.insert("room".into(), Value::String(room.clone()));
+        if let Some(snapshot) = presence_join(&app, &room, user.as_deref(), conn) {
+            payload.insert("presence".into(), snapshot);
+        }
         let mut outcome = match (history, since) {
             (Some(history), Some(since)) => {
                 let at = (room.as_str(), &since);
@@ -287,6 +294,53 @@ async fn recover(
     Outcome::reply(String::new())
 }
 
+/// `@@patchbay/PRESENCE_SET {"room","state"}`: the user's state in a presence room it is in;
+/// the success carries the version of the `PRESENCE_STATE` it caused.
+pub fn presence_set(
+    app: &App,
+    user: Option<&str>,
+    room: &str,
+    state: &Value,
+    name: &str,
+    request_id: &str,
+) -> String {
+    let result = match (&app.presence, user) {
+        (Some(presence), Some(user)) if presence.tracks(room) => presence.set(room, user, state),
+        _ => Err(SetError::NotIn),
+    };
+    match result {
+        Ok(version) => protocol::success(
+            name,
+            request_id,
+            &json!({"room": room, "version": version}),
+            Map::new(),
+        ),
+        Err(SetError::NotIn) => protocol::failure(
+            name,
+            request_id,
+            &ActionError::new(
+                Code::Forbidden,
+                format!("this user is not present in {room}"),
+            ),
+        ),
+        Err(SetError::Invalid(why)) => protocol::failure(
+            name,
+            request_id,
+            &ActionError::new(Code::InvalidPayload, why),
+        ),
+    }
+}
+
+/// Joins the user's presence in `room` when it tracks presence; the snapshot for the success
+/// (also for an anonymous connection, which is not listed itself).
+fn presence_join(app: &App, room: &str, user: Option<&str>, conn: ConnId) -> Option<Value> {
+    let presence = app.presence.as_ref().filter(|p| p.tracks(room))?;
+    Some(match user {
+        Some(user) => presence.join(room, user, conn),
+        None => presence.snapshot(room),
+    })
+}
+
 /// The state of the task whose room `room` is, as the `TASK_PROGRESS` a connection gets
 /// right after joining it, so a job that ended before the join still reaches the client.
 /// `None` for other rooms, and for tasks of another owner or of an external task manager.
@@ -310,10 +364,16 @@ pub async fn snapshot(app: &App, room: &str, user: Option<&str>) -> Option<Strin
 pub fn unsubscribe(
     app: &Arc<App>,
     conn: ConnId,
+    user: Option<String>,
     room: String,
     name: String,
     request_id: String,
 ) -> Applied {
+    if let (Some(presence), Some(user)) = (&app.presence, &user)
+        && presence.tracks(&room)
+    {
+        presence.leave(&room, user, conn, Leave::Left);
+    }
     let reply = protocol::success(&name, &request_id, &json!({ "room": room }), Map::new());
     match app.hub.leave(conn, &room) {
         Some(left) => Applied::Later(Box::pin(async move {

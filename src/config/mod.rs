@@ -126,6 +126,9 @@ pub struct Config {
     /// `PATCHBAY_HISTORY_*` and `PATCHBAY_RECOVER_MAX`: `None` when no room keeps history
     /// (none listed, or the Redis bus, which keeps none yet).
     pub history: Option<crate::history::HistoryConfig>,
+    /// `PATCHBAY_PRESENCE_*`: `None` when no room tracks presence (none listed, or the Redis
+    /// bus, which tracks none yet).
+    pub presence: Option<crate::presence::PresenceConfig>,
     /// `PATCHBAY_LOG`: a tracing filter.
     pub log: String,
 }
@@ -218,6 +221,25 @@ impl Config {
                 return Err(ConfigError::var(
                     "history_rooms",
                     "history is kept with the embedded bus only in this version; unset it (or leave it empty) with PATCHBAY_REDIS_URL",
+                ));
+            }
+        };
+        let presence_rooms: Vec<RoomPattern> = list(raw.get("presence_rooms"))
+            .map(|p| RoomPattern::parse(p).map_err(|e| ConfigError::var("presence_rooms", e)))
+            .collect::<Result<_, _>>()?;
+        let grace_ms: u64 = raw.get("presence_grace_ms").trim().parse().map_err(|_| {
+            ConfigError::var("presence_grace_ms", "must be a number of milliseconds")
+        })?;
+        let presence = match (&redis_url, presence_rooms.is_empty()) {
+            (_, true) => None,
+            (None, false) => Some(crate::presence::PresenceConfig {
+                rooms: presence_rooms,
+                grace: Duration::from_millis(grace_ms.min(3_600_000)),
+            }),
+            (Some(_), false) => {
+                return Err(ConfigError::var(
+                    "presence_rooms",
+                    "presence is tracked with the embedded bus only in this version; leave it empty with PATCHBAY_REDIS_URL",
                 ));
             }
         };
@@ -354,6 +376,7 @@ impl Config {
             idle_timeout,
             shutdown_grace: seconds("shutdown_grace_secs", raw.get("shutdown_grace_secs"), 0)?,
             history,
+            presence,
             log: raw.get("log").to_string(),
         })
     }

@@ -32,7 +32,7 @@ const fn var(name: &'static str, default: &'static str, help: &'static str) -> V
 /// start-up: a misspelt variable must never silently turn a feature off
 /// (`PATCHBAY_JWT_SECERT` would otherwise let everyone in).
 #[rustfmt::skip]
-pub const VARIABLES: [Var; 33] = [
+pub const VARIABLES: [Var; 35] = [
     var("PATCHBAY_LISTEN", "127.0.0.1:8080", "address to bind; port 0 picks a free port"),
     var("PATCHBAY_API_URL", "", "base URL of the REST API that `http` actions call"),
     var("PATCHBAY_ACTIONS", "./actions", "directory of action manifests"),
@@ -65,19 +65,19 @@ pub const VARIABLES: [Var; 33] = [
     var("PATCHBAY_HISTORY_SIZE", "100", "actions kept per history room"),
     var("PATCHBAY_HISTORY_TTL_SECS", "300", "a history room's actions expire this long after its last append, seconds"),
     var("PATCHBAY_RECOVER_MAX", "1000", "most actions replayed to one connection for one SUBSCRIBE"),
+    var("PATCHBAY_PRESENCE_ROOMS", "", "rooms that track which users are in them; empty: none (embedded bus only for now)"),
+    var("PATCHBAY_PRESENCE_GRACE_MS", "5000", "how long a dropped connection's user stays present, ms"),
     var("PATCHBAY_LOG", "info", "tracing filter"),
 ];
 
 /// Variables of features this version does not have yet. Setting one is refused like an
 /// unknown name, with a message that says so: ignoring it would leave the feature silently
 /// off (a JWKS URL that authenticates nobody, history that is never kept).
-const NOT_YET_SUPPORTED: [&str; 11] = [
+const NOT_YET_SUPPORTED: [&str; 9] = [
     "PATCHBAY_REDIS_CA_FILE",
     "PATCHBAY_JWKS_URL",
     "PATCHBAY_JWT_ISSUER",
     "PATCHBAY_JWT_AUDIENCE",
-    "PATCHBAY_PRESENCE_ROOMS",
-    "PATCHBAY_PRESENCE_GRACE_MS",
     "PATCHBAY_EMITTER_KEY",
     "PATCHBAY_EMITTER_ROOMS",
     "PATCHBAY_SSE_HEARTBEAT_SECS",
