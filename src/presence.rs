@@ -59,6 +59,9 @@ pub struct Presence {
     config: PresenceConfig,
     rooms: Arc<Rooms>,
     state: Mutex<HashMap<String, Room>>,
+    /// Versions come from one counter for every room: a room emptied (and forgotten) and
+    /// joined again never sees its version go back.
+    versions: std::sync::atomic::AtomicU64,
 }
 
 /// Why a state update was refused.
@@ -77,6 +80,7 @@ impl Presence {
             config,
             rooms,
             state: Mutex::default(),
+            versions: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -105,7 +109,7 @@ impl Presence {
         u.generation += 1;
         u.conns.insert(conn);
         if fresh {
-            r.version += 1;
+            r.version = self.next_version();
             let event =
                 json!({"room": room, "userId": user, "state": u.state, "version": r.version});
             self.fire(room, "@@patchbay/PRESENCE_JOIN", event);
@@ -149,14 +153,22 @@ impl Presence {
         if r.users.remove(user).is_none() {
             return;
         }
-        r.version += 1;
+        r.version = self.next_version();
         let reason = match how {
             Leave::Left => "left",
             Leave::Timeout => "timeout",
         };
         let event = json!({"room": room, "userId": user, "version": r.version, "reason": reason});
-        // An emptied room keeps its entry (and so its version, which must never go back).
         self.fire(room, "@@patchbay/PRESENCE_LEAVE", event);
+        if r.users.is_empty() {
+            rooms.remove(room);
+        }
+    }
+
+    fn next_version(&self) -> u64 {
+        self.versions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
     }
 
     /// `user` (in `room`) sets its state there. Returns the new version.
@@ -175,7 +187,7 @@ impl Presence {
             .filter(|u| !u.conns.is_empty())
             .ok_or(SetError::NotIn)?;
         u.state = state.clone();
-        r.version += 1;
+        r.version = self.next_version();
         let event = json!({"room": room, "userId": user, "state": state, "version": r.version});
         self.fire(room, "@@patchbay/PRESENCE_STATE", event);
         Ok(r.version)

@@ -281,7 +281,16 @@ pub fn server_action(action: &Map<String, Value>, room: &str, stamp: &Stamp<'_>)
         Some(Value::Object(m)) => m.clone(),
         _ => Map::new(),
     };
-    for reserved in ["id", "offset", "offsets", "replayed"] {
+    for reserved in [
+        "id",
+        "offset",
+        "offsets",
+        "replayed",
+        "requestId",
+        "status",
+        "subscribed",
+        "roomToken",
+    ] {
         meta.remove(reserved);
     }
     meta.insert("room".into(), Value::String(room.to_string()));

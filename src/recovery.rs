@@ -7,8 +7,11 @@
 use serde_json::{Map, Value, json};
 
 use crate::app::App;
-use crate::history::{MemoryHistory, Position, Reason, Replay};
-use crate::outbox::Text;
+use std::collections::HashMap;
+
+use crate::error::Disconnect;
+use crate::history::{Logs, MemoryHistory, Position, Reason, Replay};
+use crate::outbox::{Outbox, Text};
 use crate::protocol;
 use crate::rooms::ConnId;
 
@@ -28,7 +31,12 @@ pub struct Recovery {
 impl Recovery {
     /// Reads `room`'s history after `since`.
     pub fn read(history: &MemoryHistory, room: &str, since: &Position) -> Recovery {
-        match history.lock().read(room, since) {
+        Self::read_locked(&mut history.lock(), room, since)
+    }
+
+    /// [`Recovery::read`] under a lock the caller holds: several rooms read at one instant.
+    pub fn read_locked(logs: &mut Logs<'_>, room: &str, since: &Position) -> Recovery {
+        match logs.read(room, since) {
             Ok((replay, position)) => Recovery {
                 position,
                 reason: None,
@@ -52,31 +60,46 @@ impl Recovery {
         payload.insert("replayed".into(), json!(self.replay.len()));
     }
 
-    /// Queues `answer`, then the replay (each action with `meta.replayed`), waiting for room
-    /// in the send queue rather than overflowing it, then what was held back for the room
-    /// while this ran; and lets the room's live actions through again.
+    /// Queues `answer`, then the replay (each action with `meta.replayed`), then what was held
+    /// back for the room while this ran; and lets the room's live actions through again.
     pub async fn send(self, app: &App, conn: ConnId, room: &str, answer: String) {
-        send_all(app, conn, answer, vec![(room.to_string(), self)]).await;
+        send_all(
+            app,
+            conn,
+            answer,
+            vec![(room.to_string(), self)],
+            Vec::new(),
+        )
+        .await;
     }
 }
 
 /// [`Recovery::send`] for several rooms answered at once (a batch SUBSCRIBE): the answer,
 /// each room's replay in turn (an action stored in several of them only the first time),
-/// then what was held back for each.
+/// what was held back for each, then `after` (task snapshots). Everything is paced into the
+/// send queue: a replay never closes the connection as slow.
 pub async fn send_all(
     app: &App,
     conn: ConnId,
     answer: String,
     recoveries: Vec<(String, Recovery)>,
+    after: Vec<String>,
 ) {
     let rooms = app.hub.rooms();
-    if let Some(outbox) = rooms.outbox(conn) {
-        // An action stored in several of the rooms goes out once, through the first, with its
-        // offsets in the others.
-        let mut elsewhere: std::collections::HashMap<&str, Map<String, Value>> =
-            std::collections::HashMap::new();
-        let mut first_room: std::collections::HashMap<&str, &str> =
-            std::collections::HashMap::new();
+    let Some(outbox) = rooms.outbox(conn) else {
+        for (room, _) in &recoveries {
+            while rooms.take_held(conn, room).is_some() {}
+        }
+        return;
+    };
+    // A client that reads nothing for the idle timeout is closed as idle, as it would be.
+    let deadline = tokio::time::Instant::now() + app.config.idle_timeout;
+    let mut texts = vec![Text::from(answer)];
+    {
+        // An action stored in several of the rooms goes out once, through the first, with
+        // its offsets in the others.
+        let mut elsewhere: HashMap<&str, Map<String, Value>> = HashMap::new();
+        let mut first_room: HashMap<&str, &str> = HashMap::new();
         for (room, recovery) in &recoveries {
             for (offset, stored) in &recovery.replay {
                 if first_room.entry(stored.id.as_str()).or_insert(room) != room {
@@ -87,7 +110,6 @@ pub async fn send_all(
                 }
             }
         }
-        let mut texts = vec![Text::from(answer)];
         for (room, recovery) in &recoveries {
             for (offset, stored) in &recovery.replay {
                 if first_room.get(stored.id.as_str()) != Some(&room.as_str()) {
@@ -102,20 +124,58 @@ pub async fn send_all(
                 texts.push(protocol::server_action(&stored.action, room, &stamp).into());
             }
         }
-        drop((elsewhere, first_room));
-        push_paced(&outbox, texts).await;
     }
-    // Held-back actions up to where each replay stands were just sent; after a refused
-    // recovery the client refetches and goes on from `position`.
+    let mut open = push_paced(&outbox, texts, deadline).await;
+    // What was held back: without the stored actions the replay already carried; after a
+    // refused recovery all of it (the client refetches, and misses nothing it was sent).
     for (room, recovery) in &recoveries {
-        rooms.end_recovery(conn, room, recovery.position.offset);
+        let skip_upto = recovery
+            .reason
+            .is_none()
+            .then_some(recovery.position.offset);
+        while let Some(held) = rooms.take_held(conn, room) {
+            if !open {
+                continue;
+            }
+            let texts = held
+                .into_iter()
+                .filter(|(offset, _)| match (offset, skip_upto) {
+                    (Some(o), Some(upto)) => *o > upto,
+                    _ => true,
+                })
+                .map(|(_, text)| text)
+                .collect();
+            open = push_paced(&outbox, texts, deadline).await;
+        }
+    }
+    if open {
+        push_paced(
+            &outbox,
+            after.into_iter().map(Text::from).collect(),
+            deadline,
+        )
+        .await;
     }
 }
 
-/// Queues `texts` in order, waiting for room in the send queue rather than overflowing it
-/// (a replay never closes a connection as slow). A frame larger than the whole queue is never
-/// for this connection, as when live, and is skipped.
-async fn push_paced(outbox: &crate::outbox::Outbox, texts: Vec<Text>) {
+/// Lets what was held back for `room` through, all of it (a recovery that could not start).
+pub async fn release_held(app: &App, conn: ConnId, room: &str) {
+    let rooms = app.hub.rooms();
+    let outbox = rooms.outbox(conn);
+    let deadline = tokio::time::Instant::now() + app.config.idle_timeout;
+    let mut open = outbox.is_some();
+    while let Some(held) = rooms.take_held(conn, room) {
+        if let (Some(outbox), true) = (&outbox, open) {
+            open = push_paced(outbox, held.into_iter().map(|(_, t)| t).collect(), deadline).await;
+        }
+    }
+}
+
+/// Queues `texts` in order, waiting for room in the send queue rather than overflowing it. A
+/// frame larger than the whole queue is never for this connection, as when live, and is
+/// skipped. Returns false once the connection is closing (closed here as idle when the client
+/// has read nothing until `deadline`).
+async fn push_paced(outbox: &Outbox, texts: Vec<Text>, deadline: tokio::time::Instant) -> bool {
     for text in texts {
         if !outbox.fits(text.len()) {
             continue;
@@ -125,12 +185,16 @@ async fn push_paced(outbox: &crate::outbox::Outbox, texts: Vec<Text>) {
             match outbox.try_push(text) {
                 Ok(()) => break,
                 Err(Some(back)) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        outbox.closer().close(Disconnect::Idle);
+                        return false;
+                    }
                     text = back;
                     tokio::time::sleep(PACE).await;
                 }
-                // The connection is closing.
-                Err(None) => return,
+                Err(None) => return false,
             }
         }
     }
+    true
 }

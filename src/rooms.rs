@@ -119,7 +119,10 @@ struct Maps {
 }
 
 /// What arrived for a membership being recovered: each frame with its offset in the room.
-type Waiting = Vec<(Option<u64>, Text)>;
+pub type Waiting = Vec<(Option<u64>, Text)>;
+
+/// Most frames held back for one recovering membership.
+const HELD_MAX: usize = 65_536;
 
 /// A map keyed by connection id with a cheap multiplicative hash: ids are process-local
 /// counters, never client input, so a DoS-resistant hash buys nothing on the fan-out path.
@@ -221,17 +224,20 @@ impl Rooms {
         let mut maps = self.maps.write().unwrap();
         let maps = &mut *maps;
         let member = maps.members.get_mut(&id).ok_or(JoinError::Gone)?;
+        let added = !member.rooms.contains(room);
+        if added && member.rooms.len() >= max_rooms {
+            return Err(JoinError::TooMany(max_rooms));
+        }
         if recovering {
+            // A second recovery of the room while one runs shares its buffer.
             maps.recovering
                 .get_mut()
                 .unwrap()
-                .insert((id, room.to_string()), Vec::new());
+                .entry((id, room.to_string()))
+                .or_default();
         }
-        if member.rooms.contains(room) {
+        if !added {
             return Ok(false);
-        }
-        if member.rooms.len() >= max_rooms {
-            return Err(JoinError::TooMany(max_rooms));
         }
         member.rooms.insert(room.to_string());
         let outbox = member.outbox.clone();
@@ -242,27 +248,21 @@ impl Rooms {
         Ok(true)
     }
 
-    /// Ends the recovery of `room` by connection `id`: queues what arrived meanwhile, except
-    /// stored actions at or before `after` (the replay or the client already had them), and
-    /// lets deliveries through again. Nothing is delivered to the room while this runs.
-    pub fn end_recovery(&self, id: ConnId, room: &str, after: u64) {
+    /// What arrived for connection `id` through `room` while it recovers, taken out; the room
+    /// stays held back. `None` once nothing is left: then deliveries go through again, and
+    /// the recovery is over. Call until `None`, queueing what comes back in order, so that
+    /// live actions never overtake held-back ones.
+    pub fn take_held(&self, id: ConnId, room: &str) -> Option<Waiting> {
         let mut maps = self.maps.write().unwrap();
-        let maps = &mut *maps;
-        let Some(waiting) = maps
-            .recovering
-            .get_mut()
-            .unwrap()
-            .remove(&(id, room.to_string()))
-        else {
-            return;
-        };
-        let Some(member) = maps.members.get(&id) else {
-            return;
-        };
-        for (offset, text) in waiting {
-            if offset.is_none_or(|o| o > after) && !member.outbox.push(text) {
-                return;
+        let recovering = maps.recovering.get_mut().unwrap();
+        let key = (id, room.to_string());
+        match recovering.get_mut(&key) {
+            Some(waiting) if !waiting.is_empty() => Some(std::mem::take(waiting)),
+            Some(_) => {
+                recovering.remove(&key);
+                None
             }
+            None => None,
         }
     }
 
@@ -290,6 +290,10 @@ impl Rooms {
     /// room became empty.
     pub fn leave_checked(&self, id: ConnId, room: &str) -> Option<bool> {
         let mut maps = self.maps.write().unwrap();
+        maps.recovering
+            .get_mut()
+            .unwrap()
+            .remove(&(id, room.to_string()));
         let was_member = maps
             .members
             .get_mut(&id)
@@ -378,6 +382,13 @@ impl Rooms {
                     .as_mut()
                     .and_then(|r| r.get_mut(&(*id_, room.clone())))
                 {
+                    // A client that cannot take in the live actions while its replay is
+                    // queued is as slow as one whose send queue overflows.
+                    if waiting.len() >= HELD_MAX {
+                        outbox.closer().close(crate::error::Disconnect::Slow);
+                        result.dropped += 1;
+                        continue;
+                    }
                     waiting.push((offset, text.clone()));
                     continue;
                 }

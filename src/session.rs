@@ -159,7 +159,9 @@ impl Session {
             return self.outbox.push(hello.into());
         };
         let history = self.app.history.clone().filter(|h| h.keeps(&room));
-        let since = self.peer.since.take().filter(|_| history.is_some());
+        let asked = self.peer.since.take();
+        let not_kept = asked.is_some() && history.is_none();
+        let since = asked.filter(|_| history.is_some());
         let rooms = self.app.hub.rooms();
         let joined = match since {
             Some(_) => rooms.join_recovering(conn, &room, usize::MAX),
@@ -184,6 +186,12 @@ impl Session {
             extra.insert("positions".into(), json!({ &room: position.to_json() }));
         }
         let user = self.peer.identity.user_id.as_deref();
+        if not_kept {
+            extra.insert(
+                "recovery".into(),
+                json!({"room": &room, "recovered": false, "reason": "not_kept", "replayed": 0}),
+            );
+        }
         let Some(recovery) = recovery else {
             let hello = protocol::connected(&self.peer.connection_id, user, &[room], Some(extra));
             return self.outbox.push(hello.into());

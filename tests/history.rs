@@ -367,7 +367,7 @@ async fn a_batch_subscribe_rejoins_every_room_and_replays_a_shared_action_once()
                 {"room": "feed:a", "since": a},
                 {"room": "secret"},
                 {"room": "feed:b", "since": b},
-                {"room": "lobby"},
+                {"room": "lobby", "since": a},
             ]}),
         )
         .await;
@@ -389,7 +389,10 @@ async fn a_batch_subscribe_rejoins_every_room_and_replays_a_shared_action_once()
         (json!(true), json!(2)),
         "{reply}"
     );
-    assert_eq!(rooms[3], json!({"room": "lobby"}));
+    assert_eq!(
+        rooms[3],
+        json!({"room": "lobby", "recovered": false, "reason": "not_kept", "replayed": 0})
+    );
     // Three actions missed in all: the one stored in both rooms comes once.
     let mut payloads = Vec::new();
     for _ in 0..3 {

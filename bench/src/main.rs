@@ -25,6 +25,8 @@ commands:
               directly
   publish     patchbay's peak memory for one POST /publish to many rooms (3,000 rooms x
               42 KB and 10,000 rooms x 145 KB)
+  history     the fan-out on patchbay's embedded bus (POST /publish), in a plain room and in
+              a room that keeps history: what history costs per delivery
   all         the four delivery scenarios in turn
   ci          a tiny fan-out (50 clients, 10 messages) against patchbay and the reference
               server and a short request/response run through patchbay; exits 1 on any loss
@@ -62,6 +64,7 @@ enum Scenario {
     Targeted,
     ReqResp,
     Publish,
+    History,
 }
 
 #[derive(Debug, Default)]
@@ -156,6 +159,7 @@ fn main() -> ExitCode {
         "targeted" => (vec![Scenario::Targeted], false),
         "reqresp" => (vec![Scenario::ReqResp], false),
         "publish" => (vec![Scenario::Publish], false),
+        "history" => (vec![Scenario::History], false),
         "all" => (
             vec![
                 Scenario::Fanout,
@@ -339,7 +343,7 @@ fn params(s: Scenario, o: &Opts, ci: bool) -> Params {
     let seconds = o.seconds.unwrap_or(if q { 5.0 } else { 10.0 });
     let (clients, rate) = match s {
         Scenario::Fanout if ci => (50, 20.0),
-        Scenario::Fanout => (if q { 500 } else { 2000 }, 20.0),
+        Scenario::Fanout | Scenario::History => (if q { 500 } else { 2000 }, 20.0),
         Scenario::Idle => (if q { 3000 } else { 15000 }, 0.0),
         // Same deliveries per second as the fan-out, for the p99 comparison.
         Scenario::Targeted => (
@@ -492,6 +496,59 @@ async fn run(
                     }
                 }
                 checks.extend(delivery_checks(fan, &runs, &mut fanout_p99));
+            }
+            Scenario::History => {
+                let mut rows = Vec::new();
+                for history in [false, true] {
+                    eprintln!(
+                        "  fan-out on the embedded bus, history {} ...",
+                        if history { "on" } else { "off" }
+                    );
+                    let run =
+                        scenarios::fanout_embedded(&ctx, p.clients, p.rate, p.messages, history)
+                            .await;
+                    match &run {
+                        Ok(r) if r.loss() == 0 && r.duplicates == 0 && r.failed_connects == 0 => {}
+                        _ => ok = false,
+                    }
+                    rows.push((history, run));
+                }
+                println!(
+                    "history: patchbay on its embedded bus, {} clients in room `bench`, {} actions of {} bytes at {}/s with POST /publish",
+                    p.clients,
+                    p.messages,
+                    scenarios::ACTION_BYTES,
+                    p.rate
+                );
+                println!(
+                    "  {:<14} {:>7} {:>8} {:>8} {:>7} {:>13}",
+                    "room", "clients", "p50 µs", "p99 µs", "loss", "CPU µs/deliv"
+                );
+                let mut cpu = [0.0f64; 2];
+                for (history, run) in &rows {
+                    let name = if *history { "keeps history" } else { "plain" };
+                    match run {
+                        Ok(r) => {
+                            cpu[usize::from(*history)] = r.cpu_us_per_delivery();
+                            println!(
+                                "  {:<14} {:>7} {:>8} {:>8} {:>7} {:>13.2}",
+                                name,
+                                r.clients,
+                                r.latency.p50,
+                                r.latency.p99,
+                                r.loss(),
+                                r.cpu_us_per_delivery()
+                            );
+                        }
+                        Err(e) => println!("  {name:<14} failed: {e}"),
+                    }
+                }
+                if cpu[0] > 0.0 && cpu[1] > 0.0 {
+                    println!(
+                        "  history / plain: {:.2}x the CPU per delivery",
+                        cpu[1] / cpu[0]
+                    );
+                }
             }
             Scenario::Idle => {
                 let mut runs: Vec<Result<IdleRun, (Target, String)>> = Vec::new();

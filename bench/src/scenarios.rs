@@ -71,6 +71,16 @@ impl Ctx {
 
     /// Starts `target` pinned to the server core and waits until it serves.
     pub async fn start(&self, target: Target) -> Result<Server, String> {
+        self.start_with(target, Some(&self.redis_url), &[]).await
+    }
+
+    /// [`Ctx::start`]; patchbay on `redis` (`None`: its embedded bus) with `extra` settings.
+    pub async fn start_with(
+        &self,
+        target: Target,
+        redis: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Result<Server, String> {
         let port = procs::free_port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log = self.log_path(target);
@@ -82,9 +92,8 @@ impl Ctx {
                 let api = self
                     .upstream
                     .map_or("http://127.0.0.1:9".to_string(), |a| format!("http://{a}"));
-                let env: Vec<(String, String)> = [
+                let mut env: Vec<(String, String)> = [
                     ("PATCHBAY_LISTEN", addr.to_string()),
-                    ("PATCHBAY_REDIS_URL", self.redis_url.clone()),
                     ("PATCHBAY_PUBLIC_ROOMS", "bench,dm:*".into()),
                     ("PATCHBAY_ACTIONS", actions.display().to_string()),
                     ("PATCHBAY_API_URL", api),
@@ -99,6 +108,10 @@ impl Ctx {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();
+                if let Some(url) = redis {
+                    env.push(("PATCHBAY_REDIS_URL".into(), url.to_string()));
+                }
+                env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
                 // The work directory as cwd, so no developer `.env` changes the settings.
                 let p = procs::spawn(
                     "patchbay",
@@ -140,7 +153,7 @@ impl Ctx {
         };
         let ready = async {
             procs::wait_listening(&mut proc, addr, Duration::from_secs(20)).await?;
-            if target == Target::Patchbay {
+            if target == Target::Patchbay && redis.is_some() {
                 // Listening comes before the Redis connection: wait for the bus too, or the
                 // first SUBSCRIBEs fail with upstream_unavailable.
                 let deadline = Instant::now() + Duration::from_secs(10);
@@ -377,10 +390,58 @@ pub async fn fanout(
         crowd,
         expected,
         messages,
-        |_| "patchbay:room:bench".to_string(),
+        Via::Redis(|_| "patchbay:room:bench".to_string()),
         rate,
     )
     .await
+}
+
+/// Fan-out on patchbay's embedded bus (no Redis; actions published with `POST /publish`), in a
+/// room that keeps history (`history`) or not: what history costs per delivery.
+pub async fn fanout_embedded(
+    ctx: &Ctx,
+    clients: usize,
+    rate: f64,
+    messages: u64,
+    history: bool,
+) -> Result<DeliveryRun, String> {
+    let rooms = if history { "bench" } else { "" };
+    let mut server = ctx
+        .start_with(Target::Patchbay, None, &[("PATCHBAY_HISTORY_ROOMS", rooms)])
+        .await?;
+    let crowd = Crowd::connect(&server, clients, |_| "bench".into(), messages as usize).await;
+    let expected = messages * crowd.ready as u64;
+    let via: Via<fn(u64) -> String> = Via::Http;
+    deliver(
+        ctx,
+        &mut server,
+        Target::Patchbay,
+        crowd,
+        expected,
+        messages,
+        via,
+        rate,
+    )
+    .await
+}
+
+/// Publishes `count` bench actions to room `bench` at `rate` per second with `POST /publish`.
+async fn publish_http(addr: SocketAddr, rate: f64, count: u64) -> Result<(), String> {
+    let start = Instant::now();
+    for seq in 0..count {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(seq as f64 / rate)).await;
+        let action = client::bench_action(seq, client::now_ns(), ACTION_BYTES);
+        let body = format!(r#"{{"rooms":["bench"],"action":{action}}}"#);
+        let status = tokio::task::spawn_blocking(move || {
+            procs::http_post(addr, "/publish", PUBLISH_TOKEN, &body)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        if status != 202 {
+            return Err(format!("POST /publish answered {status}"));
+        }
+    }
+    Ok(())
 }
 
 /// Targeted: `clients` each alone in `dm:<i>`; `messages` actions to random ones of those rooms.
@@ -402,21 +463,28 @@ pub async fn targeted(
         crowd,
         messages,
         messages,
-        move |_| format!("patchbay:room:dm:{}", rng.next() % n),
+        Via::Redis(move |_| format!("patchbay:room:dm:{}", rng.next() % n)),
         rate,
     )
     .await
 }
 
+/// How the bench publishes: on Redis (the channel of each action), or with `POST /publish` to
+/// the server itself (an instance on its embedded bus) into room `bench`.
+enum Via<F> {
+    Redis(F),
+    Http,
+}
+
 #[allow(clippy::too_many_arguments)]
-async fn deliver(
+async fn deliver<F: FnMut(u64) -> String>(
     ctx: &Ctx,
     server: &mut Server,
     target: Target,
     crowd: Crowd,
     expected: u64,
     messages: u64,
-    channel: impl FnMut(u64) -> String,
+    via: Via<F>,
     rate: f64,
 ) -> Result<DeliveryRun, String> {
     if crowd.ready == 0 {
@@ -436,7 +504,10 @@ async fn deliver(
     let pid = server.proc.pid();
     let cpu0 = procs::cpu_ticks(pid);
     let t0 = Instant::now();
-    publish(&ctx.redis_url, rate, messages, channel).await?;
+    match via {
+        Via::Redis(channel) => publish(&ctx.redis_url, rate, messages, channel).await?,
+        Via::Http => publish_http(server.addr, rate, messages).await?,
+    }
     let published_at = Instant::now();
     while crowd.total.load(Ordering::Relaxed) < expected && published_at.elapsed() < DRAIN {
         tokio::time::sleep(Duration::from_millis(2)).await;

@@ -8,10 +8,10 @@ use serde_json::{Map, Value, json};
 use super::{Allowed, Applied, Outcome};
 use crate::app::App;
 use crate::error::{ActionError, Code};
-use crate::history::{MemoryHistory, Position, Reason};
+use crate::history::{Position, Reason};
 use crate::presence::{Leave, SetError};
 use crate::protocol;
-use crate::recovery::Recovery;
+use crate::recovery::{Recovery, send_all};
 use crate::rooms::{ConnId, JoinError, valid_room};
 
 /// `{"room": "...", "token"?: "..."}` of SUBSCRIBE and UNSUBSCRIBE.
@@ -110,92 +110,192 @@ pub fn subscribe_many(
     name: String,
     request_id: String,
 ) -> Applied {
-    let rooms = app.hub.rooms();
-    let mut joins = Vec::with_capacity(entries.len());
-    for entry in entries {
-        let joined = entry.and_then(|(room, since)| {
-            let history = app.history.clone().filter(|h| h.keeps(&room));
-            let since = since.filter(|_| history.is_some());
-            let joined = match since {
-                Some(_) => rooms.join_recovering(conn, &room, app.config.max_rooms),
-                None => rooms.join(conn, &room, app.config.max_rooms),
-            };
-            match joined {
-                Ok(added) => Ok((app.hub.confirm(&room, added), room, since, history)),
-                Err(JoinError::Gone) => {
-                    Err((Value::Null, ActionError::new(Code::Internal, "closing")))
-                }
-                Err(e) => Err((
-                    Value::String(room),
-                    ActionError::new(Code::Forbidden, e.to_string()),
-                )),
-            }
-        });
-        joins.push(joined);
-    }
+    let joins: Vec<_> = entries
+        .into_iter()
+        .map(|entry| {
+            entry.and_then(|(room, since)| {
+                join_now(app, conn, user.as_deref(), room.clone(), since)
+                    .map_err(|e| (Value::String(room), e))
+            })
+        })
+        .collect();
     let app = app.clone();
     Applied::Later(Box::pin(async move {
-        let mut answers = Vec::with_capacity(joins.len());
-        let mut recoveries = Vec::new();
-        let mut snapshots = Vec::new();
-        for joined in joins {
-            let (join, room, since, history) = match joined {
-                Ok(j) => j,
+        let (answers, recoveries, snapshots) = settle(&app, conn, user.as_deref(), joins).await;
+        let answers: Vec<Value> = answers
+            .into_iter()
+            .map(|answer| match answer {
+                Ok(payload) => Value::Object(payload),
                 Err((room, err)) => {
-                    answers.push(
-                        json!({"room": room, "error": {"code": err.code, "message": err.message}}),
-                    );
+                    json!({"room": room, "error": {"code": err.code, "message": err.message}})
+                }
+            })
+            .collect();
+        let reply = protocol::success(&name, &request_id, &json!({ "rooms": answers }), Map::new());
+        send_all(&app, conn, reply, recoveries, snapshots).await;
+        Outcome::reply(String::new())
+    }))
+}
+
+/// A room joined locally, waiting for the bus to confirm it.
+pub struct PendingJoin {
+    join: crate::hub::Join,
+    room: String,
+    /// Recover from here: only for a room that keeps history.
+    since: Option<Position>,
+    /// `since` given for a room that keeps no history: answered `not_kept`.
+    not_kept: bool,
+    /// The presence snapshot, taken at the join.
+    presence: Option<Value>,
+}
+
+/// Joins `room` now: locally (holding live actions back when it recovers), and the user's
+/// presence there; the bus confirms later ([`settle`]).
+fn join_now(
+    app: &Arc<App>,
+    conn: ConnId,
+    user: Option<&str>,
+    room: String,
+    since: Option<Position>,
+) -> Result<PendingJoin, ActionError> {
+    let keeps = app.history.as_ref().is_some_and(|h| h.keeps(&room));
+    let not_kept = since.is_some() && !keeps;
+    let since = since.filter(|_| keeps);
+    let rooms = app.hub.rooms();
+    let joined = match since {
+        Some(_) => rooms.join_recovering(conn, &room, app.config.max_rooms),
+        None => rooms.join(conn, &room, app.config.max_rooms),
+    };
+    let added = match joined {
+        Ok(added) => added,
+        Err(e @ JoinError::TooMany(_)) => {
+            return Err(ActionError::new(Code::Forbidden, e.to_string()));
+        }
+        Err(JoinError::Gone) => {
+            return Err(ActionError::new(
+                Code::Internal,
+                "the connection is closing",
+            ));
+        }
+    };
+    // In the same step as the room join, so a leave that follows finds the presence too.
+    let presence = presence_join(app, &room, user, conn);
+    Ok(PendingJoin {
+        join: app.hub.confirm(&room, added),
+        room,
+        since,
+        not_kept,
+        presence,
+    })
+}
+
+/// One room's answer: its success payload, or its entry and the error.
+type Answer = Result<Map<String, Value>, (Value, ActionError)>;
+
+/// Waits for the bus to confirm each join, then reads every recovering room's history at one
+/// instant (so an action stored in several of them is either in each replay or held back for
+/// each), and makes each room's answer; also the recoveries to send and the task snapshots
+/// to send after them.
+async fn settle(
+    app: &Arc<App>,
+    conn: ConnId,
+    user: Option<&str>,
+    joins: Vec<Result<PendingJoin, (Value, ActionError)>>,
+) -> (Vec<Answer>, Vec<(String, Recovery)>, Vec<String>) {
+    let mut confirmed = Vec::with_capacity(joins.len());
+    for join in joins {
+        let pending = match join {
+            Ok(pending) => pending,
+            Err(e) => {
+                confirmed.push(Err(e));
+                continue;
+            }
+        };
+        let PendingJoin {
+            join,
+            room,
+            since,
+            not_kept,
+            presence,
+        } = pending;
+        if let Err(e) = join.confirmed.await {
+            tracing::warn!(%room, error = %e, "the bus could not confirm a subscription");
+            crate::recovery::release_held(app, conn, &room).await;
+            if join.added
+                && let Some(left) = app.hub.leave(conn, &room)
+            {
+                left.await;
+                if let (Some(p), Some(user)) = (&app.presence, user)
+                    && p.tracks(&room)
+                {
+                    p.leave(&room, user, conn, Leave::Left);
+                }
+            }
+            let err = ActionError::new(
+                Code::UpstreamUnavailable,
+                "the bus is unavailable; try again",
+            )
+            .with_status(503);
+            confirmed.push(Err((Value::String(room), err)));
+            continue;
+        }
+        confirmed.push(Ok((room, since, not_kept, presence)));
+    }
+    let mut answers = Vec::with_capacity(confirmed.len());
+    let mut recoveries = Vec::new();
+    let mut rooms_joined = Vec::new();
+    {
+        let history = app.history.as_ref();
+        let mut logs = history.map(|h| h.lock());
+        for pending in confirmed {
+            let (room, since, not_kept, presence) = match pending {
+                Ok(p) => p,
+                Err(e) => {
+                    answers.push(Err(e));
                     continue;
                 }
             };
-            if let Err(e) = join.confirmed.await {
-                tracing::warn!(%room, error = %e, "the bus could not confirm a subscription");
-                app.hub.rooms().end_recovery(conn, &room, u64::MAX);
-                if join.added
-                    && let Some(left) = app.hub.leave(conn, &room)
-                {
-                    left.await;
-                }
-                answers.push(json!({"room": room, "error": {"code": Code::UpstreamUnavailable, "message": "the bus is unavailable; try again"}}));
-                continue;
-            }
             let mut payload = Map::new();
             payload.insert("room".into(), Value::String(room.clone()));
-            if let Some(snapshot) = presence_join(&app, &room, user.as_deref(), conn) {
+            if let Some(snapshot) = presence {
                 payload.insert("presence".into(), snapshot);
             }
-            match (history, since) {
-                (Some(history), Some(since)) => {
-                    let recovery = Recovery::read(&history, &room, &since);
-                    recovery.fields(&mut payload);
-                    recoveries.push((room.clone(), recovery));
+            let keeps = history.is_some_and(|h| h.keeps(&room));
+            if let (Some(logs), true) = (&mut logs, keeps) {
+                match &since {
+                    Some(since) => {
+                        let recovery = Recovery::read_locked(logs, &room, since);
+                        recovery.fields(&mut payload);
+                        recoveries.push((room.clone(), recovery));
+                    }
+                    None => {
+                        payload.insert("position".into(), logs.position(&room).to_json());
+                    }
                 }
-                (Some(history), None) => {
-                    let position = history.lock().position(&room);
-                    payload.insert("position".into(), position.to_json());
-                }
-                (None, _) => {}
             }
-            answers.push(Value::Object(payload));
-            if let Some(snapshot) = snapshot(&app, &room, user.as_deref()).await {
-                snapshots.push(snapshot);
+            if not_kept {
+                payload.insert("recovered".into(), Value::Bool(false));
+                payload.insert("reason".into(), json!(Reason::NotKept.as_str()));
+                payload.insert("replayed".into(), json!(0));
             }
+            rooms_joined.push(room);
+            answers.push(Ok(payload));
         }
-        let reply = protocol::success(&name, &request_id, &json!({ "rooms": answers }), Map::new());
-        crate::recovery::send_all(&app, conn, reply, recoveries).await;
-        if let Some(outbox) = app.hub.rooms().outbox(conn) {
-            for snapshot in snapshots {
-                outbox.push(snapshot.into());
-            }
+    }
+    let mut snapshots = Vec::new();
+    for room in rooms_joined {
+        if let Some(s) = snapshot(app, &room, user).await {
+            snapshots.push(s);
         }
-        Outcome::reply(String::new())
-    }))
+    }
+    (answers, recoveries, snapshots)
 }
 
 /// Joins `room` now; answers once the bus confirms the subscription. If the bus cannot, the
 /// client is told to retry (`upstream_unavailable`), and the connection leaves the room again
 /// only if this request added it. A history room's success says where the room stands; with
-/// `since` it recovers what the client missed ([`recover`]).
+/// `since` it recovers what the client missed: the success, the replay and the live actions
+/// that arrived meanwhile are all written here, in that order.
 pub fn subscribe(
     app: &Arc<App>,
     conn: ConnId,
@@ -205,93 +305,25 @@ pub fn subscribe(
     name: String,
     request_id: String,
 ) -> Applied {
-    let history = app.history.clone().filter(|h| h.keeps(&room));
-    let recovering = since.is_some() && history.is_some();
-    let rooms = app.hub.rooms();
-    let joined = match recovering {
-        true => rooms.join_recovering(conn, &room, app.config.max_rooms),
-        false => rooms.join(conn, &room, app.config.max_rooms),
-    };
-    let join = match joined.map(|added| app.hub.confirm(&room, added)) {
+    let join = match join_now(app, conn, user.as_deref(), room, since) {
         Ok(join) => join,
-        Err(e @ JoinError::TooMany(_)) => {
-            let err = ActionError::new(Code::Forbidden, e.to_string());
-            return Applied::Now(protocol::failure(&name, &request_id, &err));
-        }
-        // The connection is closing: nothing to answer.
-        Err(JoinError::Gone) => return Applied::Nothing,
+        Err(e) if e.code == Code::Internal => return Applied::Nothing,
+        Err(e) => return Applied::Now(protocol::failure(&name, &request_id, &e)),
     };
     let app = app.clone();
     Applied::Later(Box::pin(async move {
-        if let Err(e) = join.confirmed.await {
-            tracing::warn!(%room, error = %e, "the bus could not confirm a subscription");
-            app.hub.rooms().end_recovery(conn, &room, u64::MAX);
-            if join.added
-                && let Some(left) = app.hub.leave(conn, &room)
-            {
-                left.await;
+        let (mut answers, recoveries, snapshots) =
+            settle(&app, conn, user.as_deref(), vec![Ok(join)]).await;
+        let reply = match answers.pop() {
+            Some(Ok(payload)) => {
+                protocol::success(&name, &request_id, &Value::Object(payload), Map::new())
             }
-            let err = ActionError::new(
-                Code::UpstreamUnavailable,
-                "the bus is unavailable; try again",
-            )
-            .with_status(503);
-            return Outcome::reply(protocol::failure(&name, &request_id, &err));
-        }
-        let mut payload = Map::new();
-        payload.insert("room".into(), Value::String(room.clone()));
-        if let Some(snapshot) = presence_join(&app, &room, user.as_deref(), conn) {
-            payload.insert("presence".into(), snapshot);
-        }
-        let mut outcome = match (history, since) {
-            (Some(history), Some(since)) => {
-                let at = (room.as_str(), &since);
-                recover(&app, &history, conn, at, payload, (&name, &request_id)).await
-            }
-            (Some(history), None) => {
-                let position = history.lock().position(&room);
-                payload.insert("position".into(), position.to_json());
-                Outcome::reply(protocol::success(
-                    &name,
-                    &request_id,
-                    &Value::Object(payload),
-                    Map::new(),
-                ))
-            }
-            (None, since) => {
-                if since.is_some() {
-                    payload.insert("recovered".into(), Value::Bool(false));
-                    payload.insert("reason".into(), json!(Reason::NotKept.as_str()));
-                    payload.insert("replayed".into(), json!(0));
-                }
-                Outcome::reply(protocol::success(
-                    &name,
-                    &request_id,
-                    &Value::Object(payload),
-                    Map::new(),
-                ))
-            }
+            Some(Err((_, err))) => protocol::failure(&name, &request_id, &err),
+            None => return Outcome::reply(String::new()),
         };
-        outcome.then = snapshot(&app, &room, user.as_deref()).await;
-        outcome
+        send_all(&app, conn, reply, recoveries, snapshots).await;
+        Outcome::reply(String::new())
     }))
-}
-
-/// A recovery (section 8): the success with the recovery's fields, then the replay, then the
-/// live actions that waited meanwhile; all written here, in that order.
-async fn recover(
-    app: &App,
-    history: &MemoryHistory,
-    conn: ConnId,
-    (room, since): (&str, &Position),
-    mut payload: Map<String, Value>,
-    (name, request_id): (&str, &str),
-) -> Outcome {
-    let recovery = Recovery::read(history, room, since);
-    recovery.fields(&mut payload);
-    let reply = protocol::success(name, request_id, &Value::Object(payload), Map::new());
-    recovery.send(app, conn, room, reply).await;
-    Outcome::reply(String::new())
 }
 
 /// `@@patchbay/PRESENCE_SET {"room","state"}`: the user's state in a presence room it is in;

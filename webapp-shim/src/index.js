@@ -149,7 +149,7 @@ export function createPatchbay (options) {
       state.live = !reply.error
       if (state.live) {
         stopPolling(state)
-        recovered(room, state, reply.payload)
+        recovered(room, state, reply.payload, positionOf(entry.payload?.since))
       } else startPolling(room, state)
     } else if (entry.name === SUBSCRIBE) {
       const state = rooms.get(room)
@@ -168,19 +168,29 @@ export function createPatchbay (options) {
 
   /** A rejoin's answer: where the room stands now, and a RESYNC when what was missed could
    *  not be replayed (the app refetches what it shows of the room). */
-  function recovered (room, state, payload) {
-    state.position = positionOf(payload?.position)
+  function recovered (room, state, payload, since) {
+    state.position = resumed(payload, since)
     if (payload?.recovered === false && payload.reason !== 'not_kept') {
       emit({ type: RESYNC, payload: { room, reason: payload.reason, position: state.position } })
     }
+  }
+
+  /** Where a room stands for us after a recovery's answer: with `recovered`, still where we
+   *  asked from (the replay that follows moves it, action by action, so a socket lost in the
+   *  middle of it asks again for the rest); otherwise where the server says the room is. */
+  function resumed (answer, since) {
+    const position = positionOf(answer?.position)
+    if (answer?.recovered === true && since && position && since.epoch === position.epoch) return { ...since }
+    return position
   }
 
   /** Moves the positions of the rooms a server-fired action was stored in. */
   function advance (meta) {
     const move = (room, offset) => {
       if (!Number.isSafeInteger(offset)) return
-      const position = room === identity?.room ? identity.position : rooms.get(room)?.position
-      if (position && offset > position.offset) position.offset = offset
+      for (const position of [identity && room === identity.room ? identity.position : null, rooms.get(room)?.position]) {
+        if (position && offset > position.offset) position.offset = offset
+      }
     }
     move(meta.room, meta.offset)
     if (meta.offsets && typeof meta.offsets === 'object') {
@@ -191,7 +201,9 @@ export function createPatchbay (options) {
   /** The greeting: where the identity's room stands, and how its recovery went. */
   function greeted (payload) {
     const room = Array.isArray(payload?.rooms) ? payload.rooms[0] : undefined
-    const position = typeof room === 'string' ? positionOf(payload.positions?.[room]) : null
+    const asked = identity && identity.room === room ? identity.position : null
+    const answer = { ...payload?.recovery, position: typeof room === 'string' ? payload.positions?.[room] : undefined }
+    const position = resumed(answer, asked)
     identity = position ? { room, position } : null
     const recovery = payload?.recovery
     if (recovery && recovery.recovered === false && recovery.reason !== 'not_kept') {
@@ -357,13 +369,14 @@ export function createPatchbay (options) {
     if (message.type === BUILTIN + 'CONNECTED') greeted(message.payload)
     const meta = message.meta
     if (meta && typeof meta === 'object') {
+      // Positions move even with a repeat: it may carry offsets of other rooms.
+      advance(meta)
       // A recovery may replay what another room's recovery (or the live stream) brought.
       if (typeof meta.id === 'string') {
         if (seenIds.has(meta.id)) return
         seenIds.add(meta.id)
         if (seenIds.size > SEEN_IDS) seenIds.delete(seenIds.values().next().value)
       }
-      advance(meta)
     }
     emit(message)
     finishedByPush(message)

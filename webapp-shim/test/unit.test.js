@@ -585,6 +585,27 @@ test('a rejoined room recovers from where it stood, and an action seen already i
   assert.deepEqual(ws.last.requests('@@patchbay/SUBSCRIBE_REQUEST').at(-1).payload.since, { epoch: 'e', offset: 3 })
 })
 
+test('a socket lost in the middle of a replay asks again for the rest', async t => {
+  const { ws, dispatch, of } = setup(t)
+  ws.last.accept()
+  const joined = dispatch({ type: '@@patchbay/SUBSCRIBE_REQUEST', payload: { room: 'feed:1' } })
+  ws.last.succeed('@@patchbay/SUBSCRIBE_REQUEST', { room: 'feed:1', position: { epoch: 'e', offset: 2 } })
+  await joined
+  ws.last.drop(1006)
+  await until(() => ws.sockets.length === 2, 'a reconnect')
+  ws.last.accept()
+  let rejoin = ws.last.requests('@@patchbay/SUBSCRIBE_REQUEST').at(-1)
+  ws.last.receive({ type: '@@patchbay/SUBSCRIBE_SUCCESS', payload: { room: 'feed:1', position: { epoch: 'e', offset: 5 }, recovered: true, replayed: 3 }, meta: { requestId: rejoin.meta.requestId } })
+  push(ws.last, 3, { room: 'feed:1', id: 'i3', offset: 3, replayed: true })
+  // Gone before offsets 4 and 5 arrived.
+  ws.last.drop(1006)
+  await until(() => ws.sockets.length === 3, 'another reconnect')
+  ws.last.accept()
+  rejoin = ws.last.requests('@@patchbay/SUBSCRIBE_REQUEST').at(-1)
+  assert.deepEqual(rejoin.payload.since, { epoch: 'e', offset: 3 })
+  assert.deepEqual(of('TICK').map(a => a.payload), [3])
+})
+
 test('a recovery that cannot replay dispatches RESYNC with where the room stands', async t => {
   const { ws, dispatch, of } = setup(t)
   ws.last.accept()
