@@ -202,27 +202,18 @@ impl Outbox {
     /// closed with 4008 and `false` returned; a connection that is already closing also
     /// returns `false`.
     pub fn push(&self, text: Text) -> bool {
-        let q = &self.queue;
-        {
-            let mut state = q.state.lock().unwrap();
-            if state.closed {
-                return false;
-            }
-            if state.frames.len() < q.limits.frames
-                && state.bytes + q.control.load(Ordering::Relaxed) + text.len() <= q.limits.bytes
-            {
-                state.bytes += text.len();
-                state.frames.push_back(text);
-                drop(state);
-                q.ready.wake();
-                return true;
+        match self.try_push(text) {
+            Ok(()) => true,
+            Err(None) => false,
+            Err(Some(_)) => {
+                let q = &self.queue;
+                if q.closer.reason().is_none() {
+                    tracing::warn!("outbound queue full: closing slow client with 4008");
+                }
+                q.closer.close(Disconnect::Slow);
+                false
             }
         }
-        if q.closer.reason().is_none() {
-            tracing::warn!("outbound queue full: closing slow client with 4008");
-        }
-        q.closer.close(Disconnect::Slow);
-        false
     }
 
     /// Queues a text frame if there is room for it now. Unlike [`Outbox::push`] a full queue

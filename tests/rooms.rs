@@ -176,9 +176,15 @@ async fn subscribe_action_joins_the_room_and_publish_reaches_it() {
     .await;
     assert_eq!((status, body), (202, json!({"rooms": 1})));
     let got = client.recv().await;
+    let id = got["meta"]["id"].clone();
+    assert!(
+        id.as_str()
+            .is_some_and(|i| uuid::Uuid::try_parse(i).is_ok()),
+        "{got}"
+    );
     assert_eq!(
         got,
-        json!({"type": "TASK_PROGRESS", "payload": {"p": 1}, "meta": {"room": "task:77", "trace": "x"}})
+        json!({"type": "TASK_PROGRESS", "payload": {"p": 1}, "meta": {"room": "task:77", "trace": "x", "id": id}})
     );
 
     // A published meta.room does not override the room it was delivered through.
@@ -547,14 +553,17 @@ async fn many_connections_in_one_room_each_get_one_copy() {
     )
     .await;
     assert_eq!(status, 202);
+    let mut ids = std::collections::HashSet::new();
     for c in &mut clients {
         let got = c.recv().await;
+        ids.insert(got["meta"]["id"].as_str().unwrap_or_default().to_string());
         assert_eq!(
             got,
-            json!({"type": "BROADCAST", "payload": {"n": 1}, "meta": {"room": "lobby"}})
+            json!({"type": "BROADCAST", "payload": {"n": 1}, "meta": {"room": "lobby", "id": got["meta"]["id"]}})
         );
         assert_answers_ping(c).await;
     }
+    assert_eq!(ids.len(), 1, "one id for every copy: {ids:?}");
 }
 
 #[tokio::test]

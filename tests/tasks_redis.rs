@@ -162,10 +162,12 @@ async fn a_worker_paused_past_its_lease_is_refused_when_it_wakes() {
     let pids = dir.path().join("pids");
     // Attempt 1 reports, then works for a while; attempt 2 is quick. Each result says which.
     let script = format!(
-        r#"if [ "$PATCHBAY_TASK_ATTEMPT" = 1 ]; then echo $$ > {p}; echo '{{"progress":{{"started":1}}}}'; sleep 8; fi; echo "{{\"result\":$PATCHBAY_TASK_ATTEMPT}}""#,
+        r#"if [ "$PATCHBAY_TASK_ATTEMPT" = 1 ]; then echo $$ > {p}; echo '{{"progress":{{"started":1}}}}'; sleep 10; fi; echo "{{\"result\":$PATCHBAY_TASK_ATTEMPT}}""#,
         p = pids.display()
     );
-    let bridge = redis_bridge(&redis, queue_only(json!({"leaseMs": 2000}))).await;
+    // A lease long enough that a busy machine (the whole suite runs in parallel) never lets it
+    // lapse before the worker is paused on purpose.
+    let bridge = redis_bridge(&redis, queue_only(json!({"leaseMs": 3000}))).await;
     let mut workers = vec![worker(&redis, &script, 1), worker(&redis, &script, 1)];
     let mut client = connect_as(&bridge, "7").await;
     let id = id_of(&start_job(&mut client, json!({})).await);
@@ -186,7 +188,7 @@ async fn a_worker_paused_past_its_lease_is_refused_when_it_wakes() {
         "{end}"
     );
     signal(&workers[index], "-CONT");
-    // The paused worker wakes with a stale lease: whatever it reports (its job ends by 8 s)
+    // The paused worker wakes with a stale lease: whatever it reports (its job ends by 10 s)
     // is refused.
     eventually(Duration::from_secs(15), "attempt 1's process ends", || {
         !alive(child)

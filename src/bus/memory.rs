@@ -56,7 +56,11 @@ impl MemoryBus {
                 self.rooms
                     .deliver_stored(&rooms, &stored.action, Some(&stored.id), &offsets)
             }
-            _ => self.rooms.deliver(&rooms, &action),
+            // Every server-fired action carries an id, stored or not.
+            _ => {
+                let id = uuid::Uuid::new_v4().to_string();
+                self.rooms.deliver_stored(&rooms, &action, Some(&id), &[])
+            }
         };
         self.counters.count(delivery);
         tracing::debug!(?delivery, rooms = rooms.len(), "published");
