@@ -98,6 +98,15 @@ export interface ConnectedAction {
  * What a room missed while the socket was down could not be replayed (or the server missed it
  * itself): refetch what you show of `room`; pushes go on from `position`.
  */
+/** One user present in a room. */
+export interface PresentUser { userId: string, state: Record<string, unknown>, since: string }
+/** Who is in a room: from a SUBSCRIBE success (the first or a reconnect's rejoin). Replace the
+ *  room's presence with it; then apply the PRESENCE_* events the bridge lets through (it drops
+ *  those not newer than what the store has seen). */
+export interface PresenceSnapshotAction { type: '@@patchbay/PRESENCE_SNAPSHOT', payload: { room: string, version: number, users: PresentUser[] } }
+export interface PresenceJoinAction { type: '@@patchbay/PRESENCE_JOIN', payload: { room: string, userId: string, state: Record<string, unknown>, version: number }, meta: { room: string } }
+export interface PresenceLeaveAction { type: '@@patchbay/PRESENCE_LEAVE', payload: { room: string, userId: string, version: number, reason: 'left' | 'timeout' }, meta: { room: string } }
+export interface PresenceStateAction { type: '@@patchbay/PRESENCE_STATE', payload: { room: string, userId: string, state: Record<string, unknown>, version: number }, meta: { room: string } }
 export interface ResyncAction { type: '@@patchbay/RESYNC', payload: { room: string, reason: RecoveryReason, position: Position | null } }
 /** A result of `client.poll`, dispatched as `poll.as`. */
 export interface PolledAction<P = unknown> { type: string, payload: P, meta: { room: string, polled: true } }
@@ -179,6 +188,9 @@ export interface Patchbay<M extends Manifest = Manifest> {
   readonly status: Status
   /** How many requests went over the socket and over REST (retries count in both). */
   readonly stats: { readonly socket: number, readonly rest: number }
+  /** Who is in `room` as the store has seen it (its snapshot and the newer events), or null
+   *  for a room without presence. */
+  presence(room: string): { version: number, users: PresentUser[] } | null
   /** Drops the socket, if any, and connects again now: after re-authenticating (`AUTH_EXPIRED`). */
   reconnect (): void
   /** Closes the socket for good, stops every timer, answers requests in flight with `upstream_unavailable`. */

@@ -22,6 +22,8 @@ const LATE_IDS = 1000
 /** How many `meta.id`s of server-fired actions are remembered to drop a repeat. */
 const SEEN_IDS = 2000
 const RESYNC = BUILTIN + 'RESYNC'
+const PRESENCE_SNAPSHOT = BUILTIN + 'PRESENCE_SNAPSHOT'
+const PRESENCE_EVENTS = new Set([BUILTIN + 'PRESENCE_JOIN', BUILTIN + 'PRESENCE_LEAVE', BUILTIN + 'PRESENCE_STATE'])
 
 /** A position as the server sends it, `{epoch, offset}`, or null. */
 const positionOf = p => (p && typeof p.epoch === 'string' && Number.isSafeInteger(p.offset) ? { epoch: p.epoch, offset: p.offset } : null)
@@ -104,6 +106,9 @@ export function createPatchbay (options) {
   let identity = null
   /** `meta.id`s of the server-fired actions dispatched lately, oldest first. */
   const seenIds = new Set()
+  /** room → { version, users: Map(userId → { userId, state, since }) }: presence as the store
+   *  has seen it, from snapshots and the events newer than them. */
+  const presence = new Map()
   const stats = { socket: 0, rest: 0 }
   /** Aborts of the REST calls under way, all cut short by `close()`. */
   const inFlight = new Set()
@@ -143,6 +148,7 @@ export function createPatchbay (options) {
   /** Keeps `rooms` up to date with what a reply says about them. */
   function track (entry, reply) {
     const room = entry.payload?.room
+    if (entry.name === SUBSCRIBE && !reply.error && reply.payload?.presence) snapshot(room, reply.payload.presence)
     if (entry.rejoin) {
       const state = entry.rejoin
       if (rooms.get(room) !== state) return
@@ -164,6 +170,31 @@ export function createPatchbay (options) {
     } else if (!entry.builtin && !reply.error) {
       remember(entry.spec, reply)
     }
+  }
+
+  /** A presence snapshot (a SUBSCRIBE's, the first or a rejoin's) replaces what the store
+   *  holds for the room: dispatched as `@@patchbay/PRESENCE_SNAPSHOT`. */
+  function snapshot (room, given) {
+    if (!Number.isSafeInteger(given?.version) || !Array.isArray(given.users)) return
+    const users = new Map(given.users.filter(u => typeof u?.userId === 'string').map(u => [u.userId, u]))
+    presence.set(room, { version: given.version, users })
+    emit({ type: PRESENCE_SNAPSHOT, payload: { room, version: given.version, users: [...users.values()] } })
+  }
+
+  /** Whether a presence event is news: newer than the room's snapshot and events so far
+   *  (an older one, such as the user's own JOIN just before its snapshot, is dropped). */
+  function presenceNews (message) {
+    const room = message.payload?.room ?? message.meta?.room
+    const version = message.payload?.version
+    const known = presence.get(room)
+    if (!known || !Number.isSafeInteger(version)) return true
+    if (version <= known.version) return false
+    known.version = version
+    const { userId, state } = message.payload
+    if (message.type === BUILTIN + 'PRESENCE_LEAVE') known.users.delete(userId)
+    else if (message.type === BUILTIN + 'PRESENCE_JOIN') known.users.set(userId, { userId, state, since: new Date().toISOString() })
+    else if (known.users.has(userId)) known.users.get(userId).state = state
+    return true
   }
 
   /** A rejoin's answer: where the room stands now, and a RESYNC when what was missed could
@@ -316,6 +347,7 @@ export function createPatchbay (options) {
     const state = rooms.get(room)
     if (state) stopPolling(state)
     rooms.delete(room)
+    presence.delete(room)
   }
 
   /** Quietly (re)joins a remembered room, presenting its token; a refusal falls back to polling. */
@@ -378,6 +410,7 @@ export function createPatchbay (options) {
         if (seenIds.size > SEEN_IDS) seenIds.delete(seenIds.values().next().value)
       }
     }
+    if (PRESENCE_EVENTS.has(message.type) && !presenceNews(message)) return
     emit(message)
     finishedByPush(message)
   }
@@ -455,6 +488,11 @@ export function createPatchbay (options) {
     middleware,
     get status () { return connection.status },
     stats,
+    /** Who is in `room` as the store has seen it (snapshot and newer events), or null. */
+    presence (room) {
+      const known = presence.get(room)
+      return known ? { version: known.version, users: [...known.users.values()].map(u => ({ ...u })) } : null
+    },
     reconnect () {
       if (!closed) connection.reconnect()
     },

@@ -644,6 +644,42 @@ test('the identity room recovers with the handshake: since in the URL, RESYNC wh
   assert.deepEqual(of('@@patchbay/RESYNC').map(a => a.payload), [{ room: 'user:7', reason: 'epoch_changed', position: { epoch: 'v', offset: 0 } }])
 })
 
+// --- presence --------------------------------------------------------------------------------
+
+test('presence: the snapshot, then only newer events; a rejoin brings a new snapshot', async t => {
+  const { ws, dispatch, of, bridge } = setup(t)
+  ws.last.accept()
+  const presenceEvent = (type, payload) => ws.last.receive({ type: `@@patchbay/PRESENCE_${type}`, payload: { room: 'doc:1', ...payload }, meta: { room: 'doc:1' } })
+  // The user's own JOIN arrives just before the success, and is counted in its snapshot.
+  const joined = dispatch({ type: '@@patchbay/SUBSCRIBE_REQUEST', payload: { room: 'doc:1' } })
+  presenceEvent('JOIN', { userId: 'alice', state: {}, version: 3 })
+  ws.last.succeed('@@patchbay/SUBSCRIBE_REQUEST', { room: 'doc:1', presence: { version: 3, users: [{ userId: 'alice', state: {}, since: 't0' }] } })
+  await joined
+  presenceEvent('JOIN', { userId: 'bob', state: { x: 1 }, version: 4 })
+  presenceEvent('STATE', { userId: 'bob', state: { x: 0 }, version: 4 })
+  presenceEvent('LEAVE', { userId: 'alice', version: 5, reason: 'left' })
+  await tick()
+  assert.deepEqual(of('@@patchbay/PRESENCE_SNAPSHOT').map(a => a.payload.version), [3])
+  // An event before any snapshot passes (the snapshot that follows replaces it); after the
+  // snapshot, only newer ones do.
+  assert.deepEqual(of('@@patchbay/PRESENCE_JOIN').map(a => a.payload.userId), ['alice', 'bob'])
+  assert.equal(of('@@patchbay/PRESENCE_STATE').length, 0, 'not newer: dropped')
+  assert.equal(of('@@patchbay/PRESENCE_LEAVE').length, 1)
+  const view = bridge.presence('doc:1')
+  assert.equal(view.version, 5)
+  assert.deepEqual(view.users.map(u => [u.userId, u.state]), [['bob', { x: 1 }]])
+
+  ws.last.drop(1006)
+  await until(() => ws.sockets.length === 2, 'a reconnect')
+  ws.last.accept()
+  const rejoin = ws.last.requests('@@patchbay/SUBSCRIBE_REQUEST').at(-1)
+  ws.last.receive({ type: '@@patchbay/SUBSCRIBE_SUCCESS', payload: { room: 'doc:1', presence: { version: 9, users: [{ userId: 'carol', state: {}, since: 't1' }] } }, meta: { requestId: rejoin.meta.requestId } })
+  await tick()
+  assert.deepEqual(of('@@patchbay/PRESENCE_SNAPSHOT').map(a => a.payload.version), [3, 9], 'the quiet rejoin still tells the store')
+  assert.deepEqual(bridge.presence('doc:1').users.map(u => u.userId), ['carol'])
+  assert.equal(bridge.presence('nowhere'), null)
+})
+
 test('SUBSCRIBE while in fallback succeeds with meta.deferred and joins on reconnect; other built-ins fail', async t => {
   const { ws, dispatch, api } = setup(t)
   const reply = await dispatch({ type: '@@patchbay/SUBSCRIBE_REQUEST', payload: { room: 'org:1', token: 't1' } })
