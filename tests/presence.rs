@@ -194,3 +194,39 @@ async fn state_updates_reach_the_members_and_the_snapshot() {
     .await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn a_room_joined_by_an_action_counts_its_user_present() {
+    let upstream = Upstream::start().await;
+    let bridge = Bridge::start(MANIFEST, Some(upstream.url()), |c| {
+        with_jwt(c);
+        c.presence = Some(patchbay::presence::PresenceConfig {
+            rooms: vec![RoomPattern::parse("task:*").unwrap()],
+            grace: GRACE,
+        });
+    })
+    .await;
+    let mut alice = connect_as(&bridge, "alice").await;
+    let reply = alice.request("TASK_ENQUEUE", json!({})).await;
+    assert_eq!(reply["meta"]["subscribed"], "task:77", "{reply}");
+    let token = reply["meta"]["roomToken"].as_str().unwrap().to_string();
+    // Bob joins with a room token for himself (issued by the server, as an enqueue of his would).
+    let bob_token = bridge.app.room_tokens.issue("task:77", Some("bob"));
+    let mut bob = connect_as(&bridge, "bob").await;
+    let reply = bob
+        .request(
+            "@@patchbay/SUBSCRIBE",
+            json!({"room": "task:77", "token": bob_token}),
+        )
+        .await;
+    assert_eq!(reply["type"], "@@patchbay/SUBSCRIBE_SUCCESS", "{reply}");
+    let users: Vec<&str> = reply["payload"]["presence"]["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["userId"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["alice", "bob"], "{reply}");
+    assert!(!token.is_empty());
+    assert_eq!(event(&mut alice).await["payload"]["userId"], "bob");
+}

@@ -89,6 +89,9 @@ async fn succeed(
                 success
                     .meta
                     .insert("roomToken".into(), Value::String(token));
+                // Present there too, like a SUBSCRIBE (its snapshot comes with the next SUBSCRIBE
+                // of the room, such as a rejoin: an action's success has no place for it).
+                super::room::presence_join(app, &room, user, conn);
                 if let Err(e) = join.confirmed.await {
                     tracing::warn!(%room, error = %e, "the bus could not confirm a subscription");
                 }

@@ -365,7 +365,12 @@ pub fn presence_set(
 
 /// Joins the user's presence in `room` when it tracks presence; the snapshot for the success
 /// (also for an anonymous connection, which is not listed itself).
-fn presence_join(app: &App, room: &str, user: Option<&str>, conn: ConnId) -> Option<Value> {
+pub(super) fn presence_join(
+    app: &App,
+    room: &str,
+    user: Option<&str>,
+    conn: ConnId,
+) -> Option<Value> {
     let presence = app.presence.as_ref().filter(|p| p.tracks(room))?;
     Some(match user {
         Some(user) => presence.join(room, user, conn),
