@@ -139,19 +139,12 @@ fn presence_route(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = R
         .and(with_app(app))
         .and(warp::header::headers_cloned())
         .map(|room: String, app: Arc<App>, headers: hyper::HeaderMap| {
-            let Some(expected) = &app.config.publish_token else {
-                return error_response(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    "the presence endpoint needs PATCHBAY_PUBLISH_TOKEN",
-                );
-            };
-            if !token_matches(headers.get(hyper::header::AUTHORIZATION), expected) {
-                return error_response(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "missing or wrong bearer token",
-                );
+            if let Some(refused) = publish_token_refusal(
+                &app,
+                &headers,
+                "the presence endpoint needs PATCHBAY_PUBLISH_TOKEN",
+            ) {
+                return refused;
             }
             match app.presence.as_ref().filter(|p| p.tracks(&room)) {
                 Some(presence) => {
@@ -289,24 +282,37 @@ where
     Ok(Some(Bytes::from(out)))
 }
 
+/// The publish token's check, for the routes that backends call: the refusal, if any — 404
+/// (`disabled`) without `PATCHBAY_PUBLISH_TOKEN`, 401 without the right bearer token.
+fn publish_token_refusal(
+    app: &App,
+    headers: &hyper::HeaderMap,
+    disabled: &str,
+) -> Option<Response> {
+    let Some(expected) = &app.config.publish_token else {
+        return Some(error_response(StatusCode::NOT_FOUND, "not_found", disabled));
+    };
+    if !token_matches(headers.get(hyper::header::AUTHORIZATION), expected) {
+        return Some(error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+        ));
+    }
+    None
+}
+
 async fn publish<S, B>(app: &App, headers: &hyper::HeaderMap, body: S) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
 {
-    let Some(expected) = &app.config.publish_token else {
-        return error_response(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "publishing is disabled: set PATCHBAY_PUBLISH_TOKEN",
-        );
-    };
-    if !token_matches(headers.get(hyper::header::AUTHORIZATION), expected) {
-        return error_response(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong bearer token",
-        );
+    if let Some(refused) = publish_token_refusal(
+        app,
+        headers,
+        "publishing is disabled: set PATCHBAY_PUBLISH_TOKEN",
+    ) {
+        return refused;
     }
     if !is_json(headers.get(CONTENT_TYPE)) {
         return error_response(
