@@ -88,7 +88,7 @@ pub async fn send_all(
     let rooms = app.hub.rooms();
     let Some(outbox) = rooms.outbox(conn) else {
         for (room, _) in &recoveries {
-            while rooms.take_held(conn, room).is_some() {}
+            flush_held(app, conn, room, None, None, false).await;
         }
         return;
     };
@@ -133,20 +133,7 @@ pub async fn send_all(
             .reason
             .is_none()
             .then_some(recovery.position.offset);
-        while let Some(held) = rooms.take_held(conn, room) {
-            if !open {
-                continue;
-            }
-            let texts = held
-                .into_iter()
-                .filter(|(offset, _)| match (offset, skip_upto) {
-                    (Some(o), Some(upto)) => *o > upto,
-                    _ => true,
-                })
-                .map(|(_, text)| text)
-                .collect();
-            open = push_paced(&outbox, texts, deadline).await;
-        }
+        open = flush_held(app, conn, room, skip_upto, Some((&outbox, deadline)), open).await;
     }
     if open {
         push_paced(
@@ -160,15 +147,41 @@ pub async fn send_all(
 
 /// Lets what was held back for `room` through, all of it (a recovery that could not start).
 pub async fn release_held(app: &App, conn: ConnId, room: &str) {
-    let rooms = app.hub.rooms();
-    let outbox = rooms.outbox(conn);
+    let outbox = app.hub.rooms().outbox(conn);
     let deadline = tokio::time::Instant::now() + app.config.idle_timeout;
-    let mut open = outbox.is_some();
+    let open = outbox.is_some();
+    let to = outbox.as_ref().map(|o| (o, deadline));
+    flush_held(app, conn, room, None, to, open).await;
+}
+
+/// Queues, paced into `to`, what was held back for `room` — without the stored actions up to
+/// `skip_upto` — until nothing is left, which ends the hold-back. With nowhere to queue (or
+/// once the connection is closing, `open` false) it is dropped. Returns whether the
+/// connection is still open.
+async fn flush_held(
+    app: &App,
+    conn: ConnId,
+    room: &str,
+    skip_upto: Option<u64>,
+    to: Option<(&Outbox, tokio::time::Instant)>,
+    mut open: bool,
+) -> bool {
+    let rooms = app.hub.rooms();
     while let Some(held) = rooms.take_held(conn, room) {
-        if let (Some(outbox), true) = (&outbox, open) {
-            open = push_paced(outbox, held.into_iter().map(|(_, t)| t).collect(), deadline).await;
-        }
+        let Some((outbox, deadline)) = to.filter(|_| open) else {
+            continue;
+        };
+        let texts = held
+            .into_iter()
+            .filter(|(offset, _)| match (offset, skip_upto) {
+                (Some(o), Some(upto)) => *o > upto,
+                _ => true,
+            })
+            .map(|(_, text)| text)
+            .collect();
+        open = push_paced(outbox, texts, deadline).await;
     }
+    open
 }
 
 /// Queues `texts` in order, waiting for room in the send queue rather than overflowing it. A

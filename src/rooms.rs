@@ -336,10 +336,8 @@ impl Rooms {
         let maps = self.maps.read().unwrap();
         let mut seen: HashSet<ConnId, BuildHasherDefault<ConnHasher>> = HashSet::default();
         let mut result = Delivery::default();
-        let mut recovering = None;
-        if !maps.recovering.lock().unwrap().is_empty() {
-            recovering = Some(maps.recovering.lock().unwrap());
-        }
+        // Held-back memberships are looked up only while some recovery runs.
+        let mut recovering = Some(maps.recovering.lock().unwrap()).filter(|r| !r.is_empty());
         // Stored in several rooms: a connection in more than one of them also gets the
         // offsets of the others (`meta.offsets`), so its text is its own.
         let stored_in = offsets.iter().filter(|o| o.is_some()).count();

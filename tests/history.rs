@@ -37,13 +37,14 @@ fn action(n: u64) -> Map<String, Value> {
 
 async fn publish_n(bridge: &Bridge, room: &str, from: u64, to: u64) {
     for n in from..=to {
-        bridge
-            .app
-            .hub
-            .publish(vec![room.to_string()], action(n))
-            .await
-            .unwrap();
+        publish_to(bridge, &[room], n).await;
     }
+}
+
+/// Action `n` published once to all of `rooms`.
+async fn publish_to(bridge: &Bridge, rooms: &[&str], n: u64) {
+    let rooms = rooms.iter().map(|r| r.to_string()).collect();
+    bridge.app.hub.publish(rooms, action(n)).await.unwrap();
 }
 
 async fn subscribe(client: &mut Client, payload: Value) -> Value {
@@ -320,12 +321,7 @@ async fn an_action_stored_in_several_rooms_of_a_connection_carries_all_its_offse
     publish_n(&bridge, "feed:b", 1, 1).await;
     assert_eq!(both.recv().await["meta"]["offset"], 1);
     assert_eq!(only_b.recv().await["meta"]["offset"], 1);
-    bridge
-        .app
-        .hub
-        .publish(vec!["feed:a".into(), "feed:b".into()], action(2))
-        .await
-        .unwrap();
+    publish_to(&bridge, &["feed:a", "feed:b"], 2).await;
     let got = both.recv().await;
     assert_eq!(got["meta"]["room"], "feed:a");
     assert_eq!(got["meta"]["offset"], 1);
@@ -351,12 +347,7 @@ async fn a_batch_subscribe_rejoins_every_room_and_replays_a_shared_action_once()
     let b = subscribe(&mut first, json!({"room": "feed:b"})).await["position"].clone();
     drop(first);
     publish_n(&bridge, "feed:a", 1, 1).await;
-    bridge
-        .app
-        .hub
-        .publish(vec!["feed:a".into(), "feed:b".into()], action(2))
-        .await
-        .unwrap();
+    publish_to(&bridge, &["feed:a", "feed:b"], 2).await;
     publish_n(&bridge, "feed:b", 3, 3).await;
 
     let mut again = bridge.connect().await;

@@ -38,8 +38,13 @@ impl MemoryBus {
     /// Publishes at once: stores `action` in the history rooms among `rooms`, then delivers it.
     pub fn publish_now(&self, rooms: Vec<String>, action: Map<String, Value>) {
         self.counters.published.fetch_add(1, Ordering::Relaxed);
+        // Which target rooms store it: asked once per room.
+        let stores: Vec<bool> = match &self.history {
+            Some(history) => rooms.iter().map(|r| history.stores(r, &action)).collect(),
+            None => Vec::new(),
+        };
         let delivery = match &self.history {
-            Some(history) if rooms.iter().any(|r| history.stores(r, &action)) => {
+            Some(history) if stores.contains(&true) => {
                 let stored = Arc::new(Stored {
                     id: uuid::Uuid::new_v4().to_string(),
                     action,
@@ -47,11 +52,8 @@ impl MemoryBus {
                 let mut logs = history.lock();
                 let offsets: Vec<Option<u64>> = rooms
                     .iter()
-                    .map(|r| {
-                        history
-                            .stores(r, &stored.action)
-                            .then(|| logs.append(r, &stored))
-                    })
+                    .zip(&stores)
+                    .map(|(r, stores)| stores.then(|| logs.append(r, &stored)))
                     .collect();
                 self.rooms
                     .deliver_stored(&rooms, &stored.action, Some(&stored.id), &offsets)
