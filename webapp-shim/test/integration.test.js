@@ -18,6 +18,44 @@ function shape (value) {
   return typeof value
 }
 
+/**
+ * The `ws` WebSocket with a gate: while `GatedWebSocket.hold()` is in effect, a socket opened
+ * keeps its events (open, messages) to itself until `GatedWebSocket.release()`. A test uses it
+ * to make "the client is reconnecting" last as long as it needs, instead of racing it.
+ */
+class GatedWebSocket extends WebSocket {
+  static held = null
+  static hold () { GatedWebSocket.held ??= [] }
+  static release () {
+    const held = GatedWebSocket.held ?? []
+    GatedWebSocket.held = null
+    for (const ws of held) ws.flush()
+  }
+
+  constructor (...args) {
+    super(...args)
+    this.queued = null
+    if (GatedWebSocket.held) {
+      this.queued = []
+      GatedWebSocket.held.push(this)
+    }
+  }
+
+  emit (event, ...args) {
+    if (this.queued) {
+      this.queued.push([event, args])
+      return true
+    }
+    return super.emit(event, ...args)
+  }
+
+  flush () {
+    const queued = this.queued ?? []
+    this.queued = null
+    for (const [event, args] of queued) super.emit(event, ...args)
+  }
+}
+
 const isStatus = status => a => a.type === '@@patchbay/STATUS' && a.payload?.status === status
 const progressOf = (id, test = () => true) => a => a.type === 'TASK_PROGRESS' && a.payload?.id === id && test(a)
 
@@ -39,7 +77,7 @@ async function withBridge (t, body, { patchbayUp = true } = {}) {
     url: stack.wsUrl,
     apiUrl: stack.apiUrl,
     manifest,
-    WebSocket,
+    WebSocket: GatedWebSocket,
     // Quick reconnects keep the test short; the backoff itself is the unit tests' business.
     minBackoffMs: 50,
     maxBackoffMs: 250,
@@ -236,14 +274,23 @@ test('reconnects in the middle of a stream lose nothing: the bridge recovers eac
     const TOTAL = 150
     for (let n = 1; n <= TOTAL; n++) {
       assert.equal((await publish(n)).status, 202)
-      // Drop the socket twice while the stream runs; the bridge reconnects by itself.
-      if (n === 40 || n === 100) bridge.reconnect()
+      // Drop the socket twice while the stream runs; the bridge reconnects by itself. The
+      // first time, the new socket is held back while five more are published: those can
+      // only arrive by recovery. The second time it reconnects as fast as it can.
+      if (n === 40) {
+        GatedWebSocket.hold()
+        bridge.reconnect()
+        for (let m = 1; m <= 5; m++) assert.equal((await publish(++n)).status, 202)
+        GatedWebSocket.release()
+      }
+      if (n === 100) bridge.reconnect()
       if (n % 10 === 0) await new Promise(resolve => setTimeout(resolve, 5))
     }
     await waitForAction(a => a.type === 'TICK' && a.payload === TOTAL, { what: `TICK ${TOTAL}` })
     const ticks = seen.filter(a => a.type === 'TICK')
     assert.deepEqual(ticks.map(a => a.payload), Array.from({ length: TOTAL }, (_, i) => i + 1), 'every action once, in order')
-    assert.ok(ticks.some(a => a.meta.replayed), 'some came by recovery')
+    const replayed = ticks.filter(a => a.meta.replayed).map(a => a.payload)
+    for (const n of [41, 42, 43, 44, 45]) assert.ok(replayed.includes(n), `${n} came by recovery: ${replayed}`)
     assert.equal(seen.filter(a => a.type === '@@patchbay/RESYNC').length, 0)
   })
 })
