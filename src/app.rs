@@ -11,7 +11,7 @@ use crate::auth::{Authenticator, DelegatedAuth, JwtVerifier, RoomTokens};
 use crate::bus::{Bus, MemoryBus, RedisBus};
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
-use crate::history::MemoryHistory;
+use crate::history::{History, MemoryHistory, RedisHistory};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
@@ -53,8 +53,8 @@ pub struct App {
     pub lifecycle: Lifecycle,
     /// Prometheus metrics.
     pub metrics: Metrics,
-    /// The embedded history, when some room keeps history (the in-memory bus only, so far).
-    pub history: Option<Arc<MemoryHistory>>,
+    /// History, when some room keeps it: embedded, or in Redis.
+    pub history: Option<History>,
     /// Presence, when some room tracks it (the in-memory bus only, so far).
     pub presence: Option<Arc<Presence>>,
     /// The embedded task queue, when some action is a `task` action and Redis is not set.
@@ -66,6 +66,9 @@ pub struct App {
 
 /// How often the queues' counts in `/metrics` are refreshed.
 const QUEUE_COUNTS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often the Redis history checks that Redis has its functions and settings.
+const HISTORY_PREPARE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How often the embedded history forgets what expired.
 const HISTORY_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often the embedded queue looks for lapsed leases and expired tasks.
@@ -91,17 +94,30 @@ impl App {
             return Err(StartError::MissingApiUrl);
         }
         let rooms = Arc::new(Rooms::default());
-        // History is embedded only so far (the configuration refuses it with Redis, but a
-        // configuration built in code may still carry the default).
-        let history = config
+        // History: embedded with the in-memory bus, in Redis with the Redis bus.
+        let embedded_history = config
             .history
             .clone()
             .filter(|_| config.redis_url.is_none())
             .map(|h| Arc::new(MemoryHistory::new(h)));
-        let memory = config
-            .redis_url
-            .is_none()
-            .then(|| Arc::new(MemoryBus::with_history(rooms.clone(), history.clone())));
+        let redis_history = match (&config.redis_url, &config.history) {
+            (Some(url), Some(h)) => Some(Arc::new(
+                RedisHistory::open(url, &config.redis_prefix, h.clone())
+                    .map_err(|e| StartError::RedisUrl(e.to_string()))?,
+            )),
+            _ => None,
+        };
+        let history = match (&embedded_history, &redis_history) {
+            (Some(h), _) => Some(History::Memory(h.clone())),
+            (_, Some(h)) => Some(History::Redis(h.clone())),
+            _ => None,
+        };
+        let memory = config.redis_url.is_none().then(|| {
+            Arc::new(MemoryBus::with_history(
+                rooms.clone(),
+                embedded_history.clone(),
+            ))
+        });
         let bus: Arc<dyn Bus> = match (&config.redis_url, &memory) {
             (None, Some(memory)) => memory.clone(),
             (None, None) => unreachable!("made above without Redis"),
@@ -112,6 +128,7 @@ impl App {
                     &config.task_channels,
                     config.max_publish_rooms,
                     rooms.clone(),
+                    redis_history.clone(),
                 )
                 .map_err(|e| StartError::RedisUrl(e.to_string()))?,
             ),
@@ -184,17 +201,43 @@ impl App {
     /// of every queue with a `command`. They stop when [`Lifecycle::stop_workers`] is called.
     pub fn start_background(self: &Arc<Self>) {
         let stop = || self.lifecycle.workers_stop.clone();
-        if let Some(history) = &self.history {
-            let (history, stop) = (history.clone(), stop());
-            self.lifecycle.workers.spawn(async move {
-                let mut every = tokio::time::interval(HISTORY_SWEEP_EVERY);
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = every.tick() => history.sweep(),
+        match &self.history {
+            Some(History::Memory(history)) => {
+                let (history, stop) = (history.clone(), stop());
+                self.lifecycle.workers.spawn(async move {
+                    let mut every = tokio::time::interval(HISTORY_SWEEP_EVERY);
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = every.tick() => history.sweep(),
+                        }
                     }
-                }
-            });
+                });
+            }
+            // Redis forgets the function library and what history keeps when it restarts
+            // without persistence: both are put back every few seconds (and at once when a
+            // call finds the library missing).
+            Some(History::Redis(history)) => {
+                let (history, stop) = (history.clone(), stop());
+                self.lifecycle.workers.spawn(async move {
+                    let mut every = tokio::time::interval(HISTORY_PREPARE_EVERY);
+                    let mut failing = false;
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = every.tick() => match history.prepare().await {
+                                Ok(()) => failing = false,
+                                Err(e) if !failing => {
+                                    failing = true;
+                                    tracing::warn!(error = %e, "cannot prepare history in Redis; retrying");
+                                }
+                                Err(_) => {}
+                            },
+                        }
+                    }
+                });
+            }
+            None => {}
         }
         let Some(queue) = self.dispatcher.tasks() else {
             return;

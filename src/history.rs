@@ -17,6 +17,10 @@ use serde_json::{Map, Value, json};
 
 use crate::rooms::RoomPattern;
 
+mod redis;
+
+pub use redis::{Read, RedisHistory};
+
 /// How long a room's epoch and last offset are kept after its last append: a client whose
 /// room merely went quiet recovers with nothing to replay.
 pub const KEEP_POSITION: Duration = Duration::from_secs(24 * 3600);
@@ -38,6 +42,65 @@ impl HistoryConfig {
     /// Whether `room` keeps history.
     pub fn keeps(&self, room: &str) -> bool {
         self.rooms.iter().any(|p| p.matches(room))
+    }
+
+    /// Whether `action` is stored in `room`: a history room keeps every action, except that a
+    /// `user:` room keeps only the final state of a task (its progress is kept in `task:<id>`),
+    /// so one long task cannot push a user's other actions out of their history. (The Redis
+    /// function library applies the same rule.)
+    pub fn stores(&self, room: &str, action: &Map<String, Value>) -> bool {
+        if !self.keeps(room) {
+            return false;
+        }
+        if room.starts_with("user:")
+            && action.get("type").and_then(Value::as_str) == Some("TASK_PROGRESS")
+        {
+            let status = action
+                .get("payload")
+                .and_then(|p| p.get("status"))
+                .and_then(Value::as_str);
+            return matches!(status, Some("succeeded" | "failed" | "cancelled" | "lost"));
+        }
+        true
+    }
+}
+
+/// Why a client at `since` cannot recover in a room at `now`, whose oldest kept action has
+/// offset `oldest` (`now.offset + 1` when it keeps none): the first reason that applies, or
+/// `None` when every action after `since` can be replayed.
+pub fn judge(since: &Position, now: &Position, oldest: u64, max: usize) -> Option<Reason> {
+    if since.epoch != now.epoch || since.offset > now.offset {
+        Some(Reason::EpochChanged)
+    } else if oldest > since.offset + 1 {
+        Some(Reason::TooOld)
+    } else if now.offset - since.offset > max as u64 {
+        Some(Reason::TooMany)
+    } else {
+        None
+    }
+}
+
+/// Which history a process has: embedded, or in Redis shared by every instance.
+#[derive(Clone)]
+pub enum History {
+    /// The embedded history of one process.
+    Memory(Arc<MemoryHistory>),
+    /// Streams in Redis.
+    Redis(Arc<RedisHistory>),
+}
+
+impl History {
+    /// What it keeps.
+    pub fn config(&self) -> &HistoryConfig {
+        match self {
+            History::Memory(h) => h.config(),
+            History::Redis(h) => h.config(),
+        }
+    }
+
+    /// Whether `room` keeps history.
+    pub fn keeps(&self, room: &str) -> bool {
+        self.config().keeps(room)
     }
 }
 
@@ -178,23 +241,9 @@ impl MemoryHistory {
         self.config.keeps(room)
     }
 
-    /// Whether `action` is stored in `room`: a history room keeps every action, except that a
-    /// `user:` room keeps only the final state of a task (its progress is kept in `task:<id>`),
-    /// so one long task cannot push a user's other actions out of their history.
+    /// Whether `action` is stored in `room` (see [`HistoryConfig::stores`]).
     pub fn stores(&self, room: &str, action: &Map<String, Value>) -> bool {
-        if !self.keeps(room) {
-            return false;
-        }
-        if room.starts_with("user:")
-            && action.get("type").and_then(Value::as_str) == Some("TASK_PROGRESS")
-        {
-            let status = action
-                .get("payload")
-                .and_then(|p| p.get("status"))
-                .and_then(Value::as_str);
-            return matches!(status, Some("succeeded" | "failed" | "cancelled" | "lost"));
-        }
-        true
+        self.config.stores(room, action)
     }
 
     /// Locks the history.
@@ -282,24 +331,18 @@ impl Logs<'_> {
         room: &str,
         since: &Position,
     ) -> Result<(Replay, Position), (Reason, Position)> {
-        let max = self.history.config.recover_max as u64;
+        let max = self.history.config.recover_max;
         let log = self.log(room);
         let now = Position {
             epoch: log.epoch.clone(),
             offset: log.top,
         };
-        if since.epoch != log.epoch || since.offset > log.top {
-            return Err((Reason::EpochChanged, now));
-        }
         let oldest = log
             .entries
             .front()
             .map_or(log.top + 1, |(offset, _)| *offset);
-        if oldest > since.offset + 1 {
-            return Err((Reason::TooOld, now));
-        }
-        if log.top - since.offset > max {
-            return Err((Reason::TooMany, now));
+        if let Some(reason) = judge(since, &now, oldest, max) {
+            return Err((reason, now));
         }
         let replay = log
             .entries

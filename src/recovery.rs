@@ -7,13 +7,13 @@
 use serde_json::{Map, Value, json};
 
 use crate::app::App;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::error::Disconnect;
-use crate::history::{Logs, MemoryHistory, Position, Reason, Replay};
+use crate::history::{History, Logs, MemoryHistory, Position, Reason, Replay};
 use crate::outbox::{Outbox, Text};
 use crate::protocol;
-use crate::rooms::ConnId;
+use crate::rooms::{ConnId, Held};
 
 /// How long a paced replay waits for room in a full send queue.
 const PACE: std::time::Duration = std::time::Duration::from_millis(2);
@@ -50,6 +50,28 @@ impl Recovery {
         }
     }
 
+    /// A client at `since` recovering from `read`.
+    pub fn from_read(read: &crate::history::Read, since: &Position, max: usize) -> Recovery {
+        let (reason, replay) = match read.after(since, max) {
+            Ok(replay) => (None, replay),
+            Err(reason) => (Some(reason), Vec::new()),
+        };
+        Recovery {
+            position: read.position.clone(),
+            reason,
+            replay,
+        }
+    }
+
+    /// History cannot be read: the client stays where it is.
+    pub fn unavailable(since: &Position) -> Recovery {
+        Recovery {
+            position: since.clone(),
+            reason: Some(Reason::Unavailable),
+            replay: Vec::new(),
+        }
+    }
+
     /// The answer's fields: `position`, `recovered`, `reason` when not, `replayed`.
     pub fn fields(&self, payload: &mut Map<String, Value>) {
         payload.insert("position".into(), self.position.to_json());
@@ -74,6 +96,53 @@ impl Recovery {
     }
 }
 
+/// What joining a history room answers: a recovery (asked with `since`), or where the room
+/// stands (`None` when history cannot be read now).
+pub enum Standing {
+    /// Where the room stands.
+    Position(Option<Position>),
+    /// What a client that asked with `since` gets.
+    Recovery(Recovery),
+}
+
+/// Reads the history of each room asked, with the client's `since` or for its position. The
+/// embedded history reads every room at one instant; in Redis each room's read is shared
+/// with the other recoveries of that room on this instance.
+pub async fn read_all(history: &History, asks: &[(&str, Option<&Position>)]) -> Vec<Standing> {
+    match history {
+        History::Memory(h) => {
+            let mut logs = h.lock();
+            asks.iter()
+                .map(|(room, since)| match since {
+                    Some(since) => {
+                        Standing::Recovery(Recovery::read_locked(&mut logs, room, since))
+                    }
+                    None => Standing::Position(Some(logs.position(room))),
+                })
+                .collect()
+        }
+        History::Redis(h) => {
+            let max = h.config().recover_max;
+            let reads = asks.iter().map(|(room, since)| async move {
+                match (h.read(room, since.map(|s| s.offset)).await, since) {
+                    (Ok(read), Some(since)) => {
+                        Standing::Recovery(Recovery::from_read(&read, since, max))
+                    }
+                    (Ok(read), None) => Standing::Position(Some(read.position.clone())),
+                    (Err(e), since) => {
+                        tracing::warn!(%room, error = %e, "history cannot be read");
+                        match since {
+                            Some(since) => Standing::Recovery(Recovery::unavailable(since)),
+                            None => Standing::Position(None),
+                        }
+                    }
+                }
+            });
+            futures_util::future::join_all(reads).await
+        }
+    }
+}
+
 /// [`Recovery::send`] for several rooms answered at once (a batch SUBSCRIBE): the answer,
 /// each room's replay in turn (an action stored in several of them only the first time),
 /// what was held back for each, then `after` (task snapshots). Everything is paced into the
@@ -88,7 +157,7 @@ pub async fn send_all(
     let rooms = app.hub.rooms();
     let Some(outbox) = rooms.outbox(conn) else {
         for (room, _) in &recoveries {
-            flush_held(app, conn, room, None, None, false).await;
+            flush_held(app, conn, room, &Skip::nothing(), None, false).await;
         }
         return;
     };
@@ -126,14 +195,22 @@ pub async fn send_all(
         }
     }
     let mut open = push_paced(&outbox, texts, deadline).await;
-    // What was held back: without the stored actions the replay already carried; after a
-    // refused recovery all of it (the client refetches, and misses nothing it was sent).
+    // What was held back: without the stored actions the replay already carried (through
+    // this room by offset, through another room of the batch by id); after a refused recovery
+    // all of it (the client refetches, and misses nothing it was sent).
+    let replayed: HashSet<&str> = recoveries
+        .iter()
+        .flat_map(|(_, r)| r.replay.iter().map(|(_, stored)| stored.id.as_str()))
+        .collect();
     for (room, recovery) in &recoveries {
-        let skip_upto = recovery
-            .reason
-            .is_none()
-            .then_some(recovery.position.offset);
-        open = flush_held(app, conn, room, skip_upto, Some((&outbox, deadline)), open).await;
+        let skip = Skip {
+            upto: recovery
+                .reason
+                .is_none()
+                .then_some(recovery.position.offset),
+            ids: &replayed,
+        };
+        open = flush_held(app, conn, room, &skip, Some((&outbox, deadline)), open).await;
     }
     if open {
         push_paced(
@@ -145,24 +222,48 @@ pub async fn send_all(
     }
 }
 
+/// What of the held-back frames a replay already carried.
+struct Skip<'a> {
+    /// Stored actions up to this offset in the room.
+    upto: Option<u64>,
+    /// Actions with these ids.
+    ids: &'a HashSet<&'a str>,
+}
+
+impl Skip<'_> {
+    fn nothing() -> Skip<'static> {
+        static NONE: std::sync::LazyLock<HashSet<&'static str>> =
+            std::sync::LazyLock::new(HashSet::new);
+        Skip {
+            upto: None,
+            ids: &NONE,
+        }
+    }
+
+    fn skips(&self, held: &Held) -> bool {
+        matches!((held.offset, self.upto), (Some(o), Some(upto)) if o <= upto)
+            || held.id.as_deref().is_some_and(|id| self.ids.contains(id))
+    }
+}
+
 /// Lets what was held back for `room` through, all of it (a recovery that could not start).
 pub async fn release_held(app: &App, conn: ConnId, room: &str) {
     let outbox = app.hub.rooms().outbox(conn);
     let deadline = tokio::time::Instant::now() + app.config.idle_timeout;
     let open = outbox.is_some();
     let to = outbox.as_ref().map(|o| (o, deadline));
-    flush_held(app, conn, room, None, to, open).await;
+    flush_held(app, conn, room, &Skip::nothing(), to, open).await;
 }
 
-/// Queues, paced into `to`, what was held back for `room` — without the stored actions up to
-/// `skip_upto` — until nothing is left, which ends the hold-back. With nowhere to queue (or
-/// once the connection is closing, `open` false) it is dropped. Returns whether the
+/// Queues, paced into `to`, what was held back for `room` — without what `skip` says the
+/// replay carried — until nothing is left, which ends the hold-back. With nowhere to queue
+/// (or once the connection is closing, `open` false) it is dropped. Returns whether the
 /// connection is still open.
 async fn flush_held(
     app: &App,
     conn: ConnId,
     room: &str,
-    skip_upto: Option<u64>,
+    skip: &Skip<'_>,
     to: Option<(&Outbox, tokio::time::Instant)>,
     mut open: bool,
 ) -> bool {
@@ -173,11 +274,8 @@ async fn flush_held(
         };
         let texts = held
             .into_iter()
-            .filter(|(offset, _)| match (offset, skip_upto) {
-                (Some(o), Some(upto)) => *o > upto,
-                _ => true,
-            })
-            .map(|(_, text)| text)
+            .filter(|held| !skip.skips(held))
+            .map(|held| held.text)
             .collect();
         open = push_paced(outbox, texts, deadline).await;
     }

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::outbox::{Outbox, Text};
 use crate::protocol;
@@ -118,8 +118,19 @@ struct Maps {
     recovering: Mutex<HashMap<(ConnId, String), Waiting>>,
 }
 
-/// What arrived for a membership being recovered: each frame with its offset in the room.
-pub type Waiting = Vec<(Option<u64>, Text)>;
+/// What arrived for a membership being recovered: each frame with its offset in the room and
+/// its `meta.id`.
+pub type Waiting = Vec<Held>;
+
+/// A frame held back for a recovering membership.
+pub struct Held {
+    /// Its offset in the room, when stored there.
+    pub offset: Option<u64>,
+    /// Its `meta.id`.
+    pub id: Option<Arc<str>>,
+    /// The frame.
+    pub text: Text,
+}
 
 /// Most frames held back for one recovering membership.
 const HELD_MAX: usize = 65_536;
@@ -338,6 +349,7 @@ impl Rooms {
         let mut result = Delivery::default();
         // Held-back memberships are looked up only while some recovery runs.
         let mut recovering = Some(maps.recovering.lock().unwrap()).filter(|r| !r.is_empty());
+        let held_id: Option<Arc<str>> = recovering.as_ref().and(id).map(Arc::from);
         // Stored in several rooms: a connection in more than one of them also gets the
         // offsets of the others (`meta.offsets`), so its text is its own.
         let stored_in = offsets.iter().filter(|o| o.is_some()).count();
@@ -387,7 +399,11 @@ impl Rooms {
                         result.dropped += 1;
                         continue;
                     }
-                    waiting.push((offset, text.clone()));
+                    waiting.push(Held {
+                        offset,
+                        id: held_id.clone(),
+                        text: text.clone(),
+                    });
                     continue;
                 }
                 if !outbox.fits(text.len()) {

@@ -26,7 +26,7 @@ use crate::outbox::{Closer, Outbox, Text};
 use crate::presence::Leave;
 use crate::protocol::{self, FrameError, Request};
 use crate::ratelimit::{RateLimiter, Verdict};
-use crate::recovery::Recovery;
+use crate::recovery::Standing;
 use crate::rooms::ConnId;
 
 /// Most rooms a connection may be granted by `subscribe`, as a multiple of
@@ -173,14 +173,19 @@ impl Session {
             tracing::warn!(%room, error = %e, "bus subscribe failed");
         }
         let mut extra = Map::new();
-        let recovery = match (&history, &since) {
-            (Some(history), Some(since)) => Some(Recovery::read(history, &room, since)),
-            _ => None,
-        };
-        let position = match (&history, &recovery) {
-            (_, Some(recovery)) => Some(recovery.position.clone()),
-            (Some(history), None) => Some(history.lock().position(&room)),
-            (None, None) => None,
+        let (recovery, position) = match &history {
+            Some(history) => {
+                let ask = [(room.as_str(), since.as_ref())];
+                match crate::recovery::read_all(history, &ask).await.pop() {
+                    Some(Standing::Recovery(recovery)) => {
+                        let position = Some(recovery.position.clone());
+                        (Some(recovery), position)
+                    }
+                    Some(Standing::Position(position)) => (None, position),
+                    None => (None, None),
+                }
+            }
+            None => (None, None),
         };
         if let Some(position) = position {
             extra.insert("positions".into(), json!({ &room: position.to_json() }));

@@ -247,7 +247,9 @@ async fn task_rooms_keep_history_and_user_rooms_keep_only_final_states() {
             .await
             .unwrap();
     }
-    let history = bridge.app.history.as_ref().unwrap();
+    let Some(patchbay::history::History::Memory(history)) = bridge.app.history.as_ref() else {
+        panic!("the embedded history");
+    };
     let mut logs = history.lock();
     assert_eq!(logs.position("task:1").offset, 3);
     assert_eq!(logs.position("user:7").offset, 1, "only the final state");

@@ -22,6 +22,7 @@ async fn a_publish_on_one_instance_reaches_a_client_on_another() {
     let start = || {
         Bridge::start("{}", None, |c| {
             c.redis_url = Some(redis.url());
+            c.history = None;
             c.public_rooms = vec![RoomPattern::parse("lobby").unwrap()];
             c.publish_token = Some("tok".into());
         })
@@ -40,14 +41,23 @@ async fn a_publish_on_one_instance_reaches_a_client_on_another() {
     let body = json!({"rooms": ["lobby"], "action": {"type": "HELLO", "payload": 1}});
     let (status, _) = publish(&a, body).await;
     assert_eq!(status, 202);
+    let mut ids = Vec::new();
     for c in [&mut ca, &mut cb] {
-        let m = c.recv().await;
+        let mut m = c.recv().await;
+        // Every server-fired action carries an id, the same on every instance.
+        let id = m["meta"]
+            .as_object_mut()
+            .and_then(|meta| meta.remove("id"))
+            .unwrap();
+        ids.push(id);
         assert_eq!(
             m,
             json!({"type": "HELLO", "payload": 1, "meta": {"room": "lobby"}})
         );
         assert_answers_ping(c).await;
     }
+    assert_eq!(ids[0], ids[1]);
+    assert!(uuid::Uuid::try_parse(ids[0].as_str().unwrap()).is_ok());
 }
 
 /// A bridge on `redis` with `public` rooms, a publish token, and limits high enough that the
@@ -64,6 +74,7 @@ async fn bridge_on(
         .collect();
     let bridge = Bridge::start("{}", None, |c| {
         c.redis_url = Some(url);
+        c.history = None;
         c.public_rooms = public;
         c.publish_token = Some("tok".into());
         c.rate_per_sec = 100_000.0;
@@ -168,8 +179,11 @@ async fn publishes_reach_each_client_on_every_instance_exactly_once() {
     };
     publish(json!({"rooms": ["lobby"], "action": {"type": "VIA_HTTP", "payload": 1}})).await;
     for c in [&mut ca, &mut cb] {
+        let mut got = c.recv().await;
+        assert!(got["meta"]["id"].is_string(), "{got}");
+        got["meta"].as_object_mut().unwrap().remove("id");
         assert_eq!(
-            c.recv().await,
+            got,
             json!({"type": "VIA_HTTP", "payload": 1, "meta": {"room": "lobby"}})
         );
         assert_answers_ping(c).await;
@@ -193,10 +207,10 @@ async fn publishes_reach_each_client_on_every_instance_exactly_once() {
     // Several rooms: one envelope per room channel, yet one delivery per connection.
     publish(json!({"rooms": ["lobby", "side"], "action": {"type": "BOTH"}})).await;
     for c in [&mut ca, &mut cb] {
-        assert_eq!(
-            c.recv().await,
-            json!({"type": "BOTH", "meta": {"room": "lobby"}})
-        );
+        let mut got = c.recv().await;
+        assert!(got["meta"]["id"].is_string(), "{got}");
+        got["meta"].as_object_mut().unwrap().remove("id");
+        assert_eq!(got, json!({"type": "BOTH", "meta": {"room": "lobby"}}));
         assert_answers_ping(c).await;
     }
 }
@@ -277,7 +291,8 @@ async fn a_multi_room_envelope_reaches_each_connection_once_and_repeats_are_igno
             }
         }
     };
-    let expect = |n: i64, id: &str, room: &str| json!({"type": "NOTE", "payload": n, "meta": {"trace": id, "room": room}});
+    // The envelope's id is the action's meta.id.
+    let expect = |n: i64, id: &str, room: &str| json!({"type": "NOTE", "payload": n, "meta": {"trace": id, "room": room, "id": id}});
 
     fan_out(&mut conn, "e1", &["a", "b"], 1).await;
     assert_eq!(in_both.recv().await, expect(1, "e1", "a"));
@@ -364,7 +379,15 @@ async fn malformed_bus_messages_are_counted() {
         bytes: 1 << 20,
     });
     rooms.register(1, outbox);
-    let bus = RedisBus::start(&redis.url(), "patchbay", "tasks.*", 1000, rooms.clone()).unwrap();
+    let bus = RedisBus::start(
+        &redis.url(),
+        "patchbay",
+        "tasks.*",
+        1000,
+        rooms.clone(),
+        None,
+    )
+    .unwrap();
     let deadline = Instant::now() + WAIT;
     while bus.status() != BusStatus::Connected {
         assert!(Instant::now() < deadline, "the bus never connected");
@@ -426,6 +449,7 @@ async fn a_redis_outage_degrades_then_recovers_without_reconnecting_clients() {
     let url = redis.url();
     let bridge = Bridge::start(MANIFEST, Some(upstream.url()), |c| {
         c.redis_url = Some(url);
+        c.history = None;
         c.public_rooms = vec![RoomPattern::parse("task:*").unwrap()];
     })
     .await;
@@ -674,7 +698,11 @@ async fn the_redis_prefix_names_the_room_channels() {
 #[tokio::test]
 async fn the_pubsub_connection_survives_its_health_checks() {
     let redis = RedisServer::start().await;
-    let bridge = Bridge::start("{}", None, |c| c.redis_url = Some(redis.url())).await;
+    let bridge = Bridge::start("{}", None, |c| {
+        c.redis_url = Some(redis.url());
+        c.history = None;
+    })
+    .await;
     wait_ready_status(&bridge, "ok").await;
     tokio::time::sleep(Duration::from_millis(6500)).await;
     let mut conn = redis.connection().await.unwrap();
@@ -772,7 +800,11 @@ async fn a_redis_that_refuses_patchbay_fails_readiness_with_the_reason() {
     let password = "the-right-password";
     let redis = RedisServer::start_with(&["--requirepass", password], Some(password)).await;
     let failed_with = async |url: String, expect: &str| {
-        let bridge = Bridge::start("{}", None, |c| c.redis_url = Some(url)).await;
+        let bridge = Bridge::start("{}", None, |c| {
+            c.redis_url = Some(url);
+            c.history = None;
+        })
+        .await;
         let (code, body) = readyz_until(&bridge, WAIT, |_, b| b["status"] != "ok").await;
         let (code, body) = if body["status"] == "failed" {
             (code, body)
@@ -815,7 +847,11 @@ async fn a_redis_that_refuses_patchbay_fails_readiness_with_the_reason() {
     }
 
     // The right password: ready.
-    let bridge = Bridge::start("{}", None, |c| c.redis_url = Some(redis.url())).await;
+    let bridge = Bridge::start("{}", None, |c| {
+        c.redis_url = Some(redis.url());
+        c.history = None;
+    })
+    .await;
     ready_within(&bridge, json!({"status": "ok", "bus": "connected"}), WAIT).await;
 }
 

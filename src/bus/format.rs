@@ -2,11 +2,12 @@
 //! action or a multi-room envelope with its de-duplication, and task progress from an external
 //! task manager (contract section 4).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
+use crate::history::Position;
 use crate::protocol::{check_action_object, check_server_action};
 use crate::rooms::valid_room;
 
@@ -19,22 +20,42 @@ pub fn room_channel(prefix: &str, room: &str) -> String {
     format!("{prefix}:room:{room}")
 }
 
-/// The message to publish: the action itself for one room, else one envelope
-/// `{"id","rooms","action"}` (published on each room's channel; receivers de-duplicate by id).
-pub fn encode(rooms: &[String], action: Map<String, Value>) -> String {
-    if rooms.len() == 1 {
-        Value::Object(action).to_string()
-    } else {
-        json!({"id": uuid::Uuid::new_v4().to_string(), "rooms": rooms, "action": action})
-            .to_string()
+/// The message to publish: one envelope `{"id","rooms","action"}`, published on each room's
+/// channel (receivers de-duplicate by id, and the id is the action's `meta.id`).
+pub fn encode(id: &str, rooms: &[String], action: Map<String, Value>) -> String {
+    json!({"id": id, "rooms": rooms, "action": action}).to_string()
+}
+
+/// A server-fired action to deliver to the local members of `rooms`.
+#[derive(Debug, PartialEq)]
+pub struct Incoming {
+    /// The target rooms.
+    pub rooms: Vec<String>,
+    /// The action.
+    pub action: Map<String, Value>,
+    /// Its `meta.id`, when it came in an envelope.
+    pub id: Option<String>,
+    /// Where it was stored, one per room (`None` where it was not); empty when nowhere.
+    pub positions: Vec<Option<Position>>,
+}
+
+impl Incoming {
+    /// An action that was not stored.
+    pub fn live(rooms: Vec<String>, action: Map<String, Value>) -> Incoming {
+        Incoming {
+            rooms,
+            action,
+            id: None,
+            positions: Vec::new(),
+        }
     }
 }
 
 /// What a received room message asks for.
 #[derive(Debug, PartialEq)]
 pub enum Received {
-    /// Deliver `action` to the local members of `rooms`.
-    Deliver(Vec<String>, Map<String, Value>),
+    /// Deliver it.
+    Deliver(Incoming),
     /// A copy of an envelope already delivered: nothing to do.
     Repeat,
     /// Neither an action nor an envelope: dropped and counted.
@@ -81,6 +102,8 @@ struct Probe<'a> {
     rooms: Option<&'a RawValue>,
     #[serde(default, borrow)]
     action: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    positions: Option<&'a RawValue>,
 }
 
 /// Decodes a message received on `room`'s channel: an action, or an envelope naming at most
@@ -99,7 +122,7 @@ pub fn decode_room_message(
     if probe.ty.is_some() {
         return match serde_json::from_slice::<Map<String, Value>>(bytes) {
             Ok(obj) if check_action_object(&obj).is_ok() => {
-                Received::Deliver(vec![room.to_string()], obj)
+                Received::Deliver(Incoming::live(vec![room.to_string()], obj))
             }
             _ => Received::Malformed,
         };
@@ -128,8 +151,25 @@ pub fn decode_room_message(
     let Value::Object(action) = action else {
         return Received::Malformed;
     };
-    seen.insert(id);
-    Received::Deliver(rooms, action)
+    // Where it was stored: `{"<room>":"<epoch>:<offset>"}`, written by the function library.
+    let positions = match probe.positions {
+        None => Vec::new(),
+        Some(raw) => match serde_json::from_str::<HashMap<String, String>>(raw.get()) {
+            Ok(map) if map.is_empty() => Vec::new(),
+            Ok(map) => rooms
+                .iter()
+                .map(|r| map.get(r).and_then(|p| Position::from_query(p)))
+                .collect(),
+            Err(_) => return Received::Malformed,
+        },
+    };
+    seen.insert(id.clone());
+    Received::Deliver(Incoming {
+        rooms,
+        action,
+        id: Some(id),
+        positions,
+    })
 }
 
 /// The part of `channel` matched by the single `*` of `pattern`.
@@ -203,11 +243,19 @@ mod tests {
             .unwrap()
             .clone();
         let rooms = vec!["a".to_string(), "b".to_string()];
-        let envelope = encode(&rooms, action.clone());
+        let envelope = encode("e1", &rooms, action.clone());
         let mut seen = Dedupe::default();
+        let delivered = |rooms: &[&str], id: Option<&str>, positions| {
+            Received::Deliver(Incoming {
+                rooms: rooms.iter().map(|r| r.to_string()).collect(),
+                action: action.clone(),
+                id: id.map(str::to_string),
+                positions,
+            })
+        };
         assert_eq!(
             decode_room_message("a", envelope.as_bytes(), &mut seen, 10),
-            Received::Deliver(rooms.clone(), action.clone())
+            delivered(&["a", "b"], Some("e1"), Vec::new())
         );
         assert_eq!(
             decode_room_message("b", envelope.as_bytes(), &mut seen, 10),
@@ -218,10 +266,31 @@ mod tests {
             Received::Malformed,
             "more rooms than allowed"
         );
-        let single = encode(&rooms[..1], action.clone());
+        let single = encode("e2", &rooms[..1], action.clone());
         assert_eq!(
             decode_room_message("a", single.as_bytes(), &mut seen, 10),
-            Received::Deliver(vec!["a".into()], action)
+            delivered(&["a"], Some("e2"), Vec::new())
+        );
+        let raw = Value::Object(action.clone()).to_string();
+        assert_eq!(
+            decode_room_message("a", raw.as_bytes(), &mut seen, 10),
+            delivered(&["a"], None, Vec::new()),
+            "an action published by anyone"
+        );
+        let stored = br#"{"id":"e3","rooms":["a","b"],"action":{"type":"A","payload":1},"positions":{"b":"ep-1:7"}}"#;
+        assert_eq!(
+            decode_room_message("a", stored, &mut seen, 10),
+            delivered(
+                &["a", "b"],
+                Some("e3"),
+                vec![
+                    None,
+                    Some(Position {
+                        epoch: "ep-1".into(),
+                        offset: 7
+                    })
+                ]
+            )
         );
         for bad in [
             &b"nope"[..],

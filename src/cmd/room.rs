@@ -11,7 +11,7 @@ use crate::error::{ActionError, Code};
 use crate::history::{Position, Reason};
 use crate::presence::{Leave, SetError};
 use crate::protocol;
-use crate::recovery::{Recovery, send_all};
+use crate::recovery::{Recovery, Standing, send_all};
 use crate::rooms::{ConnId, JoinError, valid_room};
 
 /// `{"room": "...", "token"?: "..."}` of SUBSCRIBE and UNSUBSCRIBE.
@@ -192,10 +192,10 @@ fn join_now(
 /// One room's answer: its success payload, or its entry and the error.
 type Answer = Result<Map<String, Value>, (Value, ActionError)>;
 
-/// Waits for the bus to confirm each join, then reads every recovering room's history at one
-/// instant (so an action stored in several of them is either in each replay or held back for
-/// each), and makes each room's answer; also the recoveries to send and the task snapshots
-/// to send after them.
+/// Waits for the bus to confirm each join, then reads every history room's history (at one
+/// instant when embedded; an action stored in several rooms that one replay carries and
+/// another room held back goes out once, by its id) and makes each room's answer; also the
+/// recoveries to send and the task snapshots to send after them.
 async fn settle(
     app: &Arc<App>,
     conn: ConnId,
@@ -241,46 +241,55 @@ async fn settle(
         }
         confirmed.push(Ok((room, since, not_kept, presence)));
     }
+    // Every history room's read at once: its recovery, or where it stands.
+    let mut reads = match &app.history {
+        Some(history) => {
+            let asks: Vec<(&str, Option<&Position>)> = confirmed
+                .iter()
+                .filter_map(|c| c.as_ref().ok())
+                .filter(|(room, ..)| history.keeps(room))
+                .map(|(room, since, ..)| (room.as_str(), since.as_ref()))
+                .collect();
+            crate::recovery::read_all(history, &asks).await
+        }
+        None => Vec::new(),
+    }
+    .into_iter();
     let mut answers = Vec::with_capacity(confirmed.len());
     let mut recoveries = Vec::new();
     let mut rooms_joined = Vec::new();
-    {
-        let history = app.history.as_ref();
-        let mut logs = history.map(|h| h.lock());
-        for pending in confirmed {
-            let (room, since, not_kept, presence) = match pending {
-                Ok(p) => p,
-                Err(e) => {
-                    answers.push(Err(e));
-                    continue;
-                }
-            };
-            let mut payload = Map::new();
-            payload.insert("room".into(), Value::String(room.clone()));
-            if let Some(snapshot) = presence {
-                payload.insert("presence".into(), snapshot);
+    for pending in confirmed {
+        let (room, _, not_kept, presence) = match pending {
+            Ok(p) => p,
+            Err(e) => {
+                answers.push(Err(e));
+                continue;
             }
-            let keeps = history.is_some_and(|h| h.keeps(&room));
-            if let (Some(logs), true) = (&mut logs, keeps) {
-                match &since {
-                    Some(since) => {
-                        let recovery = Recovery::read_locked(logs, &room, since);
-                        recovery.fields(&mut payload);
-                        recoveries.push((room.clone(), recovery));
-                    }
-                    None => {
-                        payload.insert("position".into(), logs.position(&room).to_json());
-                    }
-                }
-            }
-            if not_kept {
-                payload.insert("recovered".into(), Value::Bool(false));
-                payload.insert("reason".into(), json!(Reason::NotKept.as_str()));
-                payload.insert("replayed".into(), json!(0));
-            }
-            rooms_joined.push(room);
-            answers.push(Ok(payload));
+        };
+        let mut payload = Map::new();
+        payload.insert("room".into(), Value::String(room.clone()));
+        if let Some(snapshot) = presence {
+            payload.insert("presence".into(), snapshot);
         }
+        if app.history.as_ref().is_some_and(|h| h.keeps(&room)) {
+            match reads.next() {
+                Some(Standing::Recovery(recovery)) => {
+                    recovery.fields(&mut payload);
+                    recoveries.push((room.clone(), recovery));
+                }
+                Some(Standing::Position(Some(position))) => {
+                    payload.insert("position".into(), position.to_json());
+                }
+                Some(Standing::Position(None)) | None => {}
+            }
+        }
+        if not_kept {
+            payload.insert("recovered".into(), Value::Bool(false));
+            payload.insert("reason".into(), json!(Reason::NotKept.as_str()));
+            payload.insert("replayed".into(), json!(0));
+        }
+        rooms_joined.push(room);
+        answers.push(Ok(payload));
     }
     let mut snapshots = Vec::new();
     for room in rooms_joined {

@@ -211,19 +211,7 @@ impl Config {
             ttl: Duration::from_secs(positive("history_ttl_secs", raw.get("history_ttl_secs"))?),
             recover_max: positive("recover_max", raw.get("recover_max"))?,
         };
-        // History is embedded only so far: with Redis a room keeps none. Said loudly when
-        // asked for, and the default then means none.
-        let history = match (&redis_url, history.rooms.is_empty()) {
-            (_, true) => None,
-            (None, false) => Some(history),
-            (Some(_), false) if !raw.is_set("history_rooms") => None,
-            (Some(_), false) => {
-                return Err(ConfigError::var(
-                    "history_rooms",
-                    "history is kept with the embedded bus only in this version; unset it (or leave it empty) with PATCHBAY_REDIS_URL",
-                ));
-            }
-        };
+        let history = (!history.rooms.is_empty()).then_some(history);
         let presence_rooms: Vec<RoomPattern> = list(raw.get("presence_rooms"))
             .map(|p| RoomPattern::parse(p).map_err(|e| ConfigError::var("presence_rooms", e)))
             .collect::<Result<_, _>>()?;

@@ -61,7 +61,7 @@ pub const VARIABLES: [Var; 35] = [
     var("PATCHBAY_PING_INTERVAL_SECS", "25", "websocket ping interval, seconds"),
     var("PATCHBAY_IDLE_TIMEOUT_SECS", "60", "close a silent client after this long, seconds"),
     var("PATCHBAY_SHUTDOWN_GRACE_SECS", "10", "time for in-flight requests at shutdown, seconds"),
-    var("PATCHBAY_HISTORY_ROOMS", "task:*,user:*", "rooms that keep history for recovery; empty: none (embedded bus only for now)"),
+    var("PATCHBAY_HISTORY_ROOMS", "task:*,user:*", "rooms that keep history for recovery; empty: none"),
     var("PATCHBAY_HISTORY_SIZE", "100", "actions kept per history room"),
     var("PATCHBAY_HISTORY_TTL_SECS", "300", "a history room's actions expire this long after its last append, seconds"),
     var("PATCHBAY_RECOVER_MAX", "1000", "most actions replayed to one connection for one SUBSCRIBE"),
@@ -111,11 +111,6 @@ impl Raw {
     /// The value, trimmed, or `None` when it is empty.
     pub(super) fn opt(&self, name: &str) -> Option<String> {
         non_empty(Some(self.get(name).to_string()))
-    }
-
-    /// Whether `PATCHBAY_<NAME>` was set at all (to anything, even empty).
-    pub(super) fn is_set(&self, name: &str) -> bool {
-        self.0.contains_key(name)
     }
 }
 

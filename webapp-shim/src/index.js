@@ -229,6 +229,16 @@ export function createPatchbay (options) {
     }
   }
 
+  /** The server could not deliver what a room missed (its own connection to Redis dropped
+   *  and history no longer had it): the app refetches, and the room goes on from there. */
+  function resynced (payload) {
+    const position = positionOf(payload?.position)
+    if (!position || typeof payload.room !== 'string') return
+    if (identity && identity.room === payload.room) identity.position = { ...position }
+    const state = rooms.get(payload.room)
+    if (state) state.position = { ...position }
+  }
+
   /** The greeting: where the identity's room stands, and how its recovery went. */
   function greeted (payload) {
     const room = Array.isArray(payload?.rooms) ? payload.rooms[0] : undefined
@@ -399,6 +409,7 @@ export function createPatchbay (options) {
     // A reply to a request that already timed out or was answered over REST.
     if (late.delete(id)) return
     if (message.type === BUILTIN + 'CONNECTED') greeted(message.payload)
+    if (message.type === RESYNC) resynced(message.payload)
     const meta = message.meta
     if (meta && typeof meta === 'object') {
       // Positions move even with a repeat: it may carry offsets of other rooms.

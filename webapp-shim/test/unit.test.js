@@ -630,6 +630,22 @@ test('a recovery that cannot replay dispatches RESYNC with where the room stands
   assert.equal(of('@@patchbay/RESYNC').length, 1)
 })
 
+test('a RESYNC from the server moves the room to its position: the next recovery starts there', async t => {
+  const { ws, dispatch, of } = setup(t)
+  ws.last.accept()
+  const joined = dispatch({ type: '@@patchbay/SUBSCRIBE_REQUEST', payload: { room: 'feed:1' } })
+  ws.last.succeed('@@patchbay/SUBSCRIBE_REQUEST', { room: 'feed:1', position: { epoch: 'e', offset: 5 } })
+  await joined
+  ws.last.receive({ type: '@@patchbay/RESYNC', payload: { room: 'feed:1', reason: 'epoch_changed', position: { epoch: 'g', offset: 2 } }, meta: { room: 'feed:1' } })
+  await tick()
+  assert.equal(of('@@patchbay/RESYNC').length, 1, 'the app hears it and refetches')
+  ws.last.drop(1006)
+  await until(() => ws.sockets.length === 2, 'a reconnect')
+  ws.last.accept()
+  const rejoin = ws.last.requests('@@patchbay/SUBSCRIBE_REQUEST').at(-1)
+  assert.deepEqual(rejoin.payload.since, { epoch: 'g', offset: 2 })
+})
+
 test('the identity room recovers with the handshake: since in the URL, RESYNC when it cannot', async t => {
   const { ws, of } = setup(t)
   assert.ok(!ws.last.url.includes('since'), ws.last.url)

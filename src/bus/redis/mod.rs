@@ -31,7 +31,7 @@
 mod driver;
 mod local;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -42,8 +42,9 @@ use futures_util::stream::BoxStream;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::format::{self, Dedupe, Received};
+use super::format::{self, Dedupe, Incoming, Received};
 use super::{Bus, BusCounters, BusError, BusStatus};
+use crate::history::{Position, Reason, RedisHistory};
 use crate::rooms::Rooms;
 
 pub use driver::{
@@ -96,8 +97,13 @@ impl Shared {
 pub struct RedisBus {
     prefix: String,
     driver: Arc<dyn Driver>,
+    /// History in Redis, when some room keeps it: then every publish goes through the
+    /// function library, which stores and publishes in one call.
+    history: Option<Arc<RedisHistory>>,
     shared: Arc<Shared>,
     sync: mpsc::Sender<Sync>,
+    /// The worker until it is spawned.
+    worker: Mutex<Option<Worker>>,
 }
 
 impl RedisBus {
@@ -110,19 +116,30 @@ impl RedisBus {
         task_pattern: &str,
         max_rooms: usize,
         rooms: Arc<Rooms>,
+        history: Option<Arc<RedisHistory>>,
     ) -> Result<RedisBus, redis::RedisError> {
         let driver = Arc::new(RedisDriver::open(url)?);
-        Ok(Self::with_driver(
-            driver,
-            prefix,
-            task_pattern,
-            max_rooms,
-            rooms,
-        ))
+        let mut bus = Self::unstarted(driver, prefix, task_pattern, max_rooms, rooms);
+        bus.history = history.clone();
+        bus.start_worker(history);
+        Ok(bus)
     }
 
-    /// Starts the bus over any [`Driver`] (an in-process [`LocalRedis`] in tests).
+    /// Starts the bus over any [`Driver`] (an in-process [`LocalRedis`] in tests), without
+    /// history.
     pub fn with_driver(
+        driver: Arc<dyn Driver>,
+        prefix: &str,
+        task_pattern: &str,
+        max_rooms: usize,
+        rooms: Arc<Rooms>,
+    ) -> RedisBus {
+        let mut bus = Self::unstarted(driver, prefix, task_pattern, max_rooms, rooms);
+        bus.start_worker(None);
+        bus
+    }
+
+    fn unstarted(
         driver: Arc<dyn Driver>,
         prefix: &str,
         task_pattern: &str,
@@ -152,13 +169,25 @@ impl RedisBus {
             shared: shared.clone(),
             sync_rx,
             seen: Dedupe::default(),
+            history: None,
+            followed: HashMap::new(),
+            occurrences: Occurrences::default(),
         };
-        tokio::spawn(worker.run());
         RedisBus {
             prefix: prefix.to_string(),
             driver,
+            history: None,
             shared,
             sync,
+            worker: Mutex::new(Some(worker)),
+        }
+    }
+
+    /// Spawns the pub/sub worker (once).
+    fn start_worker(&mut self, history: Option<Arc<RedisHistory>>) {
+        if let Some(mut worker) = self.worker.get_mut().unwrap().take() {
+            worker.history = history;
+            tokio::spawn(worker.run());
         }
     }
 
@@ -195,18 +224,30 @@ impl Bus for RedisBus {
         action: Map<String, Value>,
     ) -> BoxFuture<'_, Result<(), BusError>> {
         async move {
-            let payload = format::encode(&rooms, action);
-            let channels: Vec<String> = rooms
-                .iter()
-                .map(|r| format::room_channel(&self.prefix, r))
-                .collect();
-            let result =
-                match tokio::time::timeout(OP_TIMEOUT * 2, self.driver.publish(channels, payload))
-                    .await
-                {
-                    Ok(result) => result,
-                    Err(_) => Err(DriverError::unavailable("Redis did not answer in time")),
-                };
+            let id = uuid::Uuid::new_v4().to_string();
+            let result = match &self.history {
+                // Stored where kept and published, in one call.
+                Some(history) => {
+                    let text = Value::Object(action).to_string();
+                    let publish = history.publish("", &id, &rooms, &text);
+                    match tokio::time::timeout(OP_TIMEOUT * 2, publish).await {
+                        Ok(result) => result.map(drop).map_err(DriverError::from),
+                        Err(_) => Err(DriverError::unavailable("Redis did not answer in time")),
+                    }
+                }
+                None => {
+                    let payload = format::encode(&id, &rooms, action);
+                    let channels: Vec<String> = rooms
+                        .iter()
+                        .map(|r| format::room_channel(&self.prefix, r))
+                        .collect();
+                    let publish = self.driver.publish(channels, payload);
+                    match tokio::time::timeout(OP_TIMEOUT * 2, publish).await {
+                        Ok(result) => result,
+                        Err(_) => Err(DriverError::unavailable("Redis did not answer in time")),
+                    }
+                }
+            };
             self.shared.command_result(&result);
             match result {
                 Ok(()) => {
@@ -310,6 +351,46 @@ struct Worker {
     shared: Arc<Shared>,
     sync_rx: mpsc::Receiver<Sync>,
     seen: Dedupe,
+    /// History in Redis, when some room keeps it.
+    history: Option<Arc<RedisHistory>>,
+    /// Where this instance stands in each history room it is subscribed to: the last offset
+    /// it delivered. A live action further on means it missed some (filled from history
+    /// first); one not after it was delivered already (by a catch-up).
+    followed: HashMap<String, Position>,
+    /// Task messages ingested lately, for the ingest's de-duplication.
+    occurrences: Occurrences,
+}
+
+/// How many times each task message was received lately. Every instance receives the same
+/// messages in the same order, so "the n-th time these bytes arrived within a minute" names
+/// one message on every instance: it is stored once, and the same bytes published again are
+/// a new message.
+#[derive(Default)]
+struct Occurrences {
+    seen: HashMap<u64, (u32, std::time::Instant)>,
+}
+
+/// How long a task message is remembered for the ingest's de-duplication (the function
+/// library keeps its mark as long).
+const OCCURRENCE_WINDOW: Duration = Duration::from_secs(60);
+
+impl Occurrences {
+    /// Counts one more arrival of `text`: its number within the window.
+    fn next(&mut self, text: &str) -> u32 {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let now = std::time::Instant::now();
+        if self.seen.len() >= 4096 {
+            self.seen
+                .retain(|_, (_, at)| now.duration_since(*at) < OCCURRENCE_WINDOW);
+        }
+        let key = BuildHasherDefault::<DefaultHasher>::default().hash_one(text);
+        let entry = self.seen.entry(key).or_insert((0, now));
+        if now.duration_since(entry.1) >= OCCURRENCE_WINDOW {
+            entry.0 = 0;
+        }
+        *entry = (entry.0 + 1, now);
+        entry.0
+    }
 }
 
 impl Worker {
@@ -368,11 +449,13 @@ impl Worker {
         self.shared.active.write().unwrap().clear();
     }
 
-    /// Opens the pub/sub connection, subscribed to the task pattern and every room in use.
+    /// Opens the pub/sub connection, subscribed to the task pattern and every room in use;
+    /// then catches up, from history, with what the rooms it follows missed meanwhile.
     async fn connect(
         &mut self,
     ) -> Result<(Box<dyn Subscriptions>, BoxStream<'static, Msg>), DriverError> {
         let rooms = self.rooms.room_names();
+        self.follow(&rooms).await?;
         let channels = self.channels(&rooms);
         let connect = self.driver.connect(self.task_pattern.clone(), channels);
         let (mut subscriptions, stream) = tokio::time::timeout(OP_TIMEOUT * 2, connect)
@@ -391,6 +474,7 @@ impl Worker {
             .filter(|r| !active.contains(r))
             .collect();
         if !missed.is_empty() {
+            self.follow(&missed).await?;
             let subscribe = subscriptions.subscribe(self.channels(&missed));
             match tokio::time::timeout(OP_TIMEOUT, subscribe).await {
                 Ok(Ok(())) => {}
@@ -404,8 +488,126 @@ impl Worker {
                 .unwrap()
                 .extend(active.iter().cloned());
         }
+        self.followed.retain(|room, _| active.contains(room));
+        self.catch_up().await;
         tracing::info!(rooms = active.len(), pattern = %self.task_pattern, "connected to Redis");
         Ok((subscriptions, stream))
+    }
+
+    /// Starts following the history rooms among `rooms` it does not follow yet: where each
+    /// stands, read *before* subscribing, so that nothing published in between is missed.
+    async fn follow(&mut self, rooms: &[String]) -> Result<(), DriverError> {
+        let Some(history) = self.history.clone() else {
+            return Ok(());
+        };
+        let new: Vec<&String> = rooms
+            .iter()
+            .filter(|r| history.config().keeps(r) && !self.followed.contains_key(*r))
+            .collect();
+        let reads = new.iter().map(|room| history.read_now(room, None, 0));
+        let reads = tokio::time::timeout(OP_TIMEOUT * 2, futures_util::future::try_join_all(reads))
+            .await
+            .map_err(|_| DriverError::unavailable("reading history positions timed out"))??;
+        for (room, read) in new.into_iter().zip(reads) {
+            self.followed.insert(room.clone(), read.position);
+        }
+        Ok(())
+    }
+
+    /// After a reconnect: delivers, room by room and in order, what each followed room got
+    /// while this instance was not listening (or `RESYNC` where history cannot say).
+    async fn catch_up(&mut self) {
+        let rooms: Vec<(String, Position)> = self
+            .followed
+            .iter()
+            .map(|(r, p)| (r.clone(), p.clone()))
+            .collect();
+        for (room, from) in rooms {
+            self.fill(&room, &from, None).await;
+        }
+    }
+
+    /// Delivers to `room`'s members the stored actions after `from` (before `before`, the
+    /// live one that showed the gap, when given), and follows the room from there; or, when
+    /// history no longer has them, tells the members to refetch (`@@patchbay/RESYNC`).
+    async fn fill(&mut self, room: &str, from: &Position, before: Option<&Position>) {
+        let Some(history) = self.history.clone() else {
+            return;
+        };
+        let size = history.config().size;
+        let read = match tokio::time::timeout(
+            OP_TIMEOUT * 2,
+            history.read_now(room, Some(from.offset), size),
+        )
+        .await
+        {
+            Ok(Ok(read)) => read,
+            Ok(Err(e)) => {
+                tracing::warn!(%room, error = %e, "cannot read history to fill a gap");
+                return self.resync(room, Reason::Unavailable, before, from.clone());
+            }
+            Err(_) => {
+                tracing::warn!(%room, "reading history to fill a gap timed out");
+                return self.resync(room, Reason::Unavailable, before, from.clone());
+            }
+        };
+        match read.after(from, size) {
+            Ok(missed) => {
+                let upto = before.filter(|b| b.epoch == read.position.epoch);
+                let mut filled = 0;
+                for (offset, stored) in missed {
+                    if upto.is_some_and(|b| offset >= b.offset) {
+                        break;
+                    }
+                    let delivery = self.rooms.deliver_stored(
+                        std::slice::from_ref(&room.to_string()),
+                        &stored.action,
+                        Some(&stored.id),
+                        &[Some(offset)],
+                    );
+                    self.shared.counters.count(delivery);
+                    filled += 1;
+                    self.followed.insert(
+                        room.to_string(),
+                        Position {
+                            epoch: read.position.epoch.clone(),
+                            offset,
+                        },
+                    );
+                }
+                if filled > 0 {
+                    tracing::info!(%room, filled, "delivered actions this instance missed, from history");
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(%room, reason = reason.as_str(), "history cannot fill what this instance missed: members resync");
+                self.resync(room, reason, before, read.position);
+            }
+        }
+    }
+
+    /// Sends `room`'s members `@@patchbay/RESYNC`: refetch, and continue from the position
+    /// (just before `before`, the live action that follows, else `now`).
+    fn resync(&mut self, room: &str, reason: Reason, before: Option<&Position>, now: Position) {
+        let position = match before {
+            Some(b) => Position {
+                epoch: b.epoch.clone(),
+                offset: b.offset.saturating_sub(1),
+            },
+            None => now,
+        };
+        let action = serde_json::json!({
+            "type": "@@patchbay/RESYNC",
+            "payload": {"room": room, "reason": reason.as_str(), "position": position.to_json()},
+        });
+        let Value::Object(action) = action else {
+            unreachable!("an object literal")
+        };
+        let delivery = self
+            .rooms
+            .deliver(std::slice::from_ref(&room.to_string()), &action);
+        self.shared.counters.count(delivery);
+        self.followed.insert(room.to_string(), position);
     }
 
     async fn serve(
@@ -419,7 +621,7 @@ impl Worker {
             tokio::select! {
                 biased;
                 msg = stream.next() => match msg {
-                    Some(msg) => self.on_message(msg),
+                    Some(msg) => self.on_message(msg).await,
                     None => return Ended::Lost("the pub/sub connection closed".into()),
                 },
                 first = self.sync_rx.recv() => {
@@ -475,6 +677,18 @@ impl Worker {
                 active.remove(room);
             }
         }
+        for room in &remove {
+            self.followed.remove(room);
+        }
+        if !add.is_empty()
+            && let Err(e) = self.follow(&add).await
+        {
+            let e = format!("reading history positions failed: {e}");
+            for s in batch {
+                answer(s, Err(BusError::Unavailable(e.clone())));
+            }
+            return Err(e);
+        }
         let channels = |rooms: &[String]| self.channels(rooms);
         let result = async {
             if !add.is_empty() {
@@ -509,7 +723,7 @@ impl Worker {
             .collect()
     }
 
-    fn on_message(&mut self, msg: Msg) {
+    async fn on_message(&mut self, msg: Msg) {
         self.shared
             .counters
             .received
@@ -519,7 +733,12 @@ impl Worker {
             match format::task_id(&self.task_pattern, channel)
                 .and_then(|id| format::task_progress(id, &msg.payload))
             {
-                Some((rooms, action)) => Received::Deliver(rooms, action),
+                Some((rooms, action)) => match self.history.clone() {
+                    Some(history) if rooms.iter().any(|r| history.config().stores(r, &action)) => {
+                        return self.ingest(&history, rooms, action).await;
+                    }
+                    _ => Received::Deliver(Incoming::live(rooms, action)),
+                },
                 None => Received::Malformed,
             }
         } else if let Some(room) = channel.strip_prefix(&self.room_prefix) {
@@ -528,11 +747,7 @@ impl Worker {
             Received::Malformed
         };
         match received {
-            Received::Deliver(rooms, action) => {
-                self.shared
-                    .counters
-                    .count(self.rooms.deliver(&rooms, &action));
-            }
+            Received::Deliver(incoming) => self.deliver(incoming).await,
             Received::Repeat => {}
             Received::Malformed => {
                 let n = self
@@ -547,6 +762,77 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// A task message for rooms that keep history: stored once, whichever instance gets there
+    /// first, and published on the rooms' channels, from which every instance delivers it
+    /// with its offsets. If Redis cannot store it, it is delivered live from here.
+    async fn ingest(
+        &mut self,
+        history: &RedisHistory,
+        rooms: Vec<String>,
+        action: Map<String, Value>,
+    ) {
+        let text = Value::Object(action).to_string();
+        let occurrence = self.occurrences.next(&text).to_string();
+        let id = uuid::Uuid::new_v4().to_string();
+        let stored = tokio::time::timeout(
+            OP_TIMEOUT * 2,
+            history.publish(&occurrence, &id, &rooms, &text),
+        )
+        .await;
+        if let Ok(Ok(_)) = stored {
+            return;
+        }
+        tracing::warn!("a task message could not be stored in history: delivered live");
+        if let Ok(Value::Object(action)) = serde_json::from_str(&text) {
+            self.deliver(Incoming::live(rooms, action)).await;
+        }
+    }
+
+    /// Delivers `incoming` to the local members of its rooms. In a history room this
+    /// instance follows, an action whose offset is not the next one first has the gap filled
+    /// from history (or a `RESYNC` sent), and one it already delivered is not delivered again.
+    async fn deliver(&mut self, incoming: Incoming) {
+        let Incoming {
+            mut rooms,
+            action,
+            id,
+            positions,
+        } = incoming;
+        let mut offsets: Vec<Option<u64>> = Vec::with_capacity(positions.len());
+        let mut already = Vec::new();
+        for (i, position) in positions.iter().enumerate() {
+            offsets.push(position.as_ref().map(|p| p.offset));
+            let (Some(position), Some(room)) = (position, rooms.get(i)) else {
+                continue;
+            };
+            let Some(at) = self.followed.get(room).cloned() else {
+                continue;
+            };
+            if at.epoch != position.epoch {
+                let room = room.clone();
+                self.resync(&room, Reason::EpochChanged, Some(position), at);
+            } else if position.offset <= at.offset {
+                already.push(i);
+                continue;
+            } else if position.offset > at.offset + 1 {
+                let room = room.clone();
+                self.fill(&room, &at, Some(position)).await;
+            }
+            self.followed.insert(room.clone(), position.clone());
+        }
+        for i in already.into_iter().rev() {
+            rooms.remove(i);
+            offsets.remove(i);
+        }
+        if rooms.is_empty() {
+            return;
+        }
+        let delivery = self
+            .rooms
+            .deliver_stored(&rooms, &action, id.as_deref(), &offsets);
+        self.shared.counters.count(delivery);
     }
 }
 

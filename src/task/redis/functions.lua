@@ -152,22 +152,187 @@ local function view_json(f)
   return task_json(f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8])
 end
 
--- Publishes TASK_PROGRESS with the task object to task:<id> and, for a user's task, in one
--- envelope to user:<owner> as well (its id is the task's new version, so each instance
--- delivers it once per connection).
-local function publish(P, key, id, owner, json)
-  local action = '{"type":"TASK_PROGRESS","payload":' .. json .. '}'
-  local task_room = 'task:' .. id
-  if owner == '' then
-    redis.call('PUBLISH', P .. ':room:' .. task_room, action)
-    return
+-- History (contract section 8). patchbay writes what is kept to P:history at start-up:
+--   rooms   the room patterns that keep history, space-separated (`name` or `prefix*`)
+--   size    actions kept per room; ttl: seconds a room's actions live after its last append;
+--   keep    seconds its epoch and last offset live (at least a day)
+-- and each room R that keeps history has
+--   P:h:R    stream of its actions: entry id `<offset>-0`, fields `i` (meta.id), `a` (action)
+--   P:hm:R   hash: `epoch`, `top` (the last offset), `run` (the run_id of the Redis server
+--            that wrote it: a server that restarted, or a replica promoted in a failover,
+--            has another, and the room starts a new epoch instead of reusing offsets)
+-- Appending and publishing happen in one call: an action's offset order is its delivery
+-- order. What is published on each target room's channel is one envelope
+--   {"id":…,"rooms":[…],"action":…,"positions":{"<room>":"<epoch>:<offset>",…}}
+-- with `positions` for the rooms that stored it.
+
+local run_id = nil
+local function server_run()
+  if not run_id then
+    run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or 'unknown'
   end
+  return run_id
+end
+
+local cached_rooms, cached_patterns = nil, {}
+-- What P:history says: the patterns, size, ttl and keep; nil when nothing keeps history.
+local function history_config(P)
+  local c = redis.call('HMGET', P .. ':history', 'rooms', 'size', 'ttl', 'keep')
+  if not c[1] or c[1] == '' then return nil end
+  if c[1] ~= cached_rooms then
+    local patterns = {}
+    for p in string.gmatch(c[1], '%S+') do
+      if string.sub(p, -1) == '*' then
+        patterns[#patterns + 1] = { prefix = true, s = string.sub(p, 1, -2) }
+      else
+        patterns[#patterns + 1] = { prefix = false, s = p }
+      end
+    end
+    cached_rooms, cached_patterns = c[1], patterns
+  end
+  return { patterns = cached_patterns, size = tonumber(c[2]) or 100,
+    ttl = tonumber(c[3]) or 300, keep = tonumber(c[4]) or 86400 }
+end
+
+local function keeps(cfg, room)
+  for _, p in ipairs(cfg.patterns) do
+    if p.prefix then
+      if string.sub(room, 1, #p.s) == p.s then return true end
+    elseif room == p.s then
+      return true
+    end
+  end
+  return false
+end
+
+-- Where room R stands, its meta made (or renewed, on another server) when needed:
+-- epoch, top, and the keys.
+local function room_position(P, room, cfg)
+  local mk, sk = P .. ':hm:' .. room, P .. ':h:' .. room
+  local m = redis.call('HMGET', mk, 'epoch', 'top', 'run')
+  local run = server_run()
+  if m[1] and m[3] == run then return m[1], tonumber(m[2]) or 0, mk, sk end
+  local epoch = string.sub(run, 1, 12) .. '-' .. redis.call('INCR', P .. ':hseq')
+  redis.call('DEL', sk)
+  redis.call('HSET', mk, 'epoch', epoch, 'top', 0, 'run', run)
+  redis.call('EXPIRE', mk, cfg.keep)
+  return epoch, 0, mk, sk
+end
+
+-- Stores `action` (with meta.id `id`) in `room`: its epoch and offset.
+local function append(P, room, id, action, cfg)
+  local epoch, top, mk, sk = room_position(P, room, cfg)
+  top = top + 1
+  redis.call('XADD', sk, 'MAXLEN', cfg.size, top .. '-0', 'i', id, 'a', action)
+  redis.call('EXPIRE', sk, cfg.ttl)
+  redis.call('HSET', mk, 'top', top)
+  redis.call('EXPIRE', mk, cfg.keep)
+  return epoch, top
+end
+
+local FINAL_JSON = { succeeded = true, failed = true, cancelled = true, lost = true }
+
+-- Appends `action` (already checked: an object with a string `type`; `decoded` is it
+-- decoded, or nil to decode when needed) to the rooms among `rooms` that store it, and
+-- publishes the envelope on every room's channel. A `user:` room keeps only a task's final
+-- state: its progress is kept in `task:<id>`.
+local function publish_stored(P, id, action, rooms, decoded)
+  local cfg = history_config(P)
+  local positions = {}
+  if cfg then
+    for _, room in ipairs(rooms) do
+      if keeps(cfg, room) then
+        local stores = true
+        if string.sub(room, 1, 5) == 'user:' and string.find(action, 'TASK_PROGRESS', 1, true) then
+          decoded = decoded or cjson.decode(action)
+          if decoded.type == 'TASK_PROGRESS' then
+            local status = type(decoded.payload) == 'table' and decoded.payload.status
+            stores = FINAL_JSON[status] == true
+          end
+        end
+        if stores then
+          local epoch, offset = append(P, room, id, action, cfg)
+          positions[#positions + 1] = cjson.encode(room) .. ':"' .. epoch .. ':' .. offset .. '"'
+        end
+      end
+    end
+  end
+  local names = {}
+  for i, room in ipairs(rooms) do names[i] = cjson.encode(room) end
+  local envelope = '{"id":' .. cjson.encode(id) .. ',"rooms":[' .. table.concat(names, ',') ..
+    '],"action":' .. action .. ',"positions":{' .. table.concat(positions, ',') .. '}}'
+  for _, room in ipairs(rooms) do
+    redis.call('PUBLISH', P .. ':room:' .. room, envelope)
+  end
+  return '{' .. table.concat(positions, ',') .. '}'
+end
+
+-- publish: KEYS[1] = P:history; ARGV = dedupe, id, action, room, [room...]. Publishes a
+-- server-fired action to the rooms, stored in those that keep history: what POST /publish
+-- does, for any service. `dedupe` ('' for none): the same non-empty value within a minute
+-- publishes only once (how every instance ingests the same task message and it is stored
+-- once). `id` ('' for a new one) is its meta.id. Returns its positions as JSON
+-- ({"<room>":"<epoch>:<offset>"}), or nil when `dedupe` had been seen.
+local function publish_fn(keys, args)
+  local P = string.sub(keys[1], 1, -9)
+  local dedupe, id, action = args[1], args[2], args[3]
+  if not action or not args[4] then error({ err = 'INVALID publish takes dedupe, id, action and at least one room' }) end
+  local ok, decoded = pcall(cjson.decode, action)
+  if not ok or type(decoded) ~= 'table' or type(decoded.type) ~= 'string' or
+    string.sub(action, 1, 1) ~= '{' then
+    error({ err = 'INVALID the action must be a JSON object with a string "type"' })
+  end
+  local rooms = {}
+  for i = 4, #args do
+    local room = args[i]
+    if #room > 128 or not string.find(room, '^[!-~]+$') then
+      error({ err = 'INVALID not a room name: ' .. string.sub(room, 1, 64) })
+    end
+    rooms[#rooms + 1] = room
+  end
+  if dedupe ~= '' then
+    local key = P .. ':in:' .. redis.sha1hex(dedupe .. '\n' .. action .. '\n' .. table.concat(rooms, ' '))
+    if not redis.call('SET', key, '1', 'NX', 'EX', 60) then return nil end
+  end
+  if id == '' then id = string.sub(server_run(), 1, 12) .. '-' .. redis.call('INCR', P .. ':hseq') end
+  return publish_stored(P, id, action, rooms, decoded)
+end
+
+-- read: KEYS[1] = P:history; ARGV = room, after, limit. Where the room stands and what it
+-- keeps after offset `after`, at most the last `limit`:
+-- {epoch, top, oldest kept offset (top + 1 when none), offset, id, action, offset, ...}.
+local function read_fn(keys, args)
+  local P = string.sub(keys[1], 1, -9)
+  local cfg = history_config(P) or { keep = 86400 }
+  local room, after, limit = args[1], tonumber(args[2]) or 0, tonumber(args[3]) or 0
+  local epoch, top, _, sk = room_position(P, room, cfg)
+  local first = redis.call('XRANGE', sk, '-', '+', 'COUNT', 1)
+  local oldest = top + 1
+  if #first > 0 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
+  local out = { epoch, top, oldest }
+  local from = math.max(after, top - limit) + 1
+  if limit > 0 and from <= top then
+    for _, e in ipairs(redis.call('XRANGE', sk, from .. '-0', '+')) do
+      local f = e[2]
+      local fields = {}
+      for i = 1, #f, 2 do fields[f[i]] = f[i + 1] end
+      out[#out + 1] = tonumber(string.match(e[1], '^(%d+)'))
+      out[#out + 1] = fields.i or ''
+      out[#out + 1] = fields.a or '{}'
+    end
+  end
+  return out
+end
+
+-- Publishes TASK_PROGRESS with the task object to task:<id> and, for a user's task, to
+-- user:<owner> as well, in one envelope whose id is the task's new version (so each instance
+-- delivers it once per connection), stored in the rooms that keep history.
+local function publish(P, key, id, owner, json, status)
+  local action = '{"type":"TASK_PROGRESS","payload":' .. json .. '}'
   local v = redis.call('HINCRBY', key, 'v', 1)
-  local user_room = 'user:' .. owner
-  local envelope = '{"id":' .. cjson.encode('task/' .. id .. '/' .. v) .. ',"rooms":[' ..
-    cjson.encode(task_room) .. ',' .. cjson.encode(user_room) .. '],"action":' .. action .. '}'
-  redis.call('PUBLISH', P .. ':room:' .. task_room, envelope)
-  redis.call('PUBLISH', P .. ':room:' .. user_room, envelope)
+  local rooms = { 'task:' .. id }
+  if owner ~= '' then rooms[2] = 'user:' .. owner end
+  publish_stored(P, 'task/' .. id .. '/' .. v, action, rooms, { type = 'TASK_PROGRESS', payload = { status = status } })
 end
 
 -- Creates the stream and its group when the stream does not exist (a fresh queue, or Redis
@@ -262,7 +427,7 @@ local function enqueue(keys, args)
     'status', 'queued', 'attempts', '0', 'updated', at)
   local json = task_json(head, 'queued', nil, nil, nil, '0', at, nil)
   -- An anonymous task's new room has no member yet and it has no user room: nothing to tell.
-  if owner ~= '' then publish(P, key, id, owner, json) end
+  if owner ~= '' then publish(P, key, id, owner, json, 'queued') end
   redis.call('XADD', keys[1], '*', 'id', id)
   return json
 end
@@ -289,7 +454,7 @@ local function start(keys, args)
   redis.call('HSET', keys[1], 'status', 'running', 'attempts', attempts, 'updated', updated,
     'token', token, 'until', lease_end, 'consumer', args[2])
   local json = task_json(f[1], 'running', f[7], f[8], f[9], attempts, updated, f[10])
-  publish(P, keys[1], id, f[3], json)
+  publish(P, keys[1], id, f[3], json, 'running')
   return { json, token, lease, tonumber(timeout) }
 end
 
@@ -321,7 +486,7 @@ local function progress(keys, args)
   local updated = rfc3339(now())
   redis.call('HSET', keys[1], 'progress', raw, 'updated', updated)
   publish(P, keys[1], id_of(P, keys[1]), f[4],
-    task_json(f[1], 'running', raw, f[5], f[6], f[7], updated, f[8]))
+    task_json(f[1], 'running', raw, f[5], f[6], f[7], updated, f[8]), 'running')
   return 1
 end
 
@@ -341,7 +506,7 @@ local function succeed(keys, args)
   redis.call('HSET', keys[1], 'status', 'succeeded', 'result', raw, 'updated', updated)
   finalize(P, keys[1], id, f[5], f[6], f[7], 'succeeded', retention_of(f[8]))
   local json = task_json(f[1], 'succeeded', f[9], raw, nil, f[11], updated, f[12])
-  publish(P, keys[1], id, f[4], json)
+  publish(P, keys[1], id, f[4], json, 'succeeded')
   return json
 end
 
@@ -376,7 +541,7 @@ local function end_attempt(P, key, f, ms, usec, status, attempts, err)
     finalize(P, key, id, queue, f[6], f[7], status, retention)
   end
   local json = task_json(f[1], status, f[9], f[10], err, attempts, updated, f[13])
-  publish(P, key, id, f[4], json)
+  publish(P, key, id, f[4], json, status)
   return json
 end
 
@@ -454,7 +619,7 @@ local function cancel(keys, args)
     finalize(P, keys[1], id, f[10], f[11], f[12], status, retention_of(f[13]))
   end
   local json = task_json(f[1], status, f[3], f[4], f[5], f[6], updated, status == 'running' and '1' or f[8])
-  publish(P, keys[1], id, f[9], json)
+  publish(P, keys[1], id, f[9], json, status)
   return json
 end
 
@@ -503,7 +668,7 @@ local function promote(keys, args)
     if f and f[2] == 'delayed' then
       local updated = rfc3339(ms)
       redis.call('HSET', key, 'status', 'queued', 'updated', updated)
-      publish(P, key, id, f[9], task_json(f[1], 'queued', f[3], f[4], f[5], f[6], updated, f[8]))
+      publish(P, key, id, f[9], task_json(f[1], 'queued', f[3], f[4], f[5], f[6], updated, f[8]), 'queued')
       queue_again(P, f[10], id)
     end
   end
@@ -644,7 +809,7 @@ end
 
 -- The library's version: patchbay loads it only over an older one. Raise it (and
 -- FUNCTIONS_VERSION in mod.rs) with every change.
-local function version() return 3 end
+local function version() return 4 end
 
 redis.register_function('patchbay_enqueue', enqueue)
 redis.register_function('patchbay_start', start)
@@ -664,3 +829,5 @@ redis.register_function('patchbay_trim', trim)
 redis.register_function('patchbay_retire', retire)
 redis.register_function{ function_name = 'patchbay_stats', callback = stats, flags = { 'no-writes' } }
 redis.register_function('patchbay_version', version)
+redis.register_function('patchbay_publish', publish_fn)
+redis.register_function('patchbay_read', read_fn)

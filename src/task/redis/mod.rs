@@ -29,7 +29,7 @@ use crate::bus::{Commands, connection_config};
 /// The function library, loaded by patchbay at start-up and whenever Redis has lost it.
 pub const FUNCTIONS: &str = include_str!("functions.lua");
 /// The version `patchbay_version` returns; raise it with every change of [`FUNCTIONS`].
-const FUNCTIONS_VERSION: i64 = 3;
+const FUNCTIONS_VERSION: i64 = 4;
 /// The consumer group every worker reads a queue's stream through.
 pub const GROUP: &str = "workers";
 
@@ -82,24 +82,9 @@ impl RedisQueue {
         format!("{}:{kind}:{rest}", self.prefix)
     }
 
-    /// Loads the function library, unless Redis already has this version or a newer one
-    /// (during a rolling upgrade the newest library stays, instead of each instance putting
-    /// back its own).
+    /// Loads the function library (see [`load_functions`]).
     pub async fn load_functions(&self) -> Result<(), QueueError> {
-        let mut version = redis::cmd("FCALL");
-        version.arg("patchbay_version").arg(0);
-        if let Ok(loaded) = self.commands.query::<i64>(&version).await
-            && loaded >= FUNCTIONS_VERSION
-        {
-            return Ok(());
-        }
-        let mut cmd = redis::cmd("FUNCTION");
-        cmd.arg("LOAD").arg("REPLACE").arg(FUNCTIONS);
-        self.commands
-            .query::<String>(&cmd)
-            .await
-            .map(drop)
-            .map_err(unavailable)
+        load_functions(&self.commands).await.map_err(unavailable)
     }
 
     /// Creates `queue`'s consumer group (and stream) unless it exists.
@@ -117,24 +102,16 @@ impl RedisQueue {
         }
     }
 
-    /// Calls function `name`; loads the library and tries again once when Redis has lost it
-    /// (a restart without persistence).
+    /// Calls function `name` (see [`fcall`]).
     async fn fcall<T: redis::FromRedisValue>(
         &self,
         name: &str,
         keys: &[&str],
         args: &[&str],
     ) -> Result<T, QueueError> {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(name).arg(keys.len()).arg(keys).arg(args);
-        match self.commands.query::<T>(&cmd).await {
-            Err(e) if function_missing(&e) => {
-                tracing::info!("Redis has no task functions (restarted?): loading them");
-                self.load_functions().await?;
-                self.commands.query::<T>(&cmd).await.map_err(refused)
-            }
-            other => other.map_err(refused),
-        }
+        fcall(&self.commands, name, keys, args)
+            .await
+            .map_err(refused)
     }
 
     /// `get` or `cancel`: function `name` on task `id`, as `owner` may see it on `queue`.
@@ -554,6 +531,55 @@ impl Queue for RedisQueue {
     }
 }
 
+/// Loads the function library, unless Redis already has this version or a newer one
+/// (during a rolling upgrade the newest library stays, instead of each instance putting back
+/// its own).
+pub async fn load_functions(commands: &Commands) -> Result<(), redis::RedisError> {
+    let mut version = redis::cmd("FCALL");
+    version.arg("patchbay_version").arg(0);
+    if let Ok(loaded) = commands.query::<i64>(&version).await
+        && loaded >= FUNCTIONS_VERSION
+    {
+        return Ok(());
+    }
+    let mut cmd = redis::cmd("FUNCTION");
+    cmd.arg("LOAD").arg("REPLACE").arg(FUNCTIONS);
+    commands.query::<String>(&cmd).await.map(drop)
+}
+
+/// Calls function `name` of the library; loads the library and tries again once when Redis
+/// has lost it (a restart without persistence). `Ok(true)` in the second place when it was
+/// loaded again.
+pub async fn fcall_reloading<T: redis::FromRedisValue>(
+    commands: &Commands,
+    name: &str,
+    keys: &[&str],
+    args: &[&str],
+) -> Result<(T, bool), redis::RedisError> {
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg(name).arg(keys.len()).arg(keys).arg(args);
+    match commands.query::<T>(&cmd).await {
+        Err(e) if function_missing(&e) => {
+            tracing::info!("Redis has no patchbay functions (restarted?): loading them");
+            load_functions(commands).await?;
+            Ok((commands.query::<T>(&cmd).await?, true))
+        }
+        other => other.map(|v| (v, false)),
+    }
+}
+
+/// [`fcall_reloading`], for callers that need not know about a reload.
+pub async fn fcall<T: redis::FromRedisValue>(
+    commands: &Commands,
+    name: &str,
+    keys: &[&str],
+    args: &[&str],
+) -> Result<T, redis::RedisError> {
+    fcall_reloading(commands, name, keys, args)
+        .await
+        .map(|(v, _)| v)
+}
+
 fn status_name(status: Status) -> String {
     serde_json::to_value(status)
         .ok()
@@ -566,7 +592,7 @@ fn parse_task(json: &str) -> Result<Task, QueueError> {
         .map_err(|e| QueueError::Unavailable(format!("a task Redis returned: {e}")))
 }
 
-fn function_missing(e: &redis::RedisError) -> bool {
+pub(crate) fn function_missing(e: &redis::RedisError) -> bool {
     e.detail()
         .is_some_and(|d| d.contains("Function not found") || d.contains("function not found"))
         || e.to_string().contains("Function not found")
