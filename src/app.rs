@@ -14,7 +14,7 @@ use crate::dispatch::Dispatcher;
 use crate::history::{History, MemoryHistory, RedisHistory};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::presence::Presence;
+use crate::presence::{MemoryPresence, Presence, RedisPresence};
 use crate::registry::Registry;
 use crate::rooms::{ConnId, Rooms};
 use crate::task::worker::{Worker, worker_id};
@@ -55,8 +55,8 @@ pub struct App {
     pub metrics: Metrics,
     /// History, when some room keeps it: embedded, or in Redis.
     pub history: Option<History>,
-    /// Presence, when some room tracks it (the in-memory bus only, so far).
-    pub presence: Option<Arc<Presence>>,
+    /// Presence, when some room tracks it: embedded, or in Redis.
+    pub presence: Option<Presence>,
     /// The embedded task queue, when some action is a `task` action and Redis is not set.
     embedded: Option<Arc<EmbeddedQueues>>,
     /// The Redis task queue, when some action is a `task` action and Redis is set.
@@ -133,6 +133,17 @@ impl App {
                 .map_err(|e| StartError::RedisUrl(e.to_string()))?,
             ),
         };
+        let presence = match (&config.redis_url, &config.presence) {
+            (_, None) => None,
+            (None, Some(p)) => Some(Presence::Memory(MemoryPresence::new(
+                p.clone(),
+                rooms.clone(),
+            ))),
+            (Some(url), Some(p)) => Some(Presence::Redis(Arc::new(
+                RedisPresence::open(url, &config.redis_prefix, p.clone())
+                    .map_err(|e| StartError::RedisUrl(e.to_string()))?,
+            ))),
+        };
         let client = upstream::Client::new();
         let base = |name: &'static str, url: &Option<String>| {
             url.as_deref()
@@ -177,17 +188,18 @@ impl App {
             config.allow_anonymous,
         );
         Ok(Arc::new(App {
-            metrics: Metrics::new(lifecycle.connections.clone(), rooms.clone(), bus.clone()),
+            metrics: Metrics::new(
+                lifecycle.connections.clone(),
+                rooms.clone(),
+                bus.clone(),
+                redis_history.clone(),
+            ),
             lifecycle,
             dispatcher: Dispatcher::new(api, client, tasks),
             authenticator,
             room_tokens: RoomTokens::new(&config.room_secret),
             history,
-            presence: config
-                .presence
-                .clone()
-                .filter(|_| config.redis_url.is_none())
-                .map(|p| Presence::new(p, rooms.clone())),
+            presence,
             config,
             registry,
             hub,
@@ -238,6 +250,10 @@ impl App {
                 });
             }
             None => {}
+        }
+        if let Some(Presence::Redis(presence)) = &self.presence {
+            let run = presence.clone().run(stop());
+            self.lifecycle.workers.spawn(run);
         }
         let Some(queue) = self.dispatcher.tasks() else {
             return;

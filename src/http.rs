@@ -138,29 +138,37 @@ fn presence_route(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = R
         .and(get_or_head())
         .and(with_app(app))
         .and(warp::header::headers_cloned())
-        .map(|room: String, app: Arc<App>, headers: hyper::HeaderMap| {
-            if let Some(refused) = publish_token_refusal(
-                &app,
-                &headers,
-                "the presence endpoint needs PATCHBAY_PUBLISH_TOKEN",
-            ) {
-                return refused;
-            }
-            match app.presence.as_ref().filter(|p| p.tracks(&room)) {
-                Some(presence) => {
-                    let mut body = presence.snapshot(&room);
-                    if let Some(b) = body.as_object_mut() {
-                        b.insert("room".into(), json!(room));
-                    }
-                    json_response(StatusCode::OK, &body)
+        .then(
+            |room: String, app: Arc<App>, headers: hyper::HeaderMap| async move {
+                if let Some(refused) = publish_token_refusal(
+                    &app,
+                    &headers,
+                    "the presence endpoint needs PATCHBAY_PUBLISH_TOKEN",
+                ) {
+                    return refused;
                 }
-                None => error_response(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    "this room does not track presence",
-                ),
-            }
-        })
+                let Some(presence) = app.presence.as_ref().filter(|p| p.tracks(&room)) else {
+                    return error_response(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        "this room does not track presence",
+                    );
+                };
+                match presence.snapshot(&room).await {
+                    Some(mut body) => {
+                        if let Some(b) = body.as_object_mut() {
+                            b.insert("room".into(), json!(room));
+                        }
+                        json_response(StatusCode::OK, &body)
+                    }
+                    None => error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream_unavailable",
+                        "presence cannot be read now; try again",
+                    ),
+                }
+            },
+        )
 }
 
 /// The one place a rejection becomes an answer: 404 for an unknown route, 405 for a known

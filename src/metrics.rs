@@ -19,6 +19,7 @@ use prometheus_client::registry::Registry;
 
 use crate::bus::Bus;
 use crate::error::Disconnect;
+use crate::history::RedisHistory;
 use crate::rooms::Rooms;
 use crate::task::QueueStats;
 
@@ -80,6 +81,7 @@ struct Live {
     connections: Arc<AtomicUsize>,
     rooms: Arc<Rooms>,
     bus: Arc<dyn Bus>,
+    history: Option<Arc<RedisHistory>>,
     queues: QueueCounts,
 }
 
@@ -144,6 +146,15 @@ impl Collector for Live {
             counter.encode(encoder.encode_descriptor(
                 name,
                 help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        if let Some(history) = &self.history {
+            let counter = ConstCounter::new(history.reads());
+            counter.encode(encoder.encode_descriptor(
+                "history_reads",
+                "Reads of a room's history in Redis (recoveries of one room share them)",
                 None,
                 counter.metric_type(),
             )?)?;
@@ -218,7 +229,12 @@ impl Live {
 
 impl Metrics {
     /// Metrics over the instance's live state.
-    pub fn new(connections: Arc<AtomicUsize>, rooms: Arc<Rooms>, bus: Arc<dyn Bus>) -> Metrics {
+    pub fn new(
+        connections: Arc<AtomicUsize>,
+        rooms: Arc<Rooms>,
+        bus: Arc<dyn Bus>,
+        history: Option<Arc<RedisHistory>>,
+    ) -> Metrics {
         let mut registry = Registry::with_prefix("patchbay");
         let actions = Family::<ActionOutcome, Counter>::default();
         registry.register(
@@ -253,6 +269,7 @@ impl Metrics {
             connections,
             rooms,
             bus,
+            history,
             queues: queues.clone(),
         }));
         Metrics {

@@ -17,6 +17,10 @@ use serde_json::{Map, Value, json};
 
 use crate::rooms::{ConnId, RoomPattern, Rooms};
 
+mod redis;
+
+pub use redis::RedisPresence;
+
 /// What presence tracks, from the configuration.
 #[derive(Debug, Clone)]
 pub struct PresenceConfig {
@@ -54,8 +58,93 @@ struct Room {
     users: HashMap<String, User>,
 }
 
+/// Presence: embedded in one process, or in Redis across every instance.
+#[derive(Clone)]
+pub enum Presence {
+    /// The presence of one process.
+    Memory(Arc<MemoryPresence>),
+    /// Presence kept in Redis.
+    Redis(Arc<RedisPresence>),
+}
+
+impl Presence {
+    /// Whether `room` tracks presence.
+    pub fn tracks(&self, room: &str) -> bool {
+        let config = match self {
+            Presence::Memory(p) => &p.config,
+            Presence::Redis(p) => p.config(),
+        };
+        config.rooms.iter().any(|p| p.matches(room))
+    }
+
+    /// The embedded presence joins in the same step as the room (a leave that follows finds
+    /// it): the snapshot, or `None` when the join happens later, in [`Presence::join`].
+    pub fn join_now(&self, room: &str, user: Option<&str>, conn: ConnId) -> Option<Value> {
+        match self {
+            Presence::Memory(p) => Some(match user {
+                Some(user) => p.join(room, user, conn),
+                None => p.snapshot(room),
+            }),
+            Presence::Redis(_) => None,
+        }
+    }
+
+    /// Joins `user`'s connection `conn` (or, for an anonymous one, only reads) once the room's
+    /// subscription is active: the snapshot, `None` when presence cannot be reached.
+    pub async fn join(&self, room: &str, user: Option<&str>, conn: ConnId) -> Option<Value> {
+        match self {
+            Presence::Memory(_) => self.join_now(room, user, conn),
+            Presence::Redis(p) => {
+                let result = match user {
+                    Some(user) => p.join(room, user, conn).await,
+                    None => p.snapshot(room).await,
+                };
+                result
+                    .inspect_err(|e| tracing::warn!(%room, error = %e, "presence join failed"))
+                    .ok()
+            }
+        }
+    }
+
+    /// Connection `conn` of `user` left `room`: at once when `how` is [`Leave::Left`], after
+    /// the grace when the connection dropped.
+    pub fn leave(&self, room: &str, user: &str, conn: ConnId, how: Leave) {
+        match self {
+            Presence::Memory(p) => p.leave(room, user, conn, how),
+            Presence::Redis(p) => p.leave(room, user, conn, how),
+        }
+    }
+
+    /// `user` sets its state in `room`: the version of the `PRESENCE_STATE`.
+    pub async fn set(&self, room: &str, user: &str, state: &Value) -> Result<u64, SetError> {
+        if !state.is_object() {
+            return Err(SetError::Invalid("state must be a JSON object"));
+        }
+        let text = serde_json::to_string(state).unwrap_or_default();
+        if text.len() > MAX_STATE_BYTES {
+            return Err(SetError::Invalid("state must be at most 1 KiB of JSON"));
+        }
+        match self {
+            Presence::Memory(p) => p.set(room, user, state),
+            Presence::Redis(p) => p.set(room, user, &text).await,
+        }
+    }
+
+    /// `{"version","users":[…]}` of `room`; `None` when presence cannot be reached.
+    pub async fn snapshot(&self, room: &str) -> Option<Value> {
+        match self {
+            Presence::Memory(p) => Some(p.snapshot(room)),
+            Presence::Redis(p) => p
+                .snapshot(room)
+                .await
+                .inspect_err(|e| tracing::warn!(%room, error = %e, "presence cannot be read"))
+                .ok(),
+        }
+    }
+}
+
 /// The presence of every room of this process.
-pub struct Presence {
+pub struct MemoryPresence {
     config: PresenceConfig,
     rooms: Arc<Rooms>,
     state: Mutex<HashMap<String, Room>>,
@@ -71,22 +160,19 @@ pub enum SetError {
     NotIn,
     /// Not an object of at most [`MAX_STATE_BYTES`].
     Invalid(&'static str),
+    /// Presence cannot be reached now (Redis).
+    Unavailable,
 }
 
-impl Presence {
+impl MemoryPresence {
     /// Presence delivering its events into `rooms`.
-    pub fn new(config: PresenceConfig, rooms: Arc<Rooms>) -> Arc<Presence> {
-        Arc::new(Presence {
+    pub fn new(config: PresenceConfig, rooms: Arc<Rooms>) -> Arc<MemoryPresence> {
+        Arc::new(MemoryPresence {
             config,
             rooms,
             state: Mutex::default(),
             versions: std::sync::atomic::AtomicU64::new(0),
         })
-    }
-
-    /// Whether `room` tracks presence.
-    pub fn tracks(&self, room: &str) -> bool {
-        self.config.rooms.iter().any(|p| p.matches(room))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Room>> {
@@ -173,12 +259,6 @@ impl Presence {
 
     /// `user` (in `room`) sets its state there. Returns the new version.
     pub fn set(&self, room: &str, user: &str, state: &Value) -> Result<u64, SetError> {
-        if !state.is_object() {
-            return Err(SetError::Invalid("state must be a JSON object"));
-        }
-        if serde_json::to_vec(state).map_or(usize::MAX, |v| v.len()) > MAX_STATE_BYTES {
-            return Err(SetError::Invalid("state must be at most 1 KiB of JSON"));
-        }
         let mut rooms = self.lock();
         let r = rooms.get_mut(room).ok_or(SetError::NotIn)?;
         let u = r

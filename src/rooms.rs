@@ -312,6 +312,14 @@ impl Rooms {
         was_member.then(|| remove_from_room(&mut maps.rooms, room, id))
     }
 
+    /// Whether connection `id` is in `room`.
+    pub fn is_member(&self, id: ConnId, room: &str) -> bool {
+        let maps = self.maps.read().unwrap();
+        maps.members
+            .get(&id)
+            .is_some_and(|m| m.rooms.contains(room))
+    }
+
     /// Whether at least one local connection is in `room`.
     pub fn has_members(&self, room: &str) -> bool {
         self.maps.read().unwrap().rooms.contains_key(room)

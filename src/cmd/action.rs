@@ -95,6 +95,7 @@ async fn succeed(
                 if let Err(e) = join.confirmed.await {
                     tracing::warn!(%room, error = %e, "the bus could not confirm a subscription");
                 }
+                super::room::presence_join_shared(app, &room, user, conn).await;
                 then = super::room::snapshot(app, &room, user).await;
                 granted = Some(room);
             }

@@ -189,15 +189,21 @@ impl Parsed {
                 room::subscribe_many(app, conn, user, rooms, name, request_id)
             }
             Command::PresenceSet { room, state } => {
-                let user = peer.identity.user_id.as_deref();
-                Applied::Now(room::presence_set(
-                    app,
-                    user,
-                    &room,
-                    &state,
-                    &name,
-                    &request_id,
-                ))
+                let user = peer.identity.user_id.clone();
+                let app = app.clone();
+                Applied::Later(Box::pin(async move {
+                    Outcome::reply(
+                        room::presence_set(
+                            &app,
+                            user.as_deref(),
+                            &room,
+                            &state,
+                            &name,
+                            &request_id,
+                        )
+                        .await,
+                    )
+                }))
             }
             Command::Unsubscribe { room } => {
                 let user = peer.identity.user_id.clone();

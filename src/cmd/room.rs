@@ -9,7 +9,7 @@ use super::{Allowed, Applied, Outcome};
 use crate::app::App;
 use crate::error::{ActionError, Code};
 use crate::history::{Position, Reason};
-use crate::presence::{Leave, SetError};
+use crate::presence::{Leave, Presence, SetError};
 use crate::protocol;
 use crate::recovery::{Recovery, Standing, send_all};
 use crate::rooms::{ConnId, JoinError, valid_room};
@@ -239,6 +239,10 @@ async fn settle(
             confirmed.push(Err((Value::String(room), err)));
             continue;
         }
+        let presence = match presence {
+            Some(snapshot) => Some(snapshot),
+            None => presence_join_shared(app, &room, user, conn).await,
+        };
         confirmed.push(Ok((room, since, not_kept, presence)));
     }
     // Every history room's read at once: its recovery, or where it stands.
@@ -337,7 +341,7 @@ pub fn subscribe(
 
 /// `@@patchbay/PRESENCE_SET {"room","state"}`: the user's state in a presence room it is in;
 /// the success carries the version of the `PRESENCE_STATE` it caused.
-pub fn presence_set(
+pub async fn presence_set(
     app: &App,
     user: Option<&str>,
     room: &str,
@@ -346,7 +350,9 @@ pub fn presence_set(
     request_id: &str,
 ) -> String {
     let result = match (&app.presence, user) {
-        (Some(presence), Some(user)) if presence.tracks(room) => presence.set(room, user, state),
+        (Some(presence), Some(user)) if presence.tracks(room) => {
+            presence.set(room, user, state).await
+        }
         _ => Err(SetError::NotIn),
     };
     match result {
@@ -369,11 +375,20 @@ pub fn presence_set(
             request_id,
             &ActionError::new(Code::InvalidPayload, why),
         ),
+        Err(SetError::Unavailable) => protocol::failure(
+            name,
+            request_id,
+            &ActionError::new(
+                Code::UpstreamUnavailable,
+                "presence is unavailable; try again",
+            )
+            .with_status(503),
+        ),
     }
 }
 
-/// Joins the user's presence in `room` when it tracks presence; the snapshot for the success
-/// (also for an anonymous connection, which is not listed itself).
+/// Joins the user's presence in `room` when it tracks presence and is embedded; the snapshot
+/// for the success (also for an anonymous connection, which is not listed itself).
 pub(super) fn presence_join(
     app: &App,
     room: &str,
@@ -381,10 +396,29 @@ pub(super) fn presence_join(
     conn: ConnId,
 ) -> Option<Value> {
     let presence = app.presence.as_ref().filter(|p| p.tracks(room))?;
-    Some(match user {
-        Some(user) => presence.join(room, user, conn),
-        None => presence.snapshot(room),
-    })
+    presence.join_now(room, user, conn)
+}
+
+/// Joins the user's presence in `room` when it tracks presence in Redis, once the room's
+/// subscription is active (so the connection gets every event after its snapshot); the
+/// snapshot. A connection that left the room meanwhile leaves its presence again.
+pub(super) async fn presence_join_shared(
+    app: &App,
+    room: &str,
+    user: Option<&str>,
+    conn: ConnId,
+) -> Option<Value> {
+    let presence = app.presence.as_ref().filter(|p| p.tracks(room))?;
+    if !matches!(presence, Presence::Redis(_)) {
+        return None;
+    }
+    let snapshot = presence.join(room, user, conn).await;
+    if let Some(user) = user
+        && !app.hub.rooms().is_member(conn, room)
+    {
+        presence.leave(room, user, conn, Leave::Left);
+    }
+    snapshot
 }
 
 /// The state of the task whose room `room` is, as the `TASK_PROGRESS` a connection gets

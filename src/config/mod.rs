@@ -218,19 +218,10 @@ impl Config {
         let grace_ms: u64 = raw.get("presence_grace_ms").trim().parse().map_err(|_| {
             ConfigError::var("presence_grace_ms", "must be a number of milliseconds")
         })?;
-        let presence = match (&redis_url, presence_rooms.is_empty()) {
-            (_, true) => None,
-            (None, false) => Some(crate::presence::PresenceConfig {
-                rooms: presence_rooms,
-                grace: Duration::from_millis(grace_ms.min(3_600_000)),
-            }),
-            (Some(_), false) => {
-                return Err(ConfigError::var(
-                    "presence_rooms",
-                    "presence is tracked with the embedded bus only in this version; leave it empty with PATCHBAY_REDIS_URL",
-                ));
-            }
-        };
+        let presence = (!presence_rooms.is_empty()).then(|| crate::presence::PresenceConfig {
+            rooms: presence_rooms,
+            grace: Duration::from_millis(grace_ms.min(3_600_000)),
+        });
         let origins: Vec<String> = list(raw.get("allowed_origins"))
             .map(|o| o.to_ascii_lowercase())
             .collect();

@@ -65,7 +65,7 @@ pub const VARIABLES: [Var; 35] = [
     var("PATCHBAY_HISTORY_SIZE", "100", "actions kept per history room"),
     var("PATCHBAY_HISTORY_TTL_SECS", "300", "a history room's actions expire this long after its last append, seconds"),
     var("PATCHBAY_RECOVER_MAX", "1000", "most actions replayed to one connection for one SUBSCRIBE"),
-    var("PATCHBAY_PRESENCE_ROOMS", "", "rooms that track which users are in them; empty: none (embedded bus only for now)"),
+    var("PATCHBAY_PRESENCE_ROOMS", "", "rooms that track which users are in them; empty: none"),
     var("PATCHBAY_PRESENCE_GRACE_MS", "5000", "how long a dropped connection's user stays present, ms"),
     var("PATCHBAY_LOG", "info", "tracing filter"),
 ];

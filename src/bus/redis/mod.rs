@@ -455,7 +455,6 @@ impl Worker {
         &mut self,
     ) -> Result<(Box<dyn Subscriptions>, BoxStream<'static, Msg>), DriverError> {
         let rooms = self.rooms.room_names();
-        self.follow(&rooms).await?;
         let channels = self.channels(&rooms);
         let connect = self.driver.connect(self.task_pattern.clone(), channels);
         let (mut subscriptions, stream) = tokio::time::timeout(OP_TIMEOUT * 2, connect)
@@ -474,7 +473,6 @@ impl Worker {
             .filter(|r| !active.contains(r))
             .collect();
         if !missed.is_empty() {
-            self.follow(&missed).await?;
             let subscribe = subscriptions.subscribe(self.channels(&missed));
             match tokio::time::timeout(OP_TIMEOUT, subscribe).await {
                 Ok(Ok(())) => {}
@@ -489,13 +487,23 @@ impl Worker {
                 .extend(active.iter().cloned());
         }
         self.followed.retain(|room, _| active.contains(room));
+        // Rooms followed before the connection was lost catch up; the others start from here.
+        let followed: Vec<String> = self.followed.keys().cloned().collect();
         self.catch_up().await;
+        let new: Vec<String> = active
+            .iter()
+            .filter(|r| !followed.contains(r))
+            .cloned()
+            .collect();
+        self.follow(&new).await?;
         tracing::info!(rooms = active.len(), pattern = %self.task_pattern, "connected to Redis");
         Ok((subscriptions, stream))
     }
 
-    /// Starts following the history rooms among `rooms` it does not follow yet: where each
-    /// stands, read *before* subscribing, so that nothing published in between is missed.
+    /// Starts following the history rooms among `rooms` it does not follow yet, just
+    /// subscribed: where each stands now. What was published before the subscription is not
+    /// this instance's to deliver (its members joined after it, and their SUBSCRIBE answers
+    /// say where they stand); what arrives from here on is, and a gap after it is filled.
     async fn follow(&mut self, rooms: &[String]) -> Result<(), DriverError> {
         let Some(history) = self.history.clone() else {
             return Ok(());
@@ -680,15 +688,6 @@ impl Worker {
         for room in &remove {
             self.followed.remove(room);
         }
-        if !add.is_empty()
-            && let Err(e) = self.follow(&add).await
-        {
-            let e = format!("reading history positions failed: {e}");
-            for s in batch {
-                answer(s, Err(BusError::Unavailable(e.clone())));
-            }
-            return Err(e);
-        }
         let channels = |rooms: &[String]| self.channels(rooms);
         let result = async {
             if !add.is_empty() {
@@ -699,11 +698,16 @@ impl Worker {
             }
             Ok::<_, DriverError>(())
         };
-        let outcome = match tokio::time::timeout(OP_TIMEOUT, result).await {
+        let mut outcome = match tokio::time::timeout(OP_TIMEOUT, result).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("subscription change failed: {e}")),
             Err(_) => Err("subscription change timed out".to_string()),
         };
+        if outcome.is_ok()
+            && let Err(e) = self.follow(&add).await
+        {
+            outcome = Err(format!("reading history positions failed: {e}"));
+        }
         // Added rooms count as active only once Redis confirmed them: until then `subscribe`
         // callers wait for their own sync instead of taking the fast path.
         if outcome.is_ok() {

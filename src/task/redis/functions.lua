@@ -807,9 +807,133 @@ local function stats(keys, args)
     tonumber(s[1] or 0), tonumber(s[2] or 0), tonumber(s[3] or 0), tonumber(s[4] or 0) }
 end
 
+-- Presence (contract section 9). For a room R:
+--   P:pu:R           hash: user → "<since>\n<state JSON>", for each user present in R
+--   P:pt:R           hash: user → its connections in R, on every instance
+--   P:pc:R:<inst>    hash: connection → user, for the connections of instance <inst> in R
+--   P:prooms:<inst>  set: the rooms where instance <inst> has connections
+--   P:plive          zset: instance → the end of its lease (ms); patchbay renews its own
+--   P:pver           counter: presence versions, one sequence for every room
+-- Events go out as envelopes on R's channel (id `presence/<version>`), never into history.
+-- When an instance's lease lapses, whichever instance sweeps first takes its connections out,
+-- each user whose last connection it was leaving with `timeout`, once.
+
+local function presence_fire(P, room, version, ty, payload)
+  local envelope = '{"id":"presence/' .. version .. '","rooms":[' .. cjson.encode(room) ..
+    '],"action":{"type":"@@patchbay/' .. ty .. '","payload":' .. payload .. '}}'
+  redis.call('PUBLISH', P .. ':room:' .. room, envelope)
+end
+
+local function presence_snapshot(P, room)
+  local flat = redis.call('HGETALL', P .. ':pu:' .. room)
+  local ids = {}
+  local entries = {}
+  for i = 1, #flat, 2 do
+    ids[#ids + 1] = flat[i]
+    entries[flat[i]] = flat[i + 1]
+  end
+  table.sort(ids)
+  local users = {}
+  for i, user in ipairs(ids) do
+    local since, state = string.match(entries[user], '^([^\n]*)\n(.*)$')
+    users[i] = '{"userId":' .. cjson.encode(user) .. ',"state":' .. (state or '{}') ..
+      ',"since":"' .. (since or '') .. '"}'
+  end
+  local version = redis.call('GET', P .. ':pver') or '0'
+  return '{"version":' .. version .. ',"users":[' .. table.concat(users, ',') .. ']}'
+end
+
+-- One connection fewer for `user` in `room`: when it was the user's last, the user leaves.
+local function presence_drop(P, room, user, reason)
+  local left = redis.call('HINCRBY', P .. ':pt:' .. room, user, -1)
+  if left > 0 then return 0 end
+  redis.call('HDEL', P .. ':pt:' .. room, user)
+  redis.call('HDEL', P .. ':pu:' .. room, user)
+  local version = redis.call('INCR', P .. ':pver')
+  presence_fire(P, room, version, 'PRESENCE_LEAVE', '{"room":' .. cjson.encode(room) ..
+    ',"userId":' .. cjson.encode(user) .. ',"version":' .. version .. ',"reason":"' .. reason .. '"}')
+  return version
+end
+
+-- presence_join: KEYS[1] = P:plive; ARGV = room, user, instance, connection. The snapshot
+-- after the join (a JOIN is published when it is the user's first connection).
+local function presence_join(keys, args)
+  local P = string.sub(keys[1], 1, -7)
+  local room, user, inst, conn = args[1], args[2], args[3], args[4]
+  if redis.call('HSETNX', P .. ':pc:' .. room .. ':' .. inst, conn, user) == 1 then
+    redis.call('SADD', P .. ':prooms:' .. inst, room)
+    if redis.call('HINCRBY', P .. ':pt:' .. room, user, 1) == 1 then
+      local since = rfc3339(now())
+      redis.call('HSET', P .. ':pu:' .. room, user, since .. '\n{}')
+      local version = redis.call('INCR', P .. ':pver')
+      presence_fire(P, room, version, 'PRESENCE_JOIN', '{"room":' .. cjson.encode(room) ..
+        ',"userId":' .. cjson.encode(user) .. ',"state":{},"version":' .. version .. '}')
+    end
+  end
+  return presence_snapshot(P, room)
+end
+
+-- presence_leave: KEYS[1] = P:plive; ARGV = room, user, instance, connection, reason (`left`
+-- or `timeout`). The LEAVE's version when the user left, else 0.
+local function presence_leave(keys, args)
+  local P = string.sub(keys[1], 1, -7)
+  local room, user, inst, conn, reason = args[1], args[2], args[3], args[4], args[5]
+  local pc = P .. ':pc:' .. room .. ':' .. inst
+  if redis.call('HDEL', pc, conn) == 0 then return 0 end
+  if redis.call('HLEN', pc) == 0 then redis.call('SREM', P .. ':prooms:' .. inst, room) end
+  return presence_drop(P, room, user, reason)
+end
+
+-- presence_set: KEYS[1] = P:plive; ARGV = room, user, state (a JSON object, checked by the
+-- caller). The STATE's version; error NOTIN when the user is not present.
+local function presence_set(keys, args)
+  local P = string.sub(keys[1], 1, -7)
+  local room, user, state = args[1], args[2], args[3]
+  local entry = redis.call('HGET', P .. ':pu:' .. room, user)
+  if not entry then return redis.error_reply('NOTIN the user is not present in the room') end
+  local since = string.match(entry, '^([^\n]*)\n') or ''
+  redis.call('HSET', P .. ':pu:' .. room, user, since .. '\n' .. state)
+  local version = redis.call('INCR', P .. ':pver')
+  presence_fire(P, room, version, 'PRESENCE_STATE', '{"room":' .. cjson.encode(room) ..
+    ',"userId":' .. cjson.encode(user) .. ',"state":' .. state .. ',"version":' .. version .. '}')
+  return version
+end
+
+-- presence_get: KEYS[1] = P:plive; ARGV = room. Its snapshot.
+local function presence_get(keys, args)
+  return presence_snapshot(string.sub(keys[1], 1, -7), args[1])
+end
+
+-- presence_renew: KEYS[1] = P:plive; ARGV = instance, lease (ms). The instance is alive.
+local function presence_renew(keys, args)
+  redis.call('ZADD', keys[1], now() + tonumber(args[2]), args[1])
+  return 1
+end
+
+-- presence_sweep: KEYS[1] = P:plive. Takes out the connections of every instance whose lease
+-- lapsed; returns how many users left.
+local function presence_sweep(keys, args)
+  local P = string.sub(keys[1], 1, -7)
+  local left = 0
+  for _, inst in ipairs(redis.call('ZRANGEBYSCORE', keys[1], '-inf', (now()))) do
+    local rooms_key = P .. ':prooms:' .. inst
+    for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
+      local pc = P .. ':pc:' .. room .. ':' .. inst
+      local flat = redis.call('HGETALL', pc)
+      for i = 2, #flat, 2 do
+        if presence_drop(P, room, flat[i], 'timeout') > 0 then left = left + 1 end
+      end
+      redis.call('DEL', pc)
+    end
+    redis.call('DEL', rooms_key)
+    redis.call('ZREM', keys[1], inst)
+  end
+  return left
+end
+
 -- The library's version: patchbay loads it only over an older one. Raise it (and
 -- FUNCTIONS_VERSION in mod.rs) with every change.
-local function version() return 4 end
+local function version() return 5 end
 
 redis.register_function('patchbay_enqueue', enqueue)
 redis.register_function('patchbay_start', start)
@@ -831,3 +955,9 @@ redis.register_function{ function_name = 'patchbay_stats', callback = stats, fla
 redis.register_function('patchbay_version', version)
 redis.register_function('patchbay_publish', publish_fn)
 redis.register_function('patchbay_read', read_fn)
+redis.register_function('patchbay_presence_join', presence_join)
+redis.register_function('patchbay_presence_leave', presence_leave)
+redis.register_function('patchbay_presence_set', presence_set)
+redis.register_function{ function_name = 'patchbay_presence_get', callback = presence_get, flags = { 'no-writes' } }
+redis.register_function('patchbay_presence_renew', presence_renew)
+redis.register_function('patchbay_presence_sweep', presence_sweep)
