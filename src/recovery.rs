@@ -124,7 +124,7 @@ pub async fn read_all(history: &History, asks: &[(&str, Option<&Position>)]) -> 
         History::Redis(h) => {
             let max = h.config().recover_max;
             let reads = asks.iter().map(|(room, since)| async move {
-                match (h.read(room, since.map(|s| s.offset)).await, since) {
+                match (h.recover(room, *since).await, since) {
                     (Ok(read), Some(since)) => {
                         Standing::Recovery(Recovery::from_read(&read, since, max))
                     }

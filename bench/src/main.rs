@@ -6,6 +6,7 @@ mod client;
 mod procs;
 mod reference;
 mod scenarios;
+mod storm;
 mod tasks;
 
 use std::fmt::Write as _;
@@ -25,8 +26,11 @@ commands:
               directly
   publish     patchbay's peak memory for one POST /publish to many rooms (3,000 rooms x
               42 KB and 10,000 rooms x 145 KB)
-  history     the fan-out on patchbay's embedded bus (POST /publish), in a plain room and in
-              a room that keeps history: what history costs per delivery
+  history     the fan-out through POST /publish, on the embedded bus and on Redis, in a plain
+              room and in a room that keeps history: what history costs per delivery
+  storm       a reconnect storm on Redis: --clients (10000) each recover three history rooms
+              (shared, per 100, own) holding --messages (10) actions each, within --seconds
+              (5): SUBSCRIBE-to-last-replay latency, history reads, patchbay's CPU
   all         the four delivery scenarios in turn
   ci          a tiny fan-out (50 clients, 10 messages) against patchbay and the reference
               server and a short request/response run through patchbay; exits 1 on any loss
@@ -65,6 +69,7 @@ enum Scenario {
     ReqResp,
     Publish,
     History,
+    Storm,
 }
 
 #[derive(Debug, Default)]
@@ -160,6 +165,7 @@ fn main() -> ExitCode {
         "reqresp" => (vec![Scenario::ReqResp], false),
         "publish" => (vec![Scenario::Publish], false),
         "history" => (vec![Scenario::History], false),
+        "storm" => (vec![Scenario::Storm], false),
         "all" => (
             vec![
                 Scenario::Fanout,
@@ -353,15 +359,19 @@ fn params(s: Scenario, o: &Opts, ci: bool) -> Params {
         Scenario::ReqResp if ci => (5, 50.0),
         Scenario::ReqResp => (100, 2000.0),
         Scenario::Publish => (0, 0.0),
+        Scenario::Storm => (if q { 2000 } else { 10000 }, 0.0),
     };
     let clients = o.clients.unwrap_or(clients);
     let rate = o.rate.unwrap_or(rate);
     let messages = match (s, ci) {
         (Scenario::Fanout, true) => o.messages.unwrap_or(10),
+        (Scenario::Storm, _) => o.messages.unwrap_or(10),
         _ => o.messages.unwrap_or((rate * seconds).round() as u64),
     };
     let seconds = if ci && s == Scenario::ReqResp {
         1.0
+    } else if s == Scenario::Storm {
+        o.seconds.unwrap_or(5.0)
     } else {
         seconds
     };
@@ -499,39 +509,46 @@ async fn run(
             }
             Scenario::History => {
                 let mut rows = Vec::new();
-                for history in [false, true] {
-                    eprintln!(
-                        "  fan-out on the embedded bus, history {} ...",
-                        if history { "on" } else { "off" }
-                    );
-                    let run =
-                        scenarios::fanout_embedded(&ctx, p.clients, p.rate, p.messages, history)
-                            .await;
-                    match &run {
-                        Ok(r) if r.loss() == 0 && r.duplicates == 0 && r.failed_connects == 0 => {}
-                        _ => ok = false,
+                for redis in [false, true] {
+                    for history in [false, true] {
+                        let bus = if redis { "Redis" } else { "the embedded bus" };
+                        let kept = if history { "on" } else { "off" };
+                        eprintln!("  fan-out on {bus}, history {kept} ...");
+                        let run = scenarios::fanout_published(
+                            &ctx, p.clients, p.rate, p.messages, history, redis,
+                        )
+                        .await;
+                        match &run {
+                            Ok(r)
+                                if r.loss() == 0 && r.duplicates == 0 && r.failed_connects == 0 => {
+                            }
+                            _ => ok = false,
+                        }
+                        rows.push((redis, history, run));
                     }
-                    rows.push((history, run));
                 }
                 println!(
-                    "history: patchbay on its embedded bus, {} clients in room `bench`, {} actions of {} bytes at {}/s with POST /publish",
+                    "history: {} clients in room `bench`, {} actions of {} bytes at {}/s with POST /publish",
                     p.clients,
                     p.messages,
                     scenarios::ACTION_BYTES,
                     p.rate
                 );
                 println!(
-                    "  {:<14} {:>7} {:>8} {:>8} {:>7} {:>13}",
-                    "room", "clients", "p50 µs", "p99 µs", "loss", "CPU µs/deliv"
+                    "  {:<9} {:<14} {:>7} {:>8} {:>8} {:>7} {:>13}",
+                    "bus", "room", "clients", "p50 µs", "p99 µs", "loss", "CPU µs/deliv"
                 );
-                let mut cpu = [0.0f64; 2];
-                for (history, run) in &rows {
+                let mut cpu = [[0.0f64; 2]; 2];
+                for (redis, history, run) in &rows {
+                    let bus = if *redis { "Redis" } else { "embedded" };
                     let name = if *history { "keeps history" } else { "plain" };
                     match run {
                         Ok(r) => {
-                            cpu[usize::from(*history)] = r.cpu_us_per_delivery();
+                            cpu[usize::from(*redis)][usize::from(*history)] =
+                                r.cpu_us_per_delivery();
                             println!(
-                                "  {:<14} {:>7} {:>8} {:>8} {:>7} {:>13.2}",
+                                "  {:<9} {:<14} {:>7} {:>8} {:>8} {:>7} {:>13.2}",
+                                bus,
                                 name,
                                 r.clients,
                                 r.latency.p50,
@@ -540,14 +557,51 @@ async fn run(
                                 r.cpu_us_per_delivery()
                             );
                         }
-                        Err(e) => println!("  {name:<14} failed: {e}"),
+                        Err(e) => println!("  {bus:<9} {name:<14} failed: {e}"),
                     }
                 }
-                if cpu[0] > 0.0 && cpu[1] > 0.0 {
-                    println!(
-                        "  history / plain: {:.2}x the CPU per delivery",
-                        cpu[1] / cpu[0]
-                    );
+                for (i, bus) in ["embedded", "Redis"].iter().enumerate() {
+                    if cpu[i][0] > 0.0 && cpu[i][1] > 0.0 {
+                        println!(
+                            "  {bus}: history / plain {:.2}x the CPU per delivery",
+                            cpu[i][1] / cpu[i][0]
+                        );
+                    }
+                }
+            }
+            Scenario::Storm => {
+                eprintln!("  reconnect storm ...");
+                let window = std::time::Duration::from_secs_f64(p.seconds);
+                match storm::storm(&ctx, p.clients, window, p.messages).await {
+                    Ok(r) => {
+                        if r.recovered < r.clients {
+                            ok = false;
+                        }
+                        println!(
+                            "storm: {} clients × 3 history rooms ({} rooms), {} missed actions per room, SUBSCRIBEs spread over {:.1} s, patchbay on Redis",
+                            r.clients, r.rooms, r.missed, p.seconds
+                        );
+                        println!(
+                            "  recovered {}/{} clients; SUBSCRIBE to last replayed action p50 {} µs, p99 {} µs, max {} µs",
+                            r.recovered, r.clients, r.latency.p50, r.latency.p99, r.latency.max
+                        );
+                        println!(
+                            "  history reads {} for {} room recoveries ({:.3} per room); patchbay CPU {:.2} s over {:.2} s ({:.0} µs per client)",
+                            r.reads,
+                            r.clients * 3,
+                            r.reads as f64 / r.rooms as f64,
+                            r.cpu_seconds,
+                            r.elapsed.as_secs_f64(),
+                            r.cpu_seconds * 1e6 / r.clients.max(1) as f64
+                        );
+                        if let Some(e) = r.first_error {
+                            println!("  first error: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        ok = false;
+                        println!("storm failed: {e}");
+                    }
                 }
             }
             Scenario::Idle => {

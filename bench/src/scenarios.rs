@@ -396,18 +396,24 @@ pub async fn fanout(
     .await
 }
 
-/// Fan-out on patchbay's embedded bus (no Redis; actions published with `POST /publish`), in a
-/// room that keeps history (`history`) or not: what history costs per delivery.
-pub async fn fanout_embedded(
+/// Fan-out through `POST /publish`, on patchbay's embedded bus or (`redis`) on Redis, in a room
+/// that keeps history (`history`) or not: what history costs per delivery.
+pub async fn fanout_published(
     ctx: &Ctx,
     clients: usize,
     rate: f64,
     messages: u64,
     history: bool,
+    redis: bool,
 ) -> Result<DeliveryRun, String> {
     let rooms = if history { "bench" } else { "" };
+    let redis = redis.then_some(ctx.redis_url.as_str());
     let mut server = ctx
-        .start_with(Target::Patchbay, None, &[("PATCHBAY_HISTORY_ROOMS", rooms)])
+        .start_with(
+            Target::Patchbay,
+            redis,
+            &[("PATCHBAY_HISTORY_ROOMS", rooms)],
+        )
         .await?;
     let crowd = Crowd::connect(&server, clients, |_| "bench".into(), messages as usize).await;
     let expected = messages * crowd.ready as u64;

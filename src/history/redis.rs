@@ -10,7 +10,7 @@
 //! starts after a recovery joined its room is the only kind that may serve it: whatever it
 //! misses is held back for the recovery and merged by offset.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -55,6 +55,34 @@ struct Pending {
     waiters: Vec<Waiter>,
 }
 
+/// What this instance delivered lately in a history room it follows (is subscribed to): where
+/// it stands, and its last stored actions, offsets `base + 1 ..= top` — so recoveries of the
+/// room on this instance are answered from memory when it covers their position.
+struct Tail {
+    epoch: String,
+    base: u64,
+    top: u64,
+    entries: VecDeque<(u64, Arc<Stored>)>,
+}
+
+impl Tail {
+    fn at(position: Position) -> Tail {
+        Tail {
+            epoch: position.epoch,
+            base: position.offset,
+            top: position.offset,
+            entries: VecDeque::new(),
+        }
+    }
+
+    fn position(&self) -> Position {
+        Position {
+            epoch: self.epoch.clone(),
+            offset: self.top,
+        }
+    }
+}
+
 /// The history of every room, in Redis.
 pub struct RedisHistory {
     commands: Commands,
@@ -65,6 +93,8 @@ pub struct RedisHistory {
     reads: Mutex<HashMap<String, Option<Pending>>>,
     /// `patchbay_read` calls made.
     calls: AtomicU64,
+    /// The rooms this instance follows. `std` lock: held for map operations only.
+    tails: Mutex<HashMap<String, Tail>>,
 }
 
 impl RedisHistory {
@@ -80,6 +110,7 @@ impl RedisHistory {
             config,
             reads: Mutex::default(),
             calls: AtomicU64::new(0),
+            tails: Mutex::default(),
         })
     }
 
@@ -236,6 +267,126 @@ impl RedisHistory {
                 let _ = waiter.send(result.clone());
             }
         }
+    }
+}
+
+/// Following rooms: the bus worker, the only writer, records what it delivers; recoveries read.
+impl RedisHistory {
+    fn tails(&self) -> std::sync::MutexGuard<'_, HashMap<String, Tail>> {
+        self.tails.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where this instance stands in `room`, when it follows it.
+    pub fn followed(&self, room: &str) -> Option<Position> {
+        self.tails().get(room).map(Tail::position)
+    }
+
+    /// Every room it follows, with where it stands.
+    pub fn followed_rooms(&self) -> Vec<(String, Position)> {
+        self.tails()
+            .iter()
+            .map(|(room, tail)| (room.clone(), tail.position()))
+            .collect()
+    }
+
+    /// Follows `room` from `position` on (unless it already does).
+    pub fn follow(&self, room: &str, position: Position) {
+        self.tails()
+            .entry(room.to_string())
+            .or_insert_with(|| Tail::at(position));
+    }
+
+    /// Follows `room` from `position` on, forgetting what it had (a `RESYNC`).
+    pub fn restart(&self, room: &str, position: Position) {
+        self.tails().insert(room.to_string(), Tail::at(position));
+    }
+
+    /// Stops following the rooms `keep` says no to.
+    pub fn unfollow(&self, keep: impl Fn(&str) -> bool) {
+        self.tails().retain(|room, _| keep(room));
+    }
+
+    /// `stored` was delivered in `room` at `position`: the next offset, or the tail starts
+    /// again from it.
+    pub fn delivered(&self, room: &str, position: &Position, stored: &Arc<Stored>) {
+        let cap = self.config.size;
+        let mut tails = self.tails();
+        let Some(tail) = tails.get_mut(room) else {
+            return;
+        };
+        if tail.epoch != position.epoch || position.offset != tail.top + 1 {
+            *tail = Tail::at(Position {
+                epoch: position.epoch.clone(),
+                offset: position.offset.saturating_sub(1),
+            });
+        }
+        tail.top = position.offset;
+        tail.entries.push_back((position.offset, stored.clone()));
+        while tail.entries.len() > cap {
+            if let Some((offset, _)) = tail.entries.pop_front() {
+                tail.base = offset;
+            }
+        }
+    }
+
+    /// What a recovery at `since` in `room` (or, with `None`, a join that wants the room's
+    /// position) gets: from what this instance delivered when that covers it, else from
+    /// Redis — a read shared with the room's other recoveries, which then also extends what
+    /// this instance holds.
+    pub async fn recover(
+        self: &Arc<Self>,
+        room: &str,
+        since: Option<&Position>,
+    ) -> Result<Arc<Read>, String> {
+        if let Some(read) = self.read_tail(room, since) {
+            return Ok(Arc::new(read));
+        }
+        let read = self.read(room, since.map(|s| s.offset)).await?;
+        let mut tails = self.tails();
+        if let Some(tail) = tails.get_mut(room)
+            && tail.epoch == read.position.epoch
+            && tail.top == read.position.offset
+        {
+            // The same sequence up to the same offset: what Redis keeps before the tail's
+            // first action goes in front of it.
+            let older: Vec<&(u64, Arc<Stored>)> = read
+                .entries
+                .iter()
+                .filter(|(offset, _)| *offset <= tail.base)
+                .collect();
+            if older.last().is_some_and(|(offset, _)| *offset == tail.base) {
+                let room_left = self.config.size.saturating_sub(tail.entries.len());
+                for (offset, stored) in older.into_iter().rev().take(room_left) {
+                    tail.entries.push_front((*offset, stored.clone()));
+                    tail.base = offset - 1;
+                }
+            }
+        }
+        Ok(read)
+    }
+
+    fn read_tail(&self, room: &str, since: Option<&Position>) -> Option<Read> {
+        let tails = self.tails();
+        let tail = tails.get(room)?;
+        let after = match since {
+            None => tail.top,
+            Some(since) => {
+                let covered = since.epoch == tail.epoch
+                    && since.offset >= tail.base
+                    && since.offset <= tail.top;
+                covered.then_some(since.offset)?
+            }
+        };
+        Some(Read {
+            position: tail.position(),
+            oldest: tail.base + 1,
+            entries: tail
+                .entries
+                .iter()
+                .filter(|(offset, _)| *offset > after)
+                .cloned()
+                .collect(),
+        })
     }
 }
 

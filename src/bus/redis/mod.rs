@@ -170,7 +170,6 @@ impl RedisBus {
             sync_rx,
             seen: Dedupe::default(),
             history: None,
-            followed: HashMap::new(),
             occurrences: Occurrences::default(),
         };
         RedisBus {
@@ -353,10 +352,6 @@ struct Worker {
     seen: Dedupe,
     /// History in Redis, when some room keeps it.
     history: Option<Arc<RedisHistory>>,
-    /// Where this instance stands in each history room it is subscribed to: the last offset
-    /// it delivered. A live action further on means it missed some (filled from history
-    /// first); one not after it was delivered already (by a catch-up).
-    followed: HashMap<String, Position>,
     /// Task messages ingested lately, for the ingest's de-duplication.
     occurrences: Occurrences,
 }
@@ -486,15 +481,12 @@ impl Worker {
                 .unwrap()
                 .extend(active.iter().cloned());
         }
-        self.followed.retain(|room, _| active.contains(room));
         // Rooms followed before the connection was lost catch up; the others start from here.
-        let followed: Vec<String> = self.followed.keys().cloned().collect();
+        if let Some(history) = &self.history {
+            history.unfollow(|room| active.contains(room));
+        }
         self.catch_up().await;
-        let new: Vec<String> = active
-            .iter()
-            .filter(|r| !followed.contains(r))
-            .cloned()
-            .collect();
+        let new: Vec<String> = active.iter().cloned().collect();
         self.follow(&new).await?;
         tracing::info!(rooms = active.len(), pattern = %self.task_pattern, "connected to Redis");
         Ok((subscriptions, stream))
@@ -510,14 +502,14 @@ impl Worker {
         };
         let new: Vec<&String> = rooms
             .iter()
-            .filter(|r| history.config().keeps(r) && !self.followed.contains_key(*r))
+            .filter(|r| history.config().keeps(r) && history.followed(r).is_none())
             .collect();
         let reads = new.iter().map(|room| history.read_now(room, None, 0));
         let reads = tokio::time::timeout(OP_TIMEOUT * 2, futures_util::future::try_join_all(reads))
             .await
             .map_err(|_| DriverError::unavailable("reading history positions timed out"))??;
         for (room, read) in new.into_iter().zip(reads) {
-            self.followed.insert(room.clone(), read.position);
+            history.follow(room, read.position);
         }
         Ok(())
     }
@@ -525,12 +517,10 @@ impl Worker {
     /// After a reconnect: delivers, room by room and in order, what each followed room got
     /// while this instance was not listening (or `RESYNC` where history cannot say).
     async fn catch_up(&mut self) {
-        let rooms: Vec<(String, Position)> = self
-            .followed
-            .iter()
-            .map(|(r, p)| (r.clone(), p.clone()))
-            .collect();
-        for (room, from) in rooms {
+        let Some(history) = &self.history else {
+            return;
+        };
+        for (room, from) in history.followed_rooms() {
             self.fill(&room, &from, None).await;
         }
     }
@@ -575,13 +565,11 @@ impl Worker {
                     );
                     self.shared.counters.count(delivery);
                     filled += 1;
-                    self.followed.insert(
-                        room.to_string(),
-                        Position {
-                            epoch: read.position.epoch.clone(),
-                            offset,
-                        },
-                    );
+                    let at = Position {
+                        epoch: read.position.epoch.clone(),
+                        offset,
+                    };
+                    history.delivered(room, &at, &stored);
                 }
                 if filled > 0 {
                     tracing::info!(%room, filled, "delivered actions this instance missed, from history");
@@ -615,7 +603,9 @@ impl Worker {
             .rooms
             .deliver(std::slice::from_ref(&room.to_string()), &action);
         self.shared.counters.count(delivery);
-        self.followed.insert(room.to_string(), position);
+        if let Some(history) = &self.history {
+            history.restart(room, position);
+        }
     }
 
     async fn serve(
@@ -685,8 +675,11 @@ impl Worker {
                 active.remove(room);
             }
         }
-        for room in &remove {
-            self.followed.remove(room);
+        if let Some(history) = &self.history
+            && !remove.is_empty()
+        {
+            let removed: HashSet<&str> = remove.iter().map(String::as_str).collect();
+            history.unfollow(|room| !removed.contains(room));
         }
         let channels = |rooms: &[String]| self.channels(rooms);
         let result = async {
@@ -802,16 +795,16 @@ impl Worker {
             mut rooms,
             action,
             id,
-            positions,
+            mut positions,
         } = incoming;
-        let mut offsets: Vec<Option<u64>> = Vec::with_capacity(positions.len());
+        let history = self.history.clone();
         let mut already = Vec::new();
         for (i, position) in positions.iter().enumerate() {
-            offsets.push(position.as_ref().map(|p| p.offset));
-            let (Some(position), Some(room)) = (position, rooms.get(i)) else {
+            let (Some(position), Some(room), Some(history)) = (position, rooms.get(i), &history)
+            else {
                 continue;
             };
-            let Some(at) = self.followed.get(room).cloned() else {
+            let Some(at) = history.followed(room) else {
                 continue;
             };
             if at.epoch != position.epoch {
@@ -819,24 +812,40 @@ impl Worker {
                 self.resync(&room, Reason::EpochChanged, Some(position), at);
             } else if position.offset <= at.offset {
                 already.push(i);
-                continue;
             } else if position.offset > at.offset + 1 {
                 let room = room.clone();
                 self.fill(&room, &at, Some(position)).await;
             }
-            self.followed.insert(room.clone(), position.clone());
         }
         for i in already.into_iter().rev() {
             rooms.remove(i);
-            offsets.remove(i);
+            positions.remove(i);
         }
         if rooms.is_empty() {
             return;
         }
-        let delivery = self
-            .rooms
-            .deliver_stored(&rooms, &action, id.as_deref(), &offsets);
+        let offsets: Vec<Option<u64>> = positions
+            .iter()
+            .map(|p| p.as_ref().map(|p| p.offset))
+            .collect();
+        let (Some(history), Some(id), false) = (&history, id.clone(), positions.is_empty()) else {
+            let delivery = self
+                .rooms
+                .deliver_stored(&rooms, &action, id.as_deref(), &offsets);
+            self.shared.counters.count(delivery);
+            return;
+        };
+        // Stored: delivered, and kept in what this instance follows for recoveries here.
+        let stored = Arc::new(crate::history::Stored { id, action });
+        let delivery =
+            self.rooms
+                .deliver_stored(&rooms, &stored.action, Some(&stored.id), &offsets);
         self.shared.counters.count(delivery);
+        for (room, position) in rooms.iter().zip(&positions) {
+            if let Some(position) = position {
+                history.delivered(room, position, &stored);
+            }
+        }
     }
 }
 
