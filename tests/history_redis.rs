@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use patchbay::config::Config;
@@ -262,26 +262,30 @@ async fn an_instance_whose_pubsub_connection_was_killed_fills_the_gap_itself() {
     tick(&b, "feed:k", 1).await;
     assert_eq!(ticks(&mut on_a, 1).await, [(1, 1, false)]);
 
-    // Kill every pub/sub connection (b's too, which has no member of the room) while a
-    // publisher goes on.
+    // For 3 s, kill every pub/sub connection (b's too, which has no member of the room) as
+    // soon as it is back, while a publisher goes on through b.
     let mut conn = redis.connection().await.unwrap();
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            let _: i64 = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
     let publisher = async {
         for n in 2..=200 {
             tick(&b, "feed:k", n).await;
-            if n == 20 {
-                let _: i64 = redis::cmd("CLIENT")
-                    .arg("KILL")
-                    .arg("TYPE")
-                    .arg("pubsub")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-            }
-            if n % 20 == 0 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
+    let publisher = async { tokio::join!(killer, publisher) };
     let (_, got) = tokio::join!(publisher, ticks(&mut on_a, 199));
     let expected: Vec<u64> = (2..=200).collect();
     assert_eq!(
@@ -416,4 +420,44 @@ async fn recoveries_from_before_the_instance_subscribed_read_redis_about_once() 
     // One to follow the room when it is first joined here, about one more for the first
     // recoveries; the rest are answered from what those reads brought.
     assert!(reads <= 4, "50 recoveries needed {reads} reads of Redis");
+}
+
+#[tokio::test]
+async fn an_idle_client_older_than_the_history_ttl_recovers_with_nothing_to_replay() {
+    let redis = RedisServer::start().await;
+    let short = || {
+        Bridge::start("{}", None, |c: &mut Config| {
+            c.redis_url = Some(redis.url());
+            c.publish_token = Some("tok".into());
+            c.public_rooms = vec![RoomPattern::parse("feed:*").unwrap()];
+            c.history = Some(patchbay::history::HistoryConfig {
+                rooms: vec![RoomPattern::parse("feed:*").unwrap()],
+                size: 100,
+                ttl: Duration::from_secs(1),
+                recover_max: 1000,
+            });
+        })
+    };
+    let (a, b) = (short().await, short().await);
+    wait_ready_status(&a, "ok").await;
+    wait_ready_status(&b, "ok").await;
+    let mut idle = a.connect().await;
+    let epoch =
+        subscribe(&mut idle, json!({"room": "feed:ttl"})).await["position"]["epoch"].clone();
+    tick(&a, "feed:ttl", 1).await;
+    assert_eq!(ticks(&mut idle, 1).await, [(1, 1, false)]);
+    drop(idle);
+    // Longer than the history's TTL: the action is gone from Redis, the position is not.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // On an instance that never followed the room (nothing of it in memory).
+    let mut back = b.connect().await;
+    let at = |offset: u64| json!({"room": "feed:ttl", "since": {"epoch": epoch, "offset": offset}});
+    let got = subscribe(&mut back, at(1)).await;
+    assert_eq!(
+        got,
+        json!({"room": "feed:ttl", "position": {"epoch": epoch, "offset": 1}, "recovered": true, "replayed": 0})
+    );
+    let mut older = b.connect().await;
+    let got = subscribe(&mut older, at(0)).await;
+    assert_eq!(got["reason"], "too_old", "{got}");
 }

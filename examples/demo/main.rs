@@ -43,6 +43,8 @@ use crate::site::Site;
 const USAGE: &str = "usage: demo [--once] [--redis [URL]] [--api-listen ADDR]\n   \
     or: demo --no-bridge --bridge-addr ADDR (--publish-token TOKEN | --redis URL) [--api-listen ADDR]";
 const API_LISTEN: &str = "127.0.0.1:8000";
+/// The rooms a page joins to say it is watching a task, and to see who else is.
+const WATCH_ROOMS: &str = "watch:*";
 
 struct Args {
     once: bool,
@@ -198,12 +200,20 @@ async fn demo(private_redis: &mut Option<redis_bus::PrivateServer>) -> ExitCode 
     let api_url = format!("http://{api_addr}");
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let actions_dir = root.join("actions");
+    // The page's visitors get a name and a token signed with this secret, so that patchbay
+    // can tell them apart in the rooms that track presence (who is watching a task). A
+    // patchbay run separately must be given the same one.
+    let jwt_secret = std::env::var("PATCHBAY_JWT_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let site = |patchbay: SocketAddr, bridge: Option<Arc<Bridge>>| Site {
         page_dir: root.join("webapp-shim").join("demo"),
         shim_dir: root.join("webapp-shim").join("src"),
         actions_dir: actions_dir.clone(),
         patchbay_ws: format!("ws://{patchbay}/ws"),
         bridge,
+        jwt_secret: jwt_secret.clone(),
     };
 
     let prefix = patchbay::Config::default().redis_prefix;
@@ -230,7 +240,9 @@ async fn demo(private_redis: &mut Option<redis_bus::PrivateServer>) -> ExitCode 
         };
         println!(
             "            PATCHBAY_LISTEN={bridge_addr} PATCHBAY_API_URL={api_url} \
-             PATCHBAY_ALLOWED_ORIGINS={} PATCHBAY_ACTIONS={} {push} patchbay",
+             PATCHBAY_ALLOWED_ORIGINS={} PATCHBAY_ACTIONS={} {push} \
+             PATCHBAY_JWT_SECRET={jwt_secret} PATCHBAY_ALLOW_ANONYMOUS=true \
+             PATCHBAY_PUBLIC_ROOMS={WATCH_ROOMS} PATCHBAY_PRESENCE_ROOMS={WATCH_ROOMS} patchbay",
             page_origins(api_addr).join(","),
             actions_dir.display()
         );
@@ -260,6 +272,15 @@ async fn demo(private_redis: &mut Option<redis_bus::PrivateServer>) -> ExitCode 
         // The page comes from the API's origin and opens its websocket on patchbay's port.
         allowed_origins: patchbay::config::AllowedOrigins::List(page_origins(api_addr)),
         log: log.clone(),
+        // Visitors connect with the token the page asks the demo for (anonymously should
+        // that fail), and see who else watches each task.
+        jwt_secret: Some(jwt_secret.clone()),
+        allow_anonymous: true,
+        public_rooms: vec![patchbay::rooms::RoomPattern::parse(WATCH_ROOMS).expect("a pattern")],
+        presence: Some(patchbay::presence::PresenceConfig {
+            rooms: vec![patchbay::rooms::RoomPattern::parse(WATCH_ROOMS).expect("a pattern")],
+            grace: std::time::Duration::from_secs(3),
+        }),
         ..patchbay::Config::default()
     };
     let bridge = match Bridge::start(config) {

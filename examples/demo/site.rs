@@ -30,6 +30,8 @@ pub struct Site {
     /// The in-process patchbay the page may stop and start; `None` when patchbay runs
     /// elsewhere.
     pub bridge: Option<Arc<Bridge>>,
+    /// What visitors' tokens are signed with (patchbay verifies them with the same).
+    pub jwt_secret: String,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -45,6 +47,9 @@ impl Site {
                 &json!({"patchbay": self.patchbay_ws, "controls": self.bridge.is_some()}),
             )),
             _ => {
+                if let Some(name) = path.strip_prefix("/demo/token/") {
+                    return Some(self.token(name));
+                }
                 if let Some(name) = path.strip_prefix("/shim/") {
                     return Some(match safe_name(name, &["js"]) {
                         true => file(&self.shim_dir, name),
@@ -54,6 +59,37 @@ impl Site {
                 let name = path.strip_prefix('/')?;
                 safe_name(name, &["html", "js", "css"]).then(|| file(&self.page_dir, name))
             }
+        }
+    }
+
+    /// `GET /demo/token/<name>`: a token for visitor `name` (letters, digits and `-`, at most
+    /// 32), valid for a day. A demo has no accounts: anyone may be anyone.
+    fn token(&self, name: &str) -> Reply {
+        let valid = (1..=32).contains(&name.len())
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !valid {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_name",
+                "a visitor name is 1 to 32 letters, digits and dashes",
+            );
+        }
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            + 24 * 3600;
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &json!({"sub": name, "exp": exp}),
+            &jsonwebtoken::EncodingKey::from_secret(self.jwt_secret.as_bytes()),
+        );
+        match token {
+            Ok(token) => json_reply(StatusCode::OK, &json!({"name": name, "token": token})),
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &e.to_string(),
+            ),
         }
     }
 

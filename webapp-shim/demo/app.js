@@ -37,7 +37,7 @@ const request = (name, payload) => ({ type: `${name}_REQUEST`, payload, meta: { 
 
 // --- state ---------------------------------------------------------------------------------
 
-const initial = { status: 'connecting', order: [], tasks: {}, notes: [] }
+const initial = { status: 'connecting', order: [], tasks: {}, notes: [], presence: {} }
 
 const isFinal = task => FINAL.includes(task?.status)
 
@@ -59,7 +59,30 @@ function addNote (state, note) {
   return { ...state, notes }
 }
 
+/** Who is in each watch room: the snapshot of a join, then the newer events (the shim drops
+ *  the stale ones). */
+function presence (rooms, { type, payload }) {
+  const room = payload?.room
+  const users = { ...rooms[room] }
+  switch (type) {
+    case '@@patchbay/PRESENCE_SNAPSHOT':
+      return { ...rooms, [room]: Object.fromEntries(payload.users.map(u => [u.userId, u.state ?? {}])) }
+    case '@@patchbay/PRESENCE_JOIN':
+    case '@@patchbay/PRESENCE_STATE':
+      users[payload.userId] = payload.state ?? {}
+      return { ...rooms, [room]: users }
+    case '@@patchbay/PRESENCE_LEAVE':
+      delete users[payload.userId]
+      return { ...rooms, [room]: users }
+    default:
+      return rooms
+  }
+}
+
 function reducer (state = initial, action) {
+  if (action.type.startsWith('@@patchbay/PRESENCE_') && !action.type.startsWith('@@patchbay/PRESENCE_SET')) {
+    return { ...state, presence: presence(state.presence, action) }
+  }
   switch (action.type) {
     case '@@patchbay/STATUS':
       return { ...state, status: action.payload.status }
@@ -175,9 +198,17 @@ function taskRow (task, cancel) {
     h('span', { class: 'title' }, title, h('span', { class: 'state' })),
     h('div', { class: 'bar', role: 'progressbar', 'aria-valuemin': '0', 'aria-valuemax': '100', 'aria-label': `progress of ${title}` }, fill),
     h('span', { class: 'percent' }),
-    h('button', { type: 'button', class: 'cancel', onclick: () => cancel(task.id) }, 'Cancel'))
+    h('button', { type: 'button', class: 'cancel', onclick: () => cancel(task.id) }, 'Cancel'),
+    h('span', { class: 'viewers' }),
+    h('a', { class: 'share', href: `/?watch=${encodeURIComponent(task.id)}`, target: '_blank', rel: 'noopener' }, 'watch link'))
   rows.set(task.id, row)
   return row
+}
+
+/** "watching: a, b (you)" from a watch room's presence. */
+function viewersText (users, me) {
+  const names = Object.keys(users ?? {}).sort().map(name => (name === me ? `${name} (you)` : name))
+  return names.length ? `watching: ${names.join(', ')}` : ''
 }
 
 function renderTask (row, task) {
@@ -191,7 +222,7 @@ function renderTask (row, task) {
   row.querySelector('.cancel').disabled = isFinal(task) || task.status === 'gone'
 }
 
-function render (state, bridge, cancel) {
+function render (state, bridge, cancel, me) {
   const status = $('status')
   status.dataset.status = state.status
   status.textContent = state.status
@@ -204,7 +235,19 @@ function render (state, bridge, cancel) {
     let row = rows.get(id)
     if (!row) list.prepend(row = taskRow(task, cancel))
     renderTask(row, task)
+    row.querySelector('.viewers').textContent = viewersText(state.presence[`watch:${id}`], me)
   }
+  // Tasks of others this page watches (opened through a watch link).
+  const watched = Object.keys(state.presence)
+    .map(room => room.slice('watch:'.length))
+    .filter(id => !state.tasks[id])
+  $('watching-section').hidden = watched.length === 0
+  $('watching').replaceChildren(...watched.map(id => {
+    const users = state.presence[`watch:${id}`]
+    const owner = Object.values(users ?? {}).find(u => u.owner)
+    return h('li', { class: 'watched', 'data-task-id': id },
+      h('strong', {}, owner?.title ?? id), ' ', h('span', { class: 'viewers' }, viewersText(users, me)))
+  }))
   $('no-tasks').hidden = state.order.length > 0
 
   $('notes').replaceChildren(...state.notes.map(note => h('li', { class: 'note', 'data-note-id': note.id }, note.text)))
@@ -225,9 +268,17 @@ async function getJson (path, init) {
 async function main () {
   const [config, manifest] = await Promise.all([getJson('/demo/config'), getJson('/actions')])
   $('patchbay-url').textContent = config.patchbay
+  // Each tab is a visitor with a name of its own, kept across reloads of the tab: patchbay
+  // tells visitors apart by the token the demo signs for that name. Without one the page
+  // connects anonymously (and nobody sees it watching).
+  const me = sessionStorage.getItem('demo-visitor') ?? `visitor-${uuid().slice(0, 4)}`
+  sessionStorage.setItem('demo-visitor', me)
+  $('visitor').textContent = me
+  const token = await getJson(`/demo/token/${me}`).then(t => t.token, () => null)
+  const url = token ? `${config.patchbay}?token=${encodeURIComponent(token)}` : config.patchbay
 
   const bridge = createPatchbay({
-    url: config.patchbay,
+    url,
     apiUrl: location.origin,
     manifest,
     requestTimeoutMs: 10000,
@@ -253,10 +304,26 @@ async function main () {
     queued = true
     requestAnimationFrame(() => {
       queued = false
-      render(store.getState(), bridge, cancel)
+      render(store.getState(), bridge, cancel, me)
     })
   })
-  render(store.getState(), bridge, cancel)
+  render(store.getState(), bridge, cancel, me)
+
+  // Watching: this page is present in `watch:<id>` for each of its tasks (saying what the
+  // task is, for the others) and for each task a watch link opened it for.
+  const watching = new Set()
+  const watch = async (id, own) => {
+    if (watching.has(id)) return
+    watching.add(id)
+    const room = `watch:${id}`
+    const joined = await store.dispatch(request('@@patchbay/SUBSCRIBE', { room }))
+    const task = store.getState().tasks[id]
+    if (own && !joined?.error) store.dispatch(request('@@patchbay/PRESENCE_SET', { room, state: { owner: true, title: titleOf(task) } }))
+  }
+  for (const id of new URLSearchParams(location.search).getAll('watch')) watch(id, false)
+  store.subscribe(() => {
+    for (const id of store.getState().order) watch(id, true)
+  })
 
   $('task-form').addEventListener('submit', async event => {
     event.preventDefault()

@@ -143,3 +143,48 @@ for (const [queue, args] of [['embedded', []], ['Redis', ['--redis']]]) {
     }
   })
 }
+
+test('each task says who is watching it, and a watch link adds another tab', async t => {
+  const demoProcess = await startDemo([])
+  t.after(() => demoProcess.stop())
+  const browser = await openBrowser(t, { timeoutMs: WAIT_MS })
+  const { page } = browser
+  const demo = demoPage(page)
+  const visitor = async p => {
+    await p.waitForFunction(() => document.getElementById('visitor')?.textContent.startsWith('visitor-'))
+    return p.locator('#visitor').textContent()
+  }
+  try {
+    await page.goto(`${demoProcess.apiUrl}/`)
+    await demo.status('open')
+    const me = await visitor(page)
+    await demo.start('watched together', 40)
+    const row = page.locator('#tasks li[data-title="watched together"]')
+    await row.locator('.viewers', { hasText: `watching: ${me} (you)` }).waitFor()
+
+    // Another tab is another visitor; it opens the task's watch link.
+    const link = await row.locator('a.share').getAttribute('href')
+    const other = await page.context().newPage()
+    other.setDefaultTimeout(WAIT_MS)
+    await other.goto(`${demoProcess.apiUrl}${link}`)
+    const them = await visitor(other)
+    assert.notEqual(them, me)
+    await row.locator('.viewers', { hasText: them }).waitFor()
+    // The watcher sees the task by the title its owner gave it, and who watches it.
+    const watched = other.locator('#watching li', { hasText: 'watched together' })
+    await watched.locator('.viewers', { hasText: me }).waitFor()
+    await watched.locator('.viewers', { hasText: `${them} (you)` }).waitFor()
+
+    // The watcher leaves: the owner's row says so.
+    await other.close()
+    await page.waitForFunction(([name]) => {
+      const viewers = document.querySelector('#tasks li[data-title="watched together"] .viewers')
+      return viewers && !viewers.textContent.includes(name)
+    }, [them])
+    assert.deepEqual(browser.errors.map(String), [], 'the page threw')
+  } catch (e) {
+    await browser.explain(e)
+    e.message += `\n${demoProcess.output()}`
+    throw e
+  }
+})

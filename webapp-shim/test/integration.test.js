@@ -56,6 +56,13 @@ class GatedWebSocket extends WebSocket {
   }
 }
 
+/** `TICK n` to `room` with `POST /publish` on the patchbay at `addr`. */
+const publishTick = (addr, token, room, n) => fetch(`http://${addr}/publish`, {
+  method: 'POST',
+  headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+  body: JSON.stringify({ rooms: [room], action: { type: 'TICK', payload: n } })
+})
+
 const isStatus = status => a => a.type === '@@patchbay/STATUS' && a.payload?.status === status
 const progressOf = (id, test = () => true) => a => a.type === 'TASK_PROGRESS' && a.payload?.id === id && test(a)
 
@@ -63,8 +70,8 @@ const progressOf = (id, test = () => true) => a => a.type === 'TASK_PROGRESS' &&
  * Runs `body` with patchbay (unless `patchbayUp` is false), the API, a bridge and a store;
  * adds every process's output to a failure, and stops everything afterwards either way.
  */
-async function withBridge (t, body, { patchbayUp = true } = {}) {
-  const stack = await startStack()
+async function withBridge (t, body, { patchbayUp = true, redis = false } = {}) {
+  const stack = await startStack({ redis })
   let bridge = null
   // One hook, in this order: a bridge left open would keep trying to reconnect.
   t.after(async () => {
@@ -266,11 +273,7 @@ test('reconnects in the middle of a stream lose nothing: the bridge recovers eac
     const joined = await store.dispatch({ type: '@@patchbay/SUBSCRIBE_REQUEST', payload: { room: 'feed:1' } })
     assert.equal(joined.type, '@@patchbay/SUBSCRIBE_SUCCESS', JSON.stringify(joined))
     assert.equal(joined.payload.position.offset, 0)
-    const publish = n => fetch(`http://${stack.bridgeAddr}/publish`, {
-      method: 'POST',
-      headers: { authorization: `Bearer ${stack.publishToken}`, 'content-type': 'application/json' },
-      body: JSON.stringify({ rooms: ['feed:1'], action: { type: 'TICK', payload: n } })
-    })
+    const publish = n => publishTick(stack.bridgeAddr, stack.publishToken, 'feed:1', n)
     const TOTAL = 150
     for (let n = 1; n <= TOTAL; n++) {
       assert.equal((await publish(n)).status, 202)
@@ -293,4 +296,30 @@ test('reconnects in the middle of a stream lose nothing: the bridge recovers eac
     for (const n of [41, 42, 43, 44, 45]) assert.ok(replayed.includes(n), `${n} came by recovery: ${replayed}`)
     assert.equal(seen.filter(a => a.type === '@@patchbay/RESYNC').length, 0)
   })
+})
+
+test('patchbay killed and restarted mid-stream, on Redis: the store ends with every action, once', async t => {
+  await withBridge(t, async ({ stack, bridge, seen, store, waitForAction }) => {
+    await waitForAction(isStatus('open'), { what: 'the socket to open' })
+    const joined = await store.dispatch({ type: '@@patchbay/SUBSCRIBE_REQUEST', payload: { room: 'feed:k' } })
+    assert.equal(joined.type, '@@patchbay/SUBSCRIBE_SUCCESS', JSON.stringify(joined))
+    // Published through the other instance, which stays up.
+    const publish = n => publishTick(stack.publishAddr, stack.publishToken, 'feed:k', n)
+    const TOTAL = 120
+    for (let n = 1; n <= TOTAL; n++) {
+      assert.equal((await publish(n)).status, 202)
+      if (n === 40) {
+        await stack.killPatchbay()
+        await waitForAction(isStatus('fallback'), { what: 'the fallback status' })
+      }
+      if (n === 60) await stack.startPatchbay()
+      if (n % 10 === 0) await new Promise(resolve => setTimeout(resolve, 5))
+    }
+    await waitForAction(a => a.type === 'TICK' && a.payload === TOTAL, { what: `TICK ${TOTAL}` })
+    const ticks = seen.filter(a => a.type === 'TICK')
+    assert.deepEqual(ticks.map(a => a.payload), Array.from({ length: TOTAL }, (_, i) => i + 1), 'every action once, in order')
+    const replayed = ticks.filter(a => a.meta.replayed).map(a => a.payload)
+    for (const n of [41, 50, 60]) assert.ok(replayed.includes(n), `${n} came by recovery: ${replayed}`)
+    assert.equal(seen.filter(a => a.type === '@@patchbay/RESYNC').length, 0)
+  }, { redis: true })
 })

@@ -139,17 +139,22 @@ export async function launch (name, file, args, { env, ready }) {
  * - `killPatchbay()`: SIGKILL, as when the machine or the process dies, and wait until it is gone
  * - `startPatchbay()`: start it again on the same port, with the same room secret
  * - `stop()`: kill everything
+ *
+ * With `{ redis: true }` it runs a private `redis-server` as patchbay's bus and history, and a
+ * second patchbay instance on it (`publishAddr`) that stays up while the first is killed.
  */
-export async function startStack () {
+export async function startStack ({ redis: withRedis = false } = {}) {
   requireBinaries()
   // patchbay's port is chosen first: the API must know where to publish progress, and a
   // restarted patchbay must come back on the same address for clients to reconnect.
   const port = await freePort()
   const bridgeAddr = `127.0.0.1:${port}`
   const publishToken = randomBytes(16).toString('hex')
+  // The demo signs its visitors' tokens with it; patchbay verifies them.
+  const jwtSecret = randomBytes(32).toString('hex')
   const api = await launch('demo API', binaries.demo,
     ['--no-bridge', '--api-listen', '127.0.0.1:0', '--bridge-addr', bridgeAddr, '--publish-token', publishToken],
-    { env: { PATCHBAY_LOG: 'warn' }, ready: /open (http:\/\/127\.0\.0\.1:\d+)\/ in a browser/ })
+    { env: { PATCHBAY_LOG: 'warn', PATCHBAY_JWT_SECRET: jwtSecret }, ready: /open (http:\/\/127\.0\.0\.1:\d+)\/ in a browser/ })
   const apiUrl = api.match[1]
   const env = {
     PATCHBAY_LISTEN: bridgeAddr,
@@ -160,18 +165,33 @@ export async function startStack () {
     PATCHBAY_ROOM_SECRET: randomBytes(32).toString('hex'),
     // The demo page is served by the API, on another port than patchbay.
     PATCHBAY_ALLOWED_ORIGINS: apiUrl,
+    // The demo page's visitors (tests connect anonymously) and who watches which task.
+    PATCHBAY_JWT_SECRET: jwtSecret,
+    PATCHBAY_ALLOW_ANONYMOUS: 'true',
+    PATCHBAY_PRESENCE_ROOMS: 'watch:*',
     // Rooms any connection may join that keep history, for the recovery tests.
-    PATCHBAY_PUBLIC_ROOMS: 'feed:*',
+    PATCHBAY_PUBLIC_ROOMS: 'feed:*,watch:*',
     PATCHBAY_HISTORY_ROOMS: 'task:*,user:*,feed:*',
     PATCHBAY_LOG: 'info'
   }
+  let redis = null
+  if (withRedis) {
+    const port = await freePort()
+    redis = await launch('redis-server', 'redis-server',
+      ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'],
+      { env: {}, ready: /Ready to accept connections/ })
+    env.PATCHBAY_REDIS_URL = `redis://127.0.0.1:${port}`
+  }
   let patchbay = null
+  let second = null
   const logs = []
   const stack = {
     apiUrl,
     wsUrl: `ws://${bridgeAddr}/ws`,
     bridgeAddr,
     publishToken,
+    /** The second instance's address, with `{ redis: true }`. */
+    publishAddr: null,
     async startPatchbay () {
       if (patchbay) throw new Error('patchbay is already running')
       patchbay = await launch('patchbay', binaries.patchbay, [], { env, ready: /listening on (\S+)/ })
@@ -184,14 +204,21 @@ export async function startStack () {
       await p?.kill('SIGKILL')
     },
     /** Every process's output so far, for failure messages. */
-    output: () => [api, ...logs].map(p => p.output()).join('\n'),
+    output: () => [api, ...logs, ...(redis ? [redis] : [])].map(p => p.output()).join('\n'),
     async stop () {
-      await Promise.all([api.kill(), patchbay?.kill()])
+      await Promise.all([api.kill(), patchbay?.kill(), second?.kill()])
+      await redis?.kill()
       patchbay = null
     }
   }
   try {
     await stack.startPatchbay()
+    if (withRedis) {
+      second = await launch('patchbay (second instance)', binaries.patchbay, [],
+        { env: { ...env, PATCHBAY_LISTEN: '127.0.0.1:0' }, ready: /listening on (\S+)/ })
+      logs.push(second)
+      stack.publishAddr = second.match[1]
+    }
   } catch (e) {
     await stack.stop()
     throw e
