@@ -26,7 +26,7 @@ use crate::outbox::{Closer, Outbox, Text};
 use crate::presence::Leave;
 use crate::protocol::{self, FrameError, Request};
 use crate::ratelimit::{RateLimiter, Verdict};
-use crate::recovery::Standing;
+use crate::recovery::{Recovery, Standing};
 use crate::rooms::ConnId;
 
 /// Most rooms a connection may be granted by `subscribe`, as a multiple of
@@ -167,13 +167,18 @@ impl Session {
             Some(_) => rooms.join_recovering(conn, &room, usize::MAX),
             None => rooms.join(conn, &room, usize::MAX),
         };
+        let mut subscribed = true;
         if let Ok(added) = joined
             && let Err(e) = self.app.hub.confirm(&room, added).confirmed.await
         {
             tracing::warn!(%room, error = %e, "bus subscribe failed");
+            subscribed = false;
         }
         let mut extra = Map::new();
         let (recovery, position) = match &history {
+            // Without the subscription nothing can be promised: the client keeps its
+            // position and hears that history is unavailable.
+            Some(_) if !subscribed => (since.as_ref().map(Recovery::unavailable), None),
             Some(history) => {
                 let ask = [(room.as_str(), since.as_ref())];
                 match crate::recovery::read_all(history, &ask).await.pop() {

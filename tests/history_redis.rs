@@ -461,3 +461,42 @@ async fn an_idle_client_older_than_the_history_ttl_recovers_with_nothing_to_repl
     let got = subscribe(&mut older, at(0)).await;
     assert_eq!(got["reason"], "too_old", "{got}");
 }
+
+#[tokio::test]
+async fn the_identity_room_recovering_while_redis_is_down_hears_unavailable() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut redis = RedisServer::start().await;
+    let bridge = Bridge::start("{}", None, |c: &mut Config| {
+        with_jwt(c);
+        c.redis_url = Some(redis.url());
+    })
+    .await;
+    wait_ready_status(&bridge, "ok").await;
+    let token = jwt(json!({"sub": "7", "exp": now() + 600}));
+    let bridge = &bridge;
+    let connect = |query: String| async move {
+        let req = format!("{}?{query}", bridge.ws_url())
+            .into_client_request()
+            .unwrap();
+        let stream = tokio::net::TcpStream::connect(bridge.addr).await.unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+        let mut client = Client { ws };
+        let hello = client.recv().await;
+        assert_eq!(hello["type"], "@@patchbay/CONNECTED", "{hello}");
+        hello
+    };
+    let hello = connect(format!("token={token}")).await;
+    let position = hello["payload"]["positions"]["user:7"].clone();
+    assert_eq!(position["offset"], 0, "{hello}");
+
+    redis.kill();
+    wait_ready_status(bridge, "degraded").await;
+    let since = format!("{}:0", position["epoch"].as_str().unwrap());
+    let hello = connect(format!("token={token}&since={since}")).await;
+    assert_eq!(
+        hello["payload"]["recovery"],
+        json!({"room": "user:7", "recovered": false, "reason": "unavailable", "replayed": 0}),
+        "{hello}"
+    );
+    assert!(hello["payload"].get("positions").is_none(), "{hello}");
+}

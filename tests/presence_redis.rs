@@ -433,3 +433,92 @@ async fn a_view_built_during_churn_equals_the_servers() {
     assert_eq!(view.version, server["version"].as_u64().unwrap());
     assert_eq!(names.len(), 1 + 100 - 34, "{names:?}");
 }
+
+#[tokio::test]
+async fn an_instance_whose_lease_lapsed_joins_its_presences_again() {
+    let redis = RedisServer::start().await;
+    let start = || {
+        Bridge::start("{}", None, |c| {
+            with_jwt(c);
+            // The observer watches anonymously: only the holder's instance has presences.
+            c.allow_anonymous = true;
+            c.redis_url = Some(redis.url());
+            c.public_rooms = vec![RoomPattern::parse("doc:*").unwrap()];
+            c.presence = Some(patchbay::presence::PresenceConfig {
+                rooms: vec![RoomPattern::parse("doc:*").unwrap()],
+                grace: GRACE,
+            });
+        })
+    };
+    let (holder, watcher) = (start().await, start().await);
+    wait_ready_status(&holder, "ok").await;
+    wait_ready_status(&watcher, "ok").await;
+    let mut alice = connect_as(&holder, "alice").await;
+    join(&mut alice, "doc:l").await;
+    let mut observer = watcher.connect().await;
+    let mut view = join(&mut observer, "doc:l").await;
+    assert_eq!(view.names(), ["alice"]);
+
+    // The holder's lease is made to lapse, as if Redis had been out of its reach for 10 s.
+    let mut conn = redis.connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("patchbay:prooms:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let instance = keys[0].trim_start_matches("patchbay:prooms:").to_string();
+    let _: i64 = redis::cmd("ZADD")
+        .arg("patchbay:plive")
+        .arg(1)
+        .arg(&instance)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Swept at once, as another instance would (before the holder renews): alice leaves;
+    // at its next renewal the holder finds its lease gone and joins her again.
+    let left: i64 = redis::cmd("FCALL")
+        .arg("patchbay_presence_sweep")
+        .arg(1)
+        .arg("patchbay:plive")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let m = recv_until(&mut observer, deadline)
+            .await
+            .expect("a LEAVE and a JOIN");
+        if m["type"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("@@patchbay/PRESENCE_")
+            && view.apply(&m)
+        {
+            seen.push((m["type"].clone(), m["payload"]["reason"].clone()));
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            (json!("@@patchbay/PRESENCE_LEAVE"), json!("timeout")),
+            (json!("@@patchbay/PRESENCE_JOIN"), Value::Null)
+        ]
+    );
+    assert_eq!(view.names(), ["alice"]);
+    assert_eq!(server_view_of(&redis, "doc:l").await, ["alice"]);
+}
+
+/// The users Redis lists in `room`.
+async fn server_view_of(redis: &RedisServer, room: &str) -> Vec<String> {
+    let mut conn = redis.connection().await.unwrap();
+    let mut users: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("patchbay:pu:{room}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    users.sort();
+    users
+}

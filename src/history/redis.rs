@@ -341,8 +341,27 @@ impl RedisHistory {
         if let Some(read) = self.read_tail(room, since) {
             return Ok(Arc::new(read));
         }
-        let read = self.read(room, since.map(|s| s.offset)).await?;
+        let mut read = self.read(room, since.map(|s| s.offset)).await?;
         let mut tails = self.tails();
+        // Redis may be ahead of what this instance has delivered: the actions in between will
+        // reach the client live, so the answer stops where the instance stands (unless the
+        // client stands further still).
+        if let Some(tail) = tails.get(room)
+            && tail.epoch == read.position.epoch
+            && tail.top < read.position.offset
+            && since.is_none_or(|s| s.offset <= tail.top)
+        {
+            read = Arc::new(Read {
+                position: tail.position(),
+                oldest: read.oldest,
+                entries: read
+                    .entries
+                    .iter()
+                    .filter(|(offset, _)| *offset <= tail.top)
+                    .cloned()
+                    .collect(),
+            });
+        }
         if let Some(tail) = tails.get_mut(room)
             && tail.epoch == read.position.epoch
             && tail.top == read.position.offset

@@ -29,6 +29,9 @@ pub struct RedisPresence {
     /// This instance's name in the leases.
     instance: String,
     config: PresenceConfig,
+    /// The presences of this instance's connections, `(room, connection) → user`: joined
+    /// again when its lease had lapsed (and others swept them) or Redis lost them.
+    local: std::sync::Mutex<std::collections::HashMap<(String, ConnId), String>>,
 }
 
 impl RedisPresence {
@@ -43,6 +46,7 @@ impl RedisPresence {
             key: format!("{prefix}:plive"),
             instance: uuid::Uuid::new_v4().simple().to_string(),
             config,
+            local: Default::default(),
         })
     }
 
@@ -83,6 +87,10 @@ impl RedisPresence {
         user: &str,
         conn: ConnId,
     ) -> Result<Value, redis::RedisError> {
+        self.local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((room.to_string(), conn), user.to_string());
         let conn = conn.to_string();
         let args = [room, user, self.instance.as_str(), conn.as_str()];
         Self::parse(self.fcall("patchbay_presence_join", &args).await?)
@@ -100,6 +108,11 @@ impl RedisPresence {
                     "timeout"
                 }
             };
+            presence
+                .local
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(room.clone(), conn));
             let conn = conn.to_string();
             let args = [
                 room.as_str(),
@@ -139,12 +152,35 @@ impl RedisPresence {
         Self::parse(self.fcall("patchbay_presence_get", &[room]).await?)
     }
 
+    /// Joins every presence of this instance's connections again: its lease had lapsed (Redis
+    /// was out of reach for longer than [`LEASE`], and another instance swept them) or Redis
+    /// lost them. Users not present any more get a JOIN.
+    async fn rejoin(&self) {
+        let local: Vec<((String, ConnId), String)> = self
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        tracing::warn!(
+            presences = local.len(),
+            "this instance's presence lease had lapsed: joining its presences again"
+        );
+        for ((room, conn), user) in local {
+            if let Err(e) = self.join(&room, &user, conn).await {
+                tracing::warn!(%room, error = %e, "a presence could not be joined again");
+            }
+        }
+    }
+
     /// Renews this instance's lease and sweeps lapsed ones, every [`RENEW_EVERY`] until
     /// `stop`.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut every = tokio::time::interval(RENEW_EVERY);
         let lease = LEASE.as_millis().to_string();
         let mut failing = false;
+        let mut registered = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -153,6 +189,10 @@ impl RedisPresence {
             let renewed = self
                 .fcall::<i64>("patchbay_presence_renew", &[&self.instance, &lease])
                 .await;
+            if renewed == Ok(1) && registered {
+                self.rejoin().await;
+            }
+            registered |= renewed.is_ok();
             let swept = match renewed {
                 Ok(_) => self.fcall::<u64>("patchbay_presence_sweep", &[]).await,
                 Err(e) => Err(e),

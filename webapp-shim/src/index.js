@@ -21,6 +21,8 @@ const ROOM = /^[\x21-\x7e]{1,128}$/
 const LATE_IDS = 1000
 /** How many `meta.id`s of server-fired actions are remembered to drop a repeat. */
 const SEEN_IDS = 2000
+/** Most presence events kept for one room while its SUBSCRIBE is under way. */
+const EARLY_EVENTS = 10000
 const RESYNC = BUILTIN + 'RESYNC'
 const PRESENCE_SNAPSHOT = BUILTIN + 'PRESENCE_SNAPSHOT'
 const PRESENCE_EVENTS = new Set([BUILTIN + 'PRESENCE_JOIN', BUILTIN + 'PRESENCE_LEAVE', BUILTIN + 'PRESENCE_STATE'])
@@ -109,6 +111,8 @@ export function createPatchbay (options) {
   /** room → { version, users: Map(userId → { userId, state, since }) }: presence as the store
    *  has seen it, from snapshots and the events newer than them. */
   const presence = new Map()
+  /** room → presence events that arrived while a SUBSCRIBE of the room was under way. */
+  const beforeSnapshot = new Map()
   const stats = { socket: 0, rest: 0 }
   /** Aborts of the REST calls under way, all cut short by `close()`. */
   const inFlight = new Set()
@@ -149,6 +153,7 @@ export function createPatchbay (options) {
   function track (entry, reply) {
     const room = entry.payload?.room
     if (entry.name === SUBSCRIBE && !reply.error && reply.payload?.presence) snapshot(room, reply.payload.presence)
+    if (entry.name === SUBSCRIBE) flushBeforeSnapshot(room)
     if (entry.rejoin) {
       const state = entry.rejoin
       if (rooms.get(room) !== state) return
@@ -185,6 +190,12 @@ export function createPatchbay (options) {
    *  (an older one, such as the user's own JOIN just before its snapshot, is dropped). */
   function presenceNews (message) {
     const room = message.payload?.room ?? message.meta?.room
+    // A SUBSCRIBE of the room is under way: its snapshot decides what is news.
+    const waiting = beforeSnapshot.get(room)
+    if (waiting) {
+      if (waiting.length < EARLY_EVENTS) waiting.push(message)
+      return false
+    }
     const version = message.payload?.version
     const known = presence.get(room)
     if (!known || !Number.isSafeInteger(version)) return true
@@ -289,9 +300,22 @@ export function createPatchbay (options) {
       .then(reply => settle(entry, reply))
   }
 
+  /** Presence events that arrived for `room` while its SUBSCRIBE was under way, after its
+   *  snapshot (if any): those newer than it, in version order. */
+  function flushBeforeSnapshot (room) {
+    const waiting = beforeSnapshot.get(room)
+    if (!waiting) return
+    beforeSnapshot.delete(room)
+    waiting.sort((a, b) => (a.payload?.version ?? 0) - (b.payload?.version ?? 0))
+    for (const message of waiting) if (presenceNews(message)) emit(message)
+  }
+
   function send (entry) {
     const sent = connection.send({ type: entry.name + REQUEST, payload: entry.payload, meta: { requestId: entry.requestId } })
     if (!sent) return false
+    if (entry.name === SUBSCRIBE && typeof entry.payload?.room === 'string' && !beforeSnapshot.has(entry.payload.room)) {
+      beforeSnapshot.set(entry.payload.room, [])
+    }
     if (!entry.quiet) stats.socket++
     entry.sent = true
     pending.set(entry.requestId, entry)

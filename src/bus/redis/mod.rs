@@ -58,6 +58,8 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 /// First and largest reconnect delay.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// History reads in flight at once when an instance catches up after a reconnect.
+const CATCH_UP_READS: usize = 32;
 /// Subscription requests applied in one batch.
 const SYNC_BATCH: usize = 512;
 
@@ -457,6 +459,17 @@ impl Worker {
             .map_err(|_| DriverError::unavailable("connecting timed out"))??;
         let mut active: HashSet<String> = rooms.into_iter().collect();
         *self.shared.active.write().unwrap() = active.clone();
+        // Rooms followed before the connection was lost catch up first; until then joins are
+        // refused (`connected` is still false), so no recovery is answered from what this
+        // instance held before the loss.
+        if let Some(history) = &self.history {
+            history.unfollow(|room| active.contains(room));
+        }
+        self.catch_up().await;
+        // The others start from here; so do rooms joined below (before they count as active,
+        // so that no SUBSCRIBE of theirs is answered before this instance follows them).
+        let new: Vec<String> = active.iter().cloned().collect();
+        self.follow(&new).await?;
         self.shared.connected.store(true, Ordering::Release);
         // Rooms joined while the connection was being made were refused by `subscribe` (not
         // connected yet) and are not in the list it was made with: subscribe them now. Joins
@@ -474,6 +487,7 @@ impl Worker {
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(DriverError::unavailable("subscribing timed out")),
             }
+            self.follow(&missed).await?;
             active.extend(missed);
             self.shared
                 .active
@@ -481,13 +495,6 @@ impl Worker {
                 .unwrap()
                 .extend(active.iter().cloned());
         }
-        // Rooms followed before the connection was lost catch up; the others start from here.
-        if let Some(history) = &self.history {
-            history.unfollow(|room| active.contains(room));
-        }
-        self.catch_up().await;
-        let new: Vec<String> = active.iter().cloned().collect();
-        self.follow(&new).await?;
         tracing::info!(rooms = active.len(), pattern = %self.task_pattern, "connected to Redis");
         Ok((subscriptions, stream))
     }
@@ -517,11 +524,31 @@ impl Worker {
     /// After a reconnect: delivers, room by room and in order, what each followed room got
     /// while this instance was not listening (or `RESYNC` where history cannot say).
     async fn catch_up(&mut self) {
-        let Some(history) = &self.history else {
+        let Some(history) = self.history.clone() else {
             return;
         };
-        for (room, from) in history.followed_rooms() {
-            self.fill(&room, &from, None).await;
+        // Read up to CATCH_UP_READS rooms at once; deliver room by room, in order.
+        let size = history.config().size;
+        let followed = history.followed_rooms();
+        let mut reads = futures_util::stream::iter(followed.into_iter().map(|(room, from)| {
+            let history = history.clone();
+            async move {
+                let read = tokio::time::timeout(
+                    OP_TIMEOUT * 2,
+                    history.read_now(&room, Some(from.offset), size),
+                )
+                .await;
+                (room, from, read)
+            }
+        }))
+        .buffered(CATCH_UP_READS);
+        while let Some((room, from, read)) = reads.next().await {
+            let read = match read {
+                Ok(Ok(read)) => Ok(read),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".to_string()),
+            };
+            self.fill_from(&history, &room, &from, None, read);
         }
     }
 
@@ -539,13 +566,27 @@ impl Worker {
         )
         .await
         {
-            Ok(Ok(read)) => read,
-            Ok(Err(e)) => {
+            Ok(Ok(read)) => Ok(read),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".to_string()),
+        };
+        self.fill_from(&history, room, from, before, read);
+    }
+
+    /// [`Worker::fill`] with the room's history read.
+    fn fill_from(
+        &mut self,
+        history: &RedisHistory,
+        room: &str,
+        from: &Position,
+        before: Option<&Position>,
+        read: Result<crate::history::Read, String>,
+    ) {
+        let size = history.config().size;
+        let read = match read {
+            Ok(read) => read,
+            Err(e) => {
                 tracing::warn!(%room, error = %e, "cannot read history to fill a gap");
-                return self.resync(room, Reason::Unavailable, before, from.clone());
-            }
-            Err(_) => {
-                tracing::warn!(%room, "reading history to fill a gap timed out");
                 return self.resync(room, Reason::Unavailable, before, from.clone());
             }
         };
@@ -557,6 +598,13 @@ impl Worker {
                     if upto.is_some_and(|b| offset >= b.offset) {
                         break;
                     }
+                    // Kept before it is delivered: a recovery that starts in between
+                    // finds it in one or the other (and drops the copy by offset).
+                    let at = Position {
+                        epoch: read.position.epoch.clone(),
+                        offset,
+                    };
+                    history.delivered(room, &at, &stored);
                     let delivery = self.rooms.deliver_stored(
                         std::slice::from_ref(&room.to_string()),
                         &stored.action,
@@ -565,11 +613,6 @@ impl Worker {
                     );
                     self.shared.counters.count(delivery);
                     filled += 1;
-                    let at = Position {
-                        epoch: read.position.epoch.clone(),
-                        offset,
-                    };
-                    history.delivered(room, &at, &stored);
                 }
                 if filled > 0 {
                     tracing::info!(%room, filled, "delivered actions this instance missed, from history");
@@ -835,17 +878,19 @@ impl Worker {
             self.shared.counters.count(delivery);
             return;
         };
-        // Stored: delivered, and kept in what this instance follows for recoveries here.
+        // Stored: kept in what this instance follows for recoveries here, then delivered. In
+        // that order: a recovery that starts in between finds it in one or the other (and
+        // drops the copy by offset), never in neither.
         let stored = Arc::new(crate::history::Stored { id, action });
-        let delivery =
-            self.rooms
-                .deliver_stored(&rooms, &stored.action, Some(&stored.id), &offsets);
-        self.shared.counters.count(delivery);
         for (room, position) in rooms.iter().zip(&positions) {
             if let Some(position) = position {
                 history.delivered(room, position, &stored);
             }
         }
+        let delivery =
+            self.rooms
+                .deliver_stored(&rooms, &stored.action, Some(&stored.id), &offsets);
+        self.shared.counters.count(delivery);
     }
 }
 

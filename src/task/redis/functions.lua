@@ -813,10 +813,20 @@ end
 --   P:pc:R:<inst>    hash: connection → user, for the connections of instance <inst> in R
 --   P:prooms:<inst>  set: the rooms where instance <inst> has connections
 --   P:plive          zset: instance → the end of its lease (ms); patchbay renews its own
---   P:pver           counter: presence versions, one sequence for every room
+--   P:pver           counter: presence versions, one sequence for every room (from the
+--                    clock in ms when created, so it never goes back after a loss)
 -- Events go out as envelopes on R's channel (id `presence/<version>`), never into history.
 -- When an instance's lease lapses, whichever instance sweeps first takes its connections out,
 -- each user whose last connection it was leaving with `timeout`, once.
+
+-- The next presence version. A counter Redis lost (a restart without persistence) starts
+-- again from the clock in ms, above every version given out before: clients drop events
+-- not newer than their snapshot, so versions must never go back.
+local function presence_version(P)
+  local key = P .. ':pver'
+  if redis.call('EXISTS', key) == 0 then redis.call('SET', key, (now())) end
+  return redis.call('INCR', key)
+end
 
 local function presence_fire(P, room, version, ty, payload)
   local envelope = '{"id":"presence/' .. version .. '","rooms":[' .. cjson.encode(room) ..
@@ -849,7 +859,7 @@ local function presence_drop(P, room, user, reason)
   if left > 0 then return 0 end
   redis.call('HDEL', P .. ':pt:' .. room, user)
   redis.call('HDEL', P .. ':pu:' .. room, user)
-  local version = redis.call('INCR', P .. ':pver')
+  local version = presence_version(P)
   presence_fire(P, room, version, 'PRESENCE_LEAVE', '{"room":' .. cjson.encode(room) ..
     ',"userId":' .. cjson.encode(user) .. ',"version":' .. version .. ',"reason":"' .. reason .. '"}')
   return version
@@ -865,7 +875,7 @@ local function presence_join(keys, args)
     if redis.call('HINCRBY', P .. ':pt:' .. room, user, 1) == 1 then
       local since = rfc3339(now())
       redis.call('HSET', P .. ':pu:' .. room, user, since .. '\n{}')
-      local version = redis.call('INCR', P .. ':pver')
+      local version = presence_version(P)
       presence_fire(P, room, version, 'PRESENCE_JOIN', '{"room":' .. cjson.encode(room) ..
         ',"userId":' .. cjson.encode(user) .. ',"state":{},"version":' .. version .. '}')
     end
@@ -893,7 +903,7 @@ local function presence_set(keys, args)
   if not entry then return redis.error_reply('NOTIN the user is not present in the room') end
   local since = string.match(entry, '^([^\n]*)\n') or ''
   redis.call('HSET', P .. ':pu:' .. room, user, since .. '\n' .. state)
-  local version = redis.call('INCR', P .. ':pver')
+  local version = presence_version(P)
   presence_fire(P, room, version, 'PRESENCE_STATE', '{"room":' .. cjson.encode(room) ..
     ',"userId":' .. cjson.encode(user) .. ',"state":' .. state .. ',"version":' .. version .. '}')
   return version
@@ -905,9 +915,10 @@ local function presence_get(keys, args)
 end
 
 -- presence_renew: KEYS[1] = P:plive; ARGV = instance, lease (ms). The instance is alive.
+-- 1 when it had no lease (its first renewal, or its lease lapsed and it was swept, or Redis
+-- lost it): then the instance joins its connections' presences again.
 local function presence_renew(keys, args)
-  redis.call('ZADD', keys[1], now() + tonumber(args[2]), args[1])
-  return 1
+  return redis.call('ZADD', keys[1], now() + tonumber(args[2]), args[1])
 end
 
 -- presence_sweep: KEYS[1] = P:plive. Takes out the connections of every instance whose lease
@@ -933,7 +944,7 @@ end
 
 -- The library's version: patchbay loads it only over an older one. Raise it (and
 -- FUNCTIONS_VERSION in mod.rs) with every change.
-local function version() return 5 end
+local function version() return 6 end
 
 redis.register_function('patchbay_enqueue', enqueue)
 redis.register_function('patchbay_start', start)
