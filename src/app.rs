@@ -57,6 +57,8 @@ pub struct App {
     pub history: Option<History>,
     /// Presence, when some room tracks it: embedded, or in Redis.
     pub presence: Option<Presence>,
+    /// The open SSE streams of this instance.
+    pub sse: Arc<crate::sse::Streams>,
     /// The embedded task queue, when some action is a `task` action and Redis is not set.
     embedded: Option<Arc<EmbeddedQueues>>,
     /// The Redis task queue, when some action is a `task` action and Redis is set.
@@ -112,6 +114,7 @@ impl App {
             (_, Some(h)) => Some(History::Redis(h.clone())),
             _ => None,
         };
+        let sse = Arc::new(crate::sse::Streams::default());
         let memory = config.redis_url.is_none().then(|| {
             Arc::new(MemoryBus::with_history(
                 rooms.clone(),
@@ -129,6 +132,7 @@ impl App {
                     config.max_publish_rooms,
                     rooms.clone(),
                     redis_history.clone(),
+                    sse.clone(),
                 )
                 .map_err(|e| StartError::RedisUrl(e.to_string()))?,
             ),
@@ -200,6 +204,7 @@ impl App {
             room_tokens: RoomTokens::new(&config.room_secret),
             history,
             presence,
+            sse,
             config,
             registry,
             hub,

@@ -39,7 +39,9 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Infal
         .unify()
         .or(publish_route(app.clone()))
         .unify()
-        .or(presence_route(app))
+        .or(presence_route(app.clone()))
+        .unify()
+        .or(sse_routes(app))
         .unify()
         .recover(handle_rejection)
         .unify()
@@ -66,6 +68,46 @@ fn exact(path: &'static str) -> impl Filter<Extract = (), Error = Rejection> + C
 
 fn with_app(app: Arc<App>) -> impl Filter<Extract = (Arc<App>,), Error = Infallible> + Clone {
     warp::any().map(move || app.clone())
+}
+
+/// `GET /sse` and `POST /sse/<connectionId>` ([`crate::sse`]).
+fn sse_routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let query = warp::query::raw()
+        .map(Some)
+        .or(warp::any().map(|| None))
+        .unify();
+    let stream = exact("/sse")
+        .and(warp::get())
+        .and(with_app(app.clone()))
+        .and(warp::header::headers_cloned())
+        .and(query)
+        .then(
+            |app: Arc<App>, headers: hyper::HeaderMap, query: Option<String>| {
+                crate::sse::open(app, headers, query)
+            },
+        );
+    let post =
+        warp::path!("sse" / String)
+            .and(warp::post())
+            .and(with_app(app))
+            .and(warp::header::headers_cloned())
+            .and(query)
+            .and(warp::body::stream())
+            .then(
+                |id: String,
+                 app: Arc<App>,
+                 headers: hyper::HeaderMap,
+                 query: Option<String>,
+                 body| async move {
+                    // Read up to the frame limit only: a longer body is refused unread.
+                    let body = read_limited(body, app.config.max_frame_bytes)
+                        .await
+                        .ok()
+                        .flatten();
+                    crate::sse::post(app, id, headers, query, body).await
+                },
+            );
+    stream.or(post).unify()
 }
 
 /// `GET /healthz`.
@@ -261,7 +303,7 @@ fn token_matches(header: Option<&HeaderValue>, expected: &str) -> bool {
 }
 
 /// Whether a `Content-Type` is `application/json`, parameters (`; charset=utf-8`) allowed.
-fn is_json(content_type: Option<&HeaderValue>) -> bool {
+pub(crate) fn is_json(content_type: Option<&HeaderValue>) -> bool {
     content_type
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())

@@ -28,6 +28,7 @@ pub mod registry;
 pub mod rooms;
 pub mod server;
 pub mod session;
+pub mod sse;
 pub mod task;
 pub mod template;
 pub mod upstream;

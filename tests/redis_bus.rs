@@ -386,6 +386,7 @@ async fn malformed_bus_messages_are_counted() {
         1000,
         rooms.clone(),
         None,
+        Default::default(),
     )
     .unwrap();
     let deadline = Instant::now() + WAIT;
@@ -687,9 +688,16 @@ async fn the_redis_prefix_names_the_room_channels() {
         json!({"type": "RIGHT", "meta": {"room": "x"}})
     );
     assert_answers_ping(&mut client).await;
-    assert_eq!(
-        pubsub_channels(&mut conn, "*").await,
-        BTreeSet::from(["app1:room:x".to_string()])
+    // The room's channel and the instance's own (SSE posts forwarded from other instances),
+    // both under the prefix.
+    let channels = pubsub_channels(&mut conn, "*").await;
+    assert_eq!(channels.len(), 2, "{channels:?}");
+    assert!(channels.contains("app1:room:x"), "{channels:?}");
+    assert!(
+        channels
+            .iter()
+            .all(|c| c.starts_with("app1:room:") || c.starts_with("app1:ssei:")),
+        "{channels:?}"
     );
 }
 

@@ -8,7 +8,7 @@ mod redis;
 
 use std::sync::atomic::AtomicU64;
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, FutureExt};
 use serde_json::{Map, Value};
 
 pub use self::redis::{
@@ -106,5 +106,27 @@ pub trait Bus: Send + Sync + 'static {
     /// it does: unlike a lost connection, this needs an operator, so `/readyz` fails.
     fn refusal(&self) -> Option<String> {
         None
+    }
+
+    /// Makes SSE stream `id` (of `user`) reachable from other instances. Nothing to do on a
+    /// bus of one instance.
+    fn sse_register(&self, _id: &str, _user: Option<&str>) -> BoxFuture<'_, ()> {
+        futures_util::future::ready(()).boxed()
+    }
+
+    /// Stream `id` ended.
+    fn sse_unregister(&self, _id: &str) -> BoxFuture<'_, ()> {
+        futures_util::future::ready(()).boxed()
+    }
+
+    /// Hands client actions (`actions`, a JSON array) for stream `id` posted by `user` to the
+    /// instance that holds the stream: `true` when one does. Never on a bus of one instance.
+    fn sse_forward(
+        &self,
+        _id: &str,
+        _user: Option<&str>,
+        _actions: String,
+    ) -> BoxFuture<'_, Result<bool, BusError>> {
+        futures_util::future::ready(Ok(false)).boxed()
     }
 }

@@ -119,6 +119,8 @@ pub struct Config {
     pub send_queue_bytes: usize,
     /// `PATCHBAY_PING_INTERVAL_SECS`: time between websocket pings.
     pub ping_interval: Duration,
+    /// `PATCHBAY_SSE_HEARTBEAT_SECS`: silence on an SSE stream before a comment is written.
+    pub sse_heartbeat: Duration,
     /// `PATCHBAY_IDLE_TIMEOUT_SECS`: time without any frame from the client.
     pub idle_timeout: Duration,
     /// `PATCHBAY_SHUTDOWN_GRACE_SECS`: time for in-flight requests at shutdown.
@@ -295,6 +297,7 @@ impl Config {
             ));
         }
         let ping_interval = seconds("ping_interval_secs", raw.get("ping_interval_secs"), 1)?;
+        let sse_heartbeat = seconds("sse_heartbeat_secs", raw.get("sse_heartbeat_secs"), 1)?;
         let idle_timeout = seconds("idle_timeout_secs", raw.get("idle_timeout_secs"), 1)?;
         if idle_timeout <= ping_interval {
             return Err(ConfigError::var(
@@ -352,6 +355,7 @@ impl Config {
             send_queue: positive("send_queue", raw.get("send_queue"))?,
             send_queue_bytes,
             ping_interval,
+            sse_heartbeat,
             idle_timeout,
             shutdown_grace: seconds("shutdown_grace_secs", raw.get("shutdown_grace_secs"), 0)?,
             history,

@@ -32,7 +32,7 @@ const fn var(name: &'static str, default: &'static str, help: &'static str) -> V
 /// start-up: a misspelt variable must never silently turn a feature off
 /// (`PATCHBAY_JWT_SECERT` would otherwise let everyone in).
 #[rustfmt::skip]
-pub const VARIABLES: [Var; 35] = [
+pub const VARIABLES: [Var; 36] = [
     var("PATCHBAY_LISTEN", "127.0.0.1:8080", "address to bind; port 0 picks a free port"),
     var("PATCHBAY_API_URL", "", "base URL of the REST API that `http` actions call"),
     var("PATCHBAY_ACTIONS", "./actions", "directory of action manifests"),
@@ -59,6 +59,7 @@ pub const VARIABLES: [Var; 35] = [
     var("PATCHBAY_SEND_QUEUE", "1024", "frames queued per connection before 4008"),
     var("PATCHBAY_SEND_QUEUE_BYTES", "8388608", "bytes queued per connection before 4008, at least 2 MiB"),
     var("PATCHBAY_PING_INTERVAL_SECS", "25", "websocket ping interval, seconds"),
+    var("PATCHBAY_SSE_HEARTBEAT_SECS", "15", "seconds of silence on an SSE stream before a `: ping` comment"),
     var("PATCHBAY_IDLE_TIMEOUT_SECS", "60", "close a silent client after this long, seconds"),
     var("PATCHBAY_SHUTDOWN_GRACE_SECS", "10", "time for in-flight requests at shutdown, seconds"),
     var("PATCHBAY_HISTORY_ROOMS", "task:*,user:*", "rooms that keep history for recovery; empty: none"),
@@ -73,14 +74,13 @@ pub const VARIABLES: [Var; 35] = [
 /// Variables of features this version does not have yet. Setting one is refused like an
 /// unknown name, with a message that says so: ignoring it would leave the feature silently
 /// off (a JWKS URL that authenticates nobody, history that is never kept).
-const NOT_YET_SUPPORTED: [&str; 9] = [
+const NOT_YET_SUPPORTED: [&str; 8] = [
     "PATCHBAY_REDIS_CA_FILE",
     "PATCHBAY_JWKS_URL",
     "PATCHBAY_JWT_ISSUER",
     "PATCHBAY_JWT_AUDIENCE",
     "PATCHBAY_EMITTER_KEY",
     "PATCHBAY_EMITTER_ROOMS",
-    "PATCHBAY_SSE_HEARTBEAT_SECS",
     "PATCHBAY_TRUSTED_PROXIES",
     "PATCHBAY_LOG_FORMAT",
 ];

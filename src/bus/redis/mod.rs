@@ -102,6 +102,10 @@ pub struct RedisBus {
     /// History in Redis, when some room keeps it: then every publish goes through the
     /// function library, which stores and publishes in one call.
     history: Option<Arc<RedisHistory>>,
+    /// Commands beyond publishing (SSE streams' registry), with Redis itself.
+    commands: Option<Arc<Commands>>,
+    /// This instance's name: its SSE streams are reached on `<prefix>:ssei:<instance>`.
+    instance: String,
     shared: Arc<Shared>,
     sync: mpsc::Sender<Sync>,
     /// The worker until it is spawned.
@@ -119,10 +123,15 @@ impl RedisBus {
         max_rooms: usize,
         rooms: Arc<Rooms>,
         history: Option<Arc<RedisHistory>>,
+        sse: Arc<crate::sse::Streams>,
     ) -> Result<RedisBus, redis::RedisError> {
         let driver = Arc::new(RedisDriver::open(url)?);
         let mut bus = Self::unstarted(driver, prefix, task_pattern, max_rooms, rooms);
         bus.history = history.clone();
+        bus.commands = Some(Arc::new(Commands::new(redis::Client::open(url)?)));
+        if let Some(worker) = bus.worker.get_mut().unwrap().as_mut() {
+            worker.sse = Some((format!("{prefix}:ssei:{}", bus.instance), sse));
+        }
         bus.start_worker(history);
         Ok(bus)
     }
@@ -173,11 +182,14 @@ impl RedisBus {
             seen: Dedupe::default(),
             history: None,
             occurrences: Occurrences::default(),
+            sse: None,
         };
         RedisBus {
             prefix: prefix.to_string(),
             driver,
             history: None,
+            commands: None,
+            instance: uuid::Uuid::new_v4().simple().to_string(),
             shared,
             sync,
             worker: Mutex::new(Some(worker)),
@@ -304,7 +316,76 @@ impl Bus for RedisBus {
         let pubsub = self.shared.pubsub_refused.lock().unwrap().clone();
         pubsub.or_else(|| self.shared.commands_refused.lock().unwrap().clone())
     }
+
+    fn sse_register(&self, id: &str, user: Option<&str>) -> BoxFuture<'_, ()> {
+        let (id, user) = (id.to_string(), user.unwrap_or("").to_string());
+        async move {
+            let Some(commands) = &self.commands else {
+                return;
+            };
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(format!("{}:sse:{id}", self.prefix))
+                .arg(format!("{}\t{user}", self.instance));
+            if let Err(e) = commands.query::<()>(&cmd).await {
+                tracing::warn!(error = %e, "an SSE stream cannot be reached from other instances");
+            }
+        }
+        .boxed()
+    }
+
+    fn sse_unregister(&self, id: &str) -> BoxFuture<'_, ()> {
+        let id = id.to_string();
+        async move {
+            if let Some(commands) = &self.commands {
+                let mut cmd = redis::cmd("DEL");
+                cmd.arg(format!("{}:sse:{id}", self.prefix));
+                let _ = commands.query::<i64>(&cmd).await;
+            }
+        }
+        .boxed()
+    }
+
+    fn sse_forward(
+        &self,
+        id: &str,
+        user: Option<&str>,
+        actions: String,
+    ) -> BoxFuture<'_, Result<bool, BusError>> {
+        let (id, user) = (id.to_string(), user.unwrap_or("").to_string());
+        async move {
+            let Some(commands) = &self.commands else {
+                return Ok(false);
+            };
+            // The actions go in raw: they are JSON already.
+            let message = format!(
+                r#"{{"id":{},"user":{},"actions":{actions}}}"#,
+                Value::String(id.clone()),
+                Value::String(user.clone())
+            );
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(SSE_FORWARD)
+                .arg(1)
+                .arg(format!("{}:sse:{id}", self.prefix))
+                .arg(&user)
+                .arg(message)
+                .arg(format!("{}:ssei:", self.prefix));
+            match commands.query::<i64>(&cmd).await {
+                Ok(n) => Ok(n > 0),
+                Err(e) => Err(BusError::Unavailable(format!("Redis: {e}"))),
+            }
+        }
+        .boxed()
+    }
 }
+
+/// Forwards client actions to the instance holding SSE stream `KEYS[1]` (`<prefix>:sse:<id>`
+/// = `<instance>\t<user>`), if `ARGV[1]` is its user: the receivers (0: nobody, the stream's
+/// record is stale and removed), or -1 when there is no such stream of that user.
+const SSE_FORWARD: &str = "local v = redis.call('GET', KEYS[1]) if not v then return -1 end \
+    local inst, owner = string.match(v, '^([^\t]*)\t(.*)$') \
+    if owner ~= ARGV[1] then return -1 end \
+    local n = redis.call('PUBLISH', ARGV[3] .. inst, ARGV[2]) \
+    if n == 0 then redis.call('DEL', KEYS[1]) end return n";
 
 /// Exercises the command side every [`HEALTH_INTERVAL`] with what publishing needs (the
 /// multi-channel publish, here twice to a channel nobody reads), so readiness reflects it and
@@ -356,6 +437,9 @@ struct Worker {
     history: Option<Arc<RedisHistory>>,
     /// Task messages ingested lately, for the ingest's de-duplication.
     occurrences: Occurrences,
+    /// This instance's SSE channel, and its streams: client actions posted to another
+    /// instance arrive there.
+    sse: Option<(String, Arc<crate::sse::Streams>)>,
 }
 
 /// How many times each task message was received lately. Every instance receives the same
@@ -452,7 +536,10 @@ impl Worker {
         &mut self,
     ) -> Result<(Box<dyn Subscriptions>, BoxStream<'static, Msg>), DriverError> {
         let rooms = self.rooms.room_names();
-        let channels = self.channels(&rooms);
+        let mut channels = self.channels(&rooms);
+        if let Some((channel, _)) = &self.sse {
+            channels.push(channel.clone());
+        }
         let connect = self.driver.connect(self.task_pattern.clone(), channels);
         let (mut subscriptions, stream) = tokio::time::timeout(OP_TIMEOUT * 2, connect)
             .await
@@ -783,6 +870,11 @@ impl Worker {
             }
         } else if let Some(room) = channel.strip_prefix(&self.room_prefix) {
             format::decode_room_message(room, &msg.payload, &mut self.seen, self.max_rooms)
+        } else if let Some((_, streams)) = self.sse.as_ref().filter(|(c, _)| c == channel) {
+            if !streams.forwarded(&msg.payload) {
+                tracing::debug!("dropped client actions forwarded for a stream that is gone");
+            }
+            return;
         } else {
             Received::Malformed
         };
