@@ -75,7 +75,7 @@ export interface FailureAction {
 /** What `dispatch(X_REQUEST)` resolves to; it is also dispatched to reducers. Never rejects. */
 export type ReplyAction<P = unknown> = SuccessAction<P> | FailureAction
 
-export interface StatusAction { type: '@@patchbay/STATUS', payload: { status: Status } }
+export interface StatusAction { type: '@@patchbay/STATUS', payload: { status: Status, transport: 'websocket' | 'sse' } }
 export interface AuthExpiredAction { type: '@@patchbay/AUTH_EXPIRED' }
 /** Where a client stands in a room's history: after `offset` of `epoch`. */
 export interface Position { epoch: string, offset: number }
@@ -179,6 +179,9 @@ export interface PatchbayOptions<M extends Manifest = Manifest> {
   /** How long a request made before the first connection opened or failed waits for it
    *  before going over REST; default 2000. */
   connectWaitMs?: number
+  /** `auto` (default): the websocket, and SSE (`GET /sse`) after two websocket attempts in a
+   *  row that never opened (and back likewise); REST while neither is open. */
+  transport?: 'auto' | 'websocket' | 'sse' 
 }
 
 export interface Patchbay<M extends Manifest = Manifest> {

@@ -3,6 +3,7 @@
 // store receives the same X_SUCCESS / X_FAILURE action.
 
 import { Connection } from './socket.js'
+import { sseSocket } from './sse.js'
 import { callRest, failurePayload } from './rest.js'
 import { fillTemplate, templateFields, PayloadError } from './encode.js'
 
@@ -75,7 +76,8 @@ export function createPatchbay (options) {
     maxBackoffMs = 10000,
     pingMs = 20000,
     pongTimeoutMs = 10000,
-    connectWaitMs = 2000
+    connectWaitMs = 2000,
+    transport = 'auto'
   } = options ?? {}
   if (!url || !apiUrl) throw new TypeError('createPatchbay needs `url` (ws://…/ws) and `apiUrl`')
   if (typeof WebSocket !== 'function') throw new TypeError('no WebSocket: pass one in the options (e.g. from the `ws` package)')
@@ -482,11 +484,13 @@ export function createPatchbay (options) {
     // The identity's room recovers with the handshake, from where it stood.
     url: () => (identity ? withSince(url, identity.position) : url),
     WebSocket,
+    SseSocket: sseSocket(fetch),
+    transport,
     minBackoffMs,
     maxBackoffMs,
     pingMs,
     pongTimeoutMs,
-    onStatus: status => emit({ type: '@@patchbay/STATUS', payload: { status } }),
+    onStatus: (status, via) => emit({ type: '@@patchbay/STATUS', payload: { status, transport: via } }),
     onMessage,
     onOpen: () => {
       for (const [room, state] of rooms) join(room, state)

@@ -16,12 +16,15 @@ export class Connection {
    * @param {object} o
    * @param {string | (() => string)} o.url  (a function: asked again at every connect)
    * @param {typeof WebSocket} o.WebSocket
+   * @param {any} [o.SseSocket] the same interface over SSE ([`sseSocket`](./sse.js)), or null
+   * @param {'auto' | 'websocket' | 'sse'} [o.transport] `auto`: the websocket, and SSE after
+   *   two websocket attempts in a row that never opened (and back again likewise)
    * @param {number} o.minBackoffMs first reconnect delay
    * @param {number} o.maxBackoffMs largest reconnect delay; a socket that stayed open this long
    *   counts as a success and the next reconnect starts again from `minBackoffMs`
    * @param {number} o.pingMs interval of application pings
    * @param {number} o.pongTimeoutMs how long the server may stay silent after a ping
-   * @param {(status: Status) => void} o.onStatus
+   * @param {(status: Status, transport: 'websocket' | 'sse') => void} o.onStatus
    * @param {(message: any) => void} o.onMessage
    * @param {() => void} o.onOpen
    * @param {() => void} o.onDown the socket closed or failed (open or not)
@@ -40,6 +43,10 @@ export class Connection {
     this.openedAt = 0
     this.heard = false
     this.pings = 0
+    /** The transport of the current (or next) attempt. */
+    this.transport = o.transport === 'sse' && o.SseSocket ? 'sse' : 'websocket'
+    /** Attempts in a row that never opened, on this transport. */
+    this.unopened = 0
   }
 
   get isOpen () {
@@ -54,7 +61,7 @@ export class Connection {
   setStatus (status) {
     if (this.status === status) return
     this.status = status
-    this.o.onStatus(status)
+    this.o.onStatus(status, this.transport)
   }
 
   open () {
@@ -62,7 +69,8 @@ export class Connection {
     if (this.stopped) return
     let ws
     try {
-      ws = new this.o.WebSocket(typeof this.o.url === 'function' ? this.o.url() : this.o.url)
+      const Transport = this.transport === 'sse' ? this.o.SseSocket : this.o.WebSocket
+      ws = new Transport(typeof this.o.url === 'function' ? this.o.url() : this.o.url)
     } catch {
       this.down(1006)
       return
@@ -70,6 +78,7 @@ export class Connection {
     this.ws = ws
     ws.onopen = () => {
       if (this.ws !== ws) return
+      this.unopened = 0
       this.openedAt = Date.now()
       this.setStatus('open')
       this.pingTimer = setInterval(() => this.ping(), this.o.pingMs)
@@ -139,6 +148,13 @@ export class Connection {
     // A socket that lived a while was a success: start the backoff again. One that the
     // server closes right after opening (1011, 4029, ...) keeps growing it.
     if (this.openedAt && Date.now() - this.openedAt >= this.o.maxBackoffMs) this.attempt = 0
+    // Where websockets cannot get through (a proxy that refuses upgrades), SSE may: after two
+    // attempts in a row that never opened, the other transport gets its turn.
+    if (!this.openedAt && ++this.unopened >= 2 && (this.o.transport ?? 'auto') === 'auto' && this.o.SseSocket) {
+      this.transport = this.transport === 'websocket' ? 'sse' : 'websocket'
+      this.unopened = 0
+      this.attempt = 0
+    }
     this.openedAt = 0
     this.setStatus('fallback')
     this.o.onDown()

@@ -323,3 +323,40 @@ test('patchbay killed and restarted mid-stream, on Redis: the store ends with ev
     assert.equal(seen.filter(a => a.type === '@@patchbay/RESYNC').length, 0)
   }, { redis: true })
 })
+
+test('where websockets cannot get through, the bridge runs over SSE: requests, pushes, recovery', async t => {
+  const stack = await startStack()
+  let bridge = null
+  t.after(async () => {
+    bridge?.close()
+    await stack.stop()
+  })
+  // A network that refuses every websocket.
+  class BlockedWebSocket {
+    constructor () { throw new Error('websockets are blocked here') }
+  }
+  const manifest = await (await fetch(`${stack.apiUrl}/actions`)).json()
+  bridge = createPatchbay({ url: stack.wsUrl, apiUrl: stack.apiUrl, manifest, WebSocket: BlockedWebSocket, minBackoffMs: 50, maxBackoffMs: 250, requestTimeoutMs: 5000 })
+  const { store, seen, waitForAction } = recordingStore(bridge.middleware)
+  try {
+    const open = await waitForAction(isStatus('open'), { what: 'the stream to open' })
+    assert.equal(open.payload.transport, 'sse')
+    const joined = await store.dispatch({ type: '@@patchbay/SUBSCRIBE_REQUEST', payload: { room: 'feed:sse' } })
+    assert.equal(joined.type, '@@patchbay/SUBSCRIBE_SUCCESS', JSON.stringify(joined))
+    const before = bridge.stats.socket
+    const notes = await store.dispatch({ type: 'NOTES_FETCH_REQUEST', payload: {} })
+    assert.equal(notes.type, 'NOTES_FETCH_SUCCESS', JSON.stringify(notes))
+    assert.equal(bridge.stats.socket, before + 1, 'over the stream, not REST')
+    for (let n = 1; n <= 5; n++) assert.equal((await publishTick(stack.bridgeAddr, stack.publishToken, 'feed:sse', n)).status, 202)
+    await waitForAction(a => a.type === 'TICK' && a.payload === 5, { what: 'TICK 5' })
+    // A new stream recovers what was published while there was none.
+    bridge.reconnect()
+    for (let n = 6; n <= 10; n++) assert.equal((await publishTick(stack.bridgeAddr, stack.publishToken, 'feed:sse', n)).status, 202)
+    await waitForAction(a => a.type === 'TICK' && a.payload === 10, { what: 'TICK 10' })
+    const ticks = seen.filter(a => a.type === 'TICK').map(a => a.payload)
+    assert.deepEqual(ticks, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 'every action once, in order')
+  } catch (e) {
+    e.message += `\n${stack.output()}`
+    throw e
+  }
+})

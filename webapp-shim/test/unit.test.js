@@ -122,6 +122,8 @@ function setup (t, options = {}, respond) {
     requestTimeoutMs: 3000,
     // Most tests want requests made before any open to go over REST at once.
     connectWaitMs: 0,
+    // The fake sockets are websockets; the SSE fallback has tests of its own.
+    transport: 'websocket',
     ...options
   })
   const reducer = (state = [], action) => action.type.startsWith('@@redux/') ? state : [...state, action]
