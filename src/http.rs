@@ -70,7 +70,7 @@ fn with_app(app: Arc<App>) -> impl Filter<Extract = (Arc<App>,), Error = Infalli
     warp::any().map(move || app.clone())
 }
 
-/// `GET /sse` and `POST /sse/<connectionId>` ([`crate::sse`]).
+/// `GET /sse`, `POST /sse/<connectionId>` and its CORS preflight ([`crate::sse`]).
 fn sse_routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let query = warp::query::raw()
         .map(Some)
@@ -82,14 +82,15 @@ fn sse_routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejec
         .and(warp::header::headers_cloned())
         .and(query)
         .then(
-            |app: Arc<App>, headers: hyper::HeaderMap, query: Option<String>| {
-                crate::sse::open(app, headers, query)
+            |app: Arc<App>, headers: hyper::HeaderMap, query: Option<String>| async move {
+                let resp = crate::sse::open(app.clone(), headers.clone(), query).await;
+                crate::sse::with_cors(resp, &headers, &app)
             },
         );
     let post =
         warp::path!("sse" / String)
             .and(warp::post())
-            .and(with_app(app))
+            .and(with_app(app.clone()))
             .and(warp::header::headers_cloned())
             .and(query)
             .and(warp::body::stream())
@@ -104,10 +105,19 @@ fn sse_routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejec
                         .await
                         .ok()
                         .flatten();
-                    crate::sse::post(app, id, headers, query, body).await
+                    let resp =
+                        crate::sse::post(app.clone(), id, headers.clone(), query, body).await;
+                    crate::sse::with_cors(resp, &headers, &app)
                 },
             );
-    stream.or(post).unify()
+    let preflight = warp::path!("sse" / String)
+        .and(warp::options())
+        .and(with_app(app))
+        .and(warp::header::headers_cloned())
+        .map(|_id: String, app: Arc<App>, headers: hyper::HeaderMap| {
+            crate::sse::preflight(&app, &headers)
+        });
+    stream.or(post).unify().or(preflight).unify()
 }
 
 /// `GET /healthz`.

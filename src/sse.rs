@@ -242,6 +242,49 @@ fn event(text: &Text) -> warp::sse::Event {
     warp::sse::Event::default().data(text.as_str())
 }
 
+/// CORS for a page on another origin that the Origin rule allows (a page served by the app,
+/// patchbay on its own port): the stream and the posts are readable by it, with credentials
+/// (cookies). Nothing is added for a request without `Origin` or from a refused one.
+pub fn with_cors(mut resp: Response, headers: &HeaderMap, app: &App) -> Response {
+    let Some(origin) = headers.get(hyper::header::ORIGIN).cloned() else {
+        return resp;
+    };
+    if !crate::auth::origin_allowed(headers, &app.config.allowed_origins) {
+        return resp;
+    }
+    let h = resp.headers_mut();
+    h.insert(hyper::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(
+        hyper::header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+        HeaderValue::from_static("true"),
+    );
+    h.append(hyper::header::VARY, HeaderValue::from_static("origin"));
+    resp
+}
+
+/// `OPTIONS /sse/<connectionId>`: the preflight of a JSON post from another allowed origin.
+pub fn preflight(app: &App, headers: &HeaderMap) -> Response {
+    let mut resp = Response::new(bytes::Bytes::new().into());
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    let allowed = crate::auth::origin_allowed(headers, &app.config.allowed_origins);
+    if allowed {
+        let h = resp.headers_mut();
+        h.insert(
+            hyper::header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("POST"),
+        );
+        h.insert(
+            hyper::header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("content-type, authorization"),
+        );
+        h.insert(
+            hyper::header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+    }
+    with_cors(resp, headers, app)
+}
+
 fn unknown_connection() -> Response {
     error_response(
         StatusCode::NOT_FOUND,

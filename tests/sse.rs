@@ -218,6 +218,42 @@ async fn another_users_post_is_404_and_a_foreign_origin_403() {
     let mut sse = Sse::open(&bridge, "", &[("authorization", &alice), origin])
         .await
         .unwrap();
+    // A page of the allowed origin may read the stream and post (CORS, with credentials).
+    assert_eq!(
+        sse.headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(sse.headers["access-control-allow-credentials"], "true");
+    let (status, headers, _) = http_raw(
+        "OPTIONS",
+        &bridge.http_url("/sse/x"),
+        &[
+            origin,
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", "content-type"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert!(
+        headers["access-control-allow-headers"]
+            .to_str()
+            .unwrap()
+            .contains("content-type")
+    );
+    let (_, headers, _) = http_raw(
+        "OPTIONS",
+        &bridge.http_url("/sse/x"),
+        &[("origin", "https://evil.example")],
+        "",
+    )
+    .await;
+    assert!(headers.get("access-control-allow-origin").is_none());
     let hello = sse.event().await;
     assert_eq!(hello["payload"]["userId"], "alice");
     let id = hello["payload"]["connectionId"]

@@ -37,7 +37,7 @@ const request = (name, payload) => ({ type: `${name}_REQUEST`, payload, meta: { 
 
 // --- state ---------------------------------------------------------------------------------
 
-const initial = { status: 'connecting', order: [], tasks: {}, notes: [], presence: {} }
+const initial = { status: 'connecting', transport: null, order: [], tasks: {}, notes: [], presence: {} }
 
 const isFinal = task => FINAL.includes(task?.status)
 
@@ -85,7 +85,7 @@ function reducer (state = initial, action) {
   }
   switch (action.type) {
     case '@@patchbay/STATUS':
-      return { ...state, status: action.payload.status }
+      return { ...state, status: action.payload.status, transport: action.payload.transport ?? null }
     case 'TASKS_FETCH_SUCCESS':
       // Newest first: add the oldest first, so that new rows end up on top.
       return [...(action.payload?.tasks ?? [])].reverse().reduce(upsert, state)
@@ -225,7 +225,8 @@ function renderTask (row, task) {
 function render (state, bridge, cancel, me) {
   const status = $('status')
   status.dataset.status = state.status
-  status.textContent = state.status
+  status.dataset.transport = state.transport ?? ''
+  status.textContent = state.status === 'open' && state.transport ? `open (${state.transport})` : state.status
   $('via-socket').textContent = String(bridge.stats.socket)
   $('via-rest').textContent = String(bridge.stats.rest)
 
@@ -275,12 +276,21 @@ async function main () {
   sessionStorage.setItem('demo-visitor', me)
   $('visitor').textContent = me
   const token = await getJson(`/demo/token/${me}`).then(t => t.token, () => null)
-  const url = token ? `${config.patchbay}?token=${encodeURIComponent(token)}` : config.patchbay
+  // `?transport=websocket|sse|auto` forces the shim onto one transport; `?via=<host:port>`
+  // (this machine only) reaches patchbay through a proxy, such as one that refuses websockets.
+  const params = new URLSearchParams(location.search)
+  const transport = ['websocket', 'sse', 'auto'].includes(params.get('transport')) ? params.get('transport') : 'auto'
+  const patchbay = new URL(config.patchbay)
+  const via = params.get('via')
+  if (via && /^(127\.0\.0\.1|localhost):\d+$/.test(via)) patchbay.host = via
+  $('patchbay-url').textContent = patchbay.toString()
+  const url = token ? `${patchbay}?token=${encodeURIComponent(token)}` : patchbay.toString()
 
   const bridge = createPatchbay({
     url,
     apiUrl: location.origin,
     manifest,
+    transport,
     requestTimeoutMs: 10000,
     // Short backoff: the demo is about watching the reconnect happen.
     minBackoffMs: 250,

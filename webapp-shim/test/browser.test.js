@@ -9,6 +9,7 @@ import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { startDemo, startStack, WAIT_MS } from './support/stack.js'
 import { openBrowser } from './support/chromium.js'
+import { startNoUpgradeProxy } from './support/no-upgrade-proxy.js'
 
 /** Drives the demo page by what a user sees on it. */
 function demoPage (page) {
@@ -188,3 +189,36 @@ test('each task says who is watching it, and a watch link adds another tab', asy
     throw e
   }
 })
+
+for (const forced of [null, 'sse', 'websocket']) {
+  const title = forced
+    ? `the demo page forced onto ${forced === 'sse' ? 'SSE' : 'the websocket'} works the same`
+    : 'behind a proxy that refuses websockets, the demo page runs over SSE and still gets pushes'
+  test(title, async t => {
+    const stack = await startStack()
+    t.after(() => stack.stop())
+    const proxy = forced ? null : await startNoUpgradeProxy(stack.bridgeAddr)
+    t.after(() => proxy?.close())
+    const browser = await openBrowser(t, { timeoutMs: WAIT_MS })
+    const { page } = browser
+    const demo = demoPage(page)
+    const query = forced ? `?transport=${forced}` : `?via=${proxy.addr}`
+    const expected = forced ?? 'sse'
+    try {
+      await page.goto(`${stack.apiUrl}/${query}`)
+      await page.locator(`#status[data-status="open"][data-transport="${expected}"]`).waitFor()
+      await demo.start(`over ${expected}`, 3)
+      await demo.finished(`over ${expected}`)
+      assert.equal(await demo.via('TASK_ENQUEUE_SUCCESS', `over ${expected}`), 'socket')
+      assert.equal(await demo.via('TASK_PROGRESS', `over ${expected}`), 'push')
+      await demo.addNote(`a note over ${expected}`)
+      assert.equal(await demo.via('NOTE_ADDED', `a note over ${expected}`), 'push')
+      if (proxy) assert.ok(proxy.upgradesRefused() >= 2, `${proxy.upgradesRefused()} upgrades refused`)
+      assert.deepEqual(browser.errors.map(String), [], 'the page threw')
+    } catch (e) {
+      await browser.explain(e)
+      e.message += `\n${stack.output()}`
+      throw e
+    }
+  })
+}
