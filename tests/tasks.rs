@@ -288,12 +288,12 @@ async fn cancel_stops_a_running_group_and_a_queued_job_never_starts() {
         .as_str()
         .unwrap()
         .to_string();
-    // Wait until the first job has forked.
-    loop {
-        let m = client.recv().await;
-        if m["payload"]["id"] == running.as_str() && m["payload"]["progress"]["forked"] == true {
-            break;
-        }
+    // Wait until the first job has forked (by its file: its progress event may already have
+    // passed while the second enqueue waited for its reply).
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(&pids).is_ok_and(|p| !p.trim().is_empty()) {
+        assert!(Instant::now() < deadline, "the first job never forked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cancelled = client.request("JOB_CANCEL", json!({"id": queued})).await;
     assert_eq!(cancelled["payload"]["status"], "cancelled", "{cancelled}");

@@ -6,6 +6,7 @@ mod client;
 mod procs;
 mod reference;
 mod scenarios;
+mod sse_bench;
 mod storm;
 mod tasks;
 
@@ -28,6 +29,8 @@ commands:
               42 KB and 10,000 rooms x 145 KB)
   history     the fan-out through POST /publish, on the embedded bus and on Redis, in a plain
               room and in a room that keeps history: what history costs per delivery
+  sse         the SSE transport against the websocket on the embedded bus: idle KiB per
+              connection and CPU per delivery of the fan-out (2,000 clients, 20 actions/s)
   storm       a reconnect storm on Redis: --clients (10000) each recover three history rooms
               (shared, per 100, own) holding --messages (10) actions each, within --seconds
               (5): SUBSCRIBE-to-last-replay latency, history reads, patchbay's CPU
@@ -70,6 +73,7 @@ enum Scenario {
     Publish,
     History,
     Storm,
+    Sse,
 }
 
 #[derive(Debug, Default)]
@@ -166,6 +170,7 @@ fn main() -> ExitCode {
         "publish" => (vec![Scenario::Publish], false),
         "history" => (vec![Scenario::History], false),
         "storm" => (vec![Scenario::Storm], false),
+        "sse" => (vec![Scenario::Sse], false),
         "all" => (
             vec![
                 Scenario::Fanout,
@@ -360,6 +365,7 @@ fn params(s: Scenario, o: &Opts, ci: bool) -> Params {
         Scenario::ReqResp => (100, 2000.0),
         Scenario::Publish => (0, 0.0),
         Scenario::Storm => (if q { 2000 } else { 10000 }, 0.0),
+        Scenario::Sse => (if q { 500 } else { 2000 }, 20.0),
     };
     let clients = o.clients.unwrap_or(clients);
     let rate = o.rate.unwrap_or(rate);
@@ -567,6 +573,52 @@ async fn run(
                             cpu[i][1] / cpu[i][0]
                         );
                     }
+                }
+            }
+            Scenario::Sse => {
+                let mut runs = Vec::new();
+                for transport in ["websocket", "sse"] {
+                    eprintln!("  {transport} ...");
+                    match sse_bench::run(&ctx, transport, p.clients, p.rate, p.messages).await {
+                        Ok(r) => {
+                            if r.delivered < r.expected {
+                                ok = false;
+                            }
+                            runs.push(r);
+                        }
+                        Err(e) => {
+                            ok = false;
+                            println!("  {transport} failed: {e}");
+                        }
+                    }
+                }
+                println!(
+                    "sse: patchbay on its embedded bus, {} clients in room `bench`, {} actions of {} bytes at {}/s with POST /publish",
+                    p.clients,
+                    p.messages,
+                    scenarios::ACTION_BYTES,
+                    p.rate
+                );
+                println!(
+                    "  {:<10} {:>7} {:>12} {:>10} {:>13}",
+                    "transport", "clients", "idle KiB/conn", "loss", "CPU µs/deliv"
+                );
+                for r in &runs {
+                    println!(
+                        "  {:<10} {:>7} {:>12.1} {:>10} {:>13.2}",
+                        r.transport,
+                        r.clients,
+                        r.idle_kib_per_connection,
+                        r.expected.saturating_sub(r.delivered),
+                        r.cpu_us_per_delivery
+                    );
+                }
+                if let [ws, sse] = runs.as_slice() {
+                    println!(
+                        "  SSE / websocket: {:.2}x the idle memory, {:.2}x the CPU per delivery",
+                        sse.idle_kib_per_connection / ws.idle_kib_per_connection.max(1e-9),
+                        sse.cpu_us_per_delivery / ws.cpu_us_per_delivery.max(1e-9)
+                    );
                 }
             }
             Scenario::Storm => {

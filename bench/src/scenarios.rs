@@ -432,7 +432,7 @@ pub async fn fanout_published(
 }
 
 /// Publishes `count` bench actions to room `bench` at `rate` per second with `POST /publish`.
-async fn publish_http(addr: SocketAddr, rate: f64, count: u64) -> Result<(), String> {
+pub async fn publish_http(addr: SocketAddr, rate: f64, count: u64) -> Result<(), String> {
     let start = Instant::now();
     for seq in 0..count {
         tokio::time::sleep_until(start + Duration::from_secs_f64(seq as f64 / rate)).await;
@@ -580,18 +580,7 @@ pub async fn idle(ctx: &Ctx, target: Target, clients: usize) -> Result<IdleRun, 
             crowd.failed
         );
     }
-    // Memory after connecting keeps moving a little (allocator, deferred frees): sample until
-    // two readings a second apart agree within 1%, for at most 5 s.
-    let mut loaded = procs::rss_kib(pid);
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = procs::rss_kib(pid);
-        let stable = now.abs_diff(loaded) * 100 <= loaded;
-        loaded = now;
-        if stable {
-            break;
-        }
-    }
+    let loaded = settled_rss_kib(pid).await;
     server.proc.check_alive()?;
     let (ready, failed) = (crowd.ready, crowd.failed);
     drop(server);
@@ -604,6 +593,23 @@ pub async fn idle(ctx: &Ctx, target: Target, clients: usize) -> Result<IdleRun, 
         baseline_kib: baseline,
         loaded_kib: loaded,
     })
+}
+
+/// `pid`'s RSS once it has settled: memory after connecting keeps moving a little (allocator,
+/// deferred frees), so it is sampled until two readings a second apart agree within 1%, for at
+/// most 5 s.
+pub async fn settled_rss_kib(pid: u32) -> u64 {
+    let mut loaded = procs::rss_kib(pid);
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = procs::rss_kib(pid);
+        let stable = now.abs_diff(loaded) * 100 <= loaded;
+        loaded = now;
+        if stable {
+            break;
+        }
+    }
+    loaded
 }
 
 /// The publish token the bench configures on patchbay.
