@@ -620,6 +620,22 @@ async fn run(
                         sse.cpu_us_per_delivery / ws.cpu_us_per_delivery.max(1e-9)
                     );
                 }
+                eprintln!("  SSE timings on two instances over Redis ...");
+                match sse_bench::timings(&ctx, 200, 500).await {
+                    Ok(t) => println!(
+                        "  first byte of GET /sse ({} streams): p50 {} µs, p99 {} µs; a POST to the other instance answered on the stream ({} posts): p50 {} µs, p99 {} µs",
+                        t.streams,
+                        t.first_byte.p50,
+                        t.first_byte.p99,
+                        t.posts,
+                        t.forwarded.p50,
+                        t.forwarded.p99
+                    ),
+                    Err(e) => {
+                        ok = false;
+                        println!("  SSE timings failed: {e}");
+                    }
+                }
             }
             Scenario::Storm => {
                 eprintln!("  reconnect storm ...");

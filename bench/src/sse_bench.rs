@@ -59,8 +59,8 @@ impl Conn {
     }
 }
 
-/// Opens an SSE stream and joins room `bench` through `POST /sse/<id>`.
-async fn open_sse(addr: SocketAddr) -> Result<Conn, String> {
+/// Opens an SSE stream: the connection, its id, and how long its first byte took.
+async fn connect_sse(addr: SocketAddr) -> Result<(Conn, String, Duration), String> {
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
@@ -71,35 +71,104 @@ async fn open_sse(addr: SocketAddr) -> Result<Conn, String> {
         .header("host", addr.to_string())
         .body(Full::new(Bytes::new()))
         .map_err(|e| e.to_string())?;
+    let sent = Instant::now();
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     if resp.status() != 200 {
         return Err(format!("GET /sse answered {}", resp.status()));
     }
     let mut conn = Conn::Sse(resp.into_body());
-    let mut seen = String::new();
+    let mut seen = conn.next().await.ok_or("the stream ended")?;
+    let first_byte = sent.elapsed();
     let id = loop {
-        seen.push_str(&conn.next().await.ok_or("the stream ended")?);
         if let Some(at) = seen.find("\"connectionId\":\"") {
             let rest = &seen[at + 16..];
             if let Some(end) = rest.find('"') {
                 break rest[..end].to_string();
             }
         }
+        seen.push_str(&conn.next().await.ok_or("the stream ended")?);
     };
-    let body = r#"{"type":"@@patchbay/SUBSCRIBE_REQUEST","payload":{"room":"bench"},"meta":{"requestId":"s"}}"#;
-    let status = tokio::task::spawn_blocking(move || {
-        procs::http_post(addr, &format!("/sse/{id}"), "", body)
-    })
-    .await
-    .map_err(|e| e.to_string())??;
+    Ok((conn, id, first_byte))
+}
+
+/// `POST /sse/<id>` of `body` to `addr`.
+async fn post(addr: SocketAddr, id: &str, body: String) -> Result<(), String> {
+    let path = format!("/sse/{id}");
+    let status = tokio::task::spawn_blocking(move || procs::http_post(addr, &path, "", &body))
+        .await
+        .map_err(|e| e.to_string())??;
     if status != 202 {
         return Err(format!("POST /sse answered {status}"));
     }
+    Ok(())
+}
+
+/// Opens an SSE stream and joins room `bench` through `POST /sse/<id>`.
+async fn open_sse(addr: SocketAddr) -> Result<Conn, String> {
+    let (mut conn, id, _) = connect_sse(addr).await?;
+    let body = r#"{"type":"@@patchbay/SUBSCRIBE_REQUEST","payload":{"room":"bench"},"meta":{"requestId":"s"}}"#;
+    post(addr, &id, body.to_string()).await?;
     let mut seen = String::new();
     while !seen.contains("SUBSCRIBE_SUCCESS") {
         seen.push_str(&conn.next().await.ok_or("the stream ended")?);
     }
     Ok(conn)
+}
+
+/// What the SSE timings measured, in microseconds.
+pub struct SseTimings {
+    /// From `GET /sse` sent to the first byte of the stream.
+    pub first_byte: crate::scenarios::Percentiles,
+    /// From a `POST /sse/<id>` sent to another instance than the stream's to its reply on
+    /// the stream.
+    pub forwarded: crate::scenarios::Percentiles,
+    pub streams: usize,
+    pub posts: usize,
+}
+
+/// Two patchbay instances on Redis: `streams` streams opened one after another on the first
+/// (time to first byte), then `posts` PINGs posted to the second for a stream of the first,
+/// one at a time (time until the reply arrives on the stream).
+pub async fn timings(ctx: &Ctx, streams: usize, posts: usize) -> Result<SseTimings, String> {
+    let a = ctx
+        .start_with(Target::Patchbay, Some(&ctx.redis_url), &[])
+        .await?;
+    let b = ctx
+        .start_with(Target::Patchbay, Some(&ctx.redis_url), &[])
+        .await?;
+    let mut first = Vec::with_capacity(streams);
+    let mut open = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        let (conn, _, took) = connect_sse(a.addr).await?;
+        first.push(took.as_micros().min(u128::from(u32::MAX)) as u32);
+        open.push(conn);
+    }
+    drop(open);
+    let (mut conn, id, _) = connect_sse(a.addr).await?;
+    let mut forwarded = Vec::with_capacity(posts);
+    for n in 0..posts {
+        let request_id = format!("f{n}");
+        let body = format!(
+            r#"{{"type":"@@patchbay/PING_REQUEST","meta":{{"requestId":"{request_id}"}}}}"#
+        );
+        let sent = Instant::now();
+        post(b.addr, &id, body).await?;
+        let mut seen = String::new();
+        while !seen.contains(&format!("\"{request_id}\"")) {
+            let chunk = tokio::time::timeout(Duration::from_secs(5), conn.next())
+                .await
+                .map_err(|_| "no reply on the stream within 5 s".to_string())?
+                .ok_or("the stream ended")?;
+            seen.push_str(&chunk);
+        }
+        forwarded.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+    Ok(SseTimings {
+        first_byte: crate::scenarios::percentiles(first),
+        forwarded: crate::scenarios::percentiles(forwarded),
+        streams,
+        posts,
+    })
 }
 
 /// Runs the scenario over `transport` (`"websocket"` or `"sse"`).
