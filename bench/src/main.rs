@@ -30,7 +30,9 @@ commands:
   history     the fan-out through POST /publish, on the embedded bus and on Redis, in a plain
               room and in a room that keeps history: what history costs per delivery
   sse         the SSE transport against the websocket on the embedded bus: idle KiB per
-              connection and CPU per delivery of the fan-out (2,000 clients, 20 actions/s)
+              connection and CPU per delivery of the fan-out (2,000 clients, 20 actions/s);
+              then, on two instances over Redis, the first byte of GET /sse and a POST to
+              the other instance answered on the stream
   storm       a reconnect storm on Redis: --clients (10000) each recover three history rooms
               (shared, per 100, own) holding --messages (10) actions each, within --seconds
               (5): SUBSCRIBE-to-last-replay latency, history reads, patchbay's CPU
