@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Leave, PresenceConfig, SetError};
 use crate::bus::Commands;
 use crate::rooms::ConnId;
-use crate::task::redis::{function_missing, load_functions};
+use crate::task::redis::fcall;
 
 /// How long an instance's lease lasts without renewal.
 pub const LEASE: Duration = Duration::from_secs(10);
@@ -55,20 +55,13 @@ impl RedisPresence {
         &self.config
     }
 
+    /// Calls function `name` of the library (loaded again when Redis lost it).
     async fn fcall<T: redis::FromRedisValue>(
         &self,
         name: &str,
         args: &[&str],
     ) -> Result<T, redis::RedisError> {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(name).arg(1).arg(&self.key).arg(args);
-        match self.commands.query::<T>(&cmd).await {
-            Err(e) if function_missing(&e) => {
-                load_functions(&self.commands).await?;
-                self.commands.query::<T>(&cmd).await
-            }
-            other => other,
-        }
+        fcall(&self.commands, name, &[&self.key], args).await
     }
 
     fn parse(json: String) -> Result<Value, redis::RedisError> {

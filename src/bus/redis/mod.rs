@@ -241,7 +241,8 @@ impl Bus for RedisBus {
             let result = match &self.history {
                 // Stored where kept and published, in one call.
                 Some(history) => {
-                    let text = Value::Object(action).to_string();
+                    let text =
+                        serde_json::to_string(&action).expect("JSON values always serialize");
                     let publish = history.publish("", &id, &rooms, &text);
                     match tokio::time::timeout(OP_TIMEOUT * 2, publish).await {
                         Ok(result) => result.map(drop).map_err(DriverError::from),
@@ -905,7 +906,7 @@ impl Worker {
         rooms: Vec<String>,
         action: Map<String, Value>,
     ) {
-        let text = Value::Object(action).to_string();
+        let text = serde_json::to_string(&action).expect("JSON values always serialize");
         let occurrence = self.occurrences.next(&text).to_string();
         let id = uuid::Uuid::new_v4().to_string();
         let stored = tokio::time::timeout(
@@ -917,9 +918,7 @@ impl Worker {
             return;
         }
         tracing::warn!("a task message could not be stored in history: delivered live");
-        if let Ok(Value::Object(action)) = serde_json::from_str(&text) {
-            self.deliver(Incoming::live(rooms, action)).await;
-        }
+        self.deliver(Incoming::live(rooms, action)).await;
     }
 
     /// Delivers `incoming` to the local members of its rooms. In a history room this
