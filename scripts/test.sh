@@ -70,6 +70,12 @@ if [ ! -d webapp-shim/node_modules ]; then
   fi
 fi
 
+# The socket.io emitters (several versions) the emitter tests are run against.
+if [ ! -d tests/emitter/node_modules ]; then
+  echo "installing the socket.io emitters the tests use" >&2
+  (cd tests/emitter && npm ci --no-audit --no-fund)
+fi
+
 # Tests run the patchbay binary and the demo example themselves, so build them first.
 cargo build --locked --bins --examples
 cargo test --locked --all-targets

@@ -115,6 +115,14 @@ impl App {
             _ => None,
         };
         let sse = Arc::new(crate::sse::Streams::default());
+        let emitter = config.emitter.as_ref().map(|(key, rules)| {
+            Arc::new(crate::emitter::Emitter::new(
+                key,
+                rules.clone(),
+                config.max_frame_bytes,
+                config.max_publish_rooms,
+            ))
+        });
         let memory = config.redis_url.is_none().then(|| {
             Arc::new(MemoryBus::with_history(
                 rooms.clone(),
@@ -131,8 +139,11 @@ impl App {
                     &config.task_channels,
                     config.max_publish_rooms,
                     rooms.clone(),
-                    redis_history.clone(),
-                    sse.clone(),
+                    crate::bus::Extras {
+                        history: redis_history.clone(),
+                        sse: sse.clone(),
+                        emitter: emitter.clone(),
+                    },
                 )
                 .map_err(|e| StartError::RedisUrl(e.to_string()))?,
             ),
@@ -197,6 +208,7 @@ impl App {
                 rooms.clone(),
                 bus.clone(),
                 redis_history.clone(),
+                emitter,
             ),
             lifecycle,
             dispatcher: Dispatcher::new(api, client, tasks),

@@ -13,6 +13,7 @@ pub mod bus;
 pub mod cmd;
 pub mod config;
 pub mod dispatch;
+pub mod emitter;
 pub mod error;
 pub mod handshake;
 pub mod history;

@@ -18,6 +18,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::bus::Bus;
+use crate::emitter::{Drop, Emitter};
 use crate::error::Disconnect;
 use crate::history::RedisHistory;
 use crate::rooms::Rooms;
@@ -82,6 +83,7 @@ struct Live {
     rooms: Arc<Rooms>,
     bus: Arc<dyn Bus>,
     history: Option<Arc<RedisHistory>>,
+    emitter: Option<Arc<Emitter>>,
     queues: QueueCounts,
 }
 
@@ -159,6 +161,21 @@ impl Collector for Live {
                 counter.metric_type(),
             )?)?;
         }
+        if let Some(emitter) = &self.emitter {
+            let mut family = encoder.encode_descriptor(
+                "emitter_dropped",
+                "socket.io emitter messages dropped, by reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for reason in Drop::ALL {
+                let labels = Reason {
+                    reason: reason.as_str().to_string(),
+                };
+                ConstCounter::new(emitter.drops.get(reason))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
         self.encode_queues(&mut encoder)
     }
 }
@@ -234,6 +251,7 @@ impl Metrics {
         rooms: Arc<Rooms>,
         bus: Arc<dyn Bus>,
         history: Option<Arc<RedisHistory>>,
+        emitter: Option<Arc<Emitter>>,
     ) -> Metrics {
         let mut registry = Registry::with_prefix("patchbay");
         let actions = Family::<ActionOutcome, Counter>::default();
@@ -270,6 +288,7 @@ impl Metrics {
             rooms,
             bus,
             history,
+            emitter,
             queues: queues.clone(),
         }));
         Metrics {

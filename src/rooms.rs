@@ -352,8 +352,27 @@ impl Rooms {
         id: Option<&str>,
         offsets: &[Option<u64>],
     ) -> Delivery {
+        self.deliver_except(targets, &[], action, id, offsets)
+    }
+
+    /// [`Rooms::deliver_stored`] to the connections in none of the rooms `except`.
+    pub fn deliver_except(
+        &self,
+        targets: &[String],
+        except: &[String],
+        action: &Map<String, Value>,
+        id: Option<&str>,
+        offsets: &[Option<u64>],
+    ) -> Delivery {
         let maps = self.maps.read().unwrap();
         let mut seen: HashSet<ConnId, BuildHasherDefault<ConnHasher>> = HashSet::default();
+        // The excepted connections count as delivered already.
+        for room in except {
+            if let Some(conns) = maps.rooms.get(room) {
+                seen.extend(conns.keys().copied());
+            }
+        }
+        let skip_seen = targets.len() > 1 || !seen.is_empty();
         let mut result = Delivery::default();
         // Held-back memberships are looked up only while some recovery runs.
         let mut recovering = Some(maps.recovering.lock().unwrap()).filter(|r| !r.is_empty());
@@ -369,7 +388,7 @@ impl Rooms {
             let mut bytes: Option<Text> = None;
             let mut own: Option<Text>;
             for (id_, outbox) in conns {
-                if targets.len() > 1 && !seen.insert(*id_) {
+                if skip_seen && !seen.insert(*id_) {
                     continue;
                 }
                 let others = (stored_in > 1)

@@ -126,6 +126,43 @@ impl Template {
         })
     }
 
+    /// Whether each field is followed by the end or by a literal whose first character
+    /// `allowed` refuses: then [`Template::matches`] has one way to match.
+    pub fn fields_are_delimited(&self, allowed: impl Fn(u8) -> bool) -> bool {
+        self.parts.windows(2).all(|w| match w {
+            [Part::Field(_), Part::Literal(l)] => !allowed(l.as_bytes()[0]),
+            [Part::Field(_), Part::Field(_)] => false,
+            _ => true,
+        })
+    }
+
+    /// Matches `s`, each field taking the longest run of 1 to `max` characters that `allowed`
+    /// accepts (a template whose fields are delimited, see [`Template::fields_are_delimited`]):
+    /// the fields' values.
+    pub fn matches(
+        &self,
+        s: &str,
+        allowed: impl Fn(u8) -> bool,
+        max: usize,
+    ) -> Option<Map<String, Value>> {
+        let mut values = Map::new();
+        let mut rest = s;
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => rest = rest.strip_prefix(l.as_str())?,
+                Part::Field(f) => {
+                    let n = rest.bytes().take_while(|b| allowed(*b)).count();
+                    if n == 0 || n > max {
+                        return None;
+                    }
+                    values.insert(f.clone(), Value::String(rest[..n].to_string()));
+                    rest = &rest[n..];
+                }
+            }
+        }
+        rest.is_empty().then_some(values)
+    }
+
     /// Fills the fields from the top-level string or integer fields of `values`, each passed
     /// through `map` (percent-encoding for paths, a character check for rooms), which may
     /// refuse it. A missing field or a value that is empty, `.` or `..` is an error.

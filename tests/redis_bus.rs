@@ -385,7 +385,6 @@ async fn malformed_bus_messages_are_counted() {
         "tasks.*",
         1000,
         rooms.clone(),
-        None,
         Default::default(),
     )
     .unwrap();

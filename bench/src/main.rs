@@ -3,6 +3,7 @@
 //! scenario with the ratios to the reference server. See BENCHMARKS.md.
 
 mod client;
+mod emitter_bench;
 mod procs;
 mod reference;
 mod scenarios;
@@ -33,6 +34,10 @@ commands:
               connection and CPU per delivery of the fan-out (2,000 clients, 20 actions/s);
               then, on two instances over Redis, the first byte of GET /sse and a POST to
               the other instance answered on the stream
+  emitter     one instance on Redis: CPU per delivery of the fan-out (--clients 1000,
+              --rate 50/s) arriving as socket.io emitter messages vs as JSON on the room's
+              channel; then 8,000 hostile emitter messages: CPU per message, memory before
+              and after
   storm       a reconnect storm on Redis: --clients (10000) each recover three history rooms
               (shared, per 100, own) holding --messages (10) actions each, within --seconds
               (5): SUBSCRIBE-to-last-replay latency, history reads, patchbay's CPU
@@ -76,6 +81,7 @@ enum Scenario {
     History,
     Storm,
     Sse,
+    Emitter,
 }
 
 #[derive(Debug, Default)]
@@ -173,6 +179,7 @@ fn main() -> ExitCode {
         "history" => (vec![Scenario::History], false),
         "storm" => (vec![Scenario::Storm], false),
         "sse" => (vec![Scenario::Sse], false),
+        "emitter" => (vec![Scenario::Emitter], false),
         "all" => (
             vec![
                 Scenario::Fanout,
@@ -368,6 +375,7 @@ fn params(s: Scenario, o: &Opts, ci: bool) -> Params {
         Scenario::Publish => (0, 0.0),
         Scenario::Storm => (if q { 2000 } else { 10000 }, 0.0),
         Scenario::Sse => (if q { 500 } else { 2000 }, 20.0),
+        Scenario::Emitter => (if q { 200 } else { 1000 }, 50.0),
     };
     let clients = o.clients.unwrap_or(clients);
     let rate = o.rate.unwrap_or(rate);
@@ -636,6 +644,51 @@ async fn run(
                     Err(e) => {
                         ok = false;
                         println!("  SSE timings failed: {e}");
+                    }
+                }
+            }
+            Scenario::Emitter => {
+                eprintln!("  emitter ...");
+                match emitter_bench::run(&ctx, p.clients, p.rate, p.messages).await {
+                    Ok(r) => {
+                        println!(
+                            "emitter: patchbay on Redis, {} clients in room `bench`, {} actions of {} bytes at {}/s",
+                            r.clients,
+                            p.messages,
+                            scenarios::ACTION_BYTES,
+                            p.rate
+                        );
+                        println!(
+                            "  {:<28} {:>10} {:>13}",
+                            "published as", "loss", "CPU µs/deliv"
+                        );
+                        for v in &r.vias {
+                            if v.delivered < v.expected {
+                                ok = false;
+                            }
+                            println!(
+                                "  {:<28} {:>10} {:>13.2}",
+                                v.name,
+                                v.expected.saturating_sub(v.delivered),
+                                v.cpu_us_per_delivery
+                            );
+                        }
+                        let h = &r.hostile;
+                        if h.counted < h.messages {
+                            ok = false;
+                        }
+                        println!(
+                            "  hostile: {} messages (10,000 nested arrays, a length of 2^31, truncated, 60 KB binary), {} counted as dropped; {:.1} µs CPU per message",
+                            h.messages, h.counted, h.cpu_us_per_message
+                        );
+                        println!(
+                            "  memory: RSS {} KiB before, {} KiB after; peak {} KiB before, {} KiB after",
+                            h.rss_before_kib, h.rss_after_kib, h.peak_before_kib, h.peak_after_kib
+                        );
+                    }
+                    Err(e) => {
+                        ok = false;
+                        println!("  emitter failed: {e}");
                     }
                 }
             }

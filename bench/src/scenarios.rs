@@ -331,12 +331,27 @@ impl Crowd {
 }
 
 /// Publishes `count` bench actions at `rate` per second; `channel(seq)` picks each one's
-/// channel. Actions due together (rates above the timer's 1 ms) go in one pipeline.
+/// channel.
 async fn publish(
     redis_url: &str,
     rate: f64,
     count: u64,
     mut channel: impl FnMut(u64) -> String,
+) -> Result<(), String> {
+    publish_with(redis_url, rate, count, |seq| {
+        let action = client::bench_action(seq, client::now_ns(), ACTION_BYTES);
+        (channel(seq), action.into_bytes())
+    })
+    .await
+}
+
+/// Publishes `count` messages at `rate` per second: `message(seq)` is each one's channel and
+/// bytes. Messages due together (rates above the timer's 1 ms) go in one pipeline.
+pub async fn publish_with(
+    redis_url: &str,
+    rate: f64,
+    count: u64,
+    mut message: impl FnMut(u64) -> (String, Vec<u8>),
 ) -> Result<(), String> {
     let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
     let mut conn = client
@@ -350,8 +365,8 @@ async fn publish(
         let due = ((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(count);
         let mut pipe = redis::pipe();
         for seq in sent..due.max(sent + 1) {
-            let action = client::bench_action(seq, client::now_ns(), ACTION_BYTES);
-            pipe.cmd("PUBLISH").arg(channel(seq)).arg(action).ignore();
+            let (channel, bytes) = message(seq);
+            pipe.cmd("PUBLISH").arg(channel).arg(bytes).ignore();
         }
         pipe.query_async::<()>(&mut conn)
             .await

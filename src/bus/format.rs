@@ -37,6 +37,8 @@ pub struct Incoming {
     pub id: Option<String>,
     /// Where it was stored, one per room (`None` where it was not); empty when nowhere.
     pub positions: Vec<Option<Position>>,
+    /// Rooms whose members do not get it (a socket.io emitter's `except`).
+    pub except: Vec<String>,
 }
 
 impl Incoming {
@@ -47,6 +49,7 @@ impl Incoming {
             action,
             id: None,
             positions: Vec::new(),
+            except: Vec::new(),
         }
     }
 }
@@ -104,6 +107,8 @@ struct Probe<'a> {
     action: Option<&'a RawValue>,
     #[serde(default, borrow)]
     positions: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    except: Option<&'a RawValue>,
 }
 
 /// Decodes a message received on `room`'s channel: an action, or an envelope naming at most
@@ -163,12 +168,20 @@ pub fn decode_room_message(
             Err(_) => return Received::Malformed,
         },
     };
+    let except = match probe.except {
+        None => Vec::new(),
+        Some(raw) => match serde_json::from_str::<Vec<String>>(raw.get()) {
+            Ok(except) => except,
+            Err(_) => return Received::Malformed,
+        },
+    };
     seen.insert(id.clone());
     Received::Deliver(Incoming {
         rooms,
         action,
         id: Some(id),
         positions,
+        except,
     })
 }
 
@@ -251,6 +264,7 @@ mod tests {
                 action: action.clone(),
                 id: id.map(str::to_string),
                 positions,
+                except: Vec::new(),
             })
         };
         assert_eq!(

@@ -12,7 +12,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use serde_json::{Map, Value};
 
 pub use self::redis::{
-    Commands, Driver, DriverError, LocalRedis, Msg, RedisBus, RedisDriver, Subscriptions,
+    Commands, Driver, DriverError, Extras, LocalRedis, Msg, RedisBus, RedisDriver, Subscriptions,
     connection_config, is_dead, refusal,
 };
 pub use memory::MemoryBus;

@@ -131,6 +131,9 @@ pub struct Config {
     /// `PATCHBAY_PRESENCE_*`: `None` when no room tracks presence (none listed, or the Redis
     /// bus, which tracks none yet).
     pub presence: Option<crate::presence::PresenceConfig>,
+    /// `PATCHBAY_EMITTER_KEY` and `PATCHBAY_EMITTER_ROOMS`: the socket.io emitter key listened
+    /// to and its room rules; `None` when off.
+    pub emitter: Option<(String, crate::emitter::RoomRules)>,
     /// `PATCHBAY_LOG`: a tracing filter.
     pub log: String,
 }
@@ -318,6 +321,7 @@ impl Config {
                 "is false but no authentication method (PATCHBAY_JWT_SECRET, PATCHBAY_AUTH_URL) is set: nobody could connect",
             ));
         }
+        let emitter = emitter(&raw, redis_url.is_some())?;
         let rate_per_sec: f64 = number("rate_per_sec", raw.get("rate_per_sec"))?;
         if !(rate_per_sec.is_finite() && rate_per_sec > 0.0) {
             return Err(ConfigError::var(
@@ -360,6 +364,7 @@ impl Config {
             shutdown_grace: seconds("shutdown_grace_secs", raw.get("shutdown_grace_secs"), 0)?,
             history,
             presence,
+            emitter,
             log: raw.get("log").to_string(),
         })
     }
@@ -381,6 +386,37 @@ pub(crate) fn non_empty(v: Option<String>) -> Option<String> {
 }
 
 /// Splits a comma list, dropping blanks.
+/// `PATCHBAY_EMITTER_KEY` and `PATCHBAY_EMITTER_ROOMS`.
+fn emitter(
+    raw: &Raw,
+    redis: bool,
+) -> Result<Option<(String, crate::emitter::RoomRules)>, ConfigError> {
+    let rules = crate::emitter::RoomRules::parse(raw.get("emitter_rooms"))
+        .map_err(|e| ConfigError::var("emitter_rooms", e))?;
+    let Some(key) = raw.opt("emitter_key") else {
+        if raw.opt("emitter_rooms").is_some() {
+            return Err(ConfigError::var(
+                "emitter_rooms",
+                "is set but PATCHBAY_EMITTER_KEY is not: nothing listens to the emitters",
+            ));
+        }
+        return Ok(None);
+    };
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::var(
+            "emitter_key",
+            format!("`{key}` must be printable ASCII without spaces"),
+        ));
+    }
+    if !redis {
+        return Err(ConfigError::var(
+            "emitter_key",
+            "needs PATCHBAY_REDIS_URL: the emitters publish through Redis",
+        ));
+    }
+    Ok(Some((key, rules)))
+}
+
 fn list(s: &str) -> impl Iterator<Item = &str> {
     s.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
@@ -551,6 +587,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("PATCHBAY_RATE_PER_SEC:"), "{e}");
+    }
+
+    #[test]
+    fn the_emitter_needs_redis_and_valid_rules() {
+        let redis = ("PATCHBAY_REDIS_URL", "redis://127.0.0.1:6379");
+        assert_eq!(cfg(&[redis]).unwrap().emitter, None);
+        let c = cfg(&[
+            redis,
+            ("PATCHBAY_EMITTER_KEY", "socket.io"),
+            ("PATCHBAY_EMITTER_ROOMS", "user({id})=user:{id}"),
+        ])
+        .unwrap();
+        let (key, rules) = c.emitter.unwrap();
+        assert_eq!(key, "socket.io");
+        assert_eq!(rules.map("user(3)").as_deref(), Some("user:3"));
+        for (vars, var) in [
+            (
+                vec![("PATCHBAY_EMITTER_KEY", "socket.io")],
+                "PATCHBAY_EMITTER_KEY:",
+            ),
+            (
+                vec![redis, ("PATCHBAY_EMITTER_ROOMS", "user({id})=user:{id}")],
+                "PATCHBAY_EMITTER_ROOMS:",
+            ),
+            (
+                vec![
+                    redis,
+                    ("PATCHBAY_EMITTER_KEY", "socket.io"),
+                    ("PATCHBAY_EMITTER_ROOMS", "user({id})"),
+                ],
+                "PATCHBAY_EMITTER_ROOMS:",
+            ),
+            (
+                vec![redis, ("PATCHBAY_EMITTER_KEY", "two words")],
+                "PATCHBAY_EMITTER_KEY:",
+            ),
+        ] {
+            let e = cfg(&vars).unwrap_err().to_string();
+            assert!(e.starts_with(var), "{e}");
+        }
     }
 
     #[test]

@@ -176,10 +176,30 @@ impl RedisHistory {
         rooms: &[String],
         action: &str,
     ) -> Result<bool, redis::RedisError> {
-        let mut args: Vec<&str> = Vec::with_capacity(3 + rooms.len());
+        self.publish_except(dedupe, id, rooms, &[], action).await
+    }
+
+    /// [`RedisHistory::publish`] whose envelope tells instances not to deliver it to the
+    /// members of `except` (history keeps the action alone).
+    pub async fn publish_except(
+        &self,
+        dedupe: &str,
+        id: &str,
+        rooms: &[String],
+        except: &[String],
+        action: &str,
+    ) -> Result<bool, redis::RedisError> {
+        let except = (!except.is_empty())
+            .then(|| serde_json::to_string(except).expect("strings always serialize"));
+        let mut args: Vec<&str> = Vec::with_capacity(4 + rooms.len());
+        args.extend(except.as_deref());
         args.extend([dedupe, id, action]);
         args.extend(rooms.iter().map(String::as_str));
-        let positions: Option<String> = self.fcall("patchbay_publish", &args).await?;
+        let name = match except {
+            Some(_) => "patchbay_publish_except",
+            None => "patchbay_publish",
+        };
+        let positions: Option<String> = self.fcall(name, &args).await?;
         Ok(positions.is_some())
     }
 

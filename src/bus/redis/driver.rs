@@ -25,8 +25,9 @@ const PUBLISH_ALL: &str =
 pub struct Msg {
     /// The channel it was published on.
     pub channel: String,
-    /// Whether it matched the pattern subscription (task progress) rather than a channel.
-    pub from_pattern: bool,
+    /// The pattern subscription it matched (task progress, the socket.io emitter), or `None`
+    /// for a channel subscription.
+    pub pattern: Option<String>,
     /// Its bytes.
     pub payload: Bytes,
 }
@@ -78,12 +79,12 @@ pub trait Subscriptions: Send {
 
 /// What the Redis bus needs from a Redis.
 pub trait Driver: Send + Sync + 'static {
-    /// Opens a pub/sub connection subscribed to `pattern` and `channels`: its subscriptions,
+    /// Opens a pub/sub connection subscribed to `patterns` and `channels`: its subscriptions,
     /// and the stream of its messages (which ends when the connection is lost).
     #[allow(clippy::type_complexity)]
     fn connect(
         &self,
-        pattern: String,
+        patterns: Vec<String>,
         channels: Vec<String>,
     ) -> BoxFuture<'_, Result<(Box<dyn Subscriptions>, BoxStream<'static, Msg>), DriverError>>;
 
@@ -115,19 +116,22 @@ impl RedisDriver {
 impl Driver for RedisDriver {
     fn connect(
         &self,
-        pattern: String,
+        patterns: Vec<String>,
         channels: Vec<String>,
     ) -> BoxFuture<'_, Result<(Box<dyn Subscriptions>, BoxStream<'static, Msg>), DriverError>> {
         async move {
             let (mut sink, stream) = self.client.get_async_pubsub().await?.split();
-            sink.psubscribe(&pattern).await?;
+            sink.psubscribe(&patterns).await?;
             for chunk in channels.chunks(RESUBSCRIBE_CHUNK) {
                 sink.subscribe(chunk).await?;
             }
             let stream = stream
                 .map(|m| Msg {
                     channel: m.get_channel_name().to_string(),
-                    from_pattern: m.from_pattern(),
+                    pattern: m
+                        .from_pattern()
+                        .then(|| m.get_pattern::<String>().ok())
+                        .flatten(),
                     payload: Bytes::copy_from_slice(m.get_payload_bytes()),
                 })
                 .boxed();

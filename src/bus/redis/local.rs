@@ -29,7 +29,7 @@ struct Server {
 
 struct Connection {
     id: u64,
-    pattern: String,
+    patterns: Vec<String>,
     channels: HashSet<String>,
     tx: mpsc::UnboundedSender<Msg>,
 }
@@ -93,7 +93,7 @@ fn glob(pattern: &str, channel: &str) -> bool {
 impl Driver for LocalRedis {
     fn connect(
         &self,
-        pattern: String,
+        patterns: Vec<String>,
         channels: Vec<String>,
     ) -> BoxFuture<'_, Result<(Box<dyn Subscriptions>, BoxStream<'static, Msg>), DriverError>> {
         let mut server = self.server.lock().unwrap();
@@ -105,7 +105,7 @@ impl Driver for LocalRedis {
         let (tx, rx) = mpsc::unbounded_channel();
         server.connections.push(Connection {
             id,
-            pattern,
+            patterns,
             channels: channels.into_iter().collect(),
             tx,
         });
@@ -133,14 +133,13 @@ impl Driver for LocalRedis {
         let payload = Bytes::from(payload);
         for channel in &channels {
             for conn in &server.connections {
-                let (subscribed, matched) = (
-                    conn.channels.contains(channel),
-                    glob(&conn.pattern, channel),
-                );
-                if subscribed || matched {
+                let matched = conn.patterns.iter().find(|p| glob(p, channel));
+                if conn.channels.contains(channel) || matched.is_some() {
                     let _ = conn.tx.send(Msg {
                         channel: channel.clone(),
-                        from_pattern: !subscribed,
+                        pattern: matched
+                            .filter(|_| !conn.channels.contains(channel))
+                            .cloned(),
                         payload: payload.clone(),
                     });
                 }

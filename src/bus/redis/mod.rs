@@ -95,6 +95,17 @@ impl Shared {
     }
 }
 
+/// What a Redis bus serves besides rooms and task progress.
+#[derive(Default)]
+pub struct Extras {
+    /// History in Redis, when some room keeps it.
+    pub history: Option<Arc<RedisHistory>>,
+    /// This instance's SSE streams, reachable from other instances.
+    pub sse: Arc<crate::sse::Streams>,
+    /// socket.io emitter interop, when on.
+    pub emitter: Option<Arc<crate::emitter::Emitter>>,
+}
+
 /// A [`Bus`] over Redis pub/sub.
 pub struct RedisBus {
     prefix: String,
@@ -122,17 +133,17 @@ impl RedisBus {
         task_pattern: &str,
         max_rooms: usize,
         rooms: Arc<Rooms>,
-        history: Option<Arc<RedisHistory>>,
-        sse: Arc<crate::sse::Streams>,
+        extras: Extras,
     ) -> Result<RedisBus, redis::RedisError> {
         let driver = Arc::new(RedisDriver::open(url)?);
         let mut bus = Self::unstarted(driver, prefix, task_pattern, max_rooms, rooms);
-        bus.history = history.clone();
+        bus.history = extras.history.clone();
         bus.commands = Some(Arc::new(Commands::new(redis::Client::open(url)?)));
         if let Some(worker) = bus.worker.get_mut().unwrap().as_mut() {
-            worker.sse = Some((format!("{prefix}:ssei:{}", bus.instance), sse));
+            worker.sse = Some((format!("{prefix}:ssei:{}", bus.instance), extras.sse));
+            worker.emitter = extras.emitter;
         }
-        bus.start_worker(history);
+        bus.start_worker(extras.history);
         Ok(bus)
     }
 
@@ -183,6 +194,7 @@ impl RedisBus {
             history: None,
             occurrences: Occurrences::default(),
             sse: None,
+            emitter: None,
         };
         RedisBus {
             prefix: prefix.to_string(),
@@ -441,6 +453,8 @@ struct Worker {
     /// This instance's SSE channel, and its streams: client actions posted to another
     /// instance arrive there.
     sse: Option<(String, Arc<crate::sse::Streams>)>,
+    /// socket.io emitter interop, when on: its pattern is subscribed too.
+    emitter: Option<Arc<crate::emitter::Emitter>>,
 }
 
 /// How many times each task message was received lately. Every instance receives the same
@@ -541,7 +555,9 @@ impl Worker {
         if let Some((channel, _)) = &self.sse {
             channels.push(channel.clone());
         }
-        let connect = self.driver.connect(self.task_pattern.clone(), channels);
+        let mut patterns = vec![self.task_pattern.clone()];
+        patterns.extend(self.emitter.as_ref().map(|e| e.pattern()));
+        let connect = self.driver.connect(patterns, channels);
         let (mut subscriptions, stream) = tokio::time::timeout(OP_TIMEOUT * 2, connect)
             .await
             .map_err(|_| DriverError::unavailable("connecting timed out"))??;
@@ -857,7 +873,12 @@ impl Worker {
             .received
             .fetch_add(1, Ordering::Relaxed);
         let channel = msg.channel.as_str();
-        let received = if msg.from_pattern {
+        if let (Some(pattern), Some(emitter)) = (&msg.pattern, self.emitter.clone())
+            && *pattern != self.task_pattern
+        {
+            return self.emitted(&emitter, channel, &msg.payload).await;
+        }
+        let received = if msg.pattern.is_some() {
             match format::task_id(&self.task_pattern, channel)
                 .and_then(|id| format::task_progress(id, &msg.payload))
             {
@@ -921,6 +942,51 @@ impl Worker {
         self.deliver(Incoming::live(rooms, action)).await;
     }
 
+    /// A message of a socket.io emitter: delivered to the local members of its rooms, or, when
+    /// one of them keeps history, stored once and published on the rooms' channels like a task
+    /// message (see [`Worker::ingest`]).
+    async fn emitted(&mut self, emitter: &crate::emitter::Emitter, channel: &str, bytes: &[u8]) {
+        use crate::emitter::Outcome;
+        let (rooms, except, action) = match emitter.receive(channel, bytes) {
+            Outcome::Deliver {
+                rooms,
+                except,
+                action,
+            } => (rooms, except, action),
+            Outcome::Copy => return,
+            Outcome::Dropped(reason, detail) => return emitter.drops.count(reason, &detail),
+        };
+        let mut incoming = Incoming::live(rooms, action);
+        incoming.except = except;
+        if let Some(history) = self.history.clone()
+            && incoming
+                .rooms
+                .iter()
+                .any(|r| history.config().stores(r, &incoming.action))
+        {
+            let text =
+                serde_json::to_string(&incoming.action).expect("JSON values always serialize");
+            let except = serde_json::to_string(&incoming.except).expect("strings always serialize");
+            let dedupe = format!(
+                "emitter:{}:{except}",
+                self.occurrences.next(&format!("{except}{text}"))
+            );
+            let id = uuid::Uuid::new_v4().to_string();
+            let stored = tokio::time::timeout(
+                OP_TIMEOUT * 2,
+                history.publish_except(&dedupe, &id, &incoming.rooms, &incoming.except, &text),
+            )
+            .await;
+            if let Ok(Ok(_)) = stored {
+                return;
+            }
+            tracing::warn!(
+                "a socket.io emitter message could not be stored in history: delivered live"
+            );
+        }
+        self.deliver(incoming).await;
+    }
+
     /// Delivers `incoming` to the local members of its rooms. In a history room this
     /// instance follows, an action whose offset is not the next one first has the gap filled
     /// from history (or a `RESYNC` sent), and one it already delivered is not delivered again.
@@ -930,6 +996,7 @@ impl Worker {
             action,
             id,
             mut positions,
+            except,
         } = incoming;
         let history = self.history.clone();
         let mut already = Vec::new();
@@ -963,9 +1030,9 @@ impl Worker {
             .map(|p| p.as_ref().map(|p| p.offset))
             .collect();
         let (Some(history), Some(id), false) = (&history, id.clone(), positions.is_empty()) else {
-            let delivery = self
-                .rooms
-                .deliver_stored(&rooms, &action, id.as_deref(), &offsets);
+            let delivery =
+                self.rooms
+                    .deliver_except(&rooms, &except, &action, id.as_deref(), &offsets);
             self.shared.counters.count(delivery);
             return;
         };
@@ -980,7 +1047,7 @@ impl Worker {
         }
         let delivery =
             self.rooms
-                .deliver_stored(&rooms, &stored.action, Some(&stored.id), &offsets);
+                .deliver_except(&rooms, &except, &stored.action, Some(&stored.id), &offsets);
         self.shared.counters.count(delivery);
     }
 }

@@ -235,8 +235,9 @@ local FINAL_JSON = { succeeded = true, failed = true, cancelled = true, lost = t
 -- Appends `action` (already checked: an object with a string `type`; `decoded` is it
 -- decoded, or nil to decode when needed) to the rooms among `rooms` that store it, and
 -- publishes the envelope on every room's channel. A `user:` room keeps only a task's final
--- state: its progress is kept in `task:<id>`.
-local function publish_stored(P, id, action, rooms, decoded)
+-- state: its progress is kept in `task:<id>`. `except` (a JSON array of rooms, or nil): the
+-- members of those rooms do not get it (in the envelope; history keeps the action only).
+local function publish_stored(P, id, action, rooms, decoded, except)
   local cfg = history_config(P)
   local positions = {}
   if cfg then
@@ -260,7 +261,8 @@ local function publish_stored(P, id, action, rooms, decoded)
   local names = {}
   for i, room in ipairs(rooms) do names[i] = cjson.encode(room) end
   local envelope = '{"id":' .. cjson.encode(id) .. ',"rooms":[' .. table.concat(names, ',') ..
-    '],"action":' .. action .. ',"positions":{' .. table.concat(positions, ',') .. '}}'
+    '],"action":' .. action .. ',"positions":{' .. table.concat(positions, ',') .. '}' ..
+    (except and (',"except":' .. except) or '') .. '}'
   for _, room in ipairs(rooms) do
     redis.call('PUBLISH', P .. ':room:' .. room, envelope)
   end
@@ -273,7 +275,7 @@ end
 -- publishes only once (how every instance ingests the same task message and it is stored
 -- once). `id` ('' for a new one) is its meta.id. Returns its positions as JSON
 -- ({"<room>":"<epoch>:<offset>"}), or nil when `dedupe` had been seen.
-local function publish_fn(keys, args)
+local function publish_rooms(keys, args, except)
   local P = string.sub(keys[1], 1, -9)
   local dedupe, id, action = args[1], args[2], args[3]
   if not action or not args[4] then error({ err = 'INVALID publish takes dedupe, id, action and at least one room' }) end
@@ -295,7 +297,27 @@ local function publish_fn(keys, args)
     if not redis.call('SET', key, '1', 'NX', 'EX', 60) then return nil end
   end
   if id == '' then id = string.sub(server_run(), 1, 12) .. '-' .. redis.call('INCR', P .. ':hseq') end
-  return publish_stored(P, id, action, rooms, decoded)
+  return publish_stored(P, id, action, rooms, decoded, except)
+end
+
+local function publish_fn(keys, args)
+  return publish_rooms(keys, args, nil)
+end
+
+-- publish_except: KEYS[1] = P:history; ARGV = except, dedupe, id, action, room, [room...].
+-- publish, except that the members of the rooms of `except` (a JSON array of room names) do
+-- not get the action (a socket.io emitter's `except`).
+local function publish_except_fn(keys, args)
+  local except = table.remove(args, 1)
+  local ok, names = pcall(cjson.decode, except or '')
+  if not ok or type(names) ~= 'table' or string.sub(except, 1, 1) ~= '[' then
+    error({ err = 'INVALID except must be a JSON array of room names' })
+  end
+  for _, room in ipairs(names) do
+    if type(room) ~= 'string' then error({ err = 'INVALID except must be a JSON array of room names' }) end
+  end
+  if #names == 0 then except = nil end
+  return publish_rooms(keys, args, except)
 end
 
 -- read: KEYS[1] = P:history; ARGV = room, after, limit. Where the room stands and what it
@@ -944,7 +966,7 @@ end
 
 -- The library's version: patchbay loads it only over an older one. Raise it (and
 -- FUNCTIONS_VERSION in mod.rs) with every change.
-local function version() return 6 end
+local function version() return 7 end
 
 redis.register_function('patchbay_enqueue', enqueue)
 redis.register_function('patchbay_start', start)
@@ -965,6 +987,7 @@ redis.register_function('patchbay_retire', retire)
 redis.register_function{ function_name = 'patchbay_stats', callback = stats, flags = { 'no-writes' } }
 redis.register_function('patchbay_version', version)
 redis.register_function('patchbay_publish', publish_fn)
+redis.register_function('patchbay_publish_except', publish_except_fn)
 redis.register_function('patchbay_read', read_fn)
 redis.register_function('patchbay_presence_join', presence_join)
 redis.register_function('patchbay_presence_leave', presence_leave)
