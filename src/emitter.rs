@@ -35,7 +35,7 @@ const RESERVED_EVENTS: [&str; 6] = [
 
 /// Why an emitter message was dropped (`patchbay_emitter_dropped_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Drop {
+pub enum DropReason {
     /// Not msgpack of `[uid, packet, opts]` as the emitters write it.
     Malformed,
     /// Nested deeper than [`msgpack::MAX_DEPTH`].
@@ -55,35 +55,38 @@ pub enum Drop {
     Unmapped,
 }
 
-impl Drop {
+impl DropReason {
     /// Every reason, in the order of the metric's lines.
-    pub const ALL: [Drop; 8] = [
-        Drop::Malformed,
-        Drop::TooDeep,
-        Drop::TooLarge,
-        Drop::Binary,
-        Drop::Namespace,
-        Drop::Event,
-        Drop::NoRooms,
-        Drop::Unmapped,
+    pub const ALL: [DropReason; 8] = [
+        DropReason::Malformed,
+        DropReason::TooDeep,
+        DropReason::TooLarge,
+        DropReason::Binary,
+        DropReason::Namespace,
+        DropReason::Event,
+        DropReason::NoRooms,
+        DropReason::Unmapped,
     ];
 
     /// The metric's `reason` label.
     pub fn as_str(self) -> &'static str {
         match self {
-            Drop::Malformed => "malformed",
-            Drop::TooDeep => "too_deep",
-            Drop::TooLarge => "too_large",
-            Drop::Binary => "binary",
-            Drop::Namespace => "namespace",
-            Drop::Event => "event",
-            Drop::NoRooms => "no_rooms",
-            Drop::Unmapped => "unmapped",
+            DropReason::Malformed => "malformed",
+            DropReason::TooDeep => "too_deep",
+            DropReason::TooLarge => "too_large",
+            DropReason::Binary => "binary",
+            DropReason::Namespace => "namespace",
+            DropReason::Event => "event",
+            DropReason::NoRooms => "no_rooms",
+            DropReason::Unmapped => "unmapped",
         }
     }
 
     fn index(self) -> usize {
-        Drop::ALL.iter().position(|d| *d == self).expect("in ALL")
+        DropReason::ALL
+            .iter()
+            .position(|d| *d == self)
+            .expect("in ALL")
     }
 }
 
@@ -103,7 +106,7 @@ pub enum Outcome {
     /// first room's channel is delivered to all of them.
     Copy,
     /// Dropped.
-    Dropped(Drop, String),
+    Dropped(DropReason, String),
 }
 
 /// `PATCHBAY_EMITTER_ROOMS`: each rule maps socket.io rooms matching its left template to
@@ -163,7 +166,7 @@ pub struct Drops {
 
 impl Drops {
     /// Counts a drop, and logs it unless this reason was logged within the last minute.
-    pub fn count(&self, reason: Drop, detail: &str) {
+    pub fn count(&self, reason: DropReason, detail: &str) {
         let i = reason.index();
         let n = self.counts[i].fetch_add(1, Ordering::Relaxed) + 1;
         let mut logged = self.logged.lock().unwrap();
@@ -179,7 +182,7 @@ impl Drops {
     }
 
     /// The drops of `reason` so far.
-    pub fn get(&self, reason: Drop) -> u64 {
+    pub fn get(&self, reason: DropReason) -> u64 {
         self.counts[reason.index()].load(Ordering::Relaxed)
     }
 }
@@ -231,29 +234,29 @@ impl Emitter {
         }
     }
 
-    fn read(&self, channel: &str, bytes: &[u8]) -> Result<Outcome, (Drop, String)> {
+    fn read(&self, channel: &str, bytes: &[u8]) -> Result<Outcome, (DropReason, String)> {
         let fail = |reason, detail: &str| Err((reason, detail.to_string()));
         // The room of a single-room channel (`<key>#/#<room>#`); none on the broadcast one.
         let Some(rest) = channel.strip_prefix(self.prefix.as_str()) else {
-            return fail(Drop::Namespace, "a channel of another namespace");
+            return fail(DropReason::Namespace, "a channel of another namespace");
         };
         let channel_room = match rest {
             "" => None,
             r => match r.strip_suffix('#') {
                 Some(room) => Some(room),
-                None => return fail(Drop::Malformed, "not an emitter channel"),
+                None => return fail(DropReason::Malformed, "not an emitter channel"),
             },
         };
         if bytes.len() > self.max_bytes {
-            return fail(Drop::TooLarge, "larger than PATCHBAY_MAX_FRAME_BYTES");
+            return fail(DropReason::TooLarge, "larger than PATCHBAY_MAX_FRAME_BYTES");
         }
         let message = decode(bytes).map_err(|r| match r {
             Refusal::Malformed => (
-                Drop::Malformed,
+                DropReason::Malformed,
                 "not msgpack as the emitters write it".into(),
             ),
-            Refusal::TooDeep => (Drop::TooDeep, "nested deeper than 32".into()),
-            Refusal::Binary => (Drop::Binary, "binary data is not carried".into()),
+            Refusal::TooDeep => (DropReason::TooDeep, "nested deeper than 32".into()),
+            Refusal::Binary => (DropReason::Binary, "binary data is not carried".into()),
         })?;
         // `[uid, packet, opts]`; the oldest emitters wrote `[packet, opts]`.
         let (packet, opts) = match message {
@@ -265,28 +268,28 @@ impl Emitter {
                 let opts = a.pop().expect("2 items");
                 (a.pop().expect("1 item"), opts)
             }
-            _ => return fail(Drop::Malformed, "not [uid, packet, opts]"),
+            _ => return fail(DropReason::Malformed, "not [uid, packet, opts]"),
         };
         let (Value::Object(mut packet), Value::Object(opts)) = (packet, opts) else {
-            return fail(Drop::Malformed, "packet and opts must be maps");
+            return fail(DropReason::Malformed, "packet and opts must be maps");
         };
         match packet.get("nsp") {
             None => {}
             Some(Value::String(nsp)) if nsp == "/" => {}
-            Some(_) => return fail(Drop::Namespace, "a namespace other than /"),
+            Some(_) => return fail(DropReason::Namespace, "a namespace other than /"),
         }
         match packet.get("type").and_then(Value::as_u64) {
             Some(2 | 5) => {}
-            Some(_) => return fail(Drop::Event, "not an event packet (type 2 or 5)"),
-            None => return fail(Drop::Malformed, "the packet has no type"),
+            Some(_) => return fail(DropReason::Event, "not an event packet (type 2 or 5)"),
+            None => return fail(DropReason::Malformed, "the packet has no type"),
         }
         let Some(Value::Array(data)) = packet.remove("data") else {
-            return fail(Drop::Malformed, "the packet has no data");
+            return fail(DropReason::Malformed, "the packet has no data");
         };
         let rooms = names(opts.get("rooms"))?;
         let except = names(opts.get("except"))?;
         if rooms.is_empty() {
-            return fail(Drop::NoRooms, "a broadcast to everyone (no room)");
+            return fail(DropReason::NoRooms, "a broadcast to everyone (no room)");
         }
         // socket.io-emitter 1.x–2.x publish a message for several rooms on each room's
         // channel: the copy on the first room's channel is the one delivered.
@@ -298,9 +301,12 @@ impl Emitter {
             return Ok(Outcome::Copy);
         }
         if rooms.len() > self.max_rooms {
-            return fail(Drop::TooLarge, "more rooms than PATCHBAY_MAX_PUBLISH_ROOMS");
+            return fail(
+                DropReason::TooLarge,
+                "more rooms than PATCHBAY_MAX_PUBLISH_ROOMS",
+            );
         }
-        let action = action(data).map_err(|detail| (Drop::Event, detail))?;
+        let action = action(data).map_err(|detail| (DropReason::Event, detail))?;
         let mut mapped: Vec<String> = Vec::with_capacity(rooms.len());
         for room in &rooms {
             match self.rules.map(room) {
@@ -311,7 +317,7 @@ impl Emitter {
         }
         if mapped.is_empty() {
             return fail(
-                Drop::Unmapped,
+                DropReason::Unmapped,
                 "no room maps to a patchbay room (see PATCHBAY_EMITTER_ROOMS)",
             );
         }
@@ -324,21 +330,19 @@ impl Emitter {
     }
 }
 
-/// Decodes a message in today's msgpack, or in `msgpack-js`'s where that fails (the oldest
-/// emitters: their `undefined` is a buffer today).
+/// Decodes a message in today's msgpack, or in `msgpack-js`'s when it is not well-formed
+/// today's way (the oldest emitters: their `undefined` is a buffer's marker today). A message
+/// that is well-formed today's way is never read the old way: a buffer in it (which a service
+/// may fill with a user's bytes) must not be read as structure.
 fn decode(bytes: &[u8]) -> Result<Value, Refusal> {
-    msgpack::decode(bytes, Dialect::Current).or_else(|current| {
-        msgpack::decode(bytes, Dialect::Legacy).map_err(|legacy| {
-            [Refusal::TooDeep, Refusal::Binary]
-                .into_iter()
-                .find(|r| *r == current || *r == legacy)
-                .unwrap_or(Refusal::Malformed)
-        })
-    })
+    match msgpack::decode(bytes, Dialect::Current) {
+        Err(Refusal::Malformed) => msgpack::decode(bytes, Dialect::Legacy),
+        other => other,
+    }
 }
 
 /// Room names of `opts.rooms` or `opts.except` (strings; numbers as their text).
-fn names(value: Option<&Value>) -> Result<Vec<String>, (Drop, String)> {
+fn names(value: Option<&Value>) -> Result<Vec<String>, (DropReason, String)> {
     match value {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(items)) => items
@@ -346,10 +350,13 @@ fn names(value: Option<&Value>) -> Result<Vec<String>, (Drop, String)> {
             .map(|v| match v {
                 Value::String(s) => Ok(s.clone()),
                 Value::Number(n) => Ok(n.to_string()),
-                _ => Err((Drop::Malformed, "a room that is not a string".to_string())),
+                _ => Err((
+                    DropReason::Malformed,
+                    "a room that is not a string".to_string(),
+                )),
             })
             .collect(),
-        Some(_) => Err((Drop::Malformed, "rooms must be a list".to_string())),
+        Some(_) => Err((DropReason::Malformed, "rooms must be a list".to_string())),
     }
 }
 
@@ -468,6 +475,83 @@ mod tests {
         assert!(at(json!([7])).is_err());
         assert!(at(json!([])).is_err());
         assert!(at(json!(["action", {"type": ""}])).is_err());
+    }
+
+    /// msgpack of `value`, with `bin` written as a bin 8 where the value has `"<bin>"`.
+    fn pack(value: &Value, bin: &[u8], out: &mut Vec<u8>) {
+        match value {
+            Value::String(s) if s == "<bin>" => {
+                out.extend_from_slice(&[0xc4, bin.len() as u8]);
+                out.extend_from_slice(bin);
+            }
+            Value::String(s) => {
+                out.push(0xa0 | s.len() as u8);
+                out.extend_from_slice(s.as_bytes());
+            }
+            Value::Number(n) => out.push(n.as_u64().unwrap() as u8),
+            Value::Array(items) => {
+                out.push(0x90 | items.len() as u8);
+                items.iter().for_each(|v| pack(v, bin, out));
+            }
+            Value::Object(map) => {
+                out.push(0x80 | map.len() as u8);
+                for (k, v) in map {
+                    pack(&Value::String(k.clone()), bin, out);
+                    pack(v, bin, out);
+                }
+            }
+            other => panic!("not packed here: {other}"),
+        }
+    }
+
+    fn packed(value: Value, bin: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        pack(&value, bin, &mut out);
+        out
+    }
+
+    #[test]
+    fn the_oldest_form_without_a_uid_is_read() {
+        let e = Emitter::new(
+            "socket.io",
+            RoomRules::parse("user({id})=user:{id}").unwrap(),
+            1 << 16,
+            10,
+        );
+        let message = packed(
+            json!([{"type": 2, "data": ["hi", 1], "nsp": "/"}, {"rooms": ["user(4)"], "flags": {}}]),
+            &[],
+        );
+        assert_eq!(
+            e.receive("socket.io#/#user(4)#", &message),
+            Outcome::Deliver {
+                rooms: vec!["user:4".into()],
+                except: vec![],
+                action: json!({"type": "hi", "payload": 1})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            }
+        );
+    }
+
+    #[test]
+    fn a_buffer_is_never_read_as_structure() {
+        // A service forwards a user's bytes as a buffer: they hold a whole emitter message for
+        // another room. The message around them is well-formed, so it is binary, and dropped.
+        let e = Emitter::new("socket.io", RoomRules::default(), 1 << 16, 10);
+        let forged = packed(
+            json!(["emitter", {"type": 2, "data": ["x"], "nsp": "/"}, {"rooms": ["victim"]}]),
+            &[],
+        );
+        let message = packed(
+            json!(["emitter", {"type": 2, "data": ["file", "<bin>"], "nsp": "/"}, {"rooms": ["lobby"]}]),
+            &forged,
+        );
+        assert!(matches!(
+            e.receive("socket.io#/#lobby#", &message),
+            Outcome::Dropped(DropReason::Binary, _)
+        ));
     }
 
     #[test]

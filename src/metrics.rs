@@ -18,7 +18,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::bus::Bus;
-use crate::emitter::{Drop, Emitter};
+use crate::emitter::{DropReason, Emitter};
 use crate::error::Disconnect;
 use crate::history::RedisHistory;
 use crate::rooms::Rooms;
@@ -168,7 +168,7 @@ impl Collector for Live {
                 None,
                 MetricType::Counter,
             )?;
-            for reason in Drop::ALL {
+            for reason in DropReason::ALL {
                 let labels = Reason {
                     reason: reason.as_str().to_string(),
                 };

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::tasks::connect_as;
 use common::*;
 use patchbay::config::Config;
-use patchbay::emitter::{Drop, Emitter, Outcome, RoomRules};
+use patchbay::emitter::{DropReason, Emitter, Outcome, RoomRules};
 use patchbay::rooms::RoomPattern;
 use serde_json::{Map, Value, json};
 
@@ -139,11 +140,11 @@ fn expected(scenario: &str) -> Outcome {
             &[],
             json!({"type": "n", "payload": 9_007_199_254_740_992u64}),
         ),
-        "namespace" => dropped(Drop::Namespace),
-        "binary" => dropped(Drop::Binary),
-        "broadcast" => dropped(Drop::NoRooms),
-        "reserved" => dropped(Drop::Event),
-        "unmapped" => dropped(Drop::Unmapped),
+        "namespace" => dropped(DropReason::Namespace),
+        "binary" => dropped(DropReason::Binary),
+        "broadcast" => dropped(DropReason::NoRooms),
+        "reserved" => dropped(DropReason::Event),
+        "unmapped" => dropped(DropReason::Unmapped),
         other => panic!("no expectation for scenario {other}"),
     }
 }
@@ -248,17 +249,6 @@ async fn instance(redis: &RedisServer, history: &[&str], max_frame_bytes: usize)
     bridge
 }
 
-async fn connect_as(bridge: &Bridge, sub: &str) -> Client {
-    let token = jwt(json!({"sub": sub, "exp": now() + 600}));
-    let mut client = bridge
-        .connect_with(&[("authorization", &format!("Bearer {token}"))])
-        .await
-        .expect("handshake accepted");
-    let hello = client.recv().await;
-    assert_eq!(hello["type"], "@@patchbay/CONNECTED", "{hello}");
-    client
-}
-
 async fn join_lobby(client: &mut Client) {
     let reply = client
         .request("@@patchbay/SUBSCRIBE", json!({"room": "lobby"}))
@@ -321,13 +311,18 @@ async fn the_messaging_service_reaches_user_1_as_an_iso_date() {
     let bridge = instance(&redis, &[], 1 << 20).await;
     let mut one = connect_as(&bridge, "1").await;
     let mut two = connect_as(&bridge, "2").await;
-    // `require('socket.io-emitter')(redis).in('user(1)').emit('message', new Date())`
-    run_emitter(&redis, "socket.io-emitter-1.1", &["messaging"]);
-    let m = next_action(&mut one).await;
-    assert_eq!(
-        m,
-        json!({"type": "message", "payload": "2026-12-02T10:00:00.000Z", "meta": {"room": "user:1"}})
-    );
+    // `require('socket.io-emitter')(redis).in('user(1)').emit('message', new Date())`, by the
+    // version the Messaging service used (its msgpack writes the date as a string) and by
+    // today's (a msgpack timestamp, converted by patchbay).
+    for package in ["socket.io-emitter-1.1", "redis-emitter-5.1"] {
+        run_emitter(&redis, package, &["messaging"]);
+        let m = next_action(&mut one).await;
+        assert_eq!(
+            m,
+            json!({"type": "message", "payload": "2026-12-02T10:00:00.000Z", "meta": {"room": "user:1"}}),
+            "{package}"
+        );
+    }
     nothing_else_before_mark(&bridge, &mut two, "user:2").await;
 }
 
@@ -470,6 +465,31 @@ async fn a_real_emitter_publishing_1000_events_reaches_100_clients() {
         "{EVENTS} events to {CLIENTS} clients delivered in {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn except_holds_across_instances_for_live_delivery() {
+    let redis = RedisServer::start().await;
+    let a = instance(&redis, &[], 1 << 20).await;
+    let b = instance(&redis, &[], 1 << 20).await;
+    let mut one = connect_as(&a, "1").await;
+    let mut two = connect_as(&b, "2").await;
+    let mut three = connect_as(&b, "3").await;
+    for c in [&mut one, &mut two, &mut three] {
+        join_lobby(c).await;
+    }
+    // `io.to('lobby').except('user(2)').emit('m', 1)`, as @socket.io/redis-emitter 5 wrote it:
+    // user 2 is skipped, user 3 on the same instance is not.
+    let except = fixture("@socket.io/redis-emitter@5.1.0", "except");
+    publish_bytes(&redis, &except.channel, &except.bytes).await;
+    for c in [&mut one, &mut three] {
+        let m = next_action(c).await;
+        assert_eq!(
+            m,
+            json!({"type": "m", "payload": 1, "meta": {"room": "lobby"}})
+        );
+    }
+    nothing_else_before_mark(&b, &mut two, "lobby").await;
 }
 
 #[tokio::test]

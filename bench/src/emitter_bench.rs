@@ -97,6 +97,7 @@ fn hostile_message(n: u64) -> Vec<u8> {
             m.extend_from_slice(b"emitter");
             m.extend_from_slice(&[0xc6, 0x00, 0x00, 0xea, 0x60]);
             m.resize(m.len() + 60_000, 0xab);
+            m.push(0xc0);
             m
         }
     }

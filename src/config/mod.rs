@@ -385,7 +385,6 @@ pub(crate) fn non_empty(v: Option<String>) -> Option<String> {
     v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
-/// Splits a comma list, dropping blanks.
 /// `PATCHBAY_EMITTER_KEY` and `PATCHBAY_EMITTER_ROOMS`.
 fn emitter(
     raw: &Raw,
@@ -417,6 +416,7 @@ fn emitter(
     Ok(Some((key, rules)))
 }
 
+/// Splits a comma list, dropping blanks.
 fn list(s: &str) -> impl Iterator<Item = &str> {
     s.split(',').map(str::trim).filter(|s| !s.is_empty())
 }

@@ -27,27 +27,33 @@ pub enum Refusal {
     Malformed,
     /// Nested deeper than [`MAX_DEPTH`].
     TooDeep,
-    /// Binary data (a buffer, or an extension type that is not a date or `undefined`).
+    /// Well-formed, but it holds binary data (a buffer, or an extension type that is not a
+    /// date or `undefined`).
     Binary,
 }
 
-/// Decodes one complete msgpack value.
+/// Decodes one complete msgpack value. Binary data is read past (its length checked like any
+/// other), so that `Binary` is only ever the answer for a message that is well-formed
+/// throughout.
 pub fn decode(bytes: &[u8], dialect: Dialect) -> Result<Value, Refusal> {
     let mut reader = Reader {
         rest: bytes,
         dialect,
+        binary: false,
     };
     let value = reader.value(0)?;
-    if reader.rest.is_empty() {
-        Ok(value)
-    } else {
-        Err(Refusal::Malformed)
+    match (reader.rest.is_empty(), reader.binary) {
+        (false, _) => Err(Refusal::Malformed),
+        (true, true) => Err(Refusal::Binary),
+        (true, false) => Ok(value),
     }
 }
 
 struct Reader<'a> {
     rest: &'a [u8],
     dialect: Dialect,
+    /// Binary data was read past.
+    binary: bool,
 }
 
 impl<'a> Reader<'a> {
@@ -98,7 +104,14 @@ impl<'a> Reader<'a> {
             Marker::FixStr(n) => self.string(n as usize)?,
             // msgpack-js: `undefined`, and buffers where today's msgpack has fixext 16 and str 8.
             Marker::Bin8 if legacy => Value::Null,
-            Marker::FixExt16 | Marker::Str8 if legacy => return Err(Refusal::Binary),
+            Marker::FixExt16 if legacy => {
+                let n = self.u16()?;
+                self.skip_binary(n)?
+            }
+            Marker::Str8 if legacy => {
+                let n = self.u32()?;
+                self.skip_binary(n)?
+            }
             Marker::Str8 => {
                 let n = self.u8()?;
                 self.string(n)?
@@ -111,7 +124,18 @@ impl<'a> Reader<'a> {
                 let n = self.u32()?;
                 self.string(n)?
             }
-            Marker::Bin8 | Marker::Bin16 | Marker::Bin32 if !legacy => return Err(Refusal::Binary),
+            Marker::Bin8 => {
+                let n = self.u8()?;
+                self.skip_binary(n)?
+            }
+            Marker::Bin16 if !legacy => {
+                let n = self.u16()?;
+                self.skip_binary(n)?
+            }
+            Marker::Bin32 if !legacy => {
+                let n = self.u32()?;
+                self.skip_binary(n)?
+            }
             Marker::FixArray(n) => self.list(n as usize, depth)?,
             Marker::Array16 => {
                 let n = self.u16()?;
@@ -150,6 +174,13 @@ impl<'a> Reader<'a> {
             }
             _ => return Err(Refusal::Malformed),
         })
+    }
+
+    /// Reads past `n` bytes of binary data.
+    fn skip_binary(&mut self, n: usize) -> Result<Value, Refusal> {
+        self.take(n)?;
+        self.binary = true;
+        Ok(Value::Null)
     }
 
     fn string(&mut self, n: usize) -> Result<Value, Refusal> {
@@ -204,11 +235,8 @@ impl<'a> Reader<'a> {
             (0, 8) => Ok(date_ms(
                 i64::from_be_bytes(data.try_into().expect("8 bytes")) as f64,
             )),
-            // msgpack-lite: a date, its milliseconds encoded as a msgpack number.
-            (0x0d, _) => match decode(data, Dialect::Current) {
-                Ok(Value::Number(ms)) => Ok(date_ms(ms.as_f64().unwrap_or(f64::NAN))),
-                _ => Err(Refusal::Malformed),
-            },
+            // msgpack-lite: a date, its milliseconds encoded as one msgpack number.
+            (0x0d, _) => number(data).map(date_ms).ok_or(Refusal::Malformed),
             // The msgpack timestamp (notepack.io 3): 32, 64 or 96 bits.
             (-1, 4) => {
                 let s = u32::from_be_bytes(data.try_into().expect("4 bytes"));
@@ -224,9 +252,33 @@ impl<'a> Reader<'a> {
                 Ok(date(s, ns))
             }
             (-1, _) => Err(Refusal::Malformed),
-            _ => Err(Refusal::Binary),
+            _ => {
+                self.binary = true;
+                Ok(Value::Null)
+            }
         }
     }
+}
+
+/// `data` when it is exactly one msgpack number (nothing nested).
+fn number(data: &[u8]) -> Option<f64> {
+    let (&first, rest) = data.split_first()?;
+    let value = match Marker::from_u8(first) {
+        Marker::FixPos(n) if rest.is_empty() => n as f64,
+        Marker::FixNeg(n) if rest.is_empty() => n as f64,
+        Marker::U8 => u8::from_be_bytes(rest.try_into().ok()?) as f64,
+        Marker::U16 => u16::from_be_bytes(rest.try_into().ok()?) as f64,
+        Marker::U32 => u32::from_be_bytes(rest.try_into().ok()?) as f64,
+        Marker::U64 => u64::from_be_bytes(rest.try_into().ok()?) as f64,
+        Marker::I8 => i8::from_be_bytes(rest.try_into().ok()?) as f64,
+        Marker::I16 => i16::from_be_bytes(rest.try_into().ok()?) as f64,
+        Marker::I32 => i32::from_be_bytes(rest.try_into().ok()?) as f64,
+        Marker::I64 => i64::from_be_bytes(rest.try_into().ok()?) as f64,
+        Marker::F32 => f32::from_be_bytes(rest.try_into().ok()?) as f64,
+        Marker::F64 => f64::from_be_bytes(rest.try_into().ok()?),
+        _ => return None,
+    };
+    Some(value)
 }
 
 /// A float as `JSON.stringify` writes it: a whole number without a fraction (the oldest
@@ -256,7 +308,8 @@ const JS_DATE_RANGE_SECS: i64 = 8_640_000_000_000;
 /// (`2026-12-02T10:00:00.000Z`; years outside 0–9999 as `+YYYYYY`/`-YYYYYY`), or `null`
 /// outside JavaScript's date range.
 pub fn date(s: i64, ns: u32) -> Value {
-    if !(-JS_DATE_RANGE_SECS..=JS_DATE_RANGE_SECS).contains(&s) || ns >= 1_000_000_000 {
+    let beyond = s > JS_DATE_RANGE_SECS || (s == JS_DATE_RANGE_SECS && ns >= 1_000_000);
+    if s < -JS_DATE_RANGE_SECS || beyond || ns >= 1_000_000_000 {
         return Value::Null;
     }
     let (days, secs) = (s.div_euclid(86_400), s.rem_euclid(86_400));
@@ -325,6 +378,11 @@ mod tests {
             json!("+010000-01-01T00:00:00.000Z")
         );
         assert_eq!(date(JS_DATE_RANGE_SECS + 1, 0), Value::Null);
+        assert_eq!(date(JS_DATE_RANGE_SECS, 1_000_000), Value::Null);
+        assert_eq!(
+            date(-JS_DATE_RANGE_SECS, 0),
+            json!("-271821-04-20T00:00:00.000Z")
+        );
         assert_eq!(date_ms(-1.0), json!("1969-12-31T23:59:59.999Z"));
         assert_eq!(date_ms(f64::NAN), Value::Null);
     }
@@ -397,5 +455,32 @@ mod tests {
         assert_eq!(current("8190c0"), Err(Refusal::Malformed));
         // Other extension types are binary data.
         assert_eq!(current("d5050102"), Err(Refusal::Binary));
+        // A msgpack-lite date holds one number, never anything nested: 16,000 dates inside
+        // one another are refused at the first level.
+        let mut dates = Vec::new();
+        for _ in 0..16_000 {
+            let inner = std::mem::take(&mut dates);
+            dates.extend_from_slice(&[0xc8]);
+            dates.extend_from_slice(&(inner.len() as u16).to_be_bytes());
+            dates.push(0x0d);
+            dates.extend_from_slice(&inner);
+            if dates.len() > 60_000 {
+                break;
+            }
+        }
+        assert_eq!(decode(&dates, Dialect::Current), Err(Refusal::Malformed));
+    }
+
+    #[test]
+    fn binary_is_only_the_answer_for_a_well_formed_message() {
+        // A buffer of three bytes among other values: well-formed, so binary.
+        assert_eq!(current("93c403010203a178c0"), Err(Refusal::Binary));
+        // A buffer whose length runs past the end: malformed, whatever it holds.
+        assert_eq!(current("92c4ff01"), Err(Refusal::Malformed));
+        // msgpack-js's buffers are read past the same way.
+        assert_eq!(
+            decode(&hex_bytes("92d8000201ffc0"), Dialect::Legacy),
+            Err(Refusal::Binary)
+        );
     }
 }
