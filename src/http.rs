@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
 use futures_util::{Stream, StreamExt};
+use hyper::HeaderMap;
 use hyper::StatusCode;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use serde::Deserialize;
@@ -135,16 +136,19 @@ fn readyz_route(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rej
         .map(|app: Arc<App>| readyz(&app))
 }
 
-/// `GET /actions`: the manifests as written.
+/// `GET /actions`: the manifests as written, readable by pages of the allowed origins (a
+/// webapp fetches it at start-up).
 fn actions(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     exact("/actions")
         .and(get_or_head())
         .and(with_app(app))
-        .map(|app: Arc<App>| {
-            typed(
+        .and(warp::header::headers_cloned())
+        .map(|app: Arc<App>, headers: HeaderMap| {
+            let resp = typed(
                 Response::new(app.registry.manifest_json().clone().into()),
                 "application/json",
-            )
+            );
+            crate::sse::with_cors(resp, &headers, &app)
         })
 }
 

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 /// The scripted client waits at most 10 s per step; the whole run takes about 3 s.
 const DEADLINE: Duration = Duration::from_secs(90);
+/// An app's dev server the demo is started to allow (`--allow-origin`).
+const DEV_SERVER: &str = "http://localhost:5173";
 
 fn demo_binary() -> PathBuf {
     let test_exe = std::env::current_exe().expect("the test knows its own path");
@@ -203,6 +205,7 @@ impl Served {
     fn start() -> Served {
         let mut child = Command::new(demo_binary())
             .args(["--api-listen", "127.0.0.1:0"])
+            .args(["--allow-origin", DEV_SERVER])
             .env("PATCHBAY_LISTEN", "127.0.0.1:0")
             .env("PATCHBAY_LOG", "warn")
             .stdin(Stdio::null())
@@ -419,6 +422,48 @@ fn demo_serves_the_page_and_stops_and_starts_patchbay() {
         101
     );
     assert_eq!(handshake(patchbay, "http://evil.example"), 403);
+
+    // An app on its own dev server (`--allow-origin`): patchbay admits it and lets it read
+    // the manifests, and the API answers it with CORS, preflights included.
+    assert_eq!(handshake(patchbay, DEV_SERVER), 101);
+    let from_dev = [("Origin", DEV_SERVER)];
+    let manifest = http(patchbay, "GET", "/actions", &from_dev).unwrap();
+    assert_eq!(
+        manifest.header("access-control-allow-origin"),
+        Some(DEV_SERVER)
+    );
+    let notes = http(api, "GET", "/notes", &from_dev).unwrap();
+    assert_eq!(notes.status, 200);
+    assert_eq!(
+        notes.header("access-control-allow-origin"),
+        Some(DEV_SERVER)
+    );
+    assert_eq!(
+        notes.header("access-control-allow-credentials"),
+        Some("true")
+    );
+    let preflight = http(
+        api,
+        "OPTIONS",
+        "/notes",
+        &[
+            ("Origin", DEV_SERVER),
+            ("Access-Control-Request-Method", "POST"),
+            (
+                "Access-Control-Request-Headers",
+                "content-type, idempotency-key",
+            ),
+        ],
+    )
+    .unwrap();
+    assert_eq!(preflight.status, 204);
+    assert!(
+        preflight
+            .header("access-control-allow-headers")
+            .is_some_and(|h| h.contains("idempotency-key"))
+    );
+    let foreign = http(api, "GET", "/notes", &[("Origin", "http://evil.example")]).unwrap();
+    assert_eq!(foreign.header("access-control-allow-origin"), None);
 
     // Stopping patchbay while the scripted client runs would fail the script: let it finish.
     demo.wait_for("Press ctrl-c to stop.");

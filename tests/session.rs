@@ -588,6 +588,28 @@ async fn health_readiness_actions_and_unknown_routes() {
 }
 
 #[tokio::test]
+async fn pages_of_allowed_origins_may_read_the_manifest() {
+    let bridge = bare_bridge(|c| {
+        c.allowed_origins = AllowedOrigins::List(vec!["https://app.example.com".into()]);
+    })
+    .await;
+    let url = bridge.http_url("/actions");
+    let (status, headers, _) =
+        http_raw("GET", &url, &[("origin", "https://app.example.com")], "").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(headers["access-control-allow-credentials"], "true");
+    assert!(headers["vary"].to_str().unwrap().contains("origin"));
+    let (status, headers, _) =
+        http_raw("GET", &url, &[("origin", "https://evil.example")], "").await;
+    assert_eq!(status, 200, "the manifest is public; only its CORS differs");
+    assert!(headers.get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test]
 async fn a_malformed_websocket_key_is_400_before_anything_else() {
     let bridge = bare_bridge(|c| c.allow_anonymous = false).await;
     let handshake = async |key: &str| {

@@ -61,16 +61,20 @@ struct Api {
     /// Notes to push, in the order they were added.
     outbox: mpsc::UnboundedSender<Value>,
     site: Arc<Site>,
+    /// Origins besides the page's whose pages may call the API (CORS, with credentials).
+    cors: Arc<Vec<String>>,
 }
 
-/// Serves the API and the page on `listener` forever.
-pub async fn serve(listener: TcpListener, publisher: Publisher, site: Site) {
+/// Serves the API and the page on `listener` forever; pages of `cors` origins may call the
+/// API from their own origin.
+pub async fn serve(listener: TcpListener, publisher: Publisher, site: Site, cors: Vec<String>) {
     let (outbox, queue) = mpsc::unbounded_channel();
     tokio::spawn(publish_loop(queue, publisher));
     let api = Api {
         store: Arc::default(),
         outbox,
         site: Arc::new(site),
+        cors: Arc::new(cors),
     };
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -90,7 +94,57 @@ pub async fn serve(listener: TcpListener, publisher: Publisher, site: Site) {
 }
 
 impl Api {
+    /// [`Api::route`], with CORS for the `--allow-origin` origins: an app on its own dev
+    /// server calls the API as the shim's fallback does.
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let origin = req
+            .headers()
+            .get("origin")
+            .and_then(|v| v.to_str().ok())
+            .filter(|o| self.cors.iter().any(|c| c == o))
+            .map(str::to_string);
+        let preflight = req.method() == Method::OPTIONS;
+        let mut resp = if preflight {
+            let mut r = reply(StatusCode::NO_CONTENT, &Value::Null);
+            *r.body_mut() = Full::new(Bytes::new());
+            r
+        } else {
+            self.route(req).await
+        };
+        if let Some(origin) = origin {
+            let h = resp.headers_mut();
+            h.insert(
+                "access-control-allow-origin",
+                origin.parse().expect("a header value"),
+            );
+            h.insert(
+                "access-control-allow-credentials",
+                "true".parse().expect("a header value"),
+            );
+            h.append("vary", "origin".parse().expect("a header value"));
+            if preflight {
+                h.insert(
+                    "access-control-allow-methods",
+                    "GET, POST, PUT, PATCH, DELETE"
+                        .parse()
+                        .expect("a header value"),
+                );
+                h.insert(
+                    "access-control-allow-headers",
+                    "content-type, idempotency-key, authorization"
+                        .parse()
+                        .expect("a header value"),
+                );
+                h.insert(
+                    "access-control-max-age",
+                    "600".parse().expect("a header value"),
+                );
+            }
+        }
+        resp
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let key = req

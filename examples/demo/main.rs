@@ -15,9 +15,12 @@
 //! Without a URL the demo runs a private `redis-server`.
 //! `--api-listen ADDR` is the API's and the page's address (default 127.0.0.1:8000; a busy
 //! one falls back to a free port).
+//! `--allow-origin ORIGIN` (repeatable) lets pages of another origin, such as an app's dev
+//! server, use the demo's patchbay (`PATCHBAY_ALLOWED_ORIGINS`) and its API (CORS).
 //! `--no-bridge --bridge-addr ADDR` runs only the API and the page, for a patchbay started
 //! separately on ADDR; the API then pushes notes with `--publish-token TOKEN` (its
-//! `PATCHBAY_PUBLISH_TOKEN`) or on Redis with `--redis URL`.
+//! `PATCHBAY_PUBLISH_TOKEN`) or on Redis with `--redis URL`. It prints every variable that
+//! patchbay needs, the room secret included.
 //! `demo worker …` is `patchbay worker …` (the `--redis` demo runs itself so).
 //!
 //! Environment: `PATCHBAY_LISTEN` (default 127.0.0.1:8080) and `PATCHBAY_LOG` (default info).
@@ -40,8 +43,8 @@ use tracing_subscriber::EnvFilter;
 use crate::bridge::Bridge;
 use crate::site::Site;
 
-const USAGE: &str = "usage: demo [--once] [--redis [URL]] [--api-listen ADDR]\n   \
-    or: demo --no-bridge --bridge-addr ADDR (--publish-token TOKEN | --redis URL) [--api-listen ADDR]";
+const USAGE: &str = "usage: demo [--once] [--redis [URL]] [--api-listen ADDR] [--allow-origin ORIGIN]...\n   \
+    or: demo --no-bridge --bridge-addr ADDR (--publish-token TOKEN | --redis URL) [--api-listen ADDR] [--allow-origin ORIGIN]...";
 const API_LISTEN: &str = "127.0.0.1:8000";
 /// The rooms a page joins to say it is watching a task, and to see who else is.
 const WATCH_ROOMS: &str = "watch:*";
@@ -53,6 +56,9 @@ struct Args {
     api_listen: SocketAddr,
     /// `Some`: `--no-bridge`, with the address of the separately run patchbay.
     external: Option<External>,
+    /// `--allow-origin`: pages of these origins (an app's dev server) may use patchbay and
+    /// the API too.
+    allow_origins: Vec<String>,
 }
 
 struct External {
@@ -67,6 +73,7 @@ fn parse_args() -> Result<Args, String> {
     let mut no_bridge = false;
     let mut bridge_addr = None;
     let mut publish_token = None;
+    let mut allow_origins = Vec::new();
     let mut argv = std::env::args().skip(1).peekable();
     while let Some(arg) = argv.next() {
         let mut value = |name: &str| argv.next().ok_or_else(|| format!("`{name}` needs a value"));
@@ -82,6 +89,19 @@ fn parse_args() -> Result<Args, String> {
             "--no-bridge" => no_bridge = true,
             "--bridge-addr" => bridge_addr = Some(addr("--bridge-addr", value("--bridge-addr")?)?),
             "--publish-token" => publish_token = Some(value("--publish-token")?),
+            "--allow-origin" => {
+                let origin = value("--allow-origin")?;
+                let ok = url::Url::parse(&origin).is_ok_and(|u| {
+                    matches!(u.scheme(), "http" | "https")
+                        && u.origin().ascii_serialization() == origin.trim_end_matches('/')
+                });
+                if !ok {
+                    return Err(format!(
+                        "--allow-origin: `{origin}` is not an origin like http://localhost:5173"
+                    ));
+                }
+                allow_origins.push(origin.trim_end_matches('/').to_string());
+            }
             _ => return Err(format!("unknown argument `{arg}`")),
         }
     }
@@ -110,6 +130,7 @@ fn parse_args() -> Result<Args, String> {
         redis,
         api_listen,
         external,
+        allow_origins,
     })
 }
 
@@ -140,6 +161,7 @@ async fn demo(private_redis: &mut Option<redis_bus::PrivateServer>) -> ExitCode 
         redis,
         api_listen,
         external,
+        allow_origins,
     } = match parse_args() {
         Ok(args) => args,
         // No message: help was asked for.
@@ -207,6 +229,16 @@ async fn demo(private_redis: &mut Option<redis_bus::PrivateServer>) -> ExitCode 
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    // The page's origins, and those `--allow-origin` adds (an app's dev server).
+    let origins: Vec<String> = page_origins(api_addr)
+        .into_iter()
+        .chain(allow_origins.iter().cloned())
+        .collect();
+    // One room secret for the demo's run, so room tokens outlive a restart of patchbay.
+    let room_secret = std::env::var("PATCHBAY_ROOM_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let site = |patchbay: SocketAddr, bridge: Option<Arc<Bridge>>| Site {
         page_dir: root.join("webapp-shim").join("demo"),
         shim_dir: root.join("webapp-shim").join("src"),
@@ -229,7 +261,12 @@ async fn demo(private_redis: &mut Option<redis_bus::PrivateServer>) -> ExitCode 
                 token: token.expect("checked with the arguments"),
             },
         };
-        tokio::spawn(api::serve(api_listener, publisher, site(bridge_addr, None)));
+        tokio::spawn(api::serve(
+            api_listener,
+            publisher,
+            site(bridge_addr, None),
+            allow_origins.clone(),
+        ));
         println!("patchbay demo: the REST API and the page; patchbay runs separately");
         println!("  page      open {api_url}/ in a browser");
         println!("  REST API  {api_url}  (in-memory notes)");
@@ -238,12 +275,15 @@ async fn demo(private_redis: &mut Option<redis_bus::PrivateServer>) -> ExitCode 
             (Some(url), _) => format!("PATCHBAY_REDIS_URL={url}"),
             (None, token) => format!("PATCHBAY_PUBLISH_TOKEN={}", token.as_deref().unwrap_or("")),
         };
+        // Every variable it needs, the room secret included: with a random one per start,
+        // the room tokens pages hold stop working when patchbay restarts.
         println!(
             "            PATCHBAY_LISTEN={bridge_addr} PATCHBAY_API_URL={api_url} \
              PATCHBAY_ALLOWED_ORIGINS={} PATCHBAY_ACTIONS={} {push} \
-             PATCHBAY_JWT_SECRET={jwt_secret} PATCHBAY_ALLOW_ANONYMOUS=true \
+             PATCHBAY_JWT_SECRET={jwt_secret} PATCHBAY_ROOM_SECRET={room_secret} \
+             PATCHBAY_ALLOW_ANONYMOUS=true \
              PATCHBAY_PUBLIC_ROOMS={WATCH_ROOMS} PATCHBAY_PRESENCE_ROOMS={WATCH_ROOMS} patchbay",
-            page_origins(api_addr).join(","),
+            origins.join(","),
             actions_dir.display()
         );
         println!("Press ctrl-c to stop.");
@@ -270,7 +310,9 @@ async fn demo(private_redis: &mut Option<redis_bus::PrivateServer>) -> ExitCode 
         publish_token: redis_url.is_none().then(|| publish_token.clone()),
         redis_url: redis_url.clone(),
         // The page comes from the API's origin and opens its websocket on patchbay's port.
-        allowed_origins: patchbay::config::AllowedOrigins::List(page_origins(api_addr)),
+        allowed_origins: patchbay::config::AllowedOrigins::List(origins.clone()),
+        room_secret: room_secret.clone().into_bytes(),
+        room_secret_is_random: false,
         log: log.clone(),
         // Visitors connect with the token the page asks the demo for (anonymously should
         // that fail), and see who else watches each task.
@@ -312,6 +354,7 @@ async fn demo(private_redis: &mut Option<redis_bus::PrivateServer>) -> ExitCode 
         api_listener,
         publisher,
         site(addr, Some(bridge.clone())),
+        allow_origins.clone(),
     ));
 
     println!("patchbay demo");

@@ -85,7 +85,7 @@ function reducer (state = initial, action) {
   }
   switch (action.type) {
     case '@@patchbay/STATUS':
-      return { ...state, status: action.payload.status, transport: action.payload.transport ?? null }
+      return { ...state, status: action.payload.status, transport: action.payload.transport ?? null, reason: action.payload.reason ?? null }
     case 'TASKS_FETCH_SUCCESS':
       // Newest first: add the oldest first, so that new rows end up on top.
       return [...(action.payload?.tasks ?? [])].reverse().reduce(upsert, state)
@@ -129,7 +129,7 @@ const titleOf = task => task?.params?.title ?? task?.id
 function describe (action) {
   const p = action.payload
   if (action.type === 'TASK_PROGRESS') return `${titleOf(p)}: ${p?.progress?.percent ?? 0}% ${p?.status ?? ''}`
-  if (action.type === '@@patchbay/STATUS') return p?.status
+  if (action.type === '@@patchbay/STATUS') return p?.reason ? `${p.status}: ${p.reason}` : p?.status
   if (action.error) return `${p?.code}${p?.status ? ` (${p.status})` : ''}: ${p?.message}`
   if (action.type.endsWith('_SUCCESS')) {
     if (p?.tasks) return `${p.tasks.length} tasks`
@@ -226,7 +226,9 @@ function render (state, bridge, cancel, me) {
   const status = $('status')
   status.dataset.status = state.status
   status.dataset.transport = state.transport ?? ''
-  status.textContent = state.status === 'open' && state.transport ? `open (${state.transport})` : state.status
+  status.textContent = state.status === 'open' && state.transport
+    ? `open (${state.transport})`
+    : state.status === 'fallback' && state.reason ? `fallback (${state.reason})` : state.status
   $('via-socket').textContent = String(bridge.stats.socket)
   $('via-rest').textContent = String(bridge.stats.rest)
 

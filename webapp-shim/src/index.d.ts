@@ -1,7 +1,13 @@
 import type { Middleware } from 'redux'
 
-/** Where the bridge's requests go: `open` over the socket, otherwise straight to the API. */
-export type Status = 'connecting' | 'open' | 'fallback'
+/** Where the bridge's requests go: `open` over the socket, otherwise straight to the API
+ *  (`idle`: `autoConnect: false` and `connect()` not called yet). */
+export type Status = 'idle' | 'connecting' | 'open' | 'fallback'
+
+/** Why the socket is down, once the shim found out: the server cannot be reached (or
+ *  something between breaks websockets), it refuses this page (its Origin, a full or draining
+ *  server), or it refuses the credentials. */
+export type DownReason = 'unreachable' | 'refused' | 'auth'
 
 /** The `client.poll` setting of an action that has `subscribe` (read by the shim only). */
 export interface PollSpec {
@@ -35,6 +41,8 @@ export type FailureCode =
   | 'upstream_unavailable' | 'upstream_timeout' | 'upstream_error' | 'internal'
   /** the shim's own: no answer within `requestTimeoutMs` */
   | 'timeout'
+  /** the shim's own: the request's `meta.signal` aborted */
+  | 'aborted'
   /** from an `@@patchbay/ERROR` answering the request */
   | 'invalid_action' | 'bad_json'
 
@@ -75,7 +83,10 @@ export interface FailureAction {
 /** What `dispatch(X_REQUEST)` resolves to; it is also dispatched to reducers. Never rejects. */
 export type ReplyAction<P = unknown> = SuccessAction<P> | FailureAction
 
-export interface StatusAction { type: '@@patchbay/STATUS', payload: { status: Status, transport: 'websocket' | 'sse' } }
+export interface StatusAction { type: '@@patchbay/STATUS', payload: { status: Status, transport: 'websocket' | 'sse', reason?: DownReason } }
+/** The server refused to let the connection back into a room after a reconnect (an expired
+ *  room token, a revoked grant); the room is polled where its action says how. */
+export interface RejoinFailedAction { type: '@@patchbay/REJOIN_FAILED', payload: { room: string, code?: FailureCode, message?: string } }
 export interface AuthExpiredAction { type: '@@patchbay/AUTH_EXPIRED' }
 /** Where a client stands in a room's history: after `offset` of `epoch`. */
 export interface Position { epoch: string, offset: number }
@@ -135,14 +146,45 @@ export interface RequestAction<M = Manifest> {
   type: RequestType<M>
   /** Absent is sent as `{}`. */
   payload?: unknown
-  /** `requestId` (`[A-Za-z0-9._:-]{1,128}`, ideally a uuid) is kept; otherwise a uuid is made. */
-  meta?: { requestId?: string, [key: string]: unknown }
+  /** `requestId` (`[A-Za-z0-9._:-]{1,128}`, ideally a uuid) is kept; otherwise a uuid is made.
+   *  `signal` aborts it: answered at once with `aborted` (the reducers get the action without
+   *  the signal, so put the middleware before a serializability check: `.prepend`). */
+  meta?: { requestId?: string, signal?: AbortSignal, [key: string]: unknown }
+}
+
+/** A request's reply; `unwrap()` gives its payload or throws a `PatchbayError`. */
+export interface ReplyPromise<P = unknown> extends Promise<ReplyAction<P>> {
+  unwrap (): Promise<P>
 }
 
 /** What the middleware adds to `dispatch`. */
 export interface PatchbayDispatch<M = Manifest> {
-  <A extends RequestAction<M>>(action: A): Promise<ReplyAction>
+  <A extends RequestAction<M>>(action: A): ReplyPromise
 }
+
+/** What `subscribe` listeners get. */
+export interface BridgeState {
+  status: Status
+  transport: 'websocket' | 'sse'
+  reason: DownReason | null
+  /** Requests sent over the socket and over REST so far. */
+  socket: number
+  rest: number
+}
+
+/** What `unwrap` throws for a `_FAILURE`. */
+export class PatchbayError extends Error {
+  readonly code: FailureCode
+  readonly status?: number
+  readonly details?: unknown
+  readonly action: FailureAction
+}
+
+/** The payload of a reply (or of the promise of one); throws a `PatchbayError` for a failure. */
+export function unwrap<P = unknown> (reply: ReplyAction<P> | Promise<ReplyAction<P>>): Promise<P>
+
+/** Why a socket to `socketUrl` did not open (see `DownReason`), asked with `fetch`. */
+export function diagnose (fetch: (input: string, init: RequestInit) => Promise<Response>, socketUrl: string): Promise<DownReason>
 
 /** The parts of a WebSocket the shim uses (the browser's, or the `ws` package's). */
 export interface WebSocketLike {
@@ -181,7 +223,18 @@ export interface PatchbayOptions<M extends Manifest = Manifest> {
   connectWaitMs?: number
   /** `auto` (default): the websocket, and SSE (`GET /sse`) after two websocket attempts in a
    *  row that never opened (and back likewise); REST while neither is open. */
-  transport?: 'auto' | 'websocket' | 'sse' 
+  transport?: 'auto' | 'websocket' | 'sse'
+  /** Connect at once (default); `false`: on `connect()`, so a store can be built where there
+   *  is no WebSocket (SSR, tests) and requests go over REST meanwhile. */
+  autoConnect?: boolean
+  /** After three refused attempts in a row (`refused`, `auth`), wait this long between
+   *  attempts; default 60000. */
+  refusedBackoffMs?: number
+  /** Ask why an attempt that never opened failed (two small requests, see `diagnose`) and
+   *  say it in `@@patchbay/STATUS`'s `reason`; default true. */
+  diagnose?: boolean
+  /** Warn once (console.warn) about each `*_REQUEST` that is not in the manifest; default true. */
+  warnUnknown?: boolean
 }
 
 export interface Patchbay<M extends Manifest = Manifest> {
@@ -189,6 +242,12 @@ export interface Patchbay<M extends Manifest = Manifest> {
   middleware: Middleware<PatchbayDispatch<M>>
   /** The current status (also dispatched as `@@patchbay/STATUS`). */
   readonly status: Status
+  /** Starts connecting (with `autoConnect: false`); does nothing once started. */
+  connect (): void
+  /** Calls `listener` at every change of status or counts; returns the function that stops it. */
+  subscribe (listener: (state: BridgeState) => void): () => void
+  /** Sends a request without a store: its reply is returned, not dispatched. */
+  request<P = unknown> (type: RequestType<M>, payload?: unknown, options?: { requestId?: string, signal?: AbortSignal }): ReplyPromise<P>
   /** How many requests went over the socket and over REST (retries count in both). */
   readonly stats: { readonly socket: number, readonly rest: number }
   /** Who is in `room` as the store has seen it (its snapshot and the newer events), or null

@@ -46,11 +46,62 @@ function uuid () {
 }
 
 const isRoom = room => typeof room === 'string' && ROOM.test(room)
+const isSignal = s => typeof s?.aborted === 'boolean' && typeof s.addEventListener === 'function'
 const isRoomOp = entry => entry.name === SUBSCRIBE || entry.name === UNSUBSCRIBE
 
 function untilReached (until, payload) {
   if (!until || payload === null || typeof payload !== 'object') return false
   return Array.isArray(until.in) && until.in.includes(payload[until.field])
+}
+
+/** Why the socket is down, found out with two plain requests: `/readyz` (any answer means the
+ *  server is reachable) and `GET /sse` with the socket's own credentials (401: `auth`; another
+ *  refusal, or an answer this page may not read: `refused`; admitted: something between the
+ *  page and the server breaks websockets, which counts as `unreachable`). */
+export async function diagnose (fetch, socketUrl) {
+  const url = new URL(socketUrl)
+  url.protocol = url.protocol === 'wss:' ? 'https:' : 'http:'
+  const base = url.pathname.replace(/\/(ws|sse)$/, '')
+  try {
+    await fetch(`${url.origin}${base}/readyz`, { mode: 'no-cors', cache: 'no-store' })
+  } catch {
+    return 'unreachable'
+  }
+  const abort = new AbortController()
+  try {
+    const res = await fetch(`${url.origin}${base}/sse${url.search}`, { credentials: 'include', cache: 'no-store', signal: abort.signal, headers: { accept: 'text/event-stream' } })
+    if (res.status === 401) return 'auth'
+    return res.ok ? 'unreachable' : 'refused'
+  } catch {
+    return 'refused'
+  } finally {
+    abort.abort()
+  }
+}
+
+/** The error `unwrap` throws for a `_FAILURE`: its payload's fields, and the action. */
+export class PatchbayError extends Error {
+  constructor (action) {
+    super(action.payload?.message ?? 'request failed')
+    this.name = 'PatchbayError'
+    this.code = action.payload?.code
+    this.status = action.payload?.status
+    this.details = action.payload?.details
+    this.action = action
+  }
+}
+
+/** The payload of a reply (or of the promise of one), or a thrown `PatchbayError`. */
+export async function unwrap (reply) {
+  const action = await reply
+  if (action?.error) throw new PatchbayError(action)
+  return action?.payload
+}
+
+/** A request's promise, with `.unwrap()` as Redux Toolkit's thunks have it. */
+function unwrappable (promise) {
+  promise.unwrap = () => unwrap(promise)
+  return promise
 }
 
 /** The payload exactly as the socket would carry it (dates as strings, no undefined, no NaN). */
@@ -77,10 +128,15 @@ export function createPatchbay (options) {
     pingMs = 20000,
     pongTimeoutMs = 10000,
     connectWaitMs = 2000,
-    transport = 'auto'
+    transport = 'auto',
+    autoConnect = true,
+    refusedBackoffMs = 60000,
+    warnUnknown = true
   } = options ?? {}
   if (!url || !apiUrl) throw new TypeError('createPatchbay needs `url` (ws://…/ws) and `apiUrl`')
-  if (typeof WebSocket !== 'function') throw new TypeError('no WebSocket: pass one in the options (e.g. from the `ws` package)')
+  const noWebSocket = () => new TypeError('no WebSocket: pass one in the options (e.g. from the `ws` package)')
+  if (autoConnect && typeof WebSocket !== 'function') throw noWebSocket()
+  const check = options?.diagnose ?? true
   const api = String(apiUrl).replace(/\/+$/, '')
 
   // Actions emitted before the store can take them (status changes while redux is still
@@ -116,6 +172,23 @@ export function createPatchbay (options) {
   /** room → presence events that arrived while a SUBSCRIBE of the room was under way. */
   const beforeSnapshot = new Map()
   const stats = { socket: 0, rest: 0 }
+  /** Listeners of `subscribe`. */
+  const listeners = new Set()
+  /** Request types not in the manifest that were warned about. */
+  const warned = new Set()
+  let started = false
+  let reason = null
+  let via = transport === 'sse' ? 'sse' : 'websocket'
+  function notify () {
+    if (listeners.size === 0) return
+    const state = snapshotState()
+    for (const listener of [...listeners]) {
+      try { listener(state) } catch (e) { queueMicrotask(() => { throw e }) }
+    }
+  }
+  function snapshotState () {
+    return { status: connection.status ?? 'idle', transport: via, reason, socket: stats.socket, rest: stats.rest }
+  }
   /** Aborts of the REST calls under way, all cut short by `close()`. */
   const inFlight = new Set()
   let closed = false
@@ -144,15 +217,15 @@ export function createPatchbay (options) {
       late.add(entry.requestId)
       if (late.size > LATE_IDS) late.delete(late.values().next().value)
     }
-    track(entry, reply)
-    if (!entry.quiet) emit(reply)
+    track(entry, reply, fromSocket)
+    if (!entry.quiet && !entry.silent) emit(reply)
     entry.resolve(reply)
   }
 
   const failNow = (entry, code, message) => settle(entry, failure(entry, code, message))
 
   /** Keeps `rooms` up to date with what a reply says about them. */
-  function track (entry, reply) {
+  function track (entry, reply, fromSocket) {
     const room = entry.payload?.room
     if (entry.name === SUBSCRIBE && !reply.error && reply.payload?.presence) snapshot(room, reply.payload.presence)
     if (entry.name === SUBSCRIBE) flushBeforeSnapshot(room)
@@ -163,7 +236,12 @@ export function createPatchbay (options) {
       if (state.live) {
         stopPolling(state)
         recovered(room, state, reply.payload, positionOf(entry.payload?.since))
-      } else startPolling(room, state)
+      } else {
+        // The server refused to let the connection back into the room (an expired token,
+        // a revoked grant): the store hears of it; the room is polled where it can be.
+        if (fromSocket) emit({ type: BUILTIN + 'REJOIN_FAILED', payload: { room, code: reply.payload?.code, message: reply.payload?.message } })
+        startPolling(room, state)
+      }
     } else if (entry.name === SUBSCRIBE) {
       const state = rooms.get(room)
       if (!state) return
@@ -297,6 +375,7 @@ export function createPatchbay (options) {
 
   function viaRest (entry) {
     stats.rest++
+    notify()
     inRest.add(entry)
     callRest({ apiUrl: api, name: entry.name, spec: entry.spec, payload: entry.payload, requestId: entry.requestId, fetch, inFlight })
       .then(reply => settle(entry, reply))
@@ -318,17 +397,30 @@ export function createPatchbay (options) {
     if (entry.name === SUBSCRIBE && typeof entry.payload?.room === 'string' && !beforeSnapshot.has(entry.payload.room)) {
       beforeSnapshot.set(entry.payload.room, [])
     }
-    if (!entry.quiet) stats.socket++
+    if (!entry.quiet) {
+      stats.socket++
+      notify()
+    }
     entry.sent = true
     pending.set(entry.requestId, entry)
     entry.timer = setTimeout(() => failNow(entry, 'timeout', `no answer within ${requestTimeoutMs} ms`), requestTimeoutMs)
     return true
   }
 
-  function request (name, payload, requestId) {
+  function request (name, payload, requestId, signal, silent = false) {
     return new Promise(resolve => {
-      const entry = entryFor(name, payload, requestId, { resolve })
+      const entry = entryFor(name, payload, requestId, { resolve, silent })
       if (closed) return failNow(entry, 'upstream_unavailable', 'the bridge was closed')
+      if (signal) {
+        const abort = () => cancel(entry)
+        if (signal.aborted) return abort()
+        signal.addEventListener('abort', abort, { once: true })
+        const resolved = entry.resolve
+        entry.resolve = reply => {
+          signal.removeEventListener('abort', abort)
+          resolved(reply)
+        }
+      }
       try {
         entry.payload = asJson(payload)
       } catch {
@@ -350,6 +442,14 @@ export function createPatchbay (options) {
     if (send(entry)) return
     if (entry.spec?.http) return viaRest(entry)
     failNow(entry, 'upstream_unavailable', 'patchbay is not connected and this action has no REST fallback')
+  }
+
+  /** A request whose signal aborted: answered now, locally, with `aborted`; a reply that
+   *  still comes from the socket or the API is dropped. */
+  function cancel (entry) {
+    if (entry.done) return
+    waiting.delete(entry)
+    failNow(entry, 'aborted', 'the request was aborted')
   }
 
   /** Sends a request that waited for the first connection, over whatever is available now. */
@@ -490,7 +590,14 @@ export function createPatchbay (options) {
     maxBackoffMs,
     pingMs,
     pongTimeoutMs,
-    onStatus: (status, via) => emit({ type: '@@patchbay/STATUS', payload: { status, transport: via } }),
+    onStatus: (status, transport, why) => {
+      via = transport
+      reason = why
+      emit({ type: '@@patchbay/STATUS', payload: why ? { status, transport, reason: why } : { status, transport } })
+      notify()
+    },
+    refusedBackoffMs,
+    diagnose: check ? socketUrl => diagnose(fetch, socketUrl) : null,
     onMessage,
     onOpen: () => {
       for (const [room, state] of rooms) join(room, state)
@@ -502,7 +609,13 @@ export function createPatchbay (options) {
     },
     onAuthExpired: () => emit({ type: '@@patchbay/AUTH_EXPIRED' })
   })
-  connection.start()
+  function connect () {
+    if (started || closed) return
+    if (typeof WebSocket !== 'function') throw noWebSocket()
+    started = true
+    connection.start()
+  }
+  if (autoConnect) connect()
 
   const middleware = store => {
     dispatch = store.dispatch
@@ -514,19 +627,51 @@ export function createPatchbay (options) {
       const type = action?.type
       if (typeof type !== 'string' || !type.endsWith(REQUEST)) return next(action)
       const name = type.slice(0, -REQUEST.length)
-      if (!name.startsWith(BUILTIN) && !Object.hasOwn(manifest, name)) return next(action)
+      if (!name.startsWith(BUILTIN) && !Object.hasOwn(manifest, name)) {
+        // Nothing will answer it: say so once, in development (a manifest copy that is older
+        // than the server's, a typo).
+        if (warnUnknown && !warned.has(type)) {
+          warned.add(type)
+          console.warn(`patchbay: ${type} is not in the manifest: it goes to the reducers, and nothing will answer it`)
+        }
+        return next(action)
+      }
+      // An AbortSignal is not state: the reducers get the action without it.
+      const signal = action.meta?.signal
+      if (signal !== undefined) {
+        const { signal: _, ...meta } = action.meta
+        action = { ...action, meta }
+      }
       next(action)
       const given = action.meta?.requestId
       // A given id is kept unless a request with that id is still waiting for its answer.
       const requestId = typeof given === 'string' && REQUEST_ID.test(given) && !pending.has(given) ? given : uuid()
-      return request(name, action.payload, requestId)
+      return unwrappable(request(name, action.payload, requestId, isSignal(signal) ? signal : undefined))
     }
   }
 
   return {
     middleware,
-    get status () { return connection.status },
+    get status () { return connection.status ?? 'idle' },
     stats,
+    connect,
+    /** Calls `listener` with `{status, transport, reason, socket, rest}` at every change;
+     *  returns the function that stops it. */
+    subscribe (listener) {
+      listeners.add(listener)
+      return () => listeners.delete(listener)
+    },
+    /** Sends a request without a store (the RTK Query base query uses it): the reply, which
+     *  is not dispatched. */
+    request (type, payload, { requestId, signal } = {}) {
+      if (typeof type !== 'string' || !type.endsWith(REQUEST)) throw new TypeError('request needs an X_REQUEST type')
+      const name = type.slice(0, -REQUEST.length)
+      if (!name.startsWith(BUILTIN) && !Object.hasOwn(manifest, name)) {
+        return unwrappable(Promise.resolve({ type: `${name}_FAILURE`, error: true, payload: failurePayload('unknown_action', `${type} is not in the manifest`), meta: { requestId: requestId ?? uuid() } }))
+      }
+      const id = typeof requestId === 'string' && REQUEST_ID.test(requestId) && !pending.has(requestId) ? requestId : uuid()
+      return unwrappable(request(name, payload, id, isSignal(signal) ? signal : undefined, true))
+    },
     /** Who is in `room` as the store has seen it (snapshot and newer events), or null. */
     presence (room) {
       const known = presence.get(room)
@@ -538,6 +683,7 @@ export function createPatchbay (options) {
     close () {
       if (closed) return
       closed = true
+      listeners.clear()
       connection.close()
       for (const abort of [...inFlight]) abort()
       for (const state of rooms.values()) stopPolling(state)

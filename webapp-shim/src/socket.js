@@ -4,6 +4,8 @@
 
 /** Close code after which reconnecting is pointless until the user re-authenticates. */
 const AUTH_EXPIRED = 4401
+/** Refusals in a row (`refused`, `auth`) after which reconnects wait `refusedBackoffMs`. */
+const REFUSALS_BEFORE_LONG_BACKOFF = 3
 /** Request ids of our own pings; their replies are not the application's business. */
 const PING_PREFIX = 'ping-'
 
@@ -24,7 +26,10 @@ export class Connection {
    *   counts as a success and the next reconnect starts again from `minBackoffMs`
    * @param {number} o.pingMs interval of application pings
    * @param {number} o.pongTimeoutMs how long the server may stay silent after a ping
-   * @param {(status: Status, transport: 'websocket' | 'sse') => void} o.onStatus
+   * @param {number} [o.refusedBackoffMs] the reconnect delay after repeated refusals
+   * @param {((url: string, transport: 'websocket' | 'sse') => Promise<'unreachable' | 'refused' | 'auth'>) | null} [o.diagnose]
+   *   asked why an attempt that never opened failed
+   * @param {(status: Status, transport: 'websocket' | 'sse', reason: string | null) => void} o.onStatus
    * @param {(message: any) => void} o.onMessage
    * @param {() => void} o.onOpen
    * @param {() => void} o.onDown the socket closed or failed (open or not)
@@ -47,6 +52,13 @@ export class Connection {
     this.transport = o.transport === 'sse' && o.SseSocket ? 'sse' : 'websocket'
     /** Attempts in a row that never opened, on this transport. */
     this.unopened = 0
+    /** Why the socket is down, once known. */
+    this.reason = null
+    /** Attempts in a row that were refused (`refused`, `auth`). */
+    this.refusals = 0
+    /** Counts attempts, so that a diagnosis that comes back late is ignored. */
+    this.attempts = 0
+    this.lastUrl = null
   }
 
   get isOpen () {
@@ -58,19 +70,22 @@ export class Connection {
     this.open()
   }
 
-  setStatus (status) {
-    if (this.status === status) return
+  setStatus (status, reason = null) {
+    if (this.status === status && this.reason === reason) return
     this.status = status
-    this.o.onStatus(status, this.transport)
+    this.reason = reason
+    this.o.onStatus(status, this.transport, reason)
   }
 
   open () {
     this.reconnectTimer = null
     if (this.stopped) return
+    this.attempts++
     let ws
     try {
       const Transport = this.transport === 'sse' ? this.o.SseSocket : this.o.WebSocket
-      ws = new Transport(typeof this.o.url === 'function' ? this.o.url() : this.o.url)
+      this.lastUrl = typeof this.o.url === 'function' ? this.o.url() : this.o.url
+      ws = new Transport(this.lastUrl)
     } catch {
       this.down(1006)
       return
@@ -79,6 +94,7 @@ export class Connection {
     ws.onopen = () => {
       if (this.ws !== ws) return
       this.unopened = 0
+      this.refusals = 0
       this.openedAt = Date.now()
       this.setStatus('open')
       this.pingTimer = setInterval(() => this.ping(), this.o.pingMs)
@@ -145,6 +161,8 @@ export class Connection {
   down (code) {
     this.detach()
     if (this.stopped) return
+    const opened = this.openedAt !== 0
+    const tried = this.transport
     // A socket that lived a while was a success: start the backoff again. One that the
     // server closes right after opening (1011, 4029, ...) keeps growing it.
     if (this.openedAt && Date.now() - this.openedAt >= this.o.maxBackoffMs) this.attempt = 0
@@ -156,18 +174,35 @@ export class Connection {
       this.attempt = 0
     }
     this.openedAt = 0
-    this.setStatus('fallback')
-    this.o.onDown()
     if (code === AUTH_EXPIRED) {
+      this.setStatus('fallback', 'auth')
+      this.o.onDown()
       this.stopped = true
       this.o.onAuthExpired()
       return
     }
-    this.scheduleReconnect()
+    // Why, when known: kept while still down, forgotten once a socket has opened.
+    this.setStatus('fallback', opened ? null : this.reason)
+    this.o.onDown()
+    if (opened || !this.o.diagnose || !this.lastUrl) return this.scheduleReconnect()
+    // An attempt that never opened: ask why (the server unreachable, refusing this page or
+    // its credentials) before waiting for the next one.
+    const attempt = this.attempts
+    const asked = this.o.diagnose(this.lastUrl, tried).catch(() => 'unreachable')
+    asked.then(reason => {
+      if (this.stopped || this.attempts !== attempt || this.ws) return
+      this.refusals = reason === 'unreachable' ? 0 : this.refusals + 1
+      this.setStatus('fallback', reason)
+      this.scheduleReconnect()
+    })
   }
 
   scheduleReconnect () {
-    const base = Math.min(this.o.maxBackoffMs, this.o.minBackoffMs * 2 ** this.attempt)
+    if (this.reconnectTimer) return
+    // After repeated refusals retrying fast only adds load: wait long (a deploy, a fixed
+    // configuration or a new login is what changes the answer).
+    const refused = this.refusals >= REFUSALS_BEFORE_LONG_BACKOFF && this.o.refusedBackoffMs
+    const base = refused ? this.o.refusedBackoffMs : Math.min(this.o.maxBackoffMs, this.o.minBackoffMs * 2 ** this.attempt)
     this.attempt = Math.min(this.attempt + 1, 30)
     // Jitter in [0.5, 1): clients that lost the same server do not all return at once.
     const delay = base / 2 + Math.random() * base / 2

@@ -199,8 +199,9 @@ test('requests use the socket, fall back to REST while patchbay is dead, and ret
 
 test('a bridge created while patchbay is down works over REST and connects once it is up', async t => {
   await withBridge(t, async ({ stack, bridge, send, seen, waitForAction }) => {
-    await waitForAction(isStatus('fallback'), { what: 'the fallback status' })
-    assert.deepEqual(seen.filter(a => a.type === '@@patchbay/STATUS').map(a => a.payload.status), ['connecting', 'fallback'])
+    await waitForAction(a => isStatus('fallback')(a) && a.payload.reason, { what: 'the fallback status, with why' })
+    assert.deepEqual(seen.filter(a => a.type === '@@patchbay/STATUS').map(a => [a.payload.status, a.payload.reason]),
+      [['connecting', undefined], ['fallback', undefined], ['fallback', 'unreachable']])
 
     // Reconnect attempts keep failing meanwhile; requests keep working.
     for (let i = 0; i < 3; i++) {
@@ -227,6 +228,37 @@ test('a bridge created while patchbay is down works over REST and connects once 
     const id = enqueued.reply.payload.id
     await waitForAction(progressOf(id, a => a.payload.status === 'succeeded'), { what: 'pushed progress to the end' })
   }, { patchbayUp: false })
+})
+
+test('a handshake patchbay refuses says `auth`; a patchbay that is gone says `unreachable`', async t => {
+  const stack = await startStack()
+  let bridge = null
+  t.after(async () => {
+    bridge?.close()
+    await stack.stop()
+  })
+  // The token is not a JWT: patchbay answers the handshake, and GET /sse, with 401.
+  bridge = createPatchbay({
+    url: `${stack.wsUrl}?token=not-a-jwt`,
+    apiUrl: stack.apiUrl,
+    WebSocket,
+    transport: 'websocket',
+    minBackoffMs: 50,
+    maxBackoffMs: 250,
+    refusedBackoffMs: 300
+  })
+  const { seen, waitForAction } = recordingStore(bridge.middleware)
+  const why = reason => a => isStatus('fallback')(a) && a.payload.reason === reason
+  try {
+    await waitForAction(why('auth'), { what: 'the reason auth' })
+    const from = seen.length
+    await stack.killPatchbay()
+    await waitForAction(why('unreachable'), { from, what: 'the reason unreachable' })
+    assert.equal(bridge.status, 'fallback')
+  } catch (e) {
+    e.message += `\n${stack.output()}`
+    throw e
+  }
 })
 
 test('over Redis, a task keeps running in its separate worker while patchbay restarts, and its progress resumes on the rejoin', async t => {

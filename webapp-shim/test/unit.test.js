@@ -4,7 +4,7 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { createStore, applyMiddleware } from 'redux'
-import { createPatchbay, encode, buildRequest } from 'patchbay-webapp-shim'
+import { createPatchbay, encode, buildRequest, diagnose, unwrap, PatchbayError } from 'patchbay-webapp-shim'
 
 const API = 'https://api.test/v1'
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/
@@ -124,6 +124,8 @@ function setup (t, options = {}, respond) {
     connectWaitMs: 0,
     // The fake sockets are websockets; the SSE fallback has tests of its own.
     transport: 'websocket',
+    // The fake fetch is the API's; asking why a socket failed has tests of its own.
+    diagnose: false,
     ...options
   })
   const reducer = (state = [], action) => action.type.startsWith('@@redux/') ? state : [...state, action]
@@ -816,6 +818,152 @@ test('close() answers everything in flight, closes the socket and leaves no time
   assert.equal(timers(), before)
   await sleep(50)
   assert.equal(ws.sockets.length, 1, 'no reconnect after close')
+})
+
+// --- why the socket is down, and the helpers around requests ------------------------------------
+
+test('diagnose tells unreachable, auth and refused apart with /readyz and the socket\'s own credentials on GET /sse', async () => {
+  const cases = [
+    [() => { throw new TypeError('fetch failed') }, null, 'unreachable'],
+    [() => json({}), () => json({ code: 'unauthorized' }, 401), 'auth'],
+    [() => json({}), () => json({ code: 'forbidden_origin' }, 403), 'refused'],
+    [() => json({}), () => json({ code: 'too_many_connections' }, 503), 'refused'],
+    [() => json({}), () => { throw new TypeError('a foreign origin cannot read it') }, 'refused'],
+    [() => json({}), () => new Response('data: {}\n\n', { status: 200 }), 'unreachable']
+  ]
+  for (const [readyz, sse, want] of cases) {
+    const calls = []
+    const fetch = async (url, init) => {
+      calls.push({ url, init })
+      return url.includes('/readyz') ? readyz() : sse()
+    }
+    assert.equal(await diagnose(fetch, 'wss://app.test/pb/ws?token=t1'), want)
+    assert.equal(calls[0].url, 'https://app.test/pb/readyz')
+    assert.equal(calls[0].init.mode, 'no-cors')
+    if (sse) {
+      assert.equal(calls[1].url, 'https://app.test/pb/sse?token=t1', 'the socket\'s own query')
+      assert.equal(calls[1].init.credentials, 'include')
+      assert.equal(calls[1].init.signal.aborted, true, 'the stream is not kept open')
+    }
+  }
+})
+
+test('a socket that never opens: STATUS says why, and repeated refusals wait refusedBackoffMs', async t => {
+  const refused = async url => (url.includes('/readyz') ? json({}) : json({ code: 'forbidden_origin' }, 403))
+  const { ws, of } = setup(t, { diagnose: true, refusedBackoffMs: 60000 }, call => refused(call.url))
+  for (let i = 1; i <= 3; i++) {
+    await until(() => ws.sockets.length === i, `attempt ${i}`)
+    ws.last.drop(1006)
+    await until(() => of('@@patchbay/STATUS').some(a => a.payload.reason === 'refused'), 'the reason')
+  }
+  const last = of('@@patchbay/STATUS').at(-1)
+  assert.deepEqual(last.payload, { status: 'fallback', transport: 'websocket', reason: 'refused' })
+  await sleep(80)
+  assert.equal(ws.sockets.length, 3, 'after three refusals the next attempt waits long')
+})
+
+test('a socket that opens clears the reason; an unreachable server keeps the short backoff', async t => {
+  const { ws, of, bridge } = setup(t, { diagnose: true, refusedBackoffMs: 60000 }, () => { throw new TypeError('fetch failed') })
+  const seen = []
+  const stop = bridge.subscribe(state => seen.push(state))
+  for (let i = 1; i <= 4; i++) {
+    await until(() => ws.sockets.length === i, `attempt ${i}`)
+    ws.last.drop(1006)
+  }
+  await until(() => ws.sockets.length === 5, 'unreachable keeps retrying')
+  ws.last.accept()
+  assert.equal(of('@@patchbay/STATUS').at(-1).payload.reason, undefined)
+  assert.ok(seen.some(s => s.status === 'fallback' && s.reason === 'unreachable'), 'subscribers heard why')
+  assert.deepEqual(seen.at(-1), { status: 'open', transport: 'websocket', reason: null, socket: 0, rest: 0 })
+  stop()
+  ws.last.drop(1006)
+  await until(() => bridge.status === 'fallback', 'down again')
+  assert.equal(seen.at(-1).status, 'open', 'an unsubscribed listener hears nothing more')
+})
+
+test('a refused quiet rejoin reaches the store as REJOIN_FAILED', async t => {
+  const { ws, dispatch, of } = setup(t)
+  ws.last.accept()
+  const joining = dispatch({ type: '@@patchbay/SUBSCRIBE_REQUEST', payload: { room: 'org:1', token: 'old' } })
+  ws.last.succeed('@@patchbay/SUBSCRIBE_REQUEST', { room: 'org:1' })
+  await joining
+  ws.last.drop(1006)
+  await until(() => ws.sockets.length === 2, 'a reconnect')
+  ws.last.accept()
+  const rejoin = ws.last.requests('@@patchbay/SUBSCRIBE_REQUEST').at(-1)
+  ws.last.receive({ type: '@@patchbay/SUBSCRIBE_FAILURE', error: true, payload: { code: 'forbidden', message: 'the room token expired' }, meta: { requestId: rejoin.meta.requestId } })
+  assert.deepEqual(of('@@patchbay/REJOIN_FAILED').map(a => a.payload), [{ room: 'org:1', code: 'forbidden', message: 'the room token expired' }])
+})
+
+test('unwrap: the payload of a success; a failure throws a PatchbayError', async t => {
+  const { ws, dispatch } = setup(t)
+  ws.last.accept()
+  const ok = dispatch({ type: 'TASK_FETCH_REQUEST', payload: { id: '1' } })
+  ws.last.succeed('TASK_FETCH_REQUEST', { id: '1', title: 'a' })
+  assert.deepEqual(await ok.unwrap(), { id: '1', title: 'a' })
+  const bad = dispatch({ type: 'TASK_FETCH_REQUEST', payload: { id: '2' } })
+  const request = ws.last.requests('TASK_FETCH_REQUEST').at(-1)
+  ws.last.receive({ type: 'TASK_FETCH_FAILURE', error: true, payload: { code: 'upstream_error', message: 'not found', status: 404, details: { id: '2' } }, meta: { requestId: request.meta.requestId } })
+  await assert.rejects(bad.unwrap(), e => e instanceof PatchbayError && e.code === 'upstream_error' && e.status === 404 && e.details.id === '2')
+  await assert.rejects(unwrap(bad), PatchbayError)
+})
+
+test('an aborted request is answered once, locally, with `aborted`; the reducers never see the signal', async t => {
+  const { ws, dispatch, of } = setup(t)
+  ws.last.accept()
+  const abort = new AbortController()
+  const pending = dispatch({ type: 'TASK_FETCH_REQUEST', payload: { id: '1' }, meta: { signal: abort.signal } })
+  assert.deepEqual(of('TASK_FETCH_REQUEST')[0].meta, {}, 'no signal in the store')
+  abort.abort()
+  const reply = await pending
+  assert.equal(reply.payload.code, 'aborted')
+  ws.last.succeed('TASK_FETCH_REQUEST', { id: '1' })
+  assert.equal(of('TASK_FETCH_SUCCESS').length, 0, 'the late reply is dropped')
+  assert.equal(of('TASK_FETCH_FAILURE').length, 1)
+  const already = new AbortController()
+  already.abort()
+  const before = ws.last.sent.length
+  const none = await dispatch({ type: 'TASK_FETCH_REQUEST', payload: { id: '2' }, meta: { signal: already.signal } })
+  assert.equal(none.payload.code, 'aborted')
+  assert.equal(ws.last.sent.length, before, 'an already aborted request is not sent')
+})
+
+test('autoConnect: false connects on connect(); no WebSocket is needed until then', async t => {
+  const bridge = createPatchbay({ url: 'ws://x.test/ws', apiUrl: API, manifest: MANIFEST, WebSocket: undefined, autoConnect: false, fetch: async () => json({ ok: true }) })
+  t.after(() => bridge.close())
+  assert.equal(bridge.status, 'idle')
+  const reply = await bridge.request('TASKS_FETCH_REQUEST', {})
+  assert.deepEqual(reply.payload, { ok: true }, 'requests go over REST meanwhile')
+  assert.throws(() => bridge.connect(), /no WebSocket/)
+  const ws = fakeSockets()
+  const later = createPatchbay({ url: 'ws://x.test/ws', apiUrl: API, WebSocket: ws.FakeWebSocket, autoConnect: false, diagnose: false })
+  t.after(() => later.close())
+  assert.equal(ws.sockets.length, 0)
+  later.connect()
+  later.connect()
+  assert.equal(ws.sockets.length, 1, 'connect() is idempotent')
+})
+
+test('bridge.request answers without dispatching; an unknown request type fails at once', async t => {
+  const { ws, bridge, of } = setup(t)
+  ws.last.accept()
+  const pending = bridge.request('TASK_FETCH_REQUEST', { id: '3' })
+  ws.last.succeed('TASK_FETCH_REQUEST', { id: '3' })
+  assert.deepEqual(await pending.unwrap(), { id: '3' })
+  assert.equal(of('TASK_FETCH_SUCCESS').length, 0)
+  const unknown = await bridge.request('TASKZ_FETCH_REQUEST', {})
+  assert.equal(unknown.payload.code, 'unknown_action')
+})
+
+test('a *_REQUEST not in the manifest is warned about once, and still reaches the reducers', async t => {
+  const { dispatch, of } = setup(t)
+  const warnings = []
+  t.mock.method(console, 'warn', message => warnings.push(message))
+  dispatch({ type: 'TASKZ_FETCH_REQUEST' })
+  dispatch({ type: 'TASKZ_FETCH_REQUEST' })
+  assert.equal(of('TASKZ_FETCH_REQUEST').length, 2)
+  assert.equal(warnings.length, 1)
+  assert.match(warnings[0], /TASKZ_FETCH_REQUEST is not in the manifest/)
 })
 
 // --- encoding helpers --------------------------------------------------------------------------
