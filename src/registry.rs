@@ -24,7 +24,14 @@ const HANDLER_KINDS: [(&str, ParseKind); 2] = [("http", parse_http), ("task", cr
 /// Turns a handler kind's spec value into a [`Handler`].
 type ParseKind = fn(&Value) -> Result<Handler, String>;
 /// Spec keys besides the handler.
-const SPEC_KEYS: [&str; 5] = ["description", "payload", "timeoutMs", "subscribe", "client"];
+const SPEC_KEYS: [&str; 6] = [
+    "description",
+    "payload",
+    "response",
+    "timeoutMs",
+    "subscribe",
+    "client",
+];
 
 /// A manifest that cannot be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -349,6 +356,12 @@ fn parse_spec(name: &str, spec: &Value) -> Result<ActionSpec, String> {
                 .map_err(|e| format!("`payload` is not a valid JSON Schema: {e}"))?,
         ),
     };
+    // What a success carries: for clients and their type generators; patchbay passes the
+    // API's answer on as it is, so it only checks that this is a schema.
+    if let Some(schema) = spec.get("response") {
+        jsonschema::validator_for(schema)
+            .map_err(|e| format!("`response` is not a valid JSON Schema: {e}"))?;
+    }
     let timeout = match spec.get("timeoutMs") {
         None => DEFAULT_TIMEOUT,
         Some(v) => match v.as_u64() {
@@ -504,6 +517,28 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("action X") && e.contains("absolute path"), "{e}");
+    }
+
+    #[test]
+    fn a_response_schema_is_checked_and_served_as_written() {
+        let source = r#"{"X": {"http": {"method": "GET", "path": "/x"},
+            "response": {"type": "object", "properties": {"id": {"type": "string"}}}}}"#;
+        let r = Registry::from_sources([(Path::new("a.json"), source)]).unwrap();
+        let served: serde_json::Value = serde_json::from_slice(r.manifest_json()).unwrap();
+        assert_eq!(
+            served["X"]["response"]["properties"]["id"]["type"],
+            "string"
+        );
+        let e = Registry::from_sources([(
+            Path::new("a.json"),
+            r#"{"X": {"http": {"method": "GET", "path": "/x"}, "response": {"type": 7}}}"#,
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("action X") && e.contains("`response` is not a valid JSON Schema"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,4 +1,6 @@
-import type { Middleware } from 'redux'
+// Self-contained: nothing here imports redux, so the types are the same however the shim is
+// installed (a tarball, a linked folder, a workspace, pnpm) and whichever copy of redux the
+// app has. Actions are object types, so they are valid Redux Toolkit `UnknownAction`s.
 
 /** Where the bridge's requests go: `open` over the socket, otherwise straight to the API
  *  (`idle`: `autoConnect: false` and `connect()` not called yet). */
@@ -32,6 +34,9 @@ export interface ActionSpec {
   subscribe?: string
   /** Settings for this shim; the server ignores them. */
   client?: { poll?: PollSpec, [key: string]: unknown }
+  /** A `task` action (patchbay's task manager): no REST fallback. */
+  task?: unknown
+  [key: string]: unknown
 }
 
 export type Manifest = Record<string, ActionSpec>
@@ -55,7 +60,7 @@ export interface Failure {
   details?: unknown
 }
 
-export interface SuccessAction<P = unknown> {
+export type SuccessAction<P = unknown> = {
   type: `${string}_SUCCESS`
   payload: P
   error?: undefined
@@ -73,7 +78,7 @@ export interface SuccessAction<P = unknown> {
   }
 }
 
-export interface FailureAction {
+export type FailureAction = {
   type: `${string}_FAILURE`
   error: true
   payload: Failure
@@ -83,16 +88,16 @@ export interface FailureAction {
 /** What `dispatch(X_REQUEST)` resolves to; it is also dispatched to reducers. Never rejects. */
 export type ReplyAction<P = unknown> = SuccessAction<P> | FailureAction
 
-export interface StatusAction { type: '@@patchbay/STATUS', payload: { status: Status, transport: 'websocket' | 'sse', reason?: DownReason } }
+export type StatusAction = { type: '@@patchbay/STATUS', payload: { status: Status, transport: 'websocket' | 'sse', reason?: DownReason } }
 /** The server refused to let the connection back into a room after a reconnect (an expired
  *  room token, a revoked grant); the room is polled where its action says how. */
-export interface RejoinFailedAction { type: '@@patchbay/REJOIN_FAILED', payload: { room: string, code?: FailureCode, message?: string } }
-export interface AuthExpiredAction { type: '@@patchbay/AUTH_EXPIRED' }
+export type RejoinFailedAction = { type: '@@patchbay/REJOIN_FAILED', payload: { room: string, code?: FailureCode, message?: string } }
+export type AuthExpiredAction = { type: '@@patchbay/AUTH_EXPIRED' }
 /** Where a client stands in a room's history: after `offset` of `epoch`. */
 export interface Position { epoch: string, offset: number }
 /** Why a recovery replayed nothing. */
 export type RecoveryReason = 'not_kept' | 'unavailable' | 'epoch_changed' | 'too_old' | 'too_many'
-export interface ConnectedAction {
+export type ConnectedAction = {
   type: '@@patchbay/CONNECTED'
   payload: {
     protocol: number
@@ -114,15 +119,15 @@ export interface PresentUser { userId: string, state: Record<string, unknown>, s
 /** Who is in a room: from a SUBSCRIBE success (the first or a reconnect's rejoin). Replace the
  *  room's presence with it; then apply the PRESENCE_* events the bridge lets through (it drops
  *  those not newer than what the store has seen). */
-export interface PresenceSnapshotAction { type: '@@patchbay/PRESENCE_SNAPSHOT', payload: { room: string, version: number, users: PresentUser[] } }
-export interface PresenceJoinAction { type: '@@patchbay/PRESENCE_JOIN', payload: { room: string, userId: string, state: Record<string, unknown>, version: number }, meta: { room: string } }
-export interface PresenceLeaveAction { type: '@@patchbay/PRESENCE_LEAVE', payload: { room: string, userId: string, version: number, reason: 'left' | 'timeout' }, meta: { room: string } }
-export interface PresenceStateAction { type: '@@patchbay/PRESENCE_STATE', payload: { room: string, userId: string, state: Record<string, unknown>, version: number }, meta: { room: string } }
-export interface ResyncAction { type: '@@patchbay/RESYNC', payload: { room: string, reason: RecoveryReason, position: Position | null } }
+export type PresenceSnapshotAction = { type: '@@patchbay/PRESENCE_SNAPSHOT', payload: { room: string, version: number, users: PresentUser[] } }
+export type PresenceJoinAction = { type: '@@patchbay/PRESENCE_JOIN', payload: { room: string, userId: string, state: Record<string, unknown>, version: number }, meta: { room: string } }
+export type PresenceLeaveAction = { type: '@@patchbay/PRESENCE_LEAVE', payload: { room: string, userId: string, version: number, reason: 'left' | 'timeout' }, meta: { room: string } }
+export type PresenceStateAction = { type: '@@patchbay/PRESENCE_STATE', payload: { room: string, userId: string, state: Record<string, unknown>, version: number }, meta: { room: string } }
+export type ResyncAction = { type: '@@patchbay/RESYNC', payload: { room: string, reason: RecoveryReason, position: Position | null } }
 /** A result of `client.poll`, dispatched as `poll.as`. */
-export interface PolledAction<P = unknown> { type: string, payload: P, meta: { room: string, polled: true } }
+export type PolledAction<P = unknown> = { type: string, payload: P, meta: { room: string, polled: true } }
 /** Pushed by the server into a room the connection is in. */
-export interface ServerAction<P = unknown> {
+export type ServerAction<P = unknown> = {
   type: string
   payload?: P
   meta: {
@@ -142,7 +147,7 @@ export interface ServerAction<P = unknown> {
 /** The request types the middleware answers: the manifest's, and the built-ins. */
 export type RequestType<M = Manifest> = `${Extract<keyof M, string>}_REQUEST` | `@@patchbay/${string}_REQUEST`
 
-export interface RequestAction<M = Manifest> {
+export type RequestAction<M = Manifest> = {
   type: RequestType<M>
   /** Absent is sent as `{}`. */
   payload?: unknown
@@ -157,10 +162,21 @@ export interface ReplyPromise<P = unknown> extends Promise<ReplyAction<P>> {
   unwrap (): Promise<P>
 }
 
-/** What the middleware adds to `dispatch`. */
-export interface PatchbayDispatch<M = Manifest> {
-  <A extends RequestAction<M>>(action: A): ReplyPromise
+/** The success payload of request `A` given `Replies` (action name → payload type, as the
+ *  type generator writes it), else `unknown`. */
+export type ReplyPayload<A, Replies> = A extends { type: `${infer N}_REQUEST` } ? (N extends keyof Replies ? Replies[N] : unknown) : unknown
+
+/** What the middleware adds to `dispatch`: a request returns the promise of its reply. Put it
+ *  first in your dispatch type, so that its overload is the one TypeScript picks for requests
+ *  whatever the middleware order (`.prepend`, `.concat`, `applyMiddleware`):
+ *  `type AppDispatch = PatchbayDispatch<typeof manifest> & typeof store.dispatch`. */
+export type PatchbayDispatch<M = Manifest, Replies = {}> = {
+  <A extends RequestAction<M>>(action: A): ReplyPromise<ReplyPayload<A, Replies>>
 }
+
+/** Redux middleware, typed without importing redux. */
+export type PatchbayMiddleware = (api: { dispatch: (action: any) => any, getState: () => any }) =>
+  (next: (action: unknown) => unknown) => (action: unknown) => unknown
 
 /** What `subscribe` listeners get. */
 export interface BridgeState {
@@ -238,8 +254,8 @@ export interface PatchbayOptions<M extends Manifest = Manifest> {
 }
 
 export interface Patchbay<M extends Manifest = Manifest> {
-  /** Redux middleware: `applyMiddleware(bridge.middleware)` or RTK's `.concat(bridge.middleware)`. */
-  middleware: Middleware<PatchbayDispatch<M>>
+  /** Redux middleware: `applyMiddleware(bridge.middleware)`, or RTK's `.prepend` / `.concat`. */
+  middleware: PatchbayMiddleware
   /** The current status (also dispatched as `@@patchbay/STATUS`). */
   readonly status: Status
   /** Starts connecting (with `autoConnect: false`); does nothing once started. */
@@ -260,6 +276,16 @@ export interface Patchbay<M extends Manifest = Manifest> {
 }
 
 export function createPatchbay<M extends Manifest> (options: PatchbayOptions<M>): Patchbay<M>
+
+/** What `patchbayBaseQuery` takes: a request (`{ type: 'X_REQUEST', payload }`) or its type. */
+export type BaseQueryRequest<M = Manifest> = RequestType<M> | { type: RequestType<M>, payload?: unknown, meta?: { requestId?: string, signal?: AbortSignal } }
+
+/** A Redux Toolkit Query base query over the bridge (requests over the socket, or the API
+ *  while it is down): `createApi({ baseQuery: patchbayBaseQuery(bridge), … })`. */
+export function patchbayBaseQuery<M extends Manifest> (bridge: Patchbay<M>): (
+  request: BaseQueryRequest<M>,
+  api?: { signal?: AbortSignal }
+) => Promise<{ data: unknown, error?: undefined, meta: SuccessAction['meta'] } | { error: Failure, data?: undefined, meta: FailureAction['meta'] }>
 
 /** Percent-encodes a path segment or query key/value: all but `A-Z a-z 0-9 - . _ ~` become `%XX`. */
 export function encode (text: string): string

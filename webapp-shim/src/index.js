@@ -104,6 +104,21 @@ function unwrappable (promise) {
   return promise
 }
 
+/**
+ * A Redux Toolkit Query base query over the bridge: an endpoint's `query` returns a request
+ * (`{ type: 'X_REQUEST', payload }`, or what a generated creator makes), which travels over
+ * the socket, or to the API while the socket is down, like any other. A success is
+ * `{ data: payload }`, a failure `{ error: { code, message, status?, details? } }`; RTK
+ * Query's signal aborts the request.
+ */
+export function patchbayBaseQuery (bridge) {
+  return async (request, api) => {
+    const { type, payload, meta } = typeof request === 'string' ? { type: request } : request ?? {}
+    const reply = await bridge.request(type, payload, { requestId: meta?.requestId, signal: api?.signal ?? meta?.signal })
+    return reply.error ? { error: reply.payload, meta: reply.meta } : { data: reply.payload, meta: reply.meta }
+  }
+}
+
 /** The payload exactly as the socket would carry it (dates as strings, no undefined, no NaN). */
 function asJson (payload) {
   const text = JSON.stringify(payload === undefined ? {} : payload)

@@ -4,7 +4,10 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { createStore, applyMiddleware } from 'redux'
-import { createPatchbay, encode, buildRequest, diagnose, unwrap, PatchbayError } from 'patchbay-webapp-shim'
+import { configureStore, createListenerMiddleware } from '@reduxjs/toolkit'
+import { createApi } from '@reduxjs/toolkit/query'
+import { createPatchbay, encode, buildRequest, diagnose, unwrap, PatchbayError, patchbayBaseQuery } from 'patchbay-webapp-shim'
+import { generateTypes, pascal } from 'patchbay-webapp-shim/types'
 
 const API = 'https://api.test/v1'
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/
@@ -964,6 +967,87 @@ test('a *_REQUEST not in the manifest is warned about once, and still reaches th
   assert.equal(of('TASKZ_FETCH_REQUEST').length, 2)
   assert.equal(warnings.length, 1)
   assert.match(warnings[0], /TASKZ_FETCH_REQUEST is not in the manifest/)
+})
+
+// --- Redux Toolkit Query and generated types ---------------------------------------------------
+
+test('RTK Query over the bridge: queries over the socket, over REST while it is down, pushes patch the cache', async t => {
+  const ws = fakeSockets()
+  const api = fakeFetch(call => json({ notes: [{ id: 'r', text: 'over rest' }] }))
+  const bridge = createPatchbay({ url: 'ws://patchbay.test/ws', apiUrl: API, manifest: { NOTES_FETCH: { http: { method: 'GET', path: '/notes' } } }, WebSocket: ws.FakeWebSocket, fetch: api.fetch, transport: 'websocket', diagnose: false, minBackoffMs: 5, maxBackoffMs: 20, connectWaitMs: 0 })
+  t.after(() => bridge.close())
+  const notesApi = createApi({
+    reducerPath: 'notesApi',
+    baseQuery: patchbayBaseQuery(bridge),
+    endpoints: build => ({ notes: build.query({ query: () => ({ type: 'NOTES_FETCH_REQUEST', payload: {} }) }) })
+  })
+  // A push (NOTE_ADDED) puts the note into the cached list, as an app's listener would.
+  const listener = createListenerMiddleware()
+  listener.startListening({
+    type: 'NOTE_ADDED',
+    effect: (action, { dispatch }) => dispatch(notesApi.util.updateQueryData('notes', undefined, draft => { draft.notes.unshift(action.payload) }))
+  })
+  const store = configureStore({
+    reducer: { [notesApi.reducerPath]: notesApi.reducer },
+    middleware: getDefault => getDefault().prepend(bridge.middleware, listener.middleware).concat(notesApi.middleware)
+  })
+  ws.last.accept()
+  const query = store.dispatch(notesApi.endpoints.notes.initiate())
+  await until(() => ws.last.requests('NOTES_FETCH_REQUEST').length === 1, 'the query over the socket')
+  ws.last.succeed('NOTES_FETCH_REQUEST', { notes: [{ id: 'a', text: 'first' }] })
+  const first = await query
+  assert.deepEqual(first.data, { notes: [{ id: 'a', text: 'first' }] })
+  ws.last.receive({ type: 'NOTE_ADDED', payload: { id: 'b', text: 'pushed' }, meta: { room: 'notes' } })
+  await until(() => notesApi.endpoints.notes.select()(store.getState()).data?.notes.length === 2, 'the push in the cache')
+  // The socket goes down: a refetch goes to the API, and the query still succeeds.
+  ws.last.drop(1006)
+  const again = await store.dispatch(notesApi.endpoints.notes.initiate(undefined, { forceRefetch: true }))
+  assert.deepEqual(again.data, { notes: [{ id: 'r', text: 'over rest' }] })
+  assert.equal(api.calls.length, 1)
+  assert.equal(api.calls[0].url, API + '/notes')
+  query.unsubscribe()
+})
+
+test('RTK Query: a failure is the query\'s error with patchbay\'s code', async t => {
+  const ws = fakeSockets()
+  const bridge = createPatchbay({ url: 'ws://patchbay.test/ws', apiUrl: API, manifest: { TASK_FETCH: { http: { method: 'GET', path: '/tasks/{id}' } } }, WebSocket: ws.FakeWebSocket, fetch: async () => json({}), transport: 'websocket', diagnose: false })
+  t.after(() => bridge.close())
+  const tasksApi = createApi({ reducerPath: 'tasksApi', baseQuery: patchbayBaseQuery(bridge), endpoints: build => ({ task: build.query({ query: id => ({ type: 'TASK_FETCH_REQUEST', payload: { id } }) }) }) })
+  const store = configureStore({ reducer: { [tasksApi.reducerPath]: tasksApi.reducer }, middleware: g => g().concat(tasksApi.middleware) })
+  ws.last.accept()
+  const query = store.dispatch(tasksApi.endpoints.task.initiate('9'))
+  await until(() => ws.last.requests('TASK_FETCH_REQUEST').length === 1, 'the request')
+  const request = ws.last.requests('TASK_FETCH_REQUEST')[0]
+  assert.deepEqual(request.payload, { id: '9' })
+  ws.last.receive({ type: 'TASK_FETCH_FAILURE', error: true, payload: { code: 'upstream_error', message: 'gone', status: 404 }, meta: { requestId: request.meta.requestId } })
+  const result = await query
+  assert.equal(result.error.code, 'upstream_error')
+  assert.equal(result.error.status, 404)
+  query.unsubscribe()
+})
+
+test('generated types: constants, creators, guards and Replies for every action, from the schemas', async () => {
+  const text = await generateTypes({
+    NOTE_ADD: { description: 'Add a note', http: { method: 'POST', path: '/notes' }, payload: { type: 'object', properties: { text: { type: 'string' } }, required: ['text'] }, response: { title: 'Note', type: 'object', properties: { id: { type: 'string' } }, required: ['id'] } },
+    NOTES_FETCH: { http: { method: 'GET', path: '/notes' } }
+  })
+  assert.equal(pascal('NOTES_FETCH'), 'NotesFetch')
+  for (const line of [
+    'export const manifest = {',
+    "export const NOTE_ADD_REQUEST = 'NOTE_ADD_REQUEST'",
+    'export interface NoteAddPayload {',
+    'text: string',
+    'export interface NoteAddResponse {',
+    'export type NotesFetchResponse = unknown',
+    '/** Add a note */',
+    'export const noteAdd = (payload: NoteAddPayload, meta?: RequestMeta): NoteAddRequestAction =>',
+    'export const notesFetch = (payload?: NotesFetchPayload',
+    'export const isNoteAddSuccess = (action: unknown): action is NoteAddSuccessAction =>',
+    '  NOTE_ADD: NoteAddResponse',
+    'export type AppPatchbayDispatch = PatchbayDispatch<typeof manifest, Replies>'
+  ]) assert.ok(text.includes(line), `missing: ${line}\n${text}`)
+  await assert.rejects(generateTypes({ 'bad name': {} }), /not an action name/)
+  await assert.rejects(generateTypes([]), /JSON object/)
 })
 
 // --- encoding helpers --------------------------------------------------------------------------
