@@ -131,7 +131,7 @@ impl Api {
                 );
                 h.insert(
                     "access-control-allow-headers",
-                    "content-type, idempotency-key, authorization"
+                    "content-type, idempotency-key, x-request-id, authorization"
                         .parse()
                         .expect("a header value"),
                 );

@@ -262,7 +262,8 @@ export interface Patchbay<M extends Manifest = Manifest> {
   connect (): void
   /** Calls `listener` at every change of status or counts; returns the function that stops it. */
   subscribe (listener: (state: BridgeState) => void): () => void
-  /** Sends a request without a store: its reply is returned, not dispatched. */
+  /** Sends a request without passing it through the store (what the RTK Query base query
+   *  does): its reply is returned, and dispatched like any other. */
   request<P = unknown> (type: RequestType<M>, payload?: unknown, options?: { requestId?: string, signal?: AbortSignal }): ReplyPromise<P>
   /** How many requests went over the socket and over REST (retries count in both). */
   readonly stats: { readonly socket: number, readonly rest: number }

@@ -233,7 +233,7 @@ export function createPatchbay (options) {
       if (late.size > LATE_IDS) late.delete(late.values().next().value)
     }
     track(entry, reply, fromSocket)
-    if (!entry.quiet && !entry.silent) emit(reply)
+    if (!entry.quiet) emit(reply)
     entry.resolve(reply)
   }
 
@@ -422,9 +422,9 @@ export function createPatchbay (options) {
     return true
   }
 
-  function request (name, payload, requestId, signal, silent = false) {
+  function request (name, payload, requestId, signal) {
     return new Promise(resolve => {
-      const entry = entryFor(name, payload, requestId, { resolve, silent })
+      const entry = entryFor(name, payload, requestId, { resolve })
       if (closed) return failNow(entry, 'upstream_unavailable', 'the bridge was closed')
       if (signal) {
         const abort = () => cancel(entry)
@@ -676,8 +676,8 @@ export function createPatchbay (options) {
       listeners.add(listener)
       return () => listeners.delete(listener)
     },
-    /** Sends a request without a store (the RTK Query base query uses it): the reply, which
-     *  is not dispatched. */
+    /** Sends a request without passing it through the store (the RTK Query base query uses
+     *  it): the reply is returned, and dispatched as usual. */
     request (type, payload, { requestId, signal } = {}) {
       if (typeof type !== 'string' || !type.endsWith(REQUEST)) throw new TypeError('request needs an X_REQUEST type')
       const name = type.slice(0, -REQUEST.length)
@@ -685,7 +685,7 @@ export function createPatchbay (options) {
         return unwrappable(Promise.resolve({ type: `${name}_FAILURE`, error: true, payload: failurePayload('unknown_action', `${type} is not in the manifest`), meta: { requestId: requestId ?? uuid() } }))
       }
       const id = typeof requestId === 'string' && REQUEST_ID.test(requestId) && !pending.has(requestId) ? requestId : uuid()
-      return unwrappable(request(name, payload, id, isSignal(signal) ? signal : undefined, true))
+      return unwrappable(request(name, payload, id, isSignal(signal) ? signal : undefined))
     },
     /** Who is in `room` as the store has seen it (snapshot and newer events), or null. */
     presence (room) {

@@ -947,13 +947,14 @@ test('autoConnect: false connects on connect(); no WebSocket is needed until the
   assert.equal(ws.sockets.length, 1, 'connect() is idempotent')
 })
 
-test('bridge.request answers without dispatching; an unknown request type fails at once', async t => {
+test('bridge.request: the request skips the store, its reply is returned and dispatched; an unknown type fails at once', async t => {
   const { ws, bridge, of } = setup(t)
   ws.last.accept()
   const pending = bridge.request('TASK_FETCH_REQUEST', { id: '3' })
   ws.last.succeed('TASK_FETCH_REQUEST', { id: '3' })
   assert.deepEqual(await pending.unwrap(), { id: '3' })
-  assert.equal(of('TASK_FETCH_SUCCESS').length, 0)
+  assert.equal(of('TASK_FETCH_REQUEST').length, 0)
+  assert.equal(of('TASK_FETCH_SUCCESS').length, 1)
   const unknown = await bridge.request('TASKZ_FETCH_REQUEST', {})
   assert.equal(unknown.payload.code, 'unknown_action')
 })
