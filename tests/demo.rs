@@ -358,6 +358,56 @@ fn handshake(patchbay: SocketAddr, origin: &str) -> u16 {
 }
 
 #[test]
+fn no_bridge_prints_every_variable_patchbay_needs() {
+    let mut child = Command::new(demo_binary())
+        .args([
+            "--no-bridge",
+            "--bridge-addr",
+            "127.0.0.1:9",
+            "--publish-token",
+            "tok-tok-tok-tok-1",
+        ])
+        .args(["--api-listen", "127.0.0.1:0", "--allow-origin", DEV_SERVER])
+        .env("PATCHBAY_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the demo starts");
+    let (tx, lines) = mpsc::channel();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut printed = String::new();
+    while !printed.contains("Press ctrl-c") {
+        match lines.recv_timeout(DEADLINE) {
+            Ok(line) => printed.push_str(&(line + "\n")),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    for var in [
+        "PATCHBAY_LISTEN=127.0.0.1:9",
+        "PATCHBAY_API_URL=http://127.0.0.1:",
+        "PATCHBAY_PUBLISH_TOKEN=tok-tok-tok-tok-1",
+        "PATCHBAY_JWT_SECRET=",
+        "PATCHBAY_ROOM_SECRET=",
+        "PATCHBAY_PUBLIC_ROOMS=watch:*",
+        "PATCHBAY_PRESENCE_ROOMS=watch:*",
+        "PATCHBAY_PRESENCE_GRACE_MS=3000",
+        DEV_SERVER,
+    ] {
+        assert!(printed.contains(var), "{var} missing from:\n{printed}");
+    }
+}
+
+#[test]
 fn demo_serves_the_page_and_stops_and_starts_patchbay() {
     let mut demo = Served::start();
     let (api, patchbay) = (demo.api, demo.patchbay);
@@ -460,7 +510,7 @@ fn demo_serves_the_page_and_stops_and_starts_patchbay() {
     assert!(
         preflight
             .header("access-control-allow-headers")
-            .is_some_and(|h| h.contains("idempotency-key"))
+            .is_some_and(|h| h.contains("idempotency-key") && h.contains("x-request-id"))
     );
     let foreign = http(api, "GET", "/notes", &[("Origin", "http://evil.example")]).unwrap();
     assert_eq!(foreign.header("access-control-allow-origin"), None);

@@ -48,6 +48,8 @@ const USAGE: &str = "usage: demo [--once] [--redis [URL]] [--api-listen ADDR] [-
 const API_LISTEN: &str = "127.0.0.1:8000";
 /// The rooms a page joins to say it is watching a task, and to see who else is.
 const WATCH_ROOMS: &str = "watch:*";
+/// How long a tab that went away stays listed as watching.
+const PRESENCE_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 struct Args {
     once: bool,
@@ -282,9 +284,11 @@ async fn demo(private_redis: &mut Option<redis_bus::PrivateServer>) -> ExitCode 
              PATCHBAY_ALLOWED_ORIGINS={} PATCHBAY_ACTIONS={} {push} \
              PATCHBAY_JWT_SECRET={jwt_secret} PATCHBAY_ROOM_SECRET={room_secret} \
              PATCHBAY_ALLOW_ANONYMOUS=true \
-             PATCHBAY_PUBLIC_ROOMS={WATCH_ROOMS} PATCHBAY_PRESENCE_ROOMS={WATCH_ROOMS} patchbay",
+             PATCHBAY_PUBLIC_ROOMS={WATCH_ROOMS} PATCHBAY_PRESENCE_ROOMS={WATCH_ROOMS} \
+             PATCHBAY_PRESENCE_GRACE_MS={} patchbay",
             origins.join(","),
-            actions_dir.display()
+            actions_dir.display(),
+            PRESENCE_GRACE.as_millis()
         );
         println!("Press ctrl-c to stop.");
         shutdown_signal().await;
@@ -321,7 +325,7 @@ async fn demo(private_redis: &mut Option<redis_bus::PrivateServer>) -> ExitCode 
         public_rooms: vec![patchbay::rooms::RoomPattern::parse(WATCH_ROOMS).expect("a pattern")],
         presence: Some(patchbay::presence::PresenceConfig {
             rooms: vec![patchbay::rooms::RoomPattern::parse(WATCH_ROOMS).expect("a pattern")],
-            grace: std::time::Duration::from_secs(3),
+            grace: PRESENCE_GRACE,
         }),
         ..patchbay::Config::default()
     };

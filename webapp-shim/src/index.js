@@ -54,27 +54,38 @@ function untilReached (until, payload) {
   return Array.isArray(until.in) && until.in.includes(payload[until.field])
 }
 
-/** Why the socket is down, found out with two plain requests: `/readyz` (any answer means the
- *  server is reachable) and `GET /sse` with the socket's own credentials (401: `auth`; another
- *  refusal, or an answer this page may not read: `refused`; admitted: something between the
- *  page and the server breaks websockets, which counts as `unreachable`). */
+/** How long each of the diagnosis's requests may take. */
+const DIAGNOSE_TIMEOUT_MS = 5000
+
+/** Why the socket is down, found out with two plain requests: `/readyz` (any answer means
+ *  something answers at that address), then `GET /sse` with the socket's own credentials
+ *  (401: `auth`; 403, or an answer this page may not read: `refused`; admitted, or a server
+ *  error on the way: something between the page and patchbay is the trouble, `unreachable`).
+ *  The second opens an SSE session, closed as soon as its headers arrive. */
 export async function diagnose (fetch, socketUrl) {
   const url = new URL(socketUrl)
   url.protocol = url.protocol === 'wss:' ? 'https:' : 'http:'
+  url.searchParams.delete('since')
   const base = url.pathname.replace(/\/(ws|sse)$/, '')
+  const limit = () => AbortSignal.timeout(DIAGNOSE_TIMEOUT_MS)
   try {
-    await fetch(`${url.origin}${base}/readyz`, { mode: 'no-cors', cache: 'no-store' })
+    await fetch(`${url.origin}${base}/readyz`, { mode: 'no-cors', cache: 'no-store', signal: limit() })
   } catch {
     return 'unreachable'
   }
   const abort = new AbortController()
+  const timer = setTimeout(() => abort.abort(), DIAGNOSE_TIMEOUT_MS)
   try {
     const res = await fetch(`${url.origin}${base}/sse${url.search}`, { credentials: 'include', cache: 'no-store', signal: abort.signal, headers: { accept: 'text/event-stream' } })
     if (res.status === 401) return 'auth'
-    return res.ok ? 'unreachable' : 'refused'
+    if (res.status === 403) return 'refused'
+    return 'unreachable'
   } catch {
-    return 'refused'
+    // Answered, but not readable from this page: patchbay sends CORS only to the origins it
+    // allows (a proxy's error page without CORS reads the same).
+    return abort.signal.aborted ? 'unreachable' : 'refused'
   } finally {
+    clearTimeout(timer)
     abort.abort()
   }
 }
@@ -159,7 +170,14 @@ export function createPatchbay (options) {
   let dispatch = null
   let ready = false
   const early = []
-  const emit = action => (ready ? dispatch(action) : early.push(action))
+  /** Most actions kept for a store that is not there yet (a bridge used only through
+   *  `bridge.request`, say): the oldest go first. */
+  const EARLY_MAX = 1000
+  const emit = action => {
+    if (ready) return dispatch(action)
+    early.push(action)
+    if (early.length > EARLY_MAX) early.shift()
+  }
   function flush () {
     if (ready || !dispatch) return
     ready = true
@@ -392,7 +410,7 @@ export function createPatchbay (options) {
     stats.rest++
     notify()
     inRest.add(entry)
-    callRest({ apiUrl: api, name: entry.name, spec: entry.spec, payload: entry.payload, requestId: entry.requestId, fetch, inFlight })
+    callRest({ apiUrl: api, name: entry.name, spec: entry.spec, payload: entry.payload, requestId: entry.requestId, fetch, inFlight, signal: entry.signal })
       .then(reply => settle(entry, reply))
   }
 
@@ -424,7 +442,7 @@ export function createPatchbay (options) {
 
   function request (name, payload, requestId, signal) {
     return new Promise(resolve => {
-      const entry = entryFor(name, payload, requestId, { resolve })
+      const entry = entryFor(name, payload, requestId, { resolve, signal })
       if (closed) return failNow(entry, 'upstream_unavailable', 'the bridge was closed')
       if (signal) {
         const abort = () => cancel(entry)

@@ -41,9 +41,10 @@ function parseBody (text) {
  * @param {typeof fetch} options.fetch
  * @param {Set<() => void>} [options.inFlight] where the call registers its abort while it runs,
  *   so the bridge can cut every call short when it closes
+ * @param {AbortSignal} [options.signal] the request's own signal: cuts the call short too
  * @returns {Promise<{type: string, payload: unknown, error?: true, meta: Record<string, unknown>}>}
  */
-export async function callRest ({ apiUrl, name, spec, payload, requestId, fetch, inFlight }) {
+export async function callRest ({ apiUrl, name, spec, payload, requestId, fetch, inFlight, signal }) {
   const meta = { requestId }
   const failure = (code, message, extra) => ({ type: `${name}_FAILURE`, error: true, payload: failurePayload(code, message, extra), meta })
   let request
@@ -66,6 +67,7 @@ export async function callRest ({ apiUrl, name, spec, payload, requestId, fetch,
   const timer = setTimeout(stop('timeout'), timeoutMs)
   const closed = stop('closed')
   inFlight?.add(closed)
+  signal?.addEventListener('abort', closed, { once: true })
   try {
     const response = await Promise.race([fetch(apiUrl + request.path, {
       method: request.method,
@@ -95,5 +97,6 @@ export async function callRest ({ apiUrl, name, spec, payload, requestId, fetch,
   } finally {
     clearTimeout(timer)
     inFlight?.delete(closed)
+    signal?.removeEventListener('abort', closed)
   }
 }

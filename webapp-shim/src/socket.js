@@ -79,7 +79,7 @@ export class Connection {
 
   open () {
     this.reconnectTimer = null
-    if (this.stopped) return
+    if (this.stopped || this.ws) return
     this.attempts++
     let ws
     try {
@@ -184,6 +184,8 @@ export class Connection {
     // Why, when known: kept while still down, forgotten once a socket has opened.
     this.setStatus('fallback', opened ? null : this.reason)
     this.o.onDown()
+    // A listener may have reconnected (or closed) already.
+    if (this.ws || this.stopped || this.reconnectTimer) return
     if (opened || !this.o.diagnose || !this.lastUrl) return this.scheduleReconnect()
     // An attempt that never opened: ask why (the server unreachable, refusing this page or
     // its credentials) before waiting for the next one.
@@ -217,6 +219,7 @@ export class Connection {
     try { ws?.close(1000) } catch {}
     this.stopped = false
     this.attempt = 0
+    this.refusals = 0
     this.openedAt = 0
     if (ws) {
       this.setStatus('fallback')

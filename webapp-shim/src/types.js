@@ -15,8 +15,17 @@ export function pascal (name) {
   return name.toLowerCase().split('_').filter(Boolean).map(w => w[0].toUpperCase() + w.slice(1)).join('')
 }
 
-/** `NOTES_FETCH` → `notesFetch`. */
-const camel = name => { const p = pascal(name); return p[0].toLowerCase() + p.slice(1) }
+/** Words a creator cannot be named (JavaScript's reserved words, and this module's own names). */
+const RESERVED = new Set(('break case catch class const continue debugger default delete do else enum export extends ' +
+  'false finally for function if implements import in instanceof interface let new null package private protected ' +
+  'public return static super switch this throw true try typeof var void while with yield await manifest').split(' '))
+
+/** `NOTES_FETCH` → `notesFetch` (`DELETE` → `deleteRequest`: a creator is never a reserved word). */
+export function creatorName (name) {
+  const p = pascal(name)
+  const camel = p[0].toLowerCase() + p.slice(1)
+  return RESERVED.has(camel) ? `${camel}Request` : camel
+}
 
 async function compiler () {
   try {
@@ -26,13 +35,23 @@ async function compiler () {
   }
 }
 
-/** The TypeScript declaration of `schema` named `name` (its root `title` is dropped, so the
- *  name is always `name`; titled sub-schemas keep theirs). */
+/** The TypeScript declarations of `schema`, the root one named `name` (its root `title` and
+ *  `$id` are dropped, as they would rename it; titled sub-schemas keep their titles). */
 async function declare (compile, schema, name) {
-  if (schema === undefined) return `export type ${name} = unknown\n`
-  if (schema === true || (schema && typeof schema === 'object' && Object.keys(schema).length === 0)) return `export type ${name} = unknown\n`
-  const { title, ...rest } = schema
+  if (schema === false) return `export type ${name} = never\n`
+  if (schema === undefined || schema === true || (schema && typeof schema === 'object' && Object.keys(schema).length === 0)) return `export type ${name} = unknown\n`
+  if (schema === null || typeof schema !== 'object' || Array.isArray(schema)) throw new TypeError(`the schema of ${name} is not a JSON Schema`)
+  const { title, $id, id, ...rest } = schema
   return compile(rest, name, { bannerComment: '', format: false, additionalProperties: true, strictIndexSignatures: true })
+}
+
+/** Top-level declarations of `text` (what json-schema-to-typescript writes): name → text. */
+function declarations (text) {
+  return text.split(/(?=^export )/m).filter(block => block.trim()).map(block => {
+    const name = /^export (?:interface|type|const|enum) (\w+)/.exec(block)?.[1]
+    if (!name) throw new Error(`unexpected output of json-schema-to-typescript: ${block.slice(0, 80)}`)
+    return [name, block.trimEnd() + '\n']
+  })
 }
 
 /** Whether a request of this payload schema may leave the payload out. */
@@ -51,21 +70,37 @@ export async function generateTypes (manifest) {
   out.push('export type RequestMeta = { requestId?: string, signal?: AbortSignal }\n')
   out.push(`/** The manifests, for \`createPatchbay({ manifest })\`. */\nexport const manifest = ${JSON.stringify(manifest, null, 2)} as const\n`)
   const replies = []
+  /** Every declared name, with the action that declared it and its text: a sub-schema title
+   *  shared by several actions is declared once, or refused when they disagree. */
+  const declared = new Map()
+  const creators = new Map()
   for (const name of names) {
     if (!/^[A-Z][A-Z0-9_]*$/.test(name)) throw new TypeError(`\`${name}\` is not an action name ([A-Z][A-Z0-9_]*)`)
     const spec = manifest[name] ?? {}
     const P = pascal(name)
+    const creator = creatorName(name)
+    if (creators.has(creator)) throw new TypeError(`actions ${creators.get(creator)} and ${name} would both be named ${creator}`)
+    creators.set(creator, name)
     const doc = typeof spec.description === 'string' ? `/** ${spec.description.replaceAll('*/', '*\\/')} */\n` : ''
     out.push(`// --- ${name} ${'-'.repeat(Math.max(0, 88 - name.length))}\n`)
-    out.push(await declare(compile, spec.payload, `${P}Payload`))
-    out.push(await declare(compile, spec.response, `${P}Response`))
+    for (const [schema, type] of [[spec.payload, `${P}Payload`], [spec.response, `${P}Response`]]) {
+      for (const [declName, text] of declarations(await declare(compile, schema, type))) {
+        const before = declared.get(declName)
+        if (before && before.text !== text) {
+          throw new TypeError(`${name} and ${before.action} both declare a type ${declName}, differently: give their schemas different titles`)
+        }
+        if (before) continue
+        declared.set(declName, { action: name, text })
+        out.push(text)
+      }
+    }
     out.push(`export const ${name}_REQUEST = '${name}_REQUEST'
 export const ${name}_SUCCESS = '${name}_SUCCESS'
 export const ${name}_FAILURE = '${name}_FAILURE'
 export type ${P}RequestAction = { type: typeof ${name}_REQUEST, payload${optionalPayload(spec.payload) ? '?' : ''}: ${P}Payload, meta?: RequestMeta }
 export type ${P}SuccessAction = SuccessAction<${P}Response> & { type: typeof ${name}_SUCCESS }
 export type ${P}FailureAction = FailureAction & { type: typeof ${name}_FAILURE }
-${doc}export const ${camel(name)} = (payload${optionalPayload(spec.payload) ? '?' : ''}: ${P}Payload, meta?: RequestMeta): ${P}RequestAction =>
+${doc}export const ${creator} = (payload${optionalPayload(spec.payload) ? '?' : ''}: ${P}Payload, meta?: RequestMeta): ${P}RequestAction =>
   meta ? { type: ${name}_REQUEST, payload, meta } : { type: ${name}_REQUEST, payload }
 export const is${P}Success = (action: unknown): action is ${P}SuccessAction =>
   (action as { type?: unknown } | null)?.type === ${name}_SUCCESS

@@ -78,17 +78,25 @@ test('an RTK Query app built with Vite on its own origin: over the socket, over 
   t.after(() => demo.stop())
   const { page } = await openBrowser(t, { timeoutMs: WAIT_MS })
   const status = s => page.locator(`#status[data-status="${s}"]`).waitFor()
-  const add = async text => {
-    await page.fill('#text', text)
-    await page.click('#send')
-  }
   const note = text => page.locator('#notes li', { hasText: text })
+  const count = async which => Number(await page.locator(`#via-${which}`).textContent())
+  /** Adds a note (with the RTK Query mutation, or with `dispatch(noteAdd(…))`) and waits
+   *  until its reply came back: which way it went, by the bridge's counts. */
+  const addAndSee = async (text, button = '#send') => {
+    const before = { socket: await count('socket'), rest: await count('rest') }
+    await page.fill('#text', text)
+    await page.click(button)
+    await page.locator('#last-added', { hasText: text }).waitFor()
+    assert.equal(await page.locator('#error').textContent(), '')
+    const after = { socket: await count('socket'), rest: await count('rest') }
+    return after.socket > before.socket && after.rest === before.rest ? 'socket' : after.rest > before.rest && after.socket === before.socket ? 'rest' : JSON.stringify({ before, after })
+  }
   try {
     await page.goto(`${origin}/?ws=${encodeURIComponent(demo.wsUrl)}&api=${encodeURIComponent(demo.apiUrl)}`)
     await status('open')
 
     // Over the socket: the mutation's reply, then the push patches the cached list.
-    await add('over the socket')
+    assert.equal(await addAndSee('over the socket'), 'socket')
     await note('over the socket').waitFor()
     await page.locator('#notes li[data-mine="true"]', { hasText: 'over the socket' }).waitFor()
 
@@ -96,16 +104,14 @@ test('an RTK Query app built with Vite on its own origin: over the socket, over 
     await demo.control('stop')
     await status('fallback')
     await page.locator('#reason', { hasText: 'unreachable' }).waitFor()
-    await add('over rest')
-    await page.waitForFunction(() => document.body.dataset.lastAdded)
-    assert.equal(await page.locator('#error').textContent(), '')
+    assert.equal(await addAndSee('over rest'), 'rest')
     await page.click('#refetch')
     await note('over rest').waitFor()
 
-    // patchbay back: the socket reopens and carries the next mutation.
+    // patchbay back: the socket reopens and carries the next request, typed dispatch this time.
     await demo.control('start')
     await status('open')
-    await add('back on the socket')
+    assert.equal(await addAndSee('back on the socket', '#quick'), 'socket')
     await note('back on the socket').waitFor()
   } catch (e) {
     e.message += `\n${demo.output()}`

@@ -830,7 +830,8 @@ test('diagnose tells unreachable, auth and refused apart with /readyz and the so
     [() => { throw new TypeError('fetch failed') }, null, 'unreachable'],
     [() => json({}), () => json({ code: 'unauthorized' }, 401), 'auth'],
     [() => json({}), () => json({ code: 'forbidden_origin' }, 403), 'refused'],
-    [() => json({}), () => json({ code: 'too_many_connections' }, 503), 'refused'],
+    [() => json({}), () => json({ code: 'too_many_connections' }, 503), 'unreachable'],
+    [() => json({}), () => new Response('bad gateway', { status: 502 }), 'unreachable'],
     [() => json({}), () => { throw new TypeError('a foreign origin cannot read it') }, 'refused'],
     [() => json({}), () => new Response('data: {}\n\n', { status: 200 }), 'unreachable']
   ]
@@ -840,15 +841,39 @@ test('diagnose tells unreachable, auth and refused apart with /readyz and the so
       calls.push({ url, init })
       return url.includes('/readyz') ? readyz() : sse()
     }
-    assert.equal(await diagnose(fetch, 'wss://app.test/pb/ws?token=t1'), want)
+    assert.equal(await diagnose(fetch, 'wss://app.test/pb/ws?token=t1&since=e%3A4'), want)
     assert.equal(calls[0].url, 'https://app.test/pb/readyz')
     assert.equal(calls[0].init.mode, 'no-cors')
     if (sse) {
-      assert.equal(calls[1].url, 'https://app.test/pb/sse?token=t1', 'the socket\'s own query')
+      assert.equal(calls[1].url, 'https://app.test/pb/sse?token=t1', 'the socket\'s own credentials, no recovery')
       assert.equal(calls[1].init.credentials, 'include')
       assert.equal(calls[1].init.signal.aborted, true, 'the stream is not kept open')
     }
   }
+})
+
+test('diagnose gives up on a server that does not answer: unreachable', async () => {
+  const hang = (url, init) => new Promise((resolve, reject) => init.signal.addEventListener('abort', () => reject(new Error('aborted'))))
+  const started = Date.now()
+  const slowSse = (url, init) => (url.includes('/readyz') ? Promise.resolve(json({})) : hang(url, init))
+  assert.equal(await diagnose(slowSse, 'ws://x.test/ws'), 'unreachable')
+  assert.ok(Date.now() - started < 8000)
+})
+
+test('a status listener that reconnects does not leave a second socket behind', async t => {
+  const { ws, bridge } = setup(t)
+  ws.last.accept()
+  let once = true
+  bridge.subscribe(state => {
+    if (state.status === 'fallback' && once) {
+      once = false
+      bridge.reconnect()
+    }
+  })
+  ws.last.drop(1006)
+  assert.equal(ws.sockets.length, 2, 'the listener\'s reconnect opened one')
+  await sleep(60)
+  assert.equal(ws.sockets.length, 2, 'and no timer opened another')
 })
 
 test('a socket that never opens: STATUS says why, and repeated refusals wait refusedBackoffMs', async t => {
@@ -929,6 +954,17 @@ test('an aborted request is answered once, locally, with `aborted`; the reducers
   const none = await dispatch({ type: 'TASK_FETCH_REQUEST', payload: { id: '2' }, meta: { signal: already.signal } })
   assert.equal(none.payload.code, 'aborted')
   assert.equal(ws.last.sent.length, before, 'an already aborted request is not sent')
+})
+
+test('aborting a request that went over REST cuts its fetch short too', async t => {
+  const { ws, dispatch, api } = setup(t, {}, never)
+  ws.last.drop(1006)
+  const abort = new AbortController()
+  const pending = dispatch({ type: 'TASKS_FETCH_REQUEST', meta: { signal: abort.signal } })
+  await until(() => api.calls.length === 1, 'the REST call')
+  abort.abort()
+  assert.equal((await pending).payload.code, 'aborted')
+  assert.equal(api.calls[0].signal.aborted, true)
 })
 
 test('autoConnect: false connects on connect(); no WebSocket is needed until then', async t => {
@@ -1049,6 +1085,44 @@ test('generated types: constants, creators, guards and Replies for every action,
   ]) assert.ok(text.includes(line), `missing: ${line}\n${text}`)
   await assert.rejects(generateTypes({ 'bad name': {} }), /not an action name/)
   await assert.rejects(generateTypes([]), /JSON object/)
+})
+
+test('generated types from awkward schemas still compile under tsc --strict', async t => {
+  const { mkdtemp, writeFile, rm } = await import('node:fs/promises')
+  const { execFile } = await import('node:child_process')
+  const { promisify } = await import('node:util')
+  const shared = { title: 'Shared', type: 'object', properties: { id: { type: 'string' } }, required: ['id'] }
+  const manifest = {
+    // A reserved word, a root $id and title, an enum, a title two actions share.
+    DELETE: { http: { method: 'DELETE', path: '/x' }, payload: { $id: 'https://x.test/del', title: 'Gone', type: 'object', properties: { kind: { enum: ['a', 'b'] } } }, response: { type: 'object', properties: { item: shared } } },
+    ITEM_GET: { http: { method: 'GET', path: '/x' }, payload: true, response: shared },
+    NOTHING: { http: { method: 'GET', path: '/n' }, payload: false, response: { type: 'array', items: { type: 'integer' } } },
+    SCALAR: { http: { method: 'POST', path: '/s' }, payload: { type: 'string' } }
+  }
+  const text = await generateTypes(manifest)
+  assert.equal(text.match(/export interface Shared /g)?.length, 1, 'the shared title is declared once')
+  assert.match(text, /export const deleteRequest = /)
+  assert.match(text, /export type NothingPayload = never/)
+  await assert.rejects(generateTypes({ A_B: {}, A__B: {} }), /would both be named aB/)
+  await assert.rejects(generateTypes({
+    X: { payload: { type: 'object', properties: { a: { title: 'T', type: 'string' } } } },
+    Y: { payload: { type: 'object', properties: { a: { title: 'T', type: 'number' } } } }
+  }), /both declare a type T, differently/)
+  // Compiled as an app would: strict, no skipped library check.
+  const dir = await mkdtemp(new URL('./', import.meta.url).pathname + '.generated-')
+  t.after(() => rm(dir, { recursive: true, force: true }))
+  await writeFile(`${dir}/patchbay.ts`, text + `
+const check: DeleteResponse = { item: { id: 'x' } }
+const sure: Shared = check.item!
+deleteRequest({ kind: 'a' })
+// @ts-expect-error not one of the enum
+deleteRequest({ kind: 'c' })
+scalar('text')
+void sure
+`)
+  await writeFile(`${dir}/tsconfig.json`, JSON.stringify({ compilerOptions: { strict: true, skipLibCheck: false, noEmit: true, target: 'es2022', module: 'esnext', moduleResolution: 'bundler', lib: ['es2022', 'dom'], types: [] }, include: ['patchbay.ts'] }))
+  const tsc = new URL('../node_modules/.bin/tsc', import.meta.url).pathname
+  await promisify(execFile)(tsc, ['-p', dir]).catch(e => { throw new Error(`${e.stdout}${e.stderr}`) })
 })
 
 // --- encoding helpers --------------------------------------------------------------------------

@@ -83,6 +83,8 @@ store.subscribe(render)
 bridge.subscribe(state => {
   render()
   $('reason').textContent = state.reason ?? ''
+  $('via-socket').textContent = String(state.socket)
+  $('via-rest').textContent = String(state.rest)
 })
 
 const notesQuery = dispatch(notesApi.endpoints.notes.initiate())
@@ -93,7 +95,22 @@ $('add').addEventListener('submit', event => {
   const text = input.value
   input.value = ''
   void dispatch(notesApi.endpoints.addNote.initiate({ text })).unwrap()
-    .then(note => { $('error').textContent = ''; document.body.dataset.lastAdded = note.id })
-    .catch((e: { code?: string, message?: string }) => { $('error').textContent = `${e.code}: ${e.message}` })
+    .then(added, failed)
 })
+// The same without RTK Query: the generated creator, and the typed reply of dispatch.
+$('quick').addEventListener('click', () => {
+  const input = $('text') as HTMLInputElement
+  const text = input.value
+  input.value = ''
+  void dispatch(noteAdd({ text })).unwrap().then(added, failed)
+})
+
+function added (note: Note): void {
+  $('error').textContent = ''
+  $('last-added').textContent = note.text
+}
+
+function failed (e: { code?: string, message?: string }): void {
+  $('error').textContent = `${e.code}: ${e.message}`
+}
 render()
