@@ -46,6 +46,15 @@ pub async fn admit(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Admitted, Refusal> {
+    let admitted = check(app, headers, query).await;
+    if let Err(refusal) = &admitted {
+        app.metrics.handshake_refused(refusal.code);
+    }
+    admitted
+}
+
+/// [`admit`] without the count of refusals.
+async fn check(app: &App, headers: &HeaderMap, query: Option<&str>) -> Result<Admitted, Refusal> {
     if app.lifecycle.is_draining() {
         return Err(DRAINING);
     }

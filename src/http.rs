@@ -153,15 +153,26 @@ fn actions(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejectio
 }
 
 /// `GET /metrics`.
+/// `GET /metrics`: OpenMetrics for a scraper that asks for it (`Accept:
+/// application/openmetrics-text`, as Prometheus does), otherwise Prometheus's text format
+/// 0.0.4, which every tool reads (`promtool check metrics`, curl).
 fn metrics(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     exact("/metrics")
         .and(get_or_head())
         .and(with_app(app))
-        .map(|app: Arc<App>| {
-            typed(
-                Response::new(Bytes::from(app.metrics.render()).into()),
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
+        .and(warp::header::optional::<String>("accept"))
+        .map(|app: Arc<App>, accept: Option<String>| {
+            if accept.is_some_and(|a| a.contains("application/openmetrics-text")) {
+                typed(
+                    Response::new(Bytes::from(app.metrics.render()).into()),
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+            } else {
+                typed(
+                    Response::new(Bytes::from(app.metrics.render_prometheus()).into()),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+            }
         })
 }
 

@@ -16,9 +16,13 @@ fn main() -> ExitCode {
         (Some(patchbay::task::watchdog::ARG), None) => {
             return ExitCode::from(patchbay::task::watchdog::serve() as u8);
         }
+        (Some("-V" | "--version" | "version"), None) => {
+            println!("patchbay {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
         (Some("-h" | "--help" | "help"), _) => {
             println!(
-                "usage: patchbay [serve]\n       {}\n\nConfigured with PATCHBAY_* environment variables (and ./.env); see .env.example.",
+                "usage: patchbay [serve]\n       patchbay --version\n       {}\n\nConfigured with PATCHBAY_* environment variables (and ./.env); see .env.example.",
                 patchbay::task::worker::USAGE
             );
             return ExitCode::SUCCESS;
@@ -103,17 +107,21 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// Resolves on SIGINT (ctrl-c) or SIGTERM. The handlers are installed when this is called
-/// (inside the runtime), not when it is first polled, so a signal sent during start-up is not
-/// lost and never kills the process ungracefully.
+/// Resolves on SIGINT (ctrl-c), SIGTERM or SIGHUP (a closed terminal, or a service manager's
+/// reload: patchbay has nothing to reload, so it drains as for a stop rather than die). The
+/// handlers are installed when this is called (inside the runtime), not when it is first
+/// polled, so a signal sent during start-up is not lost and never kills the process
+/// ungracefully.
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
+            _ = hup.recv() => {}
         }
     }
 }

@@ -65,6 +65,7 @@ struct Reason {
 pub struct Metrics {
     registry: Registry,
     actions: Family<ActionOutcome, Counter>,
+    handshake_refusals: Family<Reason, Counter>,
     upstream: Family<ActionLabel, Histogram>,
     disconnects: Family<Reason, Counter>,
     attempts: Family<QueueOutcome, Histogram>,
@@ -111,6 +112,22 @@ impl Collector for Live {
             "Rooms with at least one local connection",
             self.rooms.room_count() as i64,
         )?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "build_info",
+                "patchbay's version (always 1)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(1)
+                .encode(family.encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?)?;
+        }
+        gauge(
+            &mut encoder,
+            "bus_connected",
+            "1 while the bus is connected (the in-memory bus always is), else 0",
+            i64::from(self.bus.status() != crate::bus::BusStatus::Disconnected),
+        )?;
         let c = self.bus.counters();
         for (name, help, value) in [
             (
@@ -127,6 +144,11 @@ impl Collector for Live {
                 "bus_messages_malformed",
                 "Bus messages dropped as malformed",
                 &c.malformed,
+            ),
+            (
+                "bus_reconnects",
+                "Times the bus connected to Redis again after losing it",
+                &c.reconnects,
             ),
             (
                 "deliveries",
@@ -253,7 +275,11 @@ impl Metrics {
         history: Option<Arc<RedisHistory>>,
         emitter: Option<Arc<Emitter>>,
     ) -> Metrics {
-        let mut registry = Registry::with_prefix("patchbay");
+        // The process's own metrics carry the usual unprefixed names (`process_*`); patchbay's
+        // are under `patchbay_`.
+        let mut root = Registry::default();
+        root.register_collector(Box::new(Process));
+        let registry = root.sub_registry_with_prefix("patchbay");
         let actions = Family::<ActionOutcome, Counter>::default();
         registry.register(
             "actions",
@@ -274,6 +300,12 @@ impl Metrics {
             "Connections closed by the server, by reason",
             disconnects.clone(),
         );
+        let handshake_refusals = Family::<Reason, Counter>::default();
+        registry.register(
+            "handshake_refusals",
+            "Websocket and SSE handshakes refused, by reason (forbidden_origin, unauthorized, too_many_connections, draining, ...)",
+            handshake_refusals.clone(),
+        );
         let attempts = Family::<QueueOutcome, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.001, 2.0, 20))
         });
@@ -292,8 +324,9 @@ impl Metrics {
             queues: queues.clone(),
         }));
         Metrics {
-            registry,
+            registry: root,
             actions,
+            handshake_refusals,
             upstream,
             disconnects,
             attempts,
@@ -336,6 +369,15 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// Counts a refused handshake.
+    pub fn handshake_refused(&self, code: &str) {
+        self.handshake_refusals
+            .get_or_create(&Reason {
+                reason: code.to_string(),
+            })
+            .inc();
+    }
+
     /// Counts a connection the server closed.
     pub fn disconnect(&self, reason: Disconnect) {
         let reason = match reason {
@@ -362,5 +404,135 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// The same in Prometheus's text format 0.0.4, for scrapers and tools that do not ask for
+    /// OpenMetrics (see [`to_prometheus_text`]).
+    pub fn render_prometheus(&self) -> String {
+        to_prometheus_text(&self.render())
+    }
+}
+
+/// The process's resident memory, CPU time, file descriptors and start time, read from
+/// `/proc` at scrape time (nothing is reported where there is no `/proc`).
+#[derive(Debug)]
+struct Process;
+
+impl Collector for Process {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+            return Ok(());
+        };
+        // Fields after the command name, which may hold spaces, in parentheses.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+        // SAFETY: sysconf only reads a configuration value.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        // SAFETY: as above.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+        if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+            let cpu = ConstCounter::new((utime + stime) as f64 / ticks);
+            cpu.encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time spent, in seconds",
+                None,
+                cpu.metric_type(),
+            )?)?;
+        }
+        let mut gauge = |name: &str, help: &str, value: f64| {
+            let g = ConstGauge::new(value);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+        };
+        if let Some(rss) = field(24) {
+            gauge(
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                (rss * page) as f64,
+            )?;
+        }
+        if let Some(vsize) = field(23) {
+            gauge(
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                vsize as f64,
+            )?;
+        }
+        if let (Some(start), Some(boot)) = (field(22), boot_time()) {
+            gauge(
+                "process_start_time_seconds",
+                "Start time of the process since the epoch, in seconds",
+                boot + start as f64 / ticks,
+            )?;
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            gauge(
+                "process_open_fds",
+                "Open file descriptors",
+                fds.count() as f64,
+            )?;
+        }
+        if let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+            gauge(
+                "process_max_fds",
+                "The open file descriptor limit",
+                soft as f64,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The system's boot time, seconds since the epoch.
+fn boot_time() -> Option<f64> {
+    std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// OpenMetrics text as Prometheus's text format 0.0.4: a counter family is named by its
+/// samples' `_total` name in `# HELP` and `# TYPE`, and `# UNIT` and `# EOF` are left out.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|tag| {
+            let rest = line.strip_prefix(tag)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            (counters.contains(name) && !name.ends_with("_total"))
+                .then(|| format!("{tag}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(l.trim_end()),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod text_tests {
+    use super::to_prometheus_text;
+
+    #[test]
+    fn openmetrics_counters_become_prometheus_counters() {
+        let om = "# HELP patchbay_actions Requests answered.\n# TYPE patchbay_actions counter\npatchbay_actions_total{action=\"X\"} 3\n# HELP patchbay_rooms Rooms.\n# TYPE patchbay_rooms gauge\npatchbay_rooms 2\n# UNIT patchbay_rooms rooms\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP patchbay_actions_total Requests answered.\n# TYPE patchbay_actions_total counter\npatchbay_actions_total{action=\"X\"} 3\n# HELP patchbay_rooms Rooms.\n# TYPE patchbay_rooms gauge\npatchbay_rooms 2\n"
+        );
     }
 }

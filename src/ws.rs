@@ -80,6 +80,7 @@ fn valid_key(key: &HeaderValue) -> bool {
 pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response {
     let refuse = |r: Refusal| error_response(r.status, r.code, r.message);
     if app.lifecycle.is_draining() {
+        app.metrics.handshake_refused(handshake::DRAINING.code);
         return refuse(handshake::DRAINING);
     }
     let headers = req.headers();
@@ -87,6 +88,7 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response {
         || !has_token(headers, UPGRADE, "websocket")
         || !has_token(headers, CONNECTION, "upgrade")
     {
+        app.metrics.handshake_refused("not_websocket");
         return error_response(
             StatusCode::BAD_REQUEST,
             "not_websocket",

@@ -166,8 +166,30 @@ fn spawn_listening(actions: &str) -> (Child, String) {
     (child, addr)
 }
 
+#[test]
+fn version_prints_the_version() {
+    for flag in ["--version", "-V"] {
+        let out = patchbay(&[]).arg(flag).output().unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("patchbay {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    }
+}
+
 #[tokio::test]
 async fn sigterm_closes_clients_with_1001_and_exits_0() {
+    drains_on("TERM").await;
+}
+
+#[tokio::test]
+async fn sighup_drains_like_sigterm() {
+    drains_on("HUP").await;
+}
+
+/// Signal `signal`: the client is closed with 1001 and the process exits 0.
+async fn drains_on(signal: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, addr) = spawn_listening(dir.path().to_str().unwrap());
     let (status, body) = http_get(&format!("http://{addr}/readyz")).await;
@@ -184,7 +206,7 @@ async fn sigterm_closes_clients_with_1001_and_exits_0() {
     assert!(hello.to_text().unwrap().contains("@@patchbay/CONNECTED"));
 
     let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([format!("-{signal}"), child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());

@@ -201,27 +201,34 @@ impl Drop for Served {
     }
 }
 
+/// Starts the demo with `args` (the API on a free port, quiet logs): the process and its
+/// stdout's lines.
+fn spawn_demo(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(demo_binary())
+        .args(["--api-listen", "127.0.0.1:0"])
+        .args(args)
+        .env("PATCHBAY_LISTEN", "127.0.0.1:0")
+        .env("PATCHBAY_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the demo starts");
+    let (tx, lines) = mpsc::channel();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, lines)
+}
+
 impl Served {
     fn start() -> Served {
-        let mut child = Command::new(demo_binary())
-            .args(["--api-listen", "127.0.0.1:0"])
-            .args(["--allow-origin", DEV_SERVER])
-            .env("PATCHBAY_LISTEN", "127.0.0.1:0")
-            .env("PATCHBAY_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the demo starts");
-        let (tx, lines) = mpsc::channel();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        std::thread::spawn(move || {
-            for line in stdout.lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let (child, lines) = spawn_demo(&["--allow-origin", DEV_SERVER]);
         let mut served = Served {
             child,
             api: "0.0.0.0:0".parse().unwrap(),
@@ -359,30 +366,15 @@ fn handshake(patchbay: SocketAddr, origin: &str) -> u16 {
 
 #[test]
 fn no_bridge_prints_every_variable_patchbay_needs() {
-    let mut child = Command::new(demo_binary())
-        .args([
-            "--no-bridge",
-            "--bridge-addr",
-            "127.0.0.1:9",
-            "--publish-token",
-            "tok-tok-tok-tok-1",
-        ])
-        .args(["--api-listen", "127.0.0.1:0", "--allow-origin", DEV_SERVER])
-        .env("PATCHBAY_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the demo starts");
-    let (tx, lines) = mpsc::channel();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, lines) = spawn_demo(&[
+        "--no-bridge",
+        "--bridge-addr",
+        "127.0.0.1:9",
+        "--publish-token",
+        "tok-tok-tok-tok-1",
+        "--allow-origin",
+        DEV_SERVER,
+    ]);
     let mut printed = String::new();
     while !printed.contains("Press ctrl-c") {
         match lines.recv_timeout(DEADLINE) {

@@ -6,7 +6,9 @@ use common::*;
 use serde_json::json;
 
 async fn scrape(bridge: &Bridge) -> String {
-    let (status, headers, body) = http_raw("GET", &bridge.http_url("/metrics"), &[], "").await;
+    let accept = ("accept", "application/openmetrics-text; version=1.0.0");
+    let (status, headers, body) =
+        http_raw("GET", &bridge.http_url("/metrics"), &[accept], "").await;
     assert_eq!(status, 200);
     assert!(
         headers["content-type"]
@@ -108,4 +110,66 @@ async fn metrics_count_actions_connections_and_deliveries_with_bounded_labels() 
         text.trim_end().ends_with("# EOF"),
         "OpenMetrics text ends with # EOF"
     );
+}
+
+#[tokio::test]
+async fn without_openmetrics_in_accept_metrics_are_prometheus_text_with_process_and_build_info() {
+    let bridge = Bridge::start("{}", None, |c| {
+        c.allowed_origins =
+            patchbay::config::AllowedOrigins::List(vec!["https://app.example.com".into()]);
+    })
+    .await;
+    // A refused handshake is counted by its reason.
+    let refused = bridge
+        .connect_with(&[("origin", "https://evil.example")])
+        .await;
+    assert!(refused.is_err());
+    let (status, headers, body) = http_raw("GET", &bridge.http_url("/metrics"), &[], "").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    // Counter families are named by their samples, as the 0.0.4 format wants.
+    assert!(
+        text.contains("# TYPE patchbay_handshake_refusals_total counter"),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"patchbay_handshake_refusals_total{reason="forbidden_origin"}"#
+        ),
+        1.0
+    );
+    assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
+    for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let mut parts = line["# TYPE ".len()..].split(' ');
+        let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+        if kind == "counter" {
+            assert!(name.ends_with("_total"), "{line}");
+        }
+        assert!(
+            text.lines()
+                .any(|l| !l.starts_with('#') && l.starts_with(name)),
+            "a family without samples: {line}"
+        );
+    }
+    assert_eq!(
+        value(
+            &text,
+            &format!(
+                r#"patchbay_build_info{{version="{}"}}"#,
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        1.0
+    );
+    assert_eq!(value(&text, "patchbay_bus_connected"), 1.0);
+    assert_eq!(value(&text, "patchbay_bus_reconnects_total"), 0.0);
+    assert!(value(&text, "process_resident_memory_bytes") > 1e6);
+    assert!(value(&text, "process_open_fds") >= 3.0);
+    assert!(value(&text, "process_start_time_seconds") > 1.7e9);
+    assert!(value(&text, "process_cpu_seconds_total") > 0.0);
 }

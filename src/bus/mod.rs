@@ -46,6 +46,8 @@ pub struct BusCounters {
     pub received: AtomicU64,
     /// Received messages dropped because they were neither an action, an envelope nor a task.
     pub malformed: AtomicU64,
+    /// Times the bus connected again after losing its connection.
+    pub reconnects: AtomicU64,
     /// Messages published (one per room channel on Redis, one per publish in memory).
     pub published: AtomicU64,
     /// Server-fired actions queued for a local connection.

@@ -25,6 +25,8 @@ const SEEN_IDS = 2000
 /** Most presence events kept for one room while its SUBSCRIBE is under way. */
 const EARLY_EVENTS = 10000
 const RESYNC = BUILTIN + 'RESYNC'
+/** Refusals of a rejoin that may not hold a moment later: the rejoin is tried again. */
+const TRANSIENT = new Set(['upstream_unavailable', 'rate_limited', 'too_many_requests'])
 const PRESENCE_SNAPSHOT = BUILTIN + 'PRESENCE_SNAPSHOT'
 const PRESENCE_EVENTS = new Set([BUILTIN + 'PRESENCE_JOIN', BUILTIN + 'PRESENCE_LEAVE', BUILTIN + 'PRESENCE_STATE'])
 
@@ -267,8 +269,14 @@ export function createPatchbay (options) {
       if (rooms.get(room) !== state) return
       state.live = !reply.error
       if (state.live) {
+        state.retries = 0
         stopPolling(state)
         recovered(room, state, reply.payload, positionOf(entry.payload?.since))
+      } else if (fromSocket && TRANSIENT.has(reply.payload?.code) && connection.isOpen) {
+        // patchbay cannot take the room just now (its bus is still connecting after a
+        // restart, say): try again shortly, polling meanwhile where the room says how.
+        retryJoin(room, state)
+        startPolling(room, state)
       } else {
         // The server refused to let the connection back into the room (an expired token,
         // a revoked grant): the store hears of it; the room is polled where it can be.
@@ -514,9 +522,24 @@ export function createPatchbay (options) {
 
   function forget (room) {
     const state = rooms.get(room)
-    if (state) stopPolling(state)
+    if (state) {
+      stopPolling(state)
+      clearTimeout(state.retry)
+    }
     rooms.delete(room)
     presence.delete(room)
+  }
+
+  /** Joins `room` again after a transient refusal, with a growing delay (0.5 s, doubling up
+   *  to 8 s), while the socket stays open. */
+  function retryJoin (room, state) {
+    clearTimeout(state.retry)
+    const delay = Math.min(8000, 500 * 2 ** (state.retries ?? 0))
+    state.retries = (state.retries ?? 0) + 1
+    state.retry = setTimeout(() => {
+      state.retry = null
+      if (!closed && rooms.get(room) === state && !state.live && connection.isOpen) join(room, state)
+    }, delay)
   }
 
   /** Quietly (re)joins a remembered room, presenting its token; a refusal falls back to polling. */
@@ -719,7 +742,10 @@ export function createPatchbay (options) {
       listeners.clear()
       connection.close()
       for (const abort of [...inFlight]) abort()
-      for (const state of rooms.values()) stopPolling(state)
+      for (const state of rooms.values()) {
+        stopPolling(state)
+        clearTimeout(state.retry)
+      }
       for (const entry of [...pending.values(), ...inRest, ...waiting]) failNow(entry, 'upstream_unavailable', 'the bridge was closed')
       waiting.clear()
     }

@@ -9,28 +9,18 @@
 
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { execFile } from 'node:child_process'
 import { createServer } from 'node:http'
 import { cp, mkdtemp, readFile, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { dirname, extname, join, normalize, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { promisify } from 'node:util'
-import { freePort, startDemo, WAIT_MS } from './support/stack.js'
+import { freePort, sh, startDemo, WAIT_MS } from './support/stack.js'
 import { openBrowser } from './support/chromium.js'
 
-const run = promisify(execFile)
 const shimDir = resolve(dirname(fileURLToPath(import.meta.url)), '..')
 const appDir = join(shimDir, 'test', 'rtk-app')
 const manifestDir = resolve(shimDir, '..', 'actions')
 
-async function sh (cwd, command, args) {
-  try {
-    return await run(command, args, { cwd, timeout: 300000, maxBuffer: 16 << 20, env: { ...process.env, npm_config_audit: 'false', npm_config_fund: 'false', npm_config_update_notifier: 'false' } })
-  } catch (e) {
-    throw new Error(`${command} ${args.join(' ')} failed in ${cwd}:\n${e.stdout}\n${e.stderr}`)
-  }
-}
 
 /** Installs, generates the types, type-checks and builds the app in a scratch copy: its `dist`. */
 async function buildApp (t) {

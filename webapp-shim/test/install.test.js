@@ -12,26 +12,16 @@
 
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { execFile } from 'node:child_process'
 import { cp, mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { promisify } from 'node:util'
+import { sh } from './support/stack.js'
 
-const run = promisify(execFile)
 const shimDir = resolve(dirname(fileURLToPath(import.meta.url)), '..')
 const manifestDir = resolve(shimDir, '..', 'actions')
 const DEPENDENCIES = { typescript: '^5.9.3', '@reduxjs/toolkit': '^2.11.2', redux: '^5.0.1', 'json-schema-to-typescript': '^16.0.0' }
 
-/** Runs `command` in `cwd`; its output is added to a failure. */
-async function sh (cwd, command, args) {
-  try {
-    return await run(command, args, { cwd, timeout: 180000, maxBuffer: 16 << 20, env: { ...process.env, npm_config_audit: 'false', npm_config_fund: 'false', npm_config_update_notifier: 'false' } })
-  } catch (e) {
-    throw new Error(`${command} ${args.join(' ')} failed in ${cwd}:\n${e.stdout}\n${e.stderr}`)
-  }
-}
 
 const TSCONFIG = {
   compilerOptions: {

@@ -923,6 +923,26 @@ test('a refused quiet rejoin reaches the store as REJOIN_FAILED', async t => {
   assert.deepEqual(of('@@patchbay/REJOIN_FAILED').map(a => a.payload), [{ room: 'org:1', code: 'forbidden', message: 'the room token expired' }])
 })
 
+test('a rejoin patchbay cannot take just now (upstream_unavailable) is tried again, without REJOIN_FAILED', async t => {
+  const { ws, dispatch, of } = setup(t)
+  ws.last.accept()
+  const joining = dispatch({ type: '@@patchbay/SUBSCRIBE_REQUEST', payload: { room: 'org:1' } })
+  ws.last.succeed('@@patchbay/SUBSCRIBE_REQUEST', { room: 'org:1' })
+  await joining
+  ws.last.drop(1006)
+  await until(() => ws.sockets.length === 2, 'a reconnect')
+  ws.last.accept()
+  const first = ws.last.requests('@@patchbay/SUBSCRIBE_REQUEST').at(-1)
+  ws.last.receive({ type: '@@patchbay/SUBSCRIBE_FAILURE', error: true, payload: { code: 'upstream_unavailable', message: 'the bus is connecting' }, meta: { requestId: first.meta.requestId } })
+  await until(() => ws.last.requests('@@patchbay/SUBSCRIBE_REQUEST').length === 2, 'the rejoin tried again')
+  const second = ws.last.requests('@@patchbay/SUBSCRIBE_REQUEST').at(-1)
+  assert.deepEqual(second.payload, { room: 'org:1' })
+  ws.last.receive({ type: '@@patchbay/SUBSCRIBE_SUCCESS', payload: { room: 'org:1' }, meta: { requestId: second.meta.requestId } })
+  assert.equal(of('@@patchbay/REJOIN_FAILED').length, 0)
+  await sleep(700)
+  assert.equal(ws.last.requests('@@patchbay/SUBSCRIBE_REQUEST').length, 2, 'no more tries once in')
+})
+
 test('unwrap: the payload of a success; a failure throws a PatchbayError', async t => {
   const { ws, dispatch } = setup(t)
   ws.last.accept()

@@ -493,10 +493,17 @@ impl Worker {
     async fn run(mut self) {
         let mut delay = BACKOFF_MIN;
         let mut was_connected = true; // so that a first failure is logged
+        let mut connected_before = false;
         loop {
             match self.connect().await {
                 Ok((sink, stream)) => {
                     *self.shared.pubsub_refused.lock().unwrap() = None;
+                    if std::mem::replace(&mut connected_before, true) {
+                        self.shared
+                            .counters
+                            .reconnects
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                     match self.serve(sink, stream).await {
                         Ended::Stopped => return,
                         Ended::Lost(why) => {

@@ -260,3 +260,15 @@ export async function startDemo (args = []) {
     }
   }
 }
+
+/** Runs `command` with `args` in `cwd` (npm quiet about audits and funding): its output, or an
+ *  error that carries it. */
+export async function sh (cwd, command, args, { timeoutMs = 300000 } = {}) {
+  const { execFile } = await import('node:child_process')
+  const { promisify } = await import('node:util')
+  try {
+    return await promisify(execFile)(command, args, { cwd, timeout: timeoutMs, maxBuffer: 16 << 20, env: { ...process.env, npm_config_audit: 'false', npm_config_fund: 'false', npm_config_update_notifier: 'false' } })
+  } catch (e) {
+    throw new Error(`${command} ${args.join(' ')} failed in ${cwd}:\n${e.stdout}\n${e.stderr}`)
+  }
+}
