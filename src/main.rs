@@ -65,10 +65,15 @@ fn setup() -> Result<patchbay::Config, ExitCode> {
     let config = patchbay::Config::from_env().map_err(fail)?;
     // Checked by the configuration already.
     let filter = EnvFilter::try_new(&config.log).map_err(|e| fail(format!("PATCHBAY_LOG: {e}")))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal())
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    if config.log_json {
+        logs.json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        logs.with_ansi(std::io::stdout().is_terminal()).init();
+    }
     if let Ok(program) = std::env::current_exe() {
         patchbay::task::watchdog::use_program(program);
     }

@@ -128,6 +128,33 @@ fn start_up_logs_the_effective_modes_once() {
     assert!(!line.contains("long enough"), "no secret in {line}");
 }
 
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = patchbay(&[
+        ("PATCHBAY_ACTIONS", dir.path().to_str().unwrap()),
+        ("PATCHBAY_LISTEN", "127.0.0.1:0"),
+        ("PATCHBAY_LOG_FORMAT", "json"),
+    ])
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let line = first_line(&mut child, |l| l.contains("modes").then(|| l.to_string()));
+    let line = line.recv_timeout(Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("a modes line");
+    let log: serde_json::Value = serde_json::from_str(&line).expect("a JSON object");
+    assert_eq!(log["level"], "INFO", "{line}");
+    assert!(log["timestamp"].is_string(), "{line}");
+    assert!(
+        log["fields"]["message"].as_str().unwrap().contains("modes"),
+        "{line}"
+    );
+    let e = fails_with(&[("PATCHBAY_LOG_FORMAT", "yaml")]);
+    assert!(e.starts_with("patchbay: PATCHBAY_LOG_FORMAT:"), "{e}");
+}
+
 /// Reads the child's stdout in a thread and sends what `pick` finds in its lines.
 fn first_line(
     child: &mut Child,

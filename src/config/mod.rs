@@ -136,6 +136,8 @@ pub struct Config {
     pub emitter: Option<(String, crate::emitter::RoomRules)>,
     /// `PATCHBAY_LOG`: a tracing filter.
     pub log: String,
+    /// `PATCHBAY_LOG_FORMAT`: log lines as JSON objects rather than text.
+    pub log_json: bool,
 }
 
 impl Default for Config {
@@ -366,6 +368,16 @@ impl Config {
             presence,
             emitter,
             log: raw.get("log").to_string(),
+            log_json: match raw.get("log_format").trim() {
+                "text" => false,
+                "json" => true,
+                other => {
+                    return Err(ConfigError::var(
+                        "log_format",
+                        format!("`{other}` is neither text nor json"),
+                    ));
+                }
+            },
         })
     }
 }

@@ -32,7 +32,7 @@ const fn var(name: &'static str, default: &'static str, help: &'static str) -> V
 /// start-up: a misspelt variable must never silently turn a feature off
 /// (`PATCHBAY_JWT_SECERT` would otherwise let everyone in).
 #[rustfmt::skip]
-pub const VARIABLES: [Var; 38] = [
+pub const VARIABLES: [Var; 39] = [
     var("PATCHBAY_LISTEN", "127.0.0.1:8080", "address to bind; port 0 picks a free port"),
     var("PATCHBAY_API_URL", "", "base URL of the REST API that `http` actions call"),
     var("PATCHBAY_ACTIONS", "./actions", "directory of action manifests"),
@@ -71,18 +71,18 @@ pub const VARIABLES: [Var; 38] = [
     var("PATCHBAY_EMITTER_KEY", "", "socket.io emitter key to listen to (the emitters' `key`, usually socket.io); empty: off; needs PATCHBAY_REDIS_URL"),
     var("PATCHBAY_EMITTER_ROOMS", "", "socket.io room to patchbay room rules, e.g. user({id})=user:{id}; a room no rule matches is used as it is"),
     var("PATCHBAY_LOG", "info", "tracing filter"),
+    var("PATCHBAY_LOG_FORMAT", "text", "log lines as text, or json: one JSON object per line"),
 ];
 
 /// Variables of features this version does not have yet. Setting one is refused like an
 /// unknown name, with a message that says so: ignoring it would leave the feature silently
 /// off (a JWKS URL that authenticates nobody, history that is never kept).
-const NOT_YET_SUPPORTED: [&str; 6] = [
+const NOT_YET_SUPPORTED: [&str; 5] = [
     "PATCHBAY_REDIS_CA_FILE",
     "PATCHBAY_JWKS_URL",
     "PATCHBAY_JWT_ISSUER",
     "PATCHBAY_JWT_AUDIENCE",
     "PATCHBAY_TRUSTED_PROXIES",
-    "PATCHBAY_LOG_FORMAT",
 ];
 
 /// The variables as `envy` reads them (names lowercased, without the prefix);
