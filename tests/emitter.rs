@@ -256,16 +256,6 @@ async fn join_lobby(client: &mut Client) {
     assert_eq!(reply["type"], "@@patchbay/SUBSCRIBE_SUCCESS", "{reply}");
 }
 
-async fn publish_bytes(redis: &RedisServer, channel: &str, bytes: &[u8]) {
-    let mut conn = redis.connection().await.unwrap();
-    redis::cmd("PUBLISH")
-        .arg(channel)
-        .arg(bytes)
-        .query_async::<i64>(&mut conn)
-        .await
-        .unwrap();
-}
-
 /// The next action that is not a control message of patchbay's.
 async fn next_action(client: &mut Client) -> Value {
     loop {
@@ -376,9 +366,9 @@ async fn hostile_messages_are_dropped_and_counted_and_never_stop_the_next_one() 
         ),
     ];
     for (channel, bytes, _) in &hostile {
-        publish_bytes(&redis, channel, bytes).await;
+        redis.publish(channel, bytes).await;
     }
-    publish_bytes(&redis, lobby, &valid).await;
+    redis.publish(lobby, &valid).await;
     let m = next_action(&mut client).await;
     assert_eq!(
         m["type"], "ping",
@@ -395,7 +385,7 @@ async fn hostile_messages_are_dropped_and_counted_and_never_stop_the_next_one() 
     let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
     common::tasks::metrics_show(&bridge, &lines).await;
     // Still serving.
-    publish_bytes(&redis, lobby, &valid).await;
+    redis.publish(lobby, &valid).await;
     assert_eq!(next_action(&mut client).await["type"], "ping");
 }
 
@@ -481,7 +471,7 @@ async fn except_holds_across_instances_for_live_delivery() {
     // `io.to('lobby').except('user(2)').emit('m', 1)`, as @socket.io/redis-emitter 5 wrote it:
     // user 2 is skipped, user 3 on the same instance is not.
     let except = fixture("@socket.io/redis-emitter@5.1.0", "except");
-    publish_bytes(&redis, &except.channel, &except.bytes).await;
+    redis.publish(&except.channel, &except.bytes).await;
     for c in [&mut one, &mut three] {
         let m = next_action(c).await;
         assert_eq!(
@@ -504,7 +494,7 @@ async fn except_and_history_hold_across_instances_and_store_once() {
     join_lobby(&mut two).await;
     // `io.to('lobby').except('user(2)').emit('m', 1)`, as @socket.io/redis-emitter 5 wrote it.
     let except = fixture("@socket.io/redis-emitter@5.1.0", "except");
-    publish_bytes(&redis, &except.channel, &except.bytes).await;
+    redis.publish(&except.channel, &except.bytes).await;
     let m = next_action(&mut one).await;
     assert_eq!(
         (m["type"].clone(), m["payload"].clone()),
@@ -519,7 +509,7 @@ async fn except_and_history_hold_across_instances_and_store_once() {
         .into_iter()
         .filter(|f| f.package == "socket.io-emitter@1.1.0" && f.scenario == "two_rooms")
     {
-        publish_bytes(&redis, &f.channel, &f.bytes).await;
+        redis.publish(&f.channel, &f.bytes).await;
     }
     for client in [&mut one, &mut two] {
         let m = next_action(client).await;

@@ -606,8 +606,8 @@ impl RedisServer {
             .await
     }
 
-    /// `PUBLISH channel payload`.
-    pub async fn publish(&self, channel: &str, payload: &str) {
+    /// `PUBLISH channel payload` (text or bytes).
+    pub async fn publish(&self, channel: &str, payload: impl redis::ToRedisArgs) {
         let mut conn = self.connection().await.unwrap();
         redis::cmd("PUBLISH")
             .arg(channel)

@@ -889,12 +889,11 @@ impl Worker {
             match format::task_id(&self.task_pattern, channel)
                 .and_then(|id| format::task_progress(id, &msg.payload))
             {
-                Some((rooms, action)) => match self.history.clone() {
-                    Some(history) if rooms.iter().any(|r| history.config().stores(r, &action)) => {
-                        return self.ingest(&history, rooms, action).await;
-                    }
-                    _ => Received::Deliver(Incoming::live(rooms, action)),
-                },
+                Some((rooms, action)) => {
+                    return self
+                        .ingest(Incoming::live(rooms, action), "a task message")
+                        .await;
+                }
                 None => Received::Malformed,
             }
         } else if let Some(room) = channel.strip_prefix(&self.room_prefix) {
@@ -925,33 +924,45 @@ impl Worker {
         }
     }
 
-    /// A task message for rooms that keep history: stored once, whichever instance gets there
-    /// first, and published on the rooms' channels, from which every instance delivers it
-    /// with its offsets. If Redis cannot store it, it is delivered live from here.
-    async fn ingest(
-        &mut self,
-        history: &RedisHistory,
-        rooms: Vec<String>,
-        action: Map<String, Value>,
-    ) {
-        let text = serde_json::to_string(&action).expect("JSON values always serialize");
-        let occurrence = self.occurrences.next(&text).to_string();
-        let id = uuid::Uuid::new_v4().to_string();
-        let stored = tokio::time::timeout(
-            OP_TIMEOUT * 2,
-            history.publish(&occurrence, &id, &rooms, &text),
-        )
-        .await;
-        if let Ok(Ok(_)) = stored {
-            return;
+    /// A message every instance receives (task progress, a socket.io emitter's): when one of
+    /// its rooms keeps history, stored once, whichever instance gets there first, and
+    /// published on the rooms' channels, from which every instance delivers it with its
+    /// offsets; otherwise, or if Redis cannot store it, delivered live from here.
+    async fn ingest(&mut self, incoming: Incoming, what: &str) {
+        let history = self.history.clone().filter(|h| {
+            incoming
+                .rooms
+                .iter()
+                .any(|r| h.config().stores(r, &incoming.action))
+        });
+        if let Some(history) = history {
+            let text =
+                serde_json::to_string(&incoming.action).expect("JSON values always serialize");
+            // The n-th arrival of the same message names it on every instance.
+            let dedupe = if incoming.except.is_empty() {
+                self.occurrences.next(&text).to_string()
+            } else {
+                let except =
+                    serde_json::to_string(&incoming.except).expect("strings always serialize");
+                let n = self.occurrences.next(&format!("{except}{text}"));
+                format!("{n}:{except}")
+            };
+            let id = uuid::Uuid::new_v4().to_string();
+            let stored = tokio::time::timeout(
+                OP_TIMEOUT * 2,
+                history.publish_except(&dedupe, &id, &incoming.rooms, &incoming.except, &text),
+            )
+            .await;
+            if let Ok(Ok(_)) = stored {
+                return;
+            }
+            tracing::warn!("{what} could not be stored in history: delivered live");
         }
-        tracing::warn!("a task message could not be stored in history: delivered live");
-        self.deliver(Incoming::live(rooms, action)).await;
+        self.deliver(incoming).await;
     }
 
-    /// A message of a socket.io emitter: delivered to the local members of its rooms, or, when
-    /// one of them keeps history, stored once and published on the rooms' channels like a task
-    /// message (see [`Worker::ingest`]).
+    /// A message of a socket.io emitter, for the local members of its rooms (see
+    /// [`Worker::ingest`]).
     async fn emitted(&mut self, emitter: &crate::emitter::Emitter, channel: &str, bytes: &[u8]) {
         use crate::emitter::Outcome;
         let (rooms, except, action) = match emitter.receive(channel, bytes) {
@@ -965,33 +976,7 @@ impl Worker {
         };
         let mut incoming = Incoming::live(rooms, action);
         incoming.except = except;
-        if let Some(history) = self.history.clone()
-            && incoming
-                .rooms
-                .iter()
-                .any(|r| history.config().stores(r, &incoming.action))
-        {
-            let text =
-                serde_json::to_string(&incoming.action).expect("JSON values always serialize");
-            let except = serde_json::to_string(&incoming.except).expect("strings always serialize");
-            let dedupe = format!(
-                "emitter:{}:{except}",
-                self.occurrences.next(&format!("{except}{text}"))
-            );
-            let id = uuid::Uuid::new_v4().to_string();
-            let stored = tokio::time::timeout(
-                OP_TIMEOUT * 2,
-                history.publish_except(&dedupe, &id, &incoming.rooms, &incoming.except, &text),
-            )
-            .await;
-            if let Ok(Ok(_)) = stored {
-                return;
-            }
-            tracing::warn!(
-                "a socket.io emitter message could not be stored in history: delivered live"
-            );
-        }
-        self.deliver(incoming).await;
+        self.ingest(incoming, "a socket.io emitter message").await;
     }
 
     /// Delivers `incoming` to the local members of its rooms. In a history room this
