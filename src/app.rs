@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Authenticator, DelegatedAuth, JwtVerifier, RoomTokens};
-use crate::bus::{Bus, MemoryBus, RedisBus};
+use crate::bus::{Bus, MemoryBus, RedisBus, RedisTarget};
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::history::{History, MemoryHistory, RedisHistory};
@@ -73,6 +73,9 @@ const HISTORY_PREPARE_EVERY: std::time::Duration = std::time::Duration::from_sec
 
 /// How often the embedded history forgets what expired.
 const HISTORY_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long serving waits for Redis to take the history settings at start-up.
+const PREPARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// How often the embedded queue looks for lapsed leases and expired tasks.
 const REAP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -102,11 +105,19 @@ impl App {
             .clone()
             .filter(|_| config.redis_url.is_none())
             .map(|h| Arc::new(MemoryHistory::new(h)));
-        let redis_history = match (&config.redis_url, &config.history) {
-            (Some(url), Some(h)) => Some(Arc::new(
-                RedisHistory::open(url, &config.redis_prefix, h.clone())
-                    .map_err(|e| StartError::RedisUrl(e.to_string()))?,
-            )),
+        // Where Redis is: every Redis connection of the instance goes there.
+        let target = config
+            .redis_url
+            .as_deref()
+            .map(|url| RedisTarget::open(url, &config.redis_options))
+            .transpose()
+            .map_err(|e| StartError::RedisUrl(e.to_string()))?;
+        let redis_history = match (&target, &config.history) {
+            (Some(target), Some(h)) => Some(Arc::new(RedisHistory::open(
+                target,
+                &config.redis_prefix,
+                h.clone(),
+            ))),
             _ => None,
         };
         let history = match (&embedded_history, &redis_history) {
@@ -129,35 +140,33 @@ impl App {
                 embedded_history.clone(),
             ))
         });
-        let bus: Arc<dyn Bus> = match (&config.redis_url, &memory) {
+        let bus: Arc<dyn Bus> = match (&target, &memory) {
             (None, Some(memory)) => memory.clone(),
             (None, None) => unreachable!("made above without Redis"),
-            (Some(url), _) => Arc::new(
-                RedisBus::start(
-                    url,
-                    &config.redis_prefix,
-                    &config.task_channels,
-                    config.max_publish_rooms,
-                    rooms.clone(),
-                    crate::bus::Extras {
-                        history: redis_history.clone(),
-                        sse: sse.clone(),
-                        emitter: emitter.clone(),
-                    },
-                )
-                .map_err(|e| StartError::RedisUrl(e.to_string()))?,
-            ),
+            (Some(target), _) => Arc::new(RedisBus::start(
+                target,
+                &config.redis_prefix,
+                &config.task_channels,
+                config.max_publish_rooms,
+                rooms.clone(),
+                crate::bus::Extras {
+                    history: redis_history.clone(),
+                    sse: sse.clone(),
+                    emitter: emitter.clone(),
+                },
+            )),
         };
-        let presence = match (&config.redis_url, &config.presence) {
+        let presence = match (&target, &config.presence) {
             (_, None) => None,
             (None, Some(p)) => Some(Presence::Memory(MemoryPresence::new(
                 p.clone(),
                 rooms.clone(),
             ))),
-            (Some(url), Some(p)) => Some(Presence::Redis(Arc::new(
-                RedisPresence::open(url, &config.redis_prefix, p.clone())
-                    .map_err(|e| StartError::RedisUrl(e.to_string()))?,
-            ))),
+            (Some(target), Some(p)) => Some(Presence::Redis(Arc::new(RedisPresence::open(
+                target,
+                &config.redis_prefix,
+                p.clone(),
+            )))),
         };
         let client = upstream::Client::new();
         let base = |name: &'static str, url: &Option<String>| {
@@ -171,7 +180,7 @@ impl App {
         let lifecycle = Lifecycle::default();
         let hub = Arc::new(Hub::new(rooms.clone(), bus.clone()));
         let has_tasks = registry.first_task_action().is_some();
-        let (embedded, on_redis) = match (&config.redis_url, has_tasks) {
+        let (embedded, on_redis) = match (&target, has_tasks) {
             (_, false) => (None, None),
             (None, true) => {
                 let slots = registry
@@ -183,9 +192,8 @@ impl App {
                 let queue = EmbeddedQueues::new(publisher(memory), slots);
                 (Some(Arc::new(queue)), None)
             }
-            (Some(url), true) => {
-                let queue = RedisQueue::open(url, &config.redis_prefix)
-                    .map_err(|e| StartError::RedisUrl(e.to_string()))?;
+            (Some(target), true) => {
+                let queue = RedisQueue::on(target, &config.redis_prefix);
                 (None, Some(Arc::new(queue)))
             }
         };
@@ -226,6 +234,20 @@ impl App {
         }))
     }
 
+    /// Tells Redis what history keeps (and loads the function library) before the first
+    /// connection, so that the first actions are stored too. Redis that cannot be reached
+    /// now delays serving by at most a few seconds; it is tried again in the background.
+    pub async fn prepare(&self) {
+        let Some(History::Redis(history)) = &self.history else {
+            return;
+        };
+        match tokio::time::timeout(PREPARE_TIMEOUT, history.prepare()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot prepare history in Redis; retrying"),
+            Err(_) => tracing::warn!("preparing history in Redis timed out; retrying"),
+        }
+    }
+
     /// Starts what runs beside the connections: the embedded queue's reaper and the workers
     /// of every queue with a `command`. They stop when [`Lifecycle::stop_workers`] is called.
     pub fn start_background(self: &Arc<Self>) {
@@ -249,7 +271,11 @@ impl App {
             Some(History::Redis(history)) => {
                 let (history, stop) = (history.clone(), stop());
                 self.lifecycle.workers.spawn(async move {
-                    let mut every = tokio::time::interval(HISTORY_PREPARE_EVERY);
+                    // The first time was [`App::prepare`], before serving.
+                    let mut every = tokio::time::interval_at(
+                        tokio::time::Instant::now() + HISTORY_PREPARE_EVERY,
+                        HISTORY_PREPARE_EVERY,
+                    );
                     let mut failing = false;
                     loop {
                         tokio::select! {

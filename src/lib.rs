@@ -84,6 +84,7 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tracing::info!("listening on {}", self.local_addr());
         tracing::info!("{}", self.app.config.summary());
+        self.app.prepare().await;
         server::run(self.listener, self.app, shutdown).await
     }
 }

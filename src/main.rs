@@ -99,7 +99,10 @@ fn worker(args: impl Iterator<Item = String>) -> ExitCode {
     };
     runtime.block_on(async {
         let shutdown = shutdown_signal();
-        match patchbay::task::worker::serve(&url, &config.redis_prefix, args, shutdown).await {
+        let options = &config.redis_options;
+        match patchbay::task::worker::serve(&url, options, &config.redis_prefix, args, shutdown)
+            .await
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         }

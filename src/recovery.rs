@@ -145,8 +145,8 @@ pub async fn read_all(history: &History, asks: &[(&str, Option<&Position>)]) -> 
 
 /// [`Recovery::send`] for several rooms answered at once (a batch SUBSCRIBE): the answer,
 /// each room's replay in turn (an action stored in several of them only the first time),
-/// what was held back for each, then `after` (task snapshots). Everything is paced into the
-/// send queue: a replay never closes the connection as slow.
+/// then `after` (task snapshots), then what was held back for each. Everything is paced into
+/// the send queue: a replay never closes the connection as slow.
 pub async fn send_all(
     app: &App,
     conn: ConnId,
@@ -194,6 +194,9 @@ pub async fn send_all(
             }
         }
     }
+    // The task snapshots next, before what was held back: the snapshot was read before the
+    // hold ends, so a held action is at most as old as it and anything newer still follows.
+    texts.extend(after.into_iter().map(Text::from));
     let mut open = push_paced(&outbox, texts, deadline).await;
     // What was held back: without the stored actions the replay already carried (through
     // this room by offset, through another room of the batch by id); after a refused recovery
@@ -211,14 +214,6 @@ pub async fn send_all(
             ids: &replayed,
         };
         open = flush_held(app, conn, room, &skip, Some((&outbox, deadline)), open).await;
-    }
-    if open {
-        push_paced(
-            &outbox,
-            after.into_iter().map(Text::from).collect(),
-            deadline,
-        )
-        .await;
     }
 }
 

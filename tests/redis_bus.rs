@@ -379,15 +379,15 @@ async fn malformed_bus_messages_are_counted() {
         bytes: 1 << 20,
     });
     rooms.register(1, outbox);
+    let target = patchbay::bus::RedisTarget::open(&redis.url(), &Default::default()).unwrap();
     let bus = RedisBus::start(
-        &redis.url(),
+        &target,
         "patchbay",
         "tasks.*",
         1000,
         rooms.clone(),
         Default::default(),
-    )
-    .unwrap();
+    );
     let deadline = Instant::now() + WAIT;
     while bus.status() != BusStatus::Connected {
         assert!(Instant::now() < deadline, "the bus never connected");

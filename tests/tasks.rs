@@ -95,6 +95,12 @@ async fn a_job_that_ends_before_the_join_still_reaches_the_client() {
 }
 
 #[tokio::test]
+async fn a_fast_jobs_room_says_nothing_before_the_success_and_ends_on_its_final_state() {
+    let bridge = bridge(FAST_JOB, json!({})).await;
+    assert_fast_jobs_in_order(&bridge).await;
+}
+
+#[tokio::test]
 async fn enqueue_is_idempotent_per_user_and_request_id() {
     let bridge = bridge("sleep 5", json!({"concurrency": 1})).await;
     let mut clients = Vec::new();

@@ -71,6 +71,13 @@ async fn jobs_run_on_redis_and_every_change_reaches_the_user() {
 }
 
 #[tokio::test]
+async fn a_fast_jobs_room_says_nothing_before_the_success_and_ends_on_its_final_state() {
+    let redis = RedisServer::start().await;
+    let bridge = redis_bridge(&redis, sh_task(FAST_JOB, json!({}))).await;
+    assert_fast_jobs_in_order(&bridge).await;
+}
+
+#[tokio::test]
 async fn enqueue_is_idempotent_across_instances() {
     let redis = RedisServer::start().await;
     let task = queue_only(json!({}));

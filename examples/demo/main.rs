@@ -465,9 +465,9 @@ fn worker(args: impl Iterator<Item = String>) -> ExitCode {
     }
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     runtime.block_on(async {
-        match patchbay::task::worker::serve(&url, &config.redis_prefix, args, shutdown_signal())
-            .await
-        {
+        let options = &config.redis_options;
+        let prefix = &config.redis_prefix;
+        match patchbay::task::worker::serve(&url, options, prefix, args, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("demo worker: {e}");

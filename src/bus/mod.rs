@@ -12,8 +12,8 @@ use futures_util::future::{BoxFuture, FutureExt};
 use serde_json::{Map, Value};
 
 pub use self::redis::{
-    Commands, Driver, DriverError, Extras, LocalRedis, Msg, RedisBus, RedisDriver, Subscriptions,
-    connection_config, is_dead, refusal,
+    Commands, Driver, DriverError, Extras, LocalRedis, Msg, RedisBus, RedisDriver, RedisOptions,
+    RedisTarget, Subscriptions, connection_config, is_dead, refusal,
 };
 pub use memory::MemoryBus;
 

@@ -11,6 +11,7 @@ use super::{Applied, Outcome};
 use crate::app::App;
 use crate::dispatch::{CallContext, Success};
 use crate::protocol;
+use crate::recovery::{Standing, send_all};
 use crate::registry::ActionSpec;
 use crate::rooms::{ConnId, valid_room};
 use crate::session::Peer;
@@ -68,7 +69,9 @@ pub fn run(
 /// The success, after joining the manifest's `subscribe` room if it has one. The API already
 /// did the work, so a room that cannot be filled or joined is logged and the success sent
 /// without `meta.subscribed`; a bus that cannot confirm keeps the room (it is subscribed again
-/// when the bus reconnects).
+/// when the bus reconnects). A task room's live actions are held back from the join until the
+/// success and the task's snapshot are queued: a fast worker's first progress never goes out
+/// before the success that names the task.
 async fn succeed(
     app: &App,
     conn: ConnId,
@@ -77,34 +80,91 @@ async fn succeed(
     request_id: String,
     mut success: Success,
 ) -> Outcome {
-    let mut granted = None;
-    let mut then = None;
-    if let Some(room) = subscribe_room(spec, &success) {
-        match app.hub.join(conn, &room, app.config.max_rooms) {
-            Ok(join) => {
-                let token = app.room_tokens.issue(&room, user);
-                success
-                    .meta
-                    .insert("subscribed".into(), Value::String(room.clone()));
-                success
-                    .meta
-                    .insert("roomToken".into(), Value::String(token));
-                // Present there too, like a SUBSCRIBE (its snapshot comes with the next SUBSCRIBE
-                // of the room, such as a rejoin: an action's success has no place for it).
-                super::room::presence_join(app, &room, user, conn);
-                if let Err(e) = join.confirmed.await {
-                    tracing::warn!(%room, error = %e, "the bus could not confirm a subscription");
-                }
-                super::room::presence_join_shared(app, &room, user, conn).await;
-                then = super::room::snapshot(app, &room, user).await;
-                granted = Some(room);
-            }
-            Err(e) => tracing::warn!(%room, error = %e, "cannot join the `subscribe` room"),
+    let Some(room) = subscribe_room(spec, &success) else {
+        return reply(spec, &request_id, success, None);
+    };
+    let held = super::room::has_snapshot(app, &room);
+    let rooms = app.hub.rooms();
+    let joined = if held {
+        rooms.join_recovering(conn, &room, app.config.max_rooms)
+    } else {
+        rooms.join(conn, &room, app.config.max_rooms)
+    };
+    let added = match joined {
+        Ok(added) => added,
+        Err(e) => {
+            tracing::warn!(%room, error = %e, "cannot join the `subscribe` room");
+            return reply(spec, &request_id, success, None);
         }
+    };
+    let token = app.room_tokens.issue(&room, user);
+    success
+        .meta
+        .insert("subscribed".into(), Value::String(room.clone()));
+    success
+        .meta
+        .insert("roomToken".into(), Value::String(token));
+    // Present there too, like a SUBSCRIBE (its snapshot comes with the next SUBSCRIBE of the
+    // room, such as a rejoin: an action's success has no place for it).
+    super::room::presence_join(app, &room, user, conn);
+    if let Err(e) = app.hub.confirm(&room, added).confirmed.await {
+        tracing::warn!(%room, error = %e, "the bus could not confirm a subscription");
     }
+    super::room::presence_join_shared(app, &room, user, conn).await;
+    if !held {
+        return reply(spec, &request_id, success, Some(room));
+    }
+    // Where this instance stands in the room; its last state from there when it keeps one.
+    let at = match &app.history {
+        Some(history) if history.keeps(&room) => {
+            crate::recovery::read_all(history, &[(room.as_str(), None)]).await
+        }
+        _ => Vec::new(),
+    };
+    let last = match at.into_iter().next() {
+        Some(Standing::Position(Some(position))) => {
+            super::room::from_last_state(app, &room, &position).await
+        }
+        _ => None,
+    };
+    let success = protocol::success(&spec.name, &request_id, &success.payload, success.meta);
+    if let Some(last) = last {
+        send_all(app, conn, success, vec![(room.clone(), last)], Vec::new()).await;
+        return granted(room);
+    }
+    let snapshot = super::room::snapshot(app, &room, user).await;
+    send_all(
+        app,
+        conn,
+        success,
+        Vec::new(),
+        snapshot.into_iter().collect(),
+    )
+    .await;
+    crate::recovery::release_held(app, conn, &room).await;
+    granted(room)
+}
+
+/// The outcome of a success written already, which granted `room`.
+fn granted(room: String) -> Outcome {
     Outcome {
-        reply: protocol::success(&spec.name, &request_id, &success.payload, success.meta),
-        then,
+        reply: String::new(),
+        then: None,
+        granted: Some(room),
+        action: true,
+    }
+}
+
+/// The success as the session writes it.
+fn reply(
+    spec: &ActionSpec,
+    request_id: &str,
+    success: Success,
+    granted: Option<String>,
+) -> Outcome {
+    Outcome {
+        reply: protocol::success(&spec.name, request_id, &success.payload, success.meta),
+        then: None,
         granted,
         action: true,
     }

@@ -121,8 +121,8 @@ pub fn subscribe_many(
         .collect();
     let app = app.clone();
     Applied::Later(Box::pin(async move {
-        let (answers, recoveries, snapshots) = settle(&app, conn, user.as_deref(), joins).await;
-        let answers: Vec<Value> = answers
+        let mut settled = settle(&app, conn, user.as_deref(), joins).await;
+        let answers: Vec<Value> = std::mem::take(&mut settled.answers)
             .into_iter()
             .map(|answer| match answer {
                 Ok(payload) => Value::Object(payload),
@@ -132,7 +132,7 @@ pub fn subscribe_many(
             })
             .collect();
         let reply = protocol::success(&name, &request_id, &json!({ "rooms": answers }), Map::new());
-        send_all(&app, conn, reply, recoveries, snapshots).await;
+        settled.send(&app, conn, reply).await;
         Outcome::reply(String::new())
     }))
 }
@@ -145,6 +145,8 @@ pub struct PendingJoin {
     since: Option<Position>,
     /// `since` given for a room that keeps no history: answered `not_kept`.
     not_kept: bool,
+    /// Live actions are held back without a recovery: a task room, whose snapshot goes first.
+    held: bool,
     /// The presence snapshot, taken at the join.
     presence: Option<Value>,
 }
@@ -161,10 +163,12 @@ fn join_now(
     let keeps = app.history.as_ref().is_some_and(|h| h.keeps(&room));
     let not_kept = since.is_some() && !keeps;
     let since = since.filter(|_| keeps);
+    let held = since.is_none() && has_snapshot(app, &room);
     let rooms = app.hub.rooms();
-    let joined = match since {
-        Some(_) => rooms.join_recovering(conn, &room, app.config.max_rooms),
-        None => rooms.join(conn, &room, app.config.max_rooms),
+    let joined = if since.is_some() || held {
+        rooms.join_recovering(conn, &room, app.config.max_rooms)
+    } else {
+        rooms.join(conn, &room, app.config.max_rooms)
     };
     let added = match joined {
         Ok(added) => added,
@@ -185,12 +189,34 @@ fn join_now(
         room,
         since,
         not_kept,
+        held,
         presence,
     })
 }
 
 /// One room's answer: its success payload, or its entry and the error.
 type Answer = Result<Map<String, Value>, (Value, ActionError)>;
+
+/// Joins confirmed: each room's answer, and what to send after the reply.
+struct Settled {
+    answers: Vec<Answer>,
+    recoveries: Vec<(String, Recovery)>,
+    /// Task snapshots.
+    snapshots: Vec<String>,
+    /// Rooms whose live actions were held back for their snapshot, to let through whole
+    /// (the room's position is not known: nothing can be told to be older).
+    held: Vec<String>,
+}
+
+impl Settled {
+    /// Queues `reply`, the replays, the snapshots, then what was held back meanwhile.
+    async fn send(self, app: &App, conn: ConnId, reply: String) {
+        send_all(app, conn, reply, self.recoveries, self.snapshots).await;
+        for room in &self.held {
+            crate::recovery::release_held(app, conn, room).await;
+        }
+    }
+}
 
 /// Waits for the bus to confirm each join, then reads every history room's history (at one
 /// instant when embedded; an action stored in several rooms that one replay carries and
@@ -201,7 +227,7 @@ async fn settle(
     conn: ConnId,
     user: Option<&str>,
     joins: Vec<Result<PendingJoin, (Value, ActionError)>>,
-) -> (Vec<Answer>, Vec<(String, Recovery)>, Vec<String>) {
+) -> Settled {
     let mut confirmed = Vec::with_capacity(joins.len());
     for join in joins {
         let pending = match join {
@@ -216,6 +242,7 @@ async fn settle(
             room,
             since,
             not_kept,
+            held,
             presence,
         } = pending;
         if let Err(e) = join.confirmed.await {
@@ -243,7 +270,7 @@ async fn settle(
             Some(snapshot) => Some(snapshot),
             None => presence_join_shared(app, &room, user, conn).await,
         };
-        confirmed.push(Ok((room, since, not_kept, presence)));
+        confirmed.push(Ok((room, since, not_kept, held, presence)));
     }
     // Every history room's read at once: its recovery, or where it stands.
     let mut reads = match &app.history {
@@ -262,8 +289,9 @@ async fn settle(
     let mut answers = Vec::with_capacity(confirmed.len());
     let mut recoveries = Vec::new();
     let mut rooms_joined = Vec::new();
+    let mut held_rooms = Vec::new();
     for pending in confirmed {
-        let (room, _, not_kept, presence) = match pending {
+        let (room, _, not_kept, held, presence) = match pending {
             Ok(p) => p,
             Err(e) => {
                 answers.push(Err(e));
@@ -275,6 +303,7 @@ async fn settle(
         if let Some(snapshot) = presence {
             payload.insert("presence".into(), snapshot);
         }
+        let mut release = held;
         if app.history.as_ref().is_some_and(|h| h.keeps(&room)) {
             match reads.next() {
                 Some(Standing::Recovery(recovery)) => {
@@ -282,7 +311,13 @@ async fn settle(
                     recoveries.push((room.clone(), recovery));
                 }
                 Some(Standing::Position(Some(position))) => {
-                    payload.insert("position".into(), position.to_json());
+                    if held && let Some(last) = from_last_state(app, &room, &position).await {
+                        payload.insert("position".into(), last.position.to_json());
+                        recoveries.push((room.clone(), last));
+                        release = false;
+                    } else {
+                        payload.insert("position".into(), position.to_json());
+                    }
                 }
                 Some(Standing::Position(None)) | None => {}
             }
@@ -292,7 +327,12 @@ async fn settle(
             payload.insert("reason".into(), json!(Reason::NotKept.as_str()));
             payload.insert("replayed".into(), json!(0));
         }
-        rooms_joined.push(room);
+        if release {
+            held_rooms.push(room.clone());
+        }
+        if release || !held {
+            rooms_joined.push(room);
+        }
         answers.push(Ok(payload));
     }
     let mut snapshots = Vec::new();
@@ -301,7 +341,12 @@ async fn settle(
             snapshots.push(s);
         }
     }
-    (answers, recoveries, snapshots)
+    Settled {
+        answers,
+        recoveries,
+        snapshots,
+        held: held_rooms,
+    }
 }
 
 /// Joins `room` now; answers once the bus confirms the subscription. If the bus cannot, the
@@ -325,16 +370,15 @@ pub fn subscribe(
     };
     let app = app.clone();
     Applied::Later(Box::pin(async move {
-        let (mut answers, recoveries, snapshots) =
-            settle(&app, conn, user.as_deref(), vec![Ok(join)]).await;
-        let reply = match answers.pop() {
+        let mut settled = settle(&app, conn, user.as_deref(), vec![Ok(join)]).await;
+        let reply = match settled.answers.pop() {
             Some(Ok(payload)) => {
                 protocol::success(&name, &request_id, &Value::Object(payload), Map::new())
             }
             Some(Err((_, err))) => protocol::failure(&name, &request_id, &err),
             None => return Outcome::reply(String::new()),
         };
-        send_all(&app, conn, reply, recoveries, snapshots).await;
+        settled.send(&app, conn, reply).await;
         Outcome::reply(String::new())
     }))
 }
@@ -419,6 +463,38 @@ pub(super) async fn presence_join_shared(
         presence.leave(room, user, conn, Leave::Left);
     }
     snapshot
+}
+
+/// Whether joining `room` sends a task snapshot: its live actions are then held back until
+/// the snapshot is queued, so that nothing newer goes out before it.
+pub fn has_snapshot(app: &App, room: &str) -> bool {
+    room.starts_with("task:") && app.dispatcher.tasks().is_some()
+}
+
+/// A task room that keeps history, at `position` (where this instance stands in it): its
+/// snapshot is its last stored state, replayed from there, so that it and what follows
+/// are in the room's own order — an action reaching this instance late (through another
+/// room) is at most that old, and is dropped instead of undoing a newer snapshot. `None`
+/// when the room's last action is not a task's state (or it keeps none now): the task's
+/// own snapshot then.
+pub async fn from_last_state(app: &App, room: &str, position: &Position) -> Option<Recovery> {
+    let history = app.history.as_ref()?;
+    let since = Position {
+        epoch: position.epoch.clone(),
+        offset: position.offset.checked_sub(1)?,
+    };
+    let read = crate::recovery::read_all(history, &[(room, Some(&since))]).await;
+    match read.into_iter().next() {
+        Some(Standing::Recovery(recovery))
+            if recovery.reason.is_none()
+                && recovery.replay.first().is_some_and(|(offset, stored)| {
+                    *offset == position.offset && stored.action["type"] == "TASK_PROGRESS"
+                }) =>
+        {
+            Some(recovery)
+        }
+        _ => None,
+    }
 }
 
 /// The state of the task whose room `room` is, as the `TASK_PROGRESS` a connection gets

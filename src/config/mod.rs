@@ -71,6 +71,8 @@ pub struct Config {
     pub actions_dir: PathBuf,
     /// `PATCHBAY_REDIS_URL`: `None` is the in-memory bus.
     pub redis_url: Option<String>,
+    /// `PATCHBAY_REDIS_CA_FILE` (its certificates) and `PATCHBAY_REDIS_SENTINEL_PASSWORD`.
+    pub redis_options: crate::bus::RedisOptions,
     /// `PATCHBAY_REDIS_PREFIX`.
     pub redis_prefix: String,
     /// `PATCHBAY_TASK_CHANNELS`: a channel pattern with one `*`.
@@ -184,6 +186,7 @@ impl Config {
             .map(|u| parse_url("api_url", &u).map(|u| u.trim_end_matches('/').to_string()))
             .transpose()?;
         let redis_url = raw.opt("redis_url");
+        let redis_options = redis_options(&raw, redis_url.as_deref())?;
         let jwt_secret = secret("jwt_secret", raw.opt("jwt_secret"), MIN_JWT_SECRET_BYTES)?;
         let publish_token = secret("publish_token", raw.opt("publish_token"), MIN_SECRET_BYTES)?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(raw.get("log")) {
@@ -336,6 +339,7 @@ impl Config {
             api_url,
             actions_dir: PathBuf::from(raw.get("actions")),
             redis_url,
+            redis_options,
             redis_prefix: raw.get("redis_prefix").to_string(),
             task_channels,
             jwt_secret,
@@ -383,6 +387,53 @@ impl Config {
 }
 
 /// A secret setting: unset or empty is `None`; a shorter one than `min` bytes is refused.
+/// The CA file and the Sentinels' password, checked with the URL they go with (a URL the
+/// Redis client cannot use stops start-up here, naming the variable).
+fn redis_options(raw: &Raw, url: Option<&str>) -> Result<crate::bus::RedisOptions, ConfigError> {
+    let ca = match raw.opt("redis_ca_file") {
+        None => None,
+        Some(path) => {
+            use rustls::pki_types::{CertificateDer, pem::PemObject};
+            let pem = std::fs::read(&path).map_err(|e| {
+                ConfigError::var("redis_ca_file", format!("cannot read `{path}`: {e}"))
+            })?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    ConfigError::var("redis_ca_file", format!("`{path}` is not PEM: {e}"))
+                })?;
+            if certs.is_empty() {
+                return Err(ConfigError::var(
+                    "redis_ca_file",
+                    format!("`{path}` holds no PEM certificate"),
+                ));
+            }
+            Some(pem)
+        }
+    };
+    let options = crate::bus::RedisOptions {
+        ca,
+        sentinel_password: raw.opt("redis_sentinel_password"),
+    };
+    let Some(url) = url else {
+        for name in ["redis_ca_file", "redis_sentinel_password"] {
+            if raw.opt(name).is_some() {
+                return Err(ConfigError::var(name, "is set without PATCHBAY_REDIS_URL"));
+            }
+        }
+        return Ok(options);
+    };
+    if options.sentinel_password.is_some() && !url.contains("+sentinel://") {
+        return Err(ConfigError::var(
+            "redis_sentinel_password",
+            "is set but PATCHBAY_REDIS_URL is not a redis+sentinel:// URL",
+        ));
+    }
+    crate::bus::RedisTarget::open(url, &options)
+        .map_err(|e| ConfigError::var("redis_url", e.to_string().replace("- ", "")))?;
+    Ok(options)
+}
+
 fn secret(name: &str, v: Option<String>, min: usize) -> Result<Option<String>, ConfigError> {
     match non_empty(v) {
         Some(s) if s.len() < min => Err(ConfigError::var(
@@ -531,6 +582,123 @@ mod tests {
             ]
         );
         assert_eq!(c.allowed_origins, AllowedOrigins::List(vec![]));
+    }
+
+    /// A self-signed CA certificate (its key thrown away): something PATCHBAY_REDIS_CA_FILE
+    /// can hold.
+    const TEST_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBjjCCATOgAwIBAgIUTK4+GD/Nox5uI7Dmw2UXCuhMT7cwCgYIKoZIzj0EAwIw
+GzEZMBcGA1UEAwwQcGF0Y2hiYXktdGVzdC1jYTAgFw0yNjEyMDcxNzQ5MDNaGA8y
+MTI2MTExMzE3NDkwM1owGzEZMBcGA1UEAwwQcGF0Y2hiYXktdGVzdC1jYTBZMBMG
+ByqGSM49AgEGCCqGSM49AwEHA0IABOfuxmXC3sGwfh/D/w3Wzs9QpQJoND74fZSy
+RagcgJvB3dR6w11F2730mfJsGpfqV3iJlpgDrc74n1XiZwjGnRqjUzBRMB0GA1Ud
+DgQWBBR/Oy2LvseIOHGqYvbsDC/1jNcbYzAfBgNVHSMEGDAWgBR/Oy2LvseIOHGq
+YvbsDC/1jNcbYzAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0kAMEYCIQDD
+vZapmO7bledC+ORzag55zrZV79+P8xRAXitLQypUYQIhAO775lH6/Ashi4V3RDRw
+SsuaA3nTzHnyFOD6cUBx9i4n
+-----END CERTIFICATE-----
+";
+
+    #[test]
+    fn redis_urls_and_their_options_are_checked_at_start_up() {
+        let dir = std::env::temp_dir().join(format!("patchbay-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let pem = dir.join("ca.pem");
+        std::fs::write(&pem, TEST_CA).unwrap();
+        let garbled = dir.join("garbled.pem");
+        std::fs::write(&garbled, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
+        let (missing, not_pem, pem, garbled) = (
+            dir.join("missing.pem").display().to_string(),
+            not_pem.display().to_string(),
+            pem.display().to_string(),
+            garbled.display().to_string(),
+        );
+        let tls = "rediss://redis.example.com:6380";
+        for (vars, var, says) in [
+            (
+                vec![("PATCHBAY_REDIS_URL", "http://x")],
+                "PATCHBAY_REDIS_URL",
+                "",
+            ),
+            (
+                vec![("PATCHBAY_REDIS_URL", "redis+sentinel://a:26379")],
+                "PATCHBAY_REDIS_URL",
+                "master",
+            ),
+            (
+                vec![
+                    ("PATCHBAY_REDIS_URL", tls),
+                    ("PATCHBAY_REDIS_CA_FILE", &missing),
+                ],
+                "PATCHBAY_REDIS_CA_FILE",
+                "cannot read",
+            ),
+            (
+                vec![
+                    ("PATCHBAY_REDIS_URL", tls),
+                    ("PATCHBAY_REDIS_CA_FILE", &not_pem),
+                ],
+                "PATCHBAY_REDIS_CA_FILE",
+                "no PEM",
+            ),
+            (
+                vec![
+                    ("PATCHBAY_REDIS_URL", tls),
+                    ("PATCHBAY_REDIS_CA_FILE", &garbled),
+                ],
+                "PATCHBAY_REDIS_CA_FILE",
+                "is not PEM",
+            ),
+            (
+                vec![
+                    ("PATCHBAY_REDIS_URL", "redis://x"),
+                    ("PATCHBAY_REDIS_CA_FILE", &pem),
+                ],
+                "PATCHBAY_REDIS_URL",
+                "not rediss",
+            ),
+            (
+                vec![("PATCHBAY_REDIS_CA_FILE", &pem)],
+                "PATCHBAY_REDIS_CA_FILE",
+                "without PATCHBAY_REDIS_URL",
+            ),
+            (
+                vec![
+                    ("PATCHBAY_REDIS_URL", "redis://x"),
+                    ("PATCHBAY_REDIS_SENTINEL_PASSWORD", "p"),
+                ],
+                "PATCHBAY_REDIS_SENTINEL_PASSWORD",
+                "not a redis+sentinel",
+            ),
+        ] {
+            let e = cfg(&vars).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("{var}:")) && e.contains(says),
+                "{vars:?}: {e}"
+            );
+        }
+        let c = cfg(&[
+            ("PATCHBAY_REDIS_URL", tls),
+            ("PATCHBAY_REDIS_CA_FILE", &pem),
+        ])
+        .unwrap();
+        assert!(c.redis_options.ca.is_some());
+        let sentinel = "redis+sentinel://:pw@s1:26379,s2/mymaster/1";
+        let c = cfg(&[
+            ("PATCHBAY_REDIS_URL", sentinel),
+            ("PATCHBAY_REDIS_SENTINEL_PASSWORD", "sp"),
+        ])
+        .unwrap();
+        assert_eq!(c.redis_options.sentinel_password.as_deref(), Some("sp"));
+        assert!(
+            c.summary()
+                .contains("bus=redis redis+sentinel://s1:26379,s2/mymaster/1 "),
+            "{}",
+            c.summary()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

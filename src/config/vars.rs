@@ -32,11 +32,13 @@ const fn var(name: &'static str, default: &'static str, help: &'static str) -> V
 /// start-up: a misspelt variable must never silently turn a feature off
 /// (`PATCHBAY_JWT_SECERT` would otherwise let everyone in).
 #[rustfmt::skip]
-pub const VARIABLES: [Var; 39] = [
+pub const VARIABLES: [Var; 41] = [
     var("PATCHBAY_LISTEN", "127.0.0.1:8080", "address to bind; port 0 picks a free port"),
     var("PATCHBAY_API_URL", "", "base URL of the REST API that `http` actions call"),
     var("PATCHBAY_ACTIONS", "./actions", "directory of action manifests"),
     var("PATCHBAY_REDIS_URL", "", "unset: in-memory bus; set: the Redis bus"),
+    var("PATCHBAY_REDIS_CA_FILE", "", "PEM CA certificates a rediss:// server is checked against instead of the platform's"),
+    var("PATCHBAY_REDIS_SENTINEL_PASSWORD", "", "password of the Sentinels of a redis+sentinel:// URL"),
     var("PATCHBAY_REDIS_PREFIX", "patchbay", "prefix of every Redis channel patchbay owns"),
     var("PATCHBAY_TASK_CHANNELS", "tasks.*", "channel pattern of task progress; one `*`, the task id"),
     var("PATCHBAY_JWT_SECRET", "", "enables HS256 JWT authentication; at least 32 bytes"),
@@ -77,8 +79,7 @@ pub const VARIABLES: [Var; 39] = [
 /// Variables of features this version does not have yet. Setting one is refused like an
 /// unknown name, with a message that says so: ignoring it would leave the feature silently
 /// off (a JWKS URL that authenticates nobody, history that is never kept).
-const NOT_YET_SUPPORTED: [&str; 5] = [
-    "PATCHBAY_REDIS_CA_FILE",
+const NOT_YET_SUPPORTED: [&str; 4] = [
     "PATCHBAY_JWKS_URL",
     "PATCHBAY_JWT_ISSUER",
     "PATCHBAY_JWT_AUDIENCE",
@@ -197,17 +198,22 @@ impl Config {
 
 /// A Redis URL as it may be logged: scheme, host, port and database, never credentials.
 fn redacted_redis(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(u) if u.host_str().is_some() => format!(
-            "{}://{}{}{}",
-            u.scheme(),
-            u.host_str().unwrap_or_default(),
-            u.port().map(|p| format!(":{p}")).unwrap_or_default(),
-            u.path()
-        ),
-        Ok(u) => format!("{}://{}", u.scheme(), u.path()),
-        Err(_) => "(unparsable URL)".to_string(),
-    }
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "(unparsable URL)".to_string();
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let hosts = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, hosts)| hosts);
+    let path = if path.is_empty() {
+        String::new()
+    } else {
+        format!("/{path}")
+    };
+    format!(
+        "{scheme}://{hosts}{}",
+        path.split('?').next().unwrap_or_default()
+    )
 }
 
 /// The known variable closest to `name` (edit distance), for "did you mean".

@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
 use super::{HistoryConfig, KEEP_POSITION, Position, Reason, Replay, Stored, judge};
-use crate::bus::Commands;
+use crate::bus::{Commands, RedisTarget};
 use crate::task::redis::{function_missing, load_functions};
 
 /// What one read of a room found: where it stands, and what it keeps after the position asked.
@@ -98,20 +98,16 @@ pub struct RedisHistory {
 }
 
 impl RedisHistory {
-    /// The history on the Redis at `url` under `prefix` (nothing is connected yet).
-    pub fn open(
-        url: &str,
-        prefix: &str,
-        config: HistoryConfig,
-    ) -> Result<RedisHistory, redis::RedisError> {
-        Ok(RedisHistory {
-            commands: Commands::new(redis::Client::open(url)?),
+    /// The history on the Redis `target` names, under `prefix` (nothing is connected yet).
+    pub fn open(target: &RedisTarget, prefix: &str, config: HistoryConfig) -> RedisHistory {
+        RedisHistory {
+            commands: Commands::new(target.clone()),
             config_key: format!("{prefix}:history"),
             config,
             reads: Mutex::default(),
             calls: AtomicU64::new(0),
             tails: Mutex::default(),
-        })
+        }
     }
 
     /// What it keeps.

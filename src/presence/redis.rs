@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{Leave, PresenceConfig, SetError};
-use crate::bus::Commands;
+use crate::bus::{Commands, RedisTarget};
 use crate::rooms::ConnId;
 use crate::task::redis::fcall;
 
@@ -35,19 +35,15 @@ pub struct RedisPresence {
 }
 
 impl RedisPresence {
-    /// Presence on the Redis at `url` under `prefix` (nothing is connected yet).
-    pub fn open(
-        url: &str,
-        prefix: &str,
-        config: PresenceConfig,
-    ) -> Result<RedisPresence, redis::RedisError> {
-        Ok(RedisPresence {
-            commands: Commands::new(redis::Client::open(url)?),
+    /// Presence on the Redis `target` names, under `prefix` (nothing is connected yet).
+    pub fn open(target: &RedisTarget, prefix: &str, config: PresenceConfig) -> RedisPresence {
+        RedisPresence {
+            commands: Commands::new(target.clone()),
             key: format!("{prefix}:plive"),
             instance: uuid::Uuid::new_v4().simple().to_string(),
             config,
             local: Default::default(),
-        })
+        }
     }
 
     /// What it tracks.

@@ -377,12 +377,14 @@ fn number(name: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {
 /// child process; on shutdown running jobs are handed back for another worker.
 pub async fn serve(
     redis_url: &str,
+    redis_options: &crate::bus::RedisOptions,
     prefix: &str,
     args: WorkerArgs,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
-    let queue = super::RedisQueue::open(redis_url, prefix)
+    let target = crate::bus::RedisTarget::open(redis_url, redis_options)
         .map_err(|e| format!("PATCHBAY_REDIS_URL: {e}"))?;
+    let queue = super::RedisQueue::on(&target, prefix);
     tokio::pin!(shutdown);
     // Redis may not be up yet: the worker waits for it rather than exiting.
     let mut warned = false;

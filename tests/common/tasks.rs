@@ -143,3 +143,56 @@ pub async fn until_progress(client: &mut Client, key: &str) {
         }
     }
 }
+
+/// A job that reports at once and ends: its first progress can reach the instance while the
+/// success is still being made.
+pub const FAST_JOB: &str = r#"read -r job; echo '{"progress":{"started":1}}'; echo '{"result":1}'"#;
+
+/// Thirty [`FAST_JOB`]s in turn, each checked: nothing of its room before the success that
+/// names it, then its state (live or as a snapshot) up to the final one, and nothing of the
+/// room after the final state.
+pub async fn assert_fast_jobs_in_order(bridge: &Bridge) {
+    let mut client = connect_as(bridge, "7").await;
+    for n in 0..30 {
+        let request_id = format!("job-{n}");
+        client
+            .send(json!({"type": "JOB_START_REQUEST", "payload": {}, "meta": {"requestId": request_id}}))
+            .await;
+        let id = loop {
+            let m = client.recv().await;
+            let room = m["meta"]["room"].as_str().unwrap_or_default();
+            assert!(!room.starts_with("task:"), "before the success: {m}");
+            if m["meta"]["requestId"] == request_id.as_str() {
+                assert_eq!(m["type"], "JOB_START_SUCCESS", "{m}");
+                break id_of(&m);
+            }
+        };
+        let first = client.recv().await;
+        assert_eq!(
+            first["meta"]["room"],
+            format!("task:{id}"),
+            "the snapshot: {first}"
+        );
+        if first["payload"]["status"] != "succeeded" {
+            until_final(&mut client, &id).await;
+        }
+        // Everything the room sent before this answer: nothing after the final state.
+        let get = format!("get-{n}");
+        client
+            .send(json!({"type": "JOB_GET_REQUEST", "payload": {"id": id}, "meta": {"requestId": get}}))
+            .await;
+        loop {
+            let m = client.recv().await;
+            if m["meta"]["requestId"] == get.as_str() {
+                assert_eq!(m["payload"]["status"], "succeeded", "{m}");
+                break;
+            }
+            if m["meta"]["room"] == format!("task:{id}") {
+                assert_eq!(
+                    m["payload"]["status"], "succeeded",
+                    "after the final state: {m}"
+                );
+            }
+        }
+    }
+}

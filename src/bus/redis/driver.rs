@@ -98,17 +98,47 @@ pub trait Driver: Send + Sync + 'static {
 
 /// Redis itself: one pub/sub connection at a time, and a command connection that heals itself.
 pub struct RedisDriver {
-    client: redis::Client,
+    target: super::RedisTarget,
     commands: Commands,
 }
 
 impl RedisDriver {
-    /// A driver for `url` (nothing is connected yet).
-    pub fn open(url: &str) -> Result<RedisDriver, redis::RedisError> {
-        let client = redis::Client::open(url)?;
-        Ok(RedisDriver {
-            commands: Commands::new(client.clone()),
-            client,
+    /// A driver for `target` (nothing is connected yet).
+    pub fn open(target: &super::RedisTarget) -> RedisDriver {
+        RedisDriver {
+            commands: Commands::new(target.clone()),
+            target: target.clone(),
+        }
+    }
+}
+
+impl RedisDriver {
+    /// A Sentinel or a read-only replica also answers PING and SUBSCRIBE, and would then
+    /// deliver nothing: the URL is refused instead. (A user whose ACL lacks ROLE is not
+    /// checked.)
+    async fn check_role(&self) -> Result<(), DriverError> {
+        let role = match self
+            .commands
+            .query::<redis::Value>(&redis::cmd("ROLE"))
+            .await
+        {
+            Ok(redis::Value::Array(role)) => role,
+            Ok(_) => return Ok(()),
+            Err(e) if e.code() == Some("NOPERM") => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let refused = match role.first() {
+            Some(redis::Value::BulkString(role)) if role == b"sentinel" => {
+                "PATCHBAY_REDIS_URL points at a Redis Sentinel, not at Redis: use redis+sentinel://<host>:<port>/<master name>"
+            }
+            Some(redis::Value::BulkString(role)) if role == b"slave" => {
+                "PATCHBAY_REDIS_URL points at a read-only replica: use the master, or redis+sentinel:// to follow it"
+            }
+            _ => return Ok(()),
+        };
+        Err(DriverError {
+            message: refused.to_string(),
+            refusal: Some(refused.to_string()),
         })
     }
 }
@@ -120,7 +150,11 @@ impl Driver for RedisDriver {
         channels: Vec<String>,
     ) -> BoxFuture<'_, Result<(Box<dyn Subscriptions>, BoxStream<'static, Msg>), DriverError>> {
         async move {
-            let (mut sink, stream) = self.client.get_async_pubsub().await?.split();
+            self.check_role().await?;
+            let client = tokio::time::timeout(OP_TIMEOUT, self.target.client())
+                .await
+                .map_err(|_| timed_out())??;
+            let (mut sink, stream) = client.get_async_pubsub().await?.split();
             sink.psubscribe(&patterns).await?;
             for chunk in channels.chunks(RESUBSCRIBE_CHUNK) {
                 sink.subscribe(chunk).await?;
@@ -189,7 +223,7 @@ impl Subscriptions for RedisSubscriptions {
 /// a command retried once on the new one when it cannot have run, failed connects answered
 /// from memory for a second. Shared by the bus and the Redis task queue.
 pub struct Commands {
-    client: redis::Client,
+    target: super::RedisTarget,
     /// `tokio` lock: held across a connect, so concurrent commands that find no connection
     /// wait for one new connection instead of each opening their own.
     slot: tokio::sync::Mutex<Slot>,
@@ -211,10 +245,10 @@ struct Slot {
 const CONNECT_BACKOFF: Duration = Duration::from_secs(1);
 
 impl Commands {
-    /// Commands on `client` (nothing is connected yet).
-    pub fn new(client: redis::Client) -> Commands {
+    /// Commands on `target` (nothing is connected yet).
+    pub fn new(target: super::RedisTarget) -> Commands {
         Commands {
-            client,
+            target,
             slot: tokio::sync::Mutex::default(),
         }
     }
@@ -231,11 +265,13 @@ impl Commands {
             return Err(e.clone());
         }
         let config = connection_config();
-        let connect = tokio::time::timeout(
-            OP_TIMEOUT,
-            self.client
-                .get_multiplexed_async_connection_with_config(&config),
-        );
+        let connect = tokio::time::timeout(OP_TIMEOUT, async {
+            self.target
+                .client()
+                .await?
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+        });
         match connect.await.map_err(|_| timed_out()).and_then(|r| r) {
             Ok(conn) => {
                 slot.generation += 1;
@@ -305,15 +341,19 @@ fn timed_out() -> redis::RedisError {
     ))
 }
 
-/// Whether `e` means the connection must be replaced.
-/// Whether `e` means the connection is gone (rather than a command refused).
+/// Whether `e` means the connection must be replaced: gone, or to a master demoted to a
+/// read-only replica (a Sentinel failover; the next connection finds the new master).
 pub fn is_dead(e: &redis::RedisError) -> bool {
-    e.is_connection_dropped() || e.is_io_error() || e.is_timeout() || e.is_unrecoverable_error()
+    e.is_connection_dropped()
+        || e.is_io_error()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+        || e.code() == Some("READONLY")
 }
 
-/// What to tell the operator when `e` says Redis refuses patchbay itself (as opposed to being
-/// unreachable): fixing it needs a configuration change, not patience.
-/// What the operator must fix when Redis refuses patchbay (credentials, permissions).
+/// What to tell the operator when `e` says Redis refuses patchbay itself (credentials,
+/// permissions, a certificate it does not trust), as opposed to being unreachable: fixing it
+/// needs a configuration change, not patience.
 pub fn refusal(e: &redis::RedisError) -> Option<String> {
     use redis::{ErrorKind, ServerErrorKind};
     let detail = e.detail().map(|d| crate::error::clip(d).into_owned());
@@ -330,11 +370,14 @@ pub fn refusal(e: &redis::RedisError) -> Option<String> {
             "Redis refused a command for lack of an ACL permission: {}",
             detail.unwrap_or_default()
         )),
+        _ if e.to_string().contains("invalid peer certificate") => Some(format!(
+            "Redis's TLS certificate is not trusted ({}): check the host name in PATCHBAY_REDIS_URL, and set PATCHBAY_REDIS_CA_FILE to the CA of a private certificate",
+            crate::error::clip(&e.to_string())
+        )),
         _ => None,
     }
 }
 
-/// Timeouts of every connection patchbay opens.
 /// Connect and response timeouts of every Redis connection patchbay opens.
 pub fn connection_config() -> redis::AsyncConnectionConfig {
     redis::AsyncConnectionConfig::new()

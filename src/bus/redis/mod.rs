@@ -30,6 +30,7 @@
 
 mod driver;
 mod local;
+mod target;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,6 +53,7 @@ pub use driver::{
     is_dead, refusal,
 };
 pub use local::LocalRedis;
+pub use target::{Options as RedisOptions, Target as RedisTarget};
 
 /// How often both connections are checked: a silent network partition is noticed this fast.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -124,27 +126,27 @@ pub struct RedisBus {
 }
 
 impl RedisBus {
-    /// Starts the bus for the Redis at `url`; it connects in the background and keeps
+    /// Starts the bus for the Redis `target` names; it connects in the background and keeps
     /// reconnecting. `task_pattern` must contain exactly one `*` (checked by the
     /// configuration); envelopes naming more than `max_rooms` rooms are dropped.
     pub fn start(
-        url: &str,
+        target: &RedisTarget,
         prefix: &str,
         task_pattern: &str,
         max_rooms: usize,
         rooms: Arc<Rooms>,
         extras: Extras,
-    ) -> Result<RedisBus, redis::RedisError> {
-        let driver = Arc::new(RedisDriver::open(url)?);
+    ) -> RedisBus {
+        let driver = Arc::new(RedisDriver::open(target));
         let mut bus = Self::unstarted(driver, prefix, task_pattern, max_rooms, rooms);
         bus.history = extras.history.clone();
-        bus.commands = Some(Arc::new(Commands::new(redis::Client::open(url)?)));
+        bus.commands = Some(Arc::new(Commands::new(target.clone())));
         if let Some(worker) = bus.worker.get_mut().unwrap().as_mut() {
             worker.sse = Some((format!("{prefix}:ssei:{}", bus.instance), extras.sse));
             worker.emitter = extras.emitter;
         }
         bus.start_worker(extras.history);
-        Ok(bus)
+        bus
     }
 
     /// Starts the bus over any [`Driver`] (an in-process [`LocalRedis`] in tests), without

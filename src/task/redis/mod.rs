@@ -24,7 +24,7 @@ use super::model::{Status, Task};
 use super::queue::{
     Finish, Lease, ListQuery, NewJob, Owner, Queue, QueueError, QueueStats, Renewal,
 };
-use crate::bus::{Commands, connection_config};
+use crate::bus::{Commands, RedisTarget, connection_config};
 
 /// The function library, loaded by patchbay at start-up and whenever Redis has lost it.
 pub const FUNCTIONS: &str = include_str!("functions.lua");
@@ -59,7 +59,7 @@ const UNLOCK: &str =
 /// Tasks on Redis.
 pub struct RedisQueue {
     commands: Commands,
-    client: redis::Client,
+    target: RedisTarget,
     prefix: String,
     /// One connection per worker for its blocking reads (a blocked read would hold up every
     /// other command on a shared connection).
@@ -67,15 +67,22 @@ pub struct RedisQueue {
 }
 
 impl RedisQueue {
-    /// A queue on `url` under `prefix` (nothing is connected yet).
+    /// A queue on the Redis at `url` under `prefix` (nothing is connected yet).
     pub fn open(url: &str, prefix: &str) -> Result<RedisQueue, redis::RedisError> {
-        let client = redis::Client::open(url)?;
-        Ok(RedisQueue {
-            commands: Commands::new(client.clone()),
-            client,
+        Ok(Self::on(
+            &RedisTarget::open(url, &Default::default())?,
+            prefix,
+        ))
+    }
+
+    /// A queue on the Redis `target` names, under `prefix` (nothing is connected yet).
+    pub fn on(target: &RedisTarget, prefix: &str) -> RedisQueue {
+        RedisQueue {
+            commands: Commands::new(target.clone()),
+            target: target.clone(),
             prefix: prefix.to_string(),
             blocking: tokio::sync::Mutex::default(),
-        })
+        }
     }
 
     fn key(&self, kind: &str, rest: &str) -> String {
@@ -230,11 +237,15 @@ impl RedisQueue {
         }
         // The read blocks up to its wait: the response timeout must be longer.
         let config = connection_config().set_response_timeout(Some(Duration::from_secs(10)));
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(unavailable)?;
+        let mut conn = async {
+            self.target
+                .client()
+                .await?
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+        }
+        .await
+        .map_err(unavailable)?;
         // Named after the worker, so `CLIENT LIST` shows who is reading (Redis 7.0 makes the
         // group's consumer only with the first entry it hands out).
         let mut name = redis::cmd("CLIENT");
