@@ -33,12 +33,19 @@ has_chromium() {
 # install what is missing where we can.
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v nginx >/dev/null || missing+=(nginx)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 has_chromium || missing+=(chromium)
 if [ "${#missing[@]}" -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "installing ${missing[*]}" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+for tool in nginx openssl systemd-analyze; do
+  command -v "$tool" >/dev/null ||
+    fail "$tool is missing: the reverse-proxy, Redis TLS and deployment tests run it. Install it with apt-get install ${tool%-analyze} (Debian/Ubuntu)"
+done
 if ! command -v redis-server >/dev/null; then
   echo "redis-server is missing: the Redis tests start their own. Install it with" >&2
   fail "  apt-get install redis-server   (Debian/Ubuntu)   or   brew install redis   (macOS)"

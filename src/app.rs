@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{Authenticator, DelegatedAuth, JwtVerifier, RoomTokens};
+use crate::auth::jwks::Jwks;
+use crate::auth::{Authenticator, Checks, DelegatedAuth, JwtVerifier, RoomTokens};
 use crate::bus::{Bus, MemoryBus, RedisBus, RedisTarget};
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
@@ -202,11 +203,20 @@ impl App {
             (_, Some(q)) => Some(q.clone()),
             _ => None,
         };
+        let checks = Checks {
+            leeway: config.jwt_leeway,
+            issuer: config.jwt_issuer.clone(),
+            audience: config.jwt_audience.clone(),
+        };
+        let jwks = base("PATCHBAY_JWKS_URL", &config.jwks_url)?
+            .map(|url| Arc::new(Jwks::new(client.clone(), url, config.jwks_refetch_after)));
+        let jwt = match (&config.jwt_secret, jwks) {
+            (Some(secret), _) => Some(JwtVerifier::hs256(secret.as_bytes(), checks)),
+            (None, Some(jwks)) => Some(JwtVerifier::jwks(jwks, checks)),
+            (None, None) => None,
+        };
         let authenticator = Authenticator::new(
-            config
-                .jwt_secret
-                .as_ref()
-                .map(|s| JwtVerifier::new(s.as_bytes(), config.jwt_leeway)),
+            jwt,
             auth.map(|url| DelegatedAuth::new(client.clone(), url, config.auth_timeout)),
             config.allow_anonymous,
         );
@@ -252,6 +262,25 @@ impl App {
     /// of every queue with a `command`. They stop when [`Lifecycle::stop_workers`] is called.
     pub fn start_background(self: &Arc<Self>) {
         let stop = || self.lifecycle.workers_stop.clone();
+        // The identity provider's keys: now, then every hour (keys rotate).
+        if let Some(jwks) = self.authenticator.key_set() {
+            let (jwks, stop) = (jwks.clone(), stop());
+            self.lifecycle.workers.spawn(async move {
+                let mut every = tokio::time::interval(crate::auth::jwks::REFRESH_EVERY);
+                let mut first = true;
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = every.tick() => {
+                            // A fetch within the last minute (an unknown `kid`) is fresh enough.
+                            let age = if first { std::time::Duration::ZERO } else { crate::auth::jwks::REFETCH_AFTER };
+                            first = false;
+                            jwks.fetch_if(age).await;
+                        }
+                    }
+                }
+            });
+        }
         match &self.history {
             Some(History::Memory(history)) => {
                 let (history, stop) = (history.clone(), stop());
@@ -362,6 +391,17 @@ impl App {
             };
             self.lifecycle.workers.spawn(worker.run(stop()));
         }
+    }
+
+    /// Whether a page of the request's `Origin` may use this instance: the Origin rule
+    /// against the host asked for (`X-Forwarded-Host` when `remote` is a trusted proxy).
+    pub fn origin_allowed(
+        &self,
+        headers: &hyper::HeaderMap,
+        remote: Option<std::net::IpAddr>,
+    ) -> bool {
+        let host = self.config.trusted_proxies.host(remote, headers);
+        crate::auth::origin_allowed(headers, host.as_deref(), &self.config.allowed_origins)
     }
 
     /// A fresh process-local connection id.

@@ -3,13 +3,13 @@
 //! ([`crate::ws`]) checks its own headers first, then calls [`admit`]; another transport calls
 //! the same function.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use hyper::header::{HOST, ORIGIN};
 use hyper::{HeaderMap, StatusCode};
 
 use crate::app::{App, ConnectionSlot};
-use crate::auth;
 use crate::error::clip;
 use crate::session::Peer;
 
@@ -41,30 +41,51 @@ pub const DRAINING: Refusal = Refusal {
 };
 
 /// Decides whether a handshake with these headers and query string starts a session.
+/// `remote`: the TCP peer; the client's address is worked out from it
+/// ([`crate::client_addr`]). Every refusal is counted and logged with the client's address.
 pub async fn admit(
     app: &App,
     headers: &HeaderMap,
     query: Option<&str>,
+    remote: Option<IpAddr>,
 ) -> Result<Admitted, Refusal> {
-    let admitted = check(app, headers, query).await;
+    let trusted = &app.config.trusted_proxies;
+    let client = remote.map(|r| trusted.client(r, headers));
+    let admitted = check(app, headers, query, remote, client).await;
     if let Err(refusal) = &admitted {
         app.metrics.handshake_refused(refusal.code);
+        let client = client.map(|c| c.to_string());
+        tracing::info!(
+            client = client.as_deref().unwrap_or("-"),
+            status = refusal.status.as_u16(),
+            code = refusal.code,
+            "handshake refused"
+        );
     }
     admitted
 }
 
 /// [`admit`] without the count of refusals.
-async fn check(app: &App, headers: &HeaderMap, query: Option<&str>) -> Result<Admitted, Refusal> {
+async fn check(
+    app: &App,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    remote: Option<IpAddr>,
+    client: Option<IpAddr>,
+) -> Result<Admitted, Refusal> {
     if app.lifecycle.is_draining() {
         return Err(DRAINING);
     }
-    if !auth::origin_allowed(headers, &app.config.allowed_origins) {
-        let header = |name| {
-            headers.get(name).map(|v: &hyper::header::HeaderValue| {
-                clip(&String::from_utf8_lossy(v.as_bytes())).into_owned()
-            })
-        };
-        tracing::info!(origin = ?header(ORIGIN), host = ?header(HOST), "refused a foreign origin");
+    if !app.origin_allowed(headers, remote) {
+        let host = app.config.trusted_proxies.host(remote, headers);
+        let origin = headers
+            .get(ORIGIN)
+            .map(|v| clip(&String::from_utf8_lossy(v.as_bytes())).into_owned());
+        let host = host.as_deref().map(|h| clip(h).into_owned());
+        let header = headers
+            .get(HOST)
+            .map(|v| clip(&String::from_utf8_lossy(v.as_bytes())).into_owned());
+        tracing::info!(origin = ?origin, compared_with = ?host, host_header = ?header, "refused a foreign origin: the Origin's host[:port] is not the host asked for (Host, or X-Forwarded-Host from a trusted proxy) nor in PATCHBAY_ALLOWED_ORIGINS");
         return Err(Refusal {
             status: StatusCode::FORBIDDEN,
             code: "forbidden_origin",
@@ -93,6 +114,12 @@ async fn check(app: &App, headers: &HeaderMap, query: Option<&str>) -> Result<Ad
             code: reject.code(),
             message: reject.message(),
         })?;
+    // The API behind patchbay learns who the client is, as from any proxy.
+    if let Some(client) = client {
+        let value = hyper::header::HeaderValue::from_str(&client.to_string())
+            .expect("an IP address is a header value");
+        forwarded.insert("x-forwarded-for", value);
+    }
     let conn_id = app.next_conn_id();
     Ok(Admitted {
         peer: Peer {
@@ -101,6 +128,7 @@ async fn check(app: &App, headers: &HeaderMap, query: Option<&str>) -> Result<Ad
             identity,
             forwarded: Arc::new(forwarded),
             since: since_of(query),
+            client,
         },
         slot,
     })

@@ -4,6 +4,7 @@
 //! ([`crate::server`]) hands it to [`crate::ws`] with the raw request, which owns the upgrade.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
@@ -67,6 +68,12 @@ fn exact(path: &'static str) -> impl Filter<Extract = (), Error = Rejection> + C
         .untuple_one()
 }
 
+/// The TCP peer's address, which the server put in the request's extensions.
+fn remote() -> impl Filter<Extract = (Option<IpAddr>,), Error = Infallible> + Clone {
+    warp::ext::optional::<crate::client_addr::RemoteAddr>()
+        .map(|r: Option<_>| r.map(|r: crate::client_addr::RemoteAddr| r.0.ip()))
+}
+
 fn with_app(app: Arc<App>) -> impl Filter<Extract = (Arc<App>,), Error = Infallible> + Clone {
     warp::any().map(move || app.clone())
 }
@@ -82,42 +89,47 @@ fn sse_routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejec
         .and(with_app(app.clone()))
         .and(warp::header::headers_cloned())
         .and(query)
+        .and(remote())
         .then(
-            |app: Arc<App>, headers: hyper::HeaderMap, query: Option<String>| async move {
-                let resp = crate::sse::open(app.clone(), headers.clone(), query).await;
-                crate::sse::with_cors(resp, &headers, &app)
+            |app: Arc<App>, headers: hyper::HeaderMap, query: Option<String>, remote| async move {
+                let resp = crate::sse::open(app.clone(), headers.clone(), query, remote).await;
+                crate::sse::with_cors(resp, &headers, &app, remote)
             },
         );
-    let post =
-        warp::path!("sse" / String)
-            .and(warp::post())
-            .and(with_app(app.clone()))
-            .and(warp::header::headers_cloned())
-            .and(query)
-            .and(warp::body::stream())
-            .then(
-                |id: String,
-                 app: Arc<App>,
-                 headers: hyper::HeaderMap,
-                 query: Option<String>,
-                 body| async move {
-                    // Read up to the frame limit only: a longer body is refused unread.
-                    let body = read_limited(body, app.config.max_frame_bytes)
-                        .await
-                        .ok()
-                        .flatten();
-                    let resp =
-                        crate::sse::post(app.clone(), id, headers.clone(), query, body).await;
-                    crate::sse::with_cors(resp, &headers, &app)
-                },
-            );
+    let post = warp::path!("sse" / String)
+        .and(warp::post())
+        .and(with_app(app.clone()))
+        .and(warp::header::headers_cloned())
+        .and(query)
+        .and(remote())
+        .and(warp::body::stream())
+        .then(
+            |id: String,
+             app: Arc<App>,
+             headers: hyper::HeaderMap,
+             query: Option<String>,
+             remote: Option<IpAddr>,
+             body| async move {
+                // Read up to the frame limit only: a longer body is refused unread.
+                let body = read_limited(body, app.config.max_frame_bytes)
+                    .await
+                    .ok()
+                    .flatten();
+                let resp =
+                    crate::sse::post(app.clone(), id, headers.clone(), query, body, remote).await;
+                crate::sse::with_cors(resp, &headers, &app, remote)
+            },
+        );
     let preflight = warp::path!("sse" / String)
         .and(warp::options())
         .and(with_app(app))
         .and(warp::header::headers_cloned())
-        .map(|_id: String, app: Arc<App>, headers: hyper::HeaderMap| {
-            crate::sse::preflight(&app, &headers)
-        });
+        .and(remote())
+        .map(
+            |_id: String, app: Arc<App>, headers: hyper::HeaderMap, remote| {
+                crate::sse::preflight(&app, &headers, remote)
+            },
+        );
     stream.or(post).unify().or(preflight).unify()
 }
 
@@ -143,12 +155,13 @@ fn actions(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejectio
         .and(get_or_head())
         .and(with_app(app))
         .and(warp::header::headers_cloned())
-        .map(|app: Arc<App>, headers: HeaderMap| {
+        .and(remote())
+        .map(|app: Arc<App>, headers: HeaderMap, remote| {
             let resp = typed(
                 Response::new(app.registry.manifest_json().clone().into()),
                 "application/json",
             );
-            crate::sse::with_cors(resp, &headers, &app)
+            crate::sse::with_cors(resp, &headers, &app, remote)
         })
 }
 

@@ -10,6 +10,7 @@
 pub mod app;
 pub mod auth;
 pub mod bus;
+pub mod client_addr;
 pub mod cmd;
 pub mod config;
 pub mod dispatch;

@@ -98,10 +98,14 @@ async fn serve_connection(stream: TcpStream, app: Arc<App>, stop: CancellationTo
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
     }
+    let remote = stream.peer_addr().ok().map(crate::client_addr::RemoteAddr);
     let routes = warp::service(crate::http::routes(app.clone()));
-    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let app = app.clone();
         let mut routes = routes.clone();
+        if let Some(remote) = remote {
+            req.extensions_mut().insert(remote);
+        }
         async move {
             // The websocket upgrade needs the raw request (hyper's upgrade handle): it is the
             // one route outside warp.

@@ -48,6 +48,36 @@ pub struct Peer {
     /// `?since=<epoch>:<offset>`: recover the identity room from there (section 8); an
     /// unreadable value is a position of no sequence (`epoch_changed`).
     pub since: Option<crate::history::Position>,
+    /// The client's address (behind `PATCHBAY_TRUSTED_PROXIES`, the one they forwarded).
+    pub client: Option<std::net::IpAddr>,
+}
+
+impl Peer {
+    /// The span of the session's log lines: its id, transport, client address and user.
+    pub fn span(&self, transport: &'static str) -> tracing::Span {
+        let client = self.client.map(|c| c.to_string());
+        tracing::info_span!(
+            "conn",
+            id = %self.connection_id,
+            transport,
+            client = client.as_deref().unwrap_or("-"),
+            user = self.identity.user_id.as_deref().unwrap_or("-"),
+        )
+    }
+}
+
+/// The session's last log line: how it ended and how long it lasted.
+pub fn log_end(reason: Option<Disconnect>, opened: std::time::Instant) {
+    let seconds = opened.elapsed().as_secs();
+    match reason {
+        Some(reason) => tracing::info!(
+            code = reason.code(),
+            reason = reason.reason(),
+            seconds,
+            "disconnected"
+        ),
+        None => tracing::info!(seconds, "disconnected by the client"),
+    }
 }
 
 /// What a client sent, as the session sees it.

@@ -9,6 +9,7 @@
 //! ends the session as a dropped websocket does.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use hyper::header::{CONTENT_TYPE, HeaderValue};
@@ -105,9 +106,15 @@ impl Drop for Registered {
 }
 
 /// `GET /sse`: admits the client as `/ws` does, then streams its session.
-pub async fn open(app: Arc<App>, headers: HeaderMap, query: Option<String>) -> Response {
+pub async fn open(
+    app: Arc<App>,
+    headers: HeaderMap,
+    query: Option<String>,
+    remote: Option<IpAddr>,
+) -> Response {
     let refuse = |r: Refusal| error_response(r.status, r.code, r.message);
-    let Admitted { peer, slot } = match handshake::admit(&app, &headers, query.as_deref()).await {
+    let admitted = handshake::admit(&app, &headers, query.as_deref(), remote).await;
+    let Admitted { peer, slot } = match admitted {
         Ok(admitted) => admitted,
         Err(refusal) => return refuse(refusal),
     };
@@ -134,18 +141,19 @@ pub async fn open(app: Arc<App>, headers: HeaderMap, query: Option<String>) -> R
         .sse_register(&id, peer.identity.user_id.as_deref())
         .await;
     let closer = outbox.closer().clone();
-    let span = tracing::info_span!("conn", id = %id, transport = "sse");
+    let span = peer.span("sse");
     let (session_app, session_closer) = (app.clone(), closer.clone());
     app.lifecycle.sessions().spawn(
         async move {
             let _slot = slot;
-            tracing::debug!("connected");
+            let opened = std::time::Instant::now();
+            tracing::info!("connected");
             let inbound = Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
             session::run(inbound, outbox, session_app.clone(), peer).await;
             if let Some(reason) = session_closer.reason() {
                 session_app.metrics.disconnect(reason);
             }
-            tracing::debug!(reason = ?session_closer.reason(), "stream ended");
+            session::log_end(session_closer.reason(), opened);
         }
         .instrument(span),
     );
@@ -245,11 +253,16 @@ fn event(text: &Text) -> warp::sse::Event {
 /// CORS for a page on another origin that the Origin rule allows (a page served by the app,
 /// patchbay on its own port): the stream and the posts are readable by it, with credentials
 /// (cookies). Nothing is added for a request without `Origin` or from a refused one.
-pub fn with_cors(mut resp: Response, headers: &HeaderMap, app: &App) -> Response {
+pub fn with_cors(
+    mut resp: Response,
+    headers: &HeaderMap,
+    app: &App,
+    remote: Option<IpAddr>,
+) -> Response {
     let Some(origin) = headers.get(hyper::header::ORIGIN).cloned() else {
         return resp;
     };
-    if !crate::auth::origin_allowed(headers, &app.config.allowed_origins) {
+    if !app.origin_allowed(headers, remote) {
         return resp;
     }
     let h = resp.headers_mut();
@@ -263,10 +276,10 @@ pub fn with_cors(mut resp: Response, headers: &HeaderMap, app: &App) -> Response
 }
 
 /// `OPTIONS /sse/<connectionId>`: the preflight of a JSON post from another allowed origin.
-pub fn preflight(app: &App, headers: &HeaderMap) -> Response {
+pub fn preflight(app: &App, headers: &HeaderMap, remote: Option<IpAddr>) -> Response {
     let mut resp = Response::new(bytes::Bytes::new().into());
     *resp.status_mut() = StatusCode::NO_CONTENT;
-    let allowed = crate::auth::origin_allowed(headers, &app.config.allowed_origins);
+    let allowed = app.origin_allowed(headers, remote);
     if allowed {
         let h = resp.headers_mut();
         h.insert(
@@ -282,7 +295,7 @@ pub fn preflight(app: &App, headers: &HeaderMap) -> Response {
             HeaderValue::from_static("600"),
         );
     }
-    with_cors(resp, headers, app)
+    with_cors(resp, headers, app, remote)
 }
 
 fn unknown_connection() -> Response {
@@ -301,8 +314,9 @@ pub async fn post(
     headers: HeaderMap,
     query: Option<String>,
     body: Option<bytes::Bytes>,
+    remote: Option<IpAddr>,
 ) -> Response {
-    if !crate::auth::origin_allowed(&headers, &app.config.allowed_origins) {
+    if !app.origin_allowed(&headers, remote) {
         return error_response(
             StatusCode::FORBIDDEN,
             "forbidden_origin",

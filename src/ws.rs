@@ -117,11 +117,16 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response {
         );
     };
     let accept = derive_accept_key(key.as_bytes());
-    let Admitted { peer, slot } = match handshake::admit(&app, headers, req.uri().query()).await {
+    let remote = req
+        .extensions()
+        .get::<crate::client_addr::RemoteAddr>()
+        .map(|r| r.0.ip());
+    let admitted = handshake::admit(&app, headers, req.uri().query(), remote).await;
+    let Admitted { peer, slot } = match admitted {
         Ok(admitted) => admitted,
         Err(refusal) => return refuse(refusal),
     };
-    let span = tracing::info_span!("conn", id = %peer.connection_id);
+    let span = peer.span("websocket");
     let config = ws_config(app.config.max_frame_bytes, app.config.send_queue_bytes);
     let tasks = app.lifecycle.sessions().clone();
     tasks.spawn(
@@ -131,7 +136,7 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response {
                 Ok(u) => u,
                 Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
             };
-            tracing::debug!("connected");
+            tracing::info!("connected");
             // Our accept loop serves plain TCP, so the upgraded IO is the TcpStream itself:
             // unwrap it and skip a layer of indirection on every read and write.
             match upgraded.downcast::<TokioIo<TcpStream>>() {
@@ -180,6 +185,7 @@ pub async fn serve<T>(ws: WebSocketStream<T>, app: Arc<App>, peer: Peer)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let opened = std::time::Instant::now();
     let (sink, mut stream) = ws.split();
     let (outbox, inbox) = Outbox::new(QueueLimits {
         frames: app.config.send_queue,
@@ -196,7 +202,7 @@ where
     if let Some(reason) = closer.reason() {
         app.metrics.disconnect(reason);
     }
-    tracing::debug!(reason = ?closer.reason(), "connection closed");
+    session::log_end(closer.reason(), opened);
 }
 
 /// A websocket message as the session sees it.
@@ -297,6 +303,7 @@ mod tests {
             identity: Identity::default(),
             forwarded: Arc::default(),
             since: None,
+            client: None,
         };
         (client, tokio::spawn(serve(server, app, peer)))
     }

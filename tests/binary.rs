@@ -307,3 +307,64 @@ async fn a_killed_patchbay_takes_its_jobs_process_groups_with_it() {
         killed.elapsed()
     );
 }
+
+/// What an on-call engineer reads: every connection's `connected` and `disconnected` at
+/// info with its client address and user, and every refused handshake with the client, the
+/// status and the code.
+#[tokio::test]
+async fn connections_and_refusals_are_logged_with_the_client_and_the_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = patchbay(&[
+        ("PATCHBAY_ACTIONS", dir.path().to_str().unwrap()),
+        ("PATCHBAY_LISTEN", "127.0.0.1:0"),
+        ("PATCHBAY_LOG_FORMAT", "json"),
+        ("PATCHBAY_JWT_SECRET", SECRET),
+    ])
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let lines = first_line(&mut child, |l| Some(l.to_string()));
+    let next = |what: &str| -> serde_json::Value {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line {what}"));
+            let log: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+            let message = log["fields"]["message"].as_str().unwrap_or_default();
+            if message == what || message.starts_with(&format!("{what} ")) {
+                return log;
+            }
+        }
+    };
+    let listening = next("listening");
+    let addr = listening["fields"]["message"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("listening on ")
+        .to_string();
+    let token = jwt(serde_json::json!({"sub": "42", "exp": now() + 60}));
+    let url = format!("ws://{addr}/ws?token={token}");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    let connected = next("connected");
+    assert_eq!(connected["level"], "INFO", "{connected}");
+    assert_eq!(connected["span"]["client"], "127.0.0.1", "{connected}");
+    assert_eq!(connected["span"]["user"], "42", "{connected}");
+    assert_eq!(connected["span"]["transport"], "websocket", "{connected}");
+    ws.close(None).await.unwrap();
+    let ended = next("disconnected by the client");
+    assert_eq!(ended["span"]["id"], connected["span"]["id"], "{ended}");
+    assert!(ended["fields"]["seconds"].is_u64(), "{ended}");
+    let refused = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token=bad")).await;
+    assert!(refused.is_err());
+    let log = next("handshake refused");
+    assert_eq!(log["level"], "INFO", "{log}");
+    assert_eq!(log["fields"]["client"], "127.0.0.1", "{log}");
+    assert_eq!(log["fields"]["status"], 401, "{log}");
+    assert_eq!(log["fields"]["code"], "unauthorized", "{log}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,14 +1,20 @@
-//! HS256 JWTs (contract section 5), verified with `jsonwebtoken`: the algorithm is pinned (a
-//! token whose header names any other `alg`, `none` included, is refused), `exp` is required
-//! and checked with our own leeway, as is `nbf` when present; `sub` is the user id (never
-//! empty), `rooms` an optional grant list.
+//! JWTs (contract section 5), verified with `jsonwebtoken`: HS256 with `PATCHBAY_JWT_SECRET`,
+//! or the asymmetric keys (RS256, ES256, …) of an identity provider's `PATCHBAY_JWKS_URL`
+//! ([`super::jwks`]). The algorithm is pinned — HS256 for the secret, each key's own for a
+//! key set — so a token whose header names any other `alg`, `none` included, is refused, and
+//! a public key is never used as an HMAC secret. `exp` is required and checked with our own
+//! leeway, as is `nbf` when present; `iss` and `aud` when `PATCHBAY_JWT_ISSUER` /
+//! `PATCHBAY_JWT_AUDIENCE` are set; `sub` is the user id (never empty), `rooms` an optional
+//! grant list.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use super::Identity;
+use super::jwks::{Jwks, Lookup};
 use crate::rooms::{RoomPattern, valid_room};
 
 #[derive(Deserialize)]
@@ -19,50 +25,134 @@ struct Claims {
     rooms: Vec<String>,
 }
 
-/// Verifies tokens signed with `PATCHBAY_JWT_SECRET`.
+/// Why a token is not accepted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum JwtError {
+    /// The token is not valid: 401.
+    Invalid(String),
+    /// Its key cannot be known now (the key set was never fetched): 503.
+    Unavailable,
+}
+
+/// What every token must also satisfy.
+#[derive(Debug, Clone, Default)]
+pub struct Checks {
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+    /// The `iss` required, if any.
+    pub issuer: Option<String>,
+    /// An `aud` required, if any.
+    pub audience: Option<String>,
+}
+
+enum Keys {
+    Secret(DecodingKey),
+    Set(Arc<Jwks>),
+}
+
+/// Verifies tokens signed with `PATCHBAY_JWT_SECRET` or by a key of `PATCHBAY_JWKS_URL`.
 pub struct JwtVerifier {
-    key: DecodingKey,
-    validation: Validation,
-    leeway: u64,
+    keys: Keys,
+    checks: Checks,
 }
 
 impl JwtVerifier {
-    /// A verifier for `secret`, allowing `leeway` of clock skew on `exp`.
-    pub fn new(secret: &[u8], leeway: Duration) -> JwtVerifier {
-        let mut validation = Validation::new(Algorithm::HS256);
-        // The library's default is 60 s; the contract's is ours (5 s by default).
-        validation.leeway = leeway.as_secs();
-        validation.validate_aud = false;
-        // A token issued for later is not valid yet: `nbf` is checked with the same leeway.
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+    /// HS256 tokens signed with `secret`.
+    pub fn hs256(secret: &[u8], checks: Checks) -> JwtVerifier {
         JwtVerifier {
-            key: DecodingKey::from_secret(secret),
-            validation,
-            leeway: leeway.as_secs(),
+            keys: Keys::Secret(DecodingKey::from_secret(secret)),
+            checks,
         }
     }
 
+    /// Tokens signed by a key of `jwks`.
+    pub fn jwks(jwks: Arc<Jwks>, checks: Checks) -> JwtVerifier {
+        JwtVerifier {
+            keys: Keys::Set(jwks),
+            checks,
+        }
+    }
+
+    /// The key set, when tokens are checked against one (kept fresh in the background).
+    pub fn key_set(&self) -> Option<&Arc<Jwks>> {
+        match &self.keys {
+            Keys::Set(jwks) => Some(jwks),
+            Keys::Secret(_) => None,
+        }
+    }
+
+    fn validation(&self, alg: Algorithm) -> Validation {
+        let mut validation = Validation::new(alg);
+        // The library's default is 60 s; the contract's is ours (5 s by default).
+        validation.leeway = self.checks.leeway.as_secs();
+        // A token issued for later is not valid yet: `nbf` is checked with the same leeway.
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        match &self.checks.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &self.checks.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        validation
+    }
+
     /// The identity in `token`, or why it is refused.
-    pub fn verify(&self, token: &str) -> Result<Identity, String> {
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|e| e.to_string())?
-            .claims;
+    pub async fn verify(&self, token: &str) -> Result<Identity, JwtError> {
+        let invalid = |e: &dyn std::fmt::Display| JwtError::Invalid(e.to_string());
+        let claims = match &self.keys {
+            Keys::Secret(key) => {
+                jsonwebtoken::decode::<Claims>(token, key, &self.validation(Algorithm::HS256))
+                    .map_err(|e| invalid(&e))?
+                    .claims
+            }
+            Keys::Set(jwks) => {
+                let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(&e))?;
+                let key = match jwks.key(header.kid.as_deref()).await {
+                    Ok(key) => key,
+                    Err(Lookup::Unavailable) => return Err(JwtError::Unavailable),
+                    Err(Lookup::Unknown) => {
+                        return Err(JwtError::Invalid(format!(
+                            "no key {} in the JWKS",
+                            header.kid.as_deref().unwrap_or("(the token names none)")
+                        )));
+                    }
+                };
+                if header.alg != key.alg {
+                    return Err(JwtError::Invalid(format!(
+                        "the token says {:?}, its key is {:?} only",
+                        header.alg, key.alg
+                    )));
+                }
+                jsonwebtoken::decode::<Claims>(token, &key.key, &self.validation(key.alg))
+                    .map_err(|e| invalid(&e))?
+                    .claims
+            }
+        };
         if claims.sub.is_empty() {
-            return Err("`sub` is empty".into());
+            return Err(JwtError::Invalid("`sub` is empty".into()));
         }
         if !valid_room(&format!("user:{}", claims.sub)) {
-            return Err("`sub` must be 1-123 bytes of printable ASCII without spaces".into());
+            return Err(JwtError::Invalid(
+                "`sub` must be 1-123 bytes of printable ASCII without spaces".into(),
+            ));
         }
         let grants = claims
             .rooms
             .iter()
             .map(|r| RoomPattern::parse(r))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+            .map_err(JwtError::Invalid)?;
         Ok(Identity {
             user_id: Some(claims.sub),
             grants,
-            expires_at: Some(claims.exp.saturating_add(self.leeway)),
+            expires_at: Some(claims.exp.saturating_add(self.checks.leeway.as_secs())),
         })
     }
 }
@@ -88,24 +178,31 @@ mod tests {
     }
 
     fn verifier() -> JwtVerifier {
-        JwtVerifier::new(SECRET, Duration::from_secs(5))
+        JwtVerifier::hs256(
+            SECRET,
+            Checks {
+                leeway: Duration::from_secs(5),
+                ..Checks::default()
+            },
+        )
     }
 
-    #[test]
-    fn accepts_a_valid_token() {
+    #[tokio::test]
+    async fn accepts_a_valid_token() {
         let exp = now_secs() + 60;
         let id = verifier()
             .verify(&sign(
                 json!({"sub": "42", "exp": exp, "rooms": ["org:7", "task:10*"]}),
             ))
+            .await
             .unwrap();
         assert_eq!(id.user_id.as_deref(), Some("42"));
         assert_eq!(id.grants.len(), 2);
         assert_eq!(id.expires_at, Some(exp + 5));
     }
 
-    #[test]
-    fn refuses_bad_tokens() {
+    #[tokio::test]
+    async fn refuses_bad_tokens() {
         let v = verifier();
         let exp = now_secs() + 60;
         let good = sign(json!({"sub": "42", "exp": exp}));
@@ -158,10 +255,11 @@ mod tests {
             ),
             ("garbage", "not.a.jwt".to_string()),
         ] {
-            assert!(v.verify(&token).is_err(), "{what} must be refused");
+            assert!(v.verify(&token).await.is_err(), "{what} must be refused");
         }
         assert!(
             v.verify(&sign(json!({"sub": "42", "exp": now_secs() - 2})))
+                .await
                 .is_ok(),
             "within the leeway"
         );
@@ -169,8 +267,38 @@ mod tests {
             v.verify(&sign(
                 json!({"sub": "42", "exp": exp, "nbf": now_secs() + 2})
             ))
+            .await
             .is_ok(),
             "nbf within the leeway"
         );
+    }
+
+    #[tokio::test]
+    async fn issuer_and_audience_are_required_when_set() {
+        let v = JwtVerifier::hs256(
+            SECRET,
+            Checks {
+                leeway: Duration::from_secs(5),
+                issuer: Some("https://id.example.com/".into()),
+                audience: Some("patchbay".into()),
+            },
+        );
+        let exp = now_secs() + 60;
+        let good =
+            json!({"sub": "42", "exp": exp, "iss": "https://id.example.com/", "aud": "patchbay"});
+        assert!(v.verify(&sign(good.clone())).await.is_ok());
+        let in_a_list = json!({"sub": "42", "exp": exp, "iss": "https://id.example.com/", "aud": ["other", "patchbay"]});
+        assert!(v.verify(&sign(in_a_list)).await.is_ok());
+        for (claim, value) in [
+            ("iss", json!("https://evil.example/")),
+            ("aud", json!("other")),
+        ] {
+            let mut bad = good.clone();
+            bad[claim] = value;
+            assert!(v.verify(&sign(bad)).await.is_err(), "wrong {claim}");
+            let mut missing = good.clone();
+            missing.as_object_mut().unwrap().remove(claim);
+            assert!(v.verify(&sign(missing)).await.is_err(), "no {claim}");
+        }
     }
 }

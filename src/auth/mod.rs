@@ -3,6 +3,7 @@
 //! tokens.
 
 mod delegated;
+pub mod jwks;
 mod jwt;
 mod room_token;
 
@@ -10,10 +11,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper::HeaderMap;
 use hyper::StatusCode;
-use hyper::header::{AUTHORIZATION, COOKIE, HOST, ORIGIN};
+use hyper::header::{AUTHORIZATION, COOKIE, ORIGIN};
 
 pub use delegated::DelegatedAuth;
-pub use jwt::JwtVerifier;
+pub use jwt::{Checks, JwtError, JwtVerifier};
 pub use room_token::{ROOM_TOKEN_TTL, RoomTokens};
 
 /// The cookie that may carry a JWT.
@@ -88,6 +89,11 @@ impl Authenticator {
         }
     }
 
+    /// The identity provider's key set, when JWTs are checked against one.
+    pub fn key_set(&self) -> Option<&std::sync::Arc<jwks::Jwks>> {
+        self.jwt.as_ref().and_then(JwtVerifier::key_set)
+    }
+
     /// The identity of a handshake. `forwarded` are the headers named in
     /// `PATCHBAY_FORWARD_HEADERS` (what the API sees as credentials).
     ///
@@ -103,9 +109,15 @@ impl Authenticator {
         if let Some(jwt) = &self.jwt
             && let Some(token) = presented_token(headers, query)
         {
-            return jwt.verify(&token).map_err(|why| {
-                tracing::info!(reason = %why, "refused a JWT");
-                Reject::Unauthorized
+            return jwt.verify(&token).await.map_err(|e| match e {
+                JwtError::Invalid(why) => {
+                    tracing::info!(reason = %why, "refused a JWT");
+                    Reject::Unauthorized
+                }
+                JwtError::Unavailable => {
+                    tracing::warn!("a JWT's key cannot be known: the JWKS was never fetched");
+                    Reject::Unavailable
+                }
             });
         }
         if let Some(delegated) = &self.delegated
@@ -171,7 +183,7 @@ use crate::rooms::RoomPattern;
 
 /// Whether a handshake's `Origin` may open a websocket: no `Origin` (not a browser), an
 /// origin whose host equals the `Host` header, or an allowed origin.
-pub fn origin_allowed(headers: &HeaderMap, allowed: &AllowedOrigins) -> bool {
+pub fn origin_allowed(headers: &HeaderMap, host: Option<&str>, allowed: &AllowedOrigins) -> bool {
     let Some(origin) = headers.get(ORIGIN) else {
         return true;
     };
@@ -179,7 +191,7 @@ pub fn origin_allowed(headers: &HeaderMap, allowed: &AllowedOrigins) -> bool {
         return false;
     };
     let origin = origin.trim().to_ascii_lowercase();
-    if let Some(host) = headers.get(HOST).and_then(|h| h.to_str().ok())
+    if let Some(host) = host
         && origin_host(&origin) == Some(host.trim().to_ascii_lowercase().as_str())
     {
         return true;
@@ -228,6 +240,13 @@ impl Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::header::HOST;
+
+    /// The Origin rule against the request's own `Host`.
+    fn allowed(headers: &HeaderMap, origins: &AllowedOrigins) -> bool {
+        let host = headers.get(HOST).and_then(|h| h.to_str().ok());
+        origin_allowed(headers, host, origins)
+    }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -241,46 +260,46 @@ mod tests {
     fn origin_rule() {
         let none = AllowedOrigins::List(vec![]);
         assert!(
-            origin_allowed(&headers(&[("host", "bridge:8080")]), &none),
+            allowed(&headers(&[("host", "bridge:8080")]), &none),
             "no Origin: not a browser"
         );
-        assert!(origin_allowed(
+        assert!(allowed(
             &headers(&[("host", "bridge:8080"), ("origin", "http://bridge:8080")]),
             &none
         ));
-        assert!(origin_allowed(
+        assert!(allowed(
             &headers(&[("host", "Bridge:8080"), ("origin", "https://bridge:8080")]),
             &none
         ));
-        assert!(!origin_allowed(
+        assert!(!allowed(
             &headers(&[("host", "bridge:8080"), ("origin", "http://evil.example")]),
             &none
         ));
-        assert!(!origin_allowed(
+        assert!(!allowed(
             &headers(&[("host", "bridge:8080"), ("origin", "http://bridge:8081")]),
             &none
         ));
-        assert!(!origin_allowed(
+        assert!(!allowed(
             &headers(&[("host", "bridge"), ("origin", "null")]),
             &none
         ));
-        assert!(!origin_allowed(
+        assert!(!allowed(
             &headers(&[("host", "bridge"), ("origin", "http://user@bridge")]),
             &none
         ));
         let listed = AllowedOrigins::List(vec!["https://app.example.com".into()]);
-        assert!(origin_allowed(
+        assert!(allowed(
             &headers(&[("host", "bridge"), ("origin", "https://APP.example.com")]),
             &listed
         ));
-        assert!(!origin_allowed(
+        assert!(!allowed(
             &headers(&[
                 ("host", "bridge"),
                 ("origin", "https://app.example.com.evil")
             ]),
             &listed
         ));
-        assert!(origin_allowed(
+        assert!(allowed(
             &headers(&[("host", "bridge"), ("origin", "http://anything")]),
             &AllowedOrigins::Any
         ));

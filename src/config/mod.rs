@@ -69,6 +69,8 @@ pub struct Config {
     pub api_url: Option<String>,
     /// `PATCHBAY_ACTIONS`: manifest directory.
     pub actions_dir: PathBuf,
+    /// `PATCHBAY_TRUSTED_PROXIES`.
+    pub trusted_proxies: crate::client_addr::TrustedProxies,
     /// `PATCHBAY_REDIS_URL`: `None` is the in-memory bus.
     pub redis_url: Option<String>,
     /// `PATCHBAY_REDIS_CA_FILE` (its certificates) and `PATCHBAY_REDIS_SENTINEL_PASSWORD`.
@@ -81,6 +83,15 @@ pub struct Config {
     pub jwt_secret: Option<String>,
     /// `PATCHBAY_JWT_LEEWAY_SECS`.
     pub jwt_leeway: Duration,
+    /// `PATCHBAY_JWKS_URL`: the identity provider's signing keys (RS256, ES256, …).
+    pub jwks_url: Option<String>,
+    /// How soon a token with an unknown `kid` may fetch the key set again (one minute; tests
+    /// shorten it).
+    pub jwks_refetch_after: Duration,
+    /// `PATCHBAY_JWT_ISSUER`: the `iss` every JWT must carry.
+    pub jwt_issuer: Option<String>,
+    /// `PATCHBAY_JWT_AUDIENCE`: an `aud` every JWT must carry.
+    pub jwt_audience: Option<String>,
     /// `PATCHBAY_AUTH_URL`.
     pub auth_url: Option<String>,
     /// `PATCHBAY_AUTH_TIMEOUT_MS`: how long the auth service may take to answer a handshake.
@@ -188,6 +199,27 @@ impl Config {
         let redis_url = raw.opt("redis_url");
         let redis_options = redis_options(&raw, redis_url.as_deref())?;
         let jwt_secret = secret("jwt_secret", raw.opt("jwt_secret"), MIN_JWT_SECRET_BYTES)?;
+        let jwks_url = raw
+            .opt("jwks_url")
+            .map(|u| parse_url("jwks_url", &u))
+            .transpose()?;
+        if jwt_secret.is_some() && jwks_url.is_some() {
+            return Err(ConfigError::var(
+                "jwks_url",
+                "and PATCHBAY_JWT_SECRET are both set: tokens are checked against one or the other; unset one",
+            ));
+        }
+        let (jwt_issuer, jwt_audience) = (raw.opt("jwt_issuer"), raw.opt("jwt_audience"));
+        if jwt_secret.is_none() && jwks_url.is_none() {
+            for name in ["jwt_issuer", "jwt_audience"] {
+                if raw.opt(name).is_some() {
+                    return Err(ConfigError::var(
+                        name,
+                        "is set but no JWTs are checked (set PATCHBAY_JWT_SECRET or PATCHBAY_JWKS_URL)",
+                    ));
+                }
+            }
+        }
         let publish_token = secret("publish_token", raw.opt("publish_token"), MIN_SECRET_BYTES)?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(raw.get("log")) {
             return Err(ConfigError::var(
@@ -200,7 +232,7 @@ impl Config {
             .map(|u| parse_url("auth_url", &u))
             .transpose()?;
         let allow_anonymous = match raw.opt("allow_anonymous") {
-            None => jwt_secret.is_none() && auth_url.is_none(),
+            None => jwt_secret.is_none() && jwks_url.is_none() && auth_url.is_none(),
             Some(v) => parse_bool("allow_anonymous", &v)?,
         };
         let public_rooms: Vec<RoomPattern> = list(raw.get("public_rooms"))
@@ -320,10 +352,10 @@ impl Config {
                 format!("must be at least {MIN_QUEUE_BYTES} (replies can be 1 MiB)"),
             ));
         }
-        if !allow_anonymous && jwt_secret.is_none() && auth_url.is_none() {
+        if !allow_anonymous && jwt_secret.is_none() && jwks_url.is_none() && auth_url.is_none() {
             return Err(ConfigError::var(
                 "allow_anonymous",
-                "is false but no authentication method (PATCHBAY_JWT_SECRET, PATCHBAY_AUTH_URL) is set: nobody could connect",
+                "is false but no authentication method (PATCHBAY_JWT_SECRET, PATCHBAY_JWKS_URL, PATCHBAY_AUTH_URL) is set: nobody could connect",
             ));
         }
         let emitter = emitter(&raw, redis_url.is_some())?;
@@ -338,12 +370,18 @@ impl Config {
             listen,
             api_url,
             actions_dir: PathBuf::from(raw.get("actions")),
+            trusted_proxies: crate::client_addr::TrustedProxies::parse(raw.get("trusted_proxies"))
+                .map_err(|e| ConfigError::var("trusted_proxies", e))?,
             redis_url,
             redis_options,
             redis_prefix: raw.get("redis_prefix").to_string(),
             task_channels,
             jwt_secret,
             jwt_leeway: seconds("jwt_leeway_secs", raw.get("jwt_leeway_secs"), 0)?,
+            jwks_url,
+            jwks_refetch_after: crate::auth::jwks::REFETCH_AFTER,
+            jwt_issuer,
+            jwt_audience,
             auth_url,
             auth_timeout: Duration::from_millis(
                 positive::<u64>("auth_timeout_ms", raw.get("auth_timeout_ms"))?.min(60_000),

@@ -32,7 +32,7 @@ const fn var(name: &'static str, default: &'static str, help: &'static str) -> V
 /// start-up: a misspelt variable must never silently turn a feature off
 /// (`PATCHBAY_JWT_SECERT` would otherwise let everyone in).
 #[rustfmt::skip]
-pub const VARIABLES: [Var; 41] = [
+pub const VARIABLES: [Var; 45] = [
     var("PATCHBAY_LISTEN", "127.0.0.1:8080", "address to bind; port 0 picks a free port"),
     var("PATCHBAY_API_URL", "", "base URL of the REST API that `http` actions call"),
     var("PATCHBAY_ACTIONS", "./actions", "directory of action manifests"),
@@ -43,11 +43,15 @@ pub const VARIABLES: [Var; 41] = [
     var("PATCHBAY_TASK_CHANNELS", "tasks.*", "channel pattern of task progress; one `*`, the task id"),
     var("PATCHBAY_JWT_SECRET", "", "enables HS256 JWT authentication; at least 32 bytes"),
     var("PATCHBAY_JWT_LEEWAY_SECS", "5", "clock skew allowed on `exp` and `nbf`, seconds"),
+    var("PATCHBAY_JWKS_URL", "", "enables JWTs signed by an identity provider's keys (RS256, ES256, ...) from this JWKS URL"),
+    var("PATCHBAY_JWT_ISSUER", "", "the `iss` every JWT must carry; empty: not checked"),
+    var("PATCHBAY_JWT_AUDIENCE", "", "an `aud` every JWT must carry; empty: not checked"),
     var("PATCHBAY_AUTH_URL", "", "enables delegated authentication"),
     var("PATCHBAY_AUTH_TIMEOUT_MS", "3000", "how long the auth service may take, milliseconds"),
     var("PATCHBAY_ALLOW_ANONYMOUS", "", "accept connections without credentials; empty: only when no auth method is set"),
     var("PATCHBAY_PUBLIC_ROOMS", "", "rooms anyone may join"),
     var("PATCHBAY_ALLOWED_ORIGINS", "", "extra allowed `Origin`s; `*` allows any"),
+    var("PATCHBAY_TRUSTED_PROXIES", "", "addresses or networks of reverse proxies whose X-Forwarded-For/Forwarded/X-Forwarded-Host are believed"),
     var("PATCHBAY_ROOM_SECRET", "", "key of room tokens, at least 16 bytes; empty: random per process"),
     var("PATCHBAY_FORWARD_HEADERS", "cookie,authorization", "handshake headers sent upstream"),
     var("PATCHBAY_PUBLISH_TOKEN", "", "enables `POST /publish`; at least 16 bytes"),
@@ -74,16 +78,6 @@ pub const VARIABLES: [Var; 41] = [
     var("PATCHBAY_EMITTER_ROOMS", "", "socket.io room to patchbay room rules, e.g. user({id})=user:{id}; a room no rule matches is used as it is"),
     var("PATCHBAY_LOG", "info", "tracing filter"),
     var("PATCHBAY_LOG_FORMAT", "text", "log lines as text, or json: one JSON object per line"),
-];
-
-/// Variables of features this version does not have yet. Setting one is refused like an
-/// unknown name, with a message that says so: ignoring it would leave the feature silently
-/// off (a JWKS URL that authenticates nobody, history that is never kept).
-const NOT_YET_SUPPORTED: [&str; 4] = [
-    "PATCHBAY_JWKS_URL",
-    "PATCHBAY_JWT_ISSUER",
-    "PATCHBAY_JWT_AUDIENCE",
-    "PATCHBAY_TRUSTED_PROXIES",
 ];
 
 /// The variables as `envy` reads them (names lowercased, without the prefix);
@@ -129,12 +123,6 @@ pub(super) fn check_names(vars: &[(String, String)]) -> Result<(), ConfigError> 
         .iter()
         .find(|(k, _)| !VARIABLES.iter().any(|v| v.name == k))
     {
-        if NOT_YET_SUPPORTED.contains(&unknown.as_str()) {
-            return Err(ConfigError(format!(
-                "{unknown} is not supported by this version of patchbay ({}): unset it",
-                env!("CARGO_PKG_VERSION")
-            )));
-        }
         return Err(ConfigError(format!(
             "unknown variable {unknown} (did you mean {}?)",
             closest(unknown)
@@ -154,6 +142,9 @@ impl Config {
         let mut auth = Vec::new();
         if self.jwt_secret.is_some() {
             auth.push("jwt-hs256");
+        }
+        if self.jwks_url.is_some() {
+            auth.push("jwt-jwks");
         }
         if self.auth_url.is_some() {
             auth.push("delegated");
@@ -245,13 +236,6 @@ mod tests {
                 "{typo}"
             );
         }
-        let e = cfg(&[("PATCHBAY_JWKS_URL", "https://id.example/jwks")])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("PATCHBAY_JWKS_URL is not supported by this version"),
-            "{e}"
-        );
         // Names without the prefix are none of patchbay's business.
         cfg(&[("PATCH_BAY", "x"), ("HOME", "/root")]).unwrap();
     }

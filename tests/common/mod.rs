@@ -527,6 +527,8 @@ pub struct RedisServer {
     args: Vec<String>,
     /// The password clients must send, if the server requires one.
     password: Option<String>,
+    /// Its working directory: a replica writes the master's data there.
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
@@ -543,6 +545,7 @@ impl RedisServer {
             child: None,
             args: args.iter().map(|a| a.to_string()).collect(),
             password: password.map(str::to_string),
+            dir: tempfile::tempdir().unwrap(),
         };
         server.restart().await;
         server
@@ -574,6 +577,7 @@ impl RedisServer {
         let child = std::process::Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(&self.args)
+            .current_dir(self.dir.path())
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {

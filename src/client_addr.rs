@@ -1,0 +1,249 @@
+//! Who the client is behind reverse proxies: `PATCHBAY_TRUSTED_PROXIES` lists the addresses
+//! (or networks) whose `X-Forwarded-For` / `Forwarded` and `X-Forwarded-Host` headers are
+//! believed. From anyone else those headers are ignored: a client cannot name itself.
+
+use std::net::IpAddr;
+
+use hyper::HeaderMap;
+use hyper::header::{FORWARDED, HOST};
+
+/// The TCP peer of a request (put in its extensions by the server).
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteAddr(pub std::net::SocketAddr);
+
+/// The proxies whose forwarding headers are believed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<Network>);
+
+/// An address and how many of its leading bits a match must share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Network {
+    addr: IpAddr,
+    bits: u8,
+}
+
+impl Network {
+    fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.bits)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.bits))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl TrustedProxies {
+    /// `10.0.0.0/8, 192.168.1.5, ::1`: addresses and networks, comma-separated.
+    pub fn parse(list: &str) -> Result<TrustedProxies, String> {
+        let mut networks = Vec::new();
+        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (addr, bits) = match item.split_once('/') {
+                Some((addr, bits)) => (addr, Some(bits)),
+                None => (item, None),
+            };
+            let addr: IpAddr = addr
+                .parse()
+                .map_err(|_| format!("`{item}` is not an IP address or network"))?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let bits = match bits {
+                None => max,
+                Some(bits) => bits
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|b| *b <= max)
+                    .ok_or(format!("`{item}`: the prefix length must be 0 to {max}"))?,
+            };
+            networks.push(Network {
+                addr: addr.to_canonical(),
+                bits,
+            });
+        }
+        Ok(TrustedProxies(networks))
+    }
+
+    /// Whether no proxy is trusted.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|n| n.contains(ip))
+    }
+
+    /// The client's address. The peer itself, unless it is a trusted proxy: then the
+    /// forwarding chain is read from its end, each trusted proxy passing on to the address
+    /// before it, until one that is not trusted — the client. `X-Forwarded-For` first, else
+    /// `Forwarded: for=`. An entry that is not an address (`unknown`, an obfuscated name)
+    /// ends the walk at the last address known.
+    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let mut client = peer.to_canonical();
+        if !self.trusts(client) {
+            return client;
+        }
+        let chain = forwarded_for(headers);
+        for hop in chain.iter().rev() {
+            let Some(ip) = parse_hop(hop) else {
+                return client;
+            };
+            client = ip.to_canonical();
+            if !self.trusts(client) {
+                return client;
+            }
+        }
+        client
+    }
+
+    /// The host the browser asked for, which the Origin rule compares with: the first
+    /// `X-Forwarded-Host` when a trusted proxy sent it, else `Host`.
+    pub fn host(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Option<String> {
+        if let Some(peer) = peer
+            && self.trusts(peer)
+            && let Some(host) = headers
+                .get("x-forwarded-host")
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.split(',').next())
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+        {
+            return Some(host.to_string());
+        }
+        headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(|h| h.trim().to_string())
+    }
+}
+
+/// The addresses the forwarding headers list, first (the original client) to last.
+fn forwarded_for(headers: &HeaderMap) -> Vec<String> {
+    let values = |name| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+    };
+    let xff = values(hyper::header::HeaderName::from_static("x-forwarded-for"));
+    if !xff.is_empty() {
+        return xff;
+    }
+    values(FORWARDED)
+        .into_iter()
+        .filter_map(|element| {
+            element.split(';').find_map(|pair| {
+                let (key, value) = pair.trim().split_once('=')?;
+                key.eq_ignore_ascii_case("for")
+                    .then(|| value.trim().trim_matches('"').to_string())
+            })
+        })
+        .collect()
+}
+
+/// `192.0.2.1`, `192.0.2.1:4711`, `2001:db8::1`, `[2001:db8::1]:4711`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = hop.strip_prefix('[') {
+        return rest.split_once(']')?.0.parse().ok();
+    }
+    let (addr, port) = hop.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    addr.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn lists_parse_and_bad_entries_say_why() {
+        let t = TrustedProxies::parse(" 10.0.0.0/8, 192.168.1.5 ,::1,fd00::/8").unwrap();
+        assert!(t.trusts(ip("10.1.2.3")));
+        assert!(t.trusts(ip("192.168.1.5")));
+        assert!(!t.trusts(ip("192.168.1.6")));
+        assert!(t.trusts(ip("::1")));
+        assert!(t.trusts(ip("fd12::1")));
+        assert!(t.trusts(ip("::ffff:10.9.9.9")), "an IPv4-mapped peer");
+        assert!(!t.trusts(ip("11.0.0.1")));
+        assert!(TrustedProxies::parse("").unwrap().is_empty());
+        assert!(
+            TrustedProxies::parse("0.0.0.0/0")
+                .unwrap()
+                .trusts(ip("8.8.8.8"))
+        );
+        for bad in ["10.0.0.0/33", "nginx", "10.0.0.1/x", "::1/129"] {
+            let e = TrustedProxies::parse(bad).unwrap_err();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_client_is_the_first_untrusted_address_from_the_end() {
+        let t = TrustedProxies::parse("10.0.0.0/8").unwrap();
+        let xff = headers(&[("x-forwarded-for", "6.6.6.6, 203.0.113.7, 10.0.0.2")]);
+        // From a trusted proxy: through another trusted hop to the client; the client's own
+        // claim before it (6.6.6.6) is not believed.
+        assert_eq!(t.client(ip("10.0.0.1"), &xff), ip("203.0.113.7"));
+        // From anyone else the header is ignored.
+        assert_eq!(t.client(ip("198.51.100.1"), &xff), ip("198.51.100.1"));
+        assert_eq!(t.client(ip("10.0.0.1"), &HeaderMap::new()), ip("10.0.0.1"));
+        let forwarded = headers(&[(
+            "forwarded",
+            r#"for=192.0.2.60;proto=http, for="[2001:db8::1]:4711";by=10.0.0.1"#,
+        )]);
+        assert_eq!(t.client(ip("10.0.0.1"), &forwarded), ip("2001:db8::1"));
+        let unknown = headers(&[("forwarded", "for=unknown, for=10.0.0.3")]);
+        assert_eq!(t.client(ip("10.0.0.1"), &unknown), ip("10.0.0.3"));
+        let two_lines = headers(&[
+            ("x-forwarded-for", "192.0.2.9"),
+            ("x-forwarded-for", "10.0.0.5:80"),
+        ]);
+        assert_eq!(t.client(ip("10.0.0.1"), &two_lines), ip("192.0.2.9"));
+    }
+
+    #[test]
+    fn the_forwarded_host_counts_only_from_a_trusted_proxy() {
+        let t = TrustedProxies::parse("10.0.0.1").unwrap();
+        let h = headers(&[
+            ("host", "patchbay:8080"),
+            ("x-forwarded-host", "app.example.com:8443, x"),
+        ]);
+        assert_eq!(
+            t.host(Some(ip("10.0.0.1")), &h).as_deref(),
+            Some("app.example.com:8443")
+        );
+        assert_eq!(
+            t.host(Some(ip("10.0.0.2")), &h).as_deref(),
+            Some("patchbay:8080")
+        );
+        assert_eq!(t.host(None, &h).as_deref(), Some("patchbay:8080"));
+    }
+}
