@@ -106,6 +106,17 @@ pub fn start(config: Config) -> Result<Server, Error> {
             "PATCHBAY_ALLOWED_ORIGINS=* with cookies forwarded: any web page can open a websocket that rides its visitors' cookies; list your origins instead"
         );
     }
+    let mut config = config;
+    if let Ok((nofile, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        let cap = server::connection_cap(config.max_connections, nofile);
+        if cap < config.max_connections {
+            tracing::warn!(
+                "PATCHBAY_MAX_CONNECTIONS is {} but the open-file limit is {nofile}: at most {cap} connections are accepted (then 503 too_many_connections); raise the limit (LimitNOFILE, ulimit -n)",
+                config.max_connections
+            );
+            config.max_connections = cap;
+        }
+    }
     let addr = config.listen;
     let app = App::new(config, registry)?;
     let listener = server::bind(addr).map_err(|source| Error::Bind { addr, source })?;

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -45,12 +46,16 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     let http_stop = CancellationToken::new();
     let http_conns = TaskTracker::new();
-    let accept = |stream: io::Result<(TcpStream, SocketAddr)>| match stream {
+    let mut spare = Spare::new();
+    let mut accept = |stream: io::Result<(TcpStream, SocketAddr)>| match stream {
         Ok((stream, _)) => {
             http_conns.spawn(serve_connection(stream, app.clone(), http_stop.clone()));
             None
         }
-        // Out of file descriptors and the like: back off instead of spinning.
+        // Out of file descriptors: the waiting connection gets 503 through the spare one
+        // rather than hanging in the backlog.
+        Err(e) if spare.shed(&listener, &e) => None,
+        // Anything else: back off instead of spinning.
         Err(e) => {
             tracing::warn!(error = %e, "accept failed");
             Some(tokio::time::sleep(Duration::from_millis(100)))
@@ -94,6 +99,67 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
     tracing::info!("stopped");
 }
 
+/// The answer to a connection accepted when file descriptors ran out.
+const OUT_OF_FDS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 84\r\n\r\n{\"code\":\"too_many_connections\",\"message\":\"this instance is out of file descriptors\"}";
+
+/// A file descriptor kept in reserve: when `accept` fails for lack of descriptors, it is
+/// given up for a moment to accept the waiting connection, answer it 503 and close it.
+struct Spare {
+    file: Option<std::fs::File>,
+    /// When the last warning was logged (at most one a minute).
+    warned: Option<std::time::Instant>,
+    shed: u64,
+}
+
+impl Spare {
+    fn new() -> Spare {
+        Spare {
+            file: std::fs::File::open("/dev/null").ok(),
+            warned: None,
+            shed: 0,
+        }
+    }
+
+    /// Whether `e` was the lack of descriptors and a waiting connection was answered.
+    fn shed(&mut self, listener: &TcpListener, e: &io::Error) -> bool {
+        const EMFILE: i32 = 24;
+        const ENFILE: i32 = 23;
+        if !matches!(e.raw_os_error(), Some(EMFILE | ENFILE)) || self.file.is_none() {
+            return false;
+        }
+        self.file = None;
+        let answered = match listener.accept().now_or_never() {
+            Some(Ok((stream, _))) => {
+                let _ = stream.try_write(OUT_OF_FDS);
+                true
+            }
+            _ => false,
+        };
+        self.file = std::fs::File::open("/dev/null").ok();
+        self.shed += 1;
+        if self
+            .warned
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
+        {
+            self.warned = Some(std::time::Instant::now());
+            tracing::warn!(
+                answered_503 = self.shed,
+                "out of file descriptors: new connections are answered 503; raise the open-file limit (LimitNOFILE, ulimit -n) or lower PATCHBAY_MAX_CONNECTIONS"
+            );
+        }
+        answered
+    }
+}
+
+/// The connections an instance can hold with `nofile` file descriptors: a tenth of them (at
+/// least 32, at most 1024) stays for Redis, the API, probes and the listener, so that the
+/// connection limit answers 503 before descriptors run out.
+pub fn connection_cap(configured: usize, nofile: u64) -> usize {
+    let reserve = (nofile / 10).clamp(32, 1024);
+    let cap = usize::try_from(nofile.saturating_sub(reserve)).unwrap_or(usize::MAX);
+    configured.min(cap.max(1))
+}
+
 async fn serve_connection(stream: TcpStream, app: Arc<App>, stop: CancellationToken) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
@@ -127,5 +193,35 @@ async fn serve_connection(stream: TcpStream, app: Arc<App>, stop: CancellationTo
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_limit_leaves_descriptors_for_the_rest() {
+        assert_eq!(connection_cap(100_000, 1_048_576), 100_000);
+        assert_eq!(connection_cap(100_000, 65_536), 65_536 - 1024);
+        assert_eq!(connection_cap(100_000, 1024), 1024 - 102);
+        assert_eq!(connection_cap(100_000, 64), 32);
+        assert_eq!(connection_cap(10, 64), 10);
+        assert_eq!(connection_cap(100, 16), 1);
+    }
+
+    #[test]
+    fn the_out_of_descriptors_answer_is_complete_http() {
+        let text = std::str::from_utf8(OUT_OF_FDS).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(body.len(), length);
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["code"], "too_many_connections");
     }
 }

@@ -368,3 +368,81 @@ async fn connections_and_refusals_are_logged_with_the_client_and_the_user() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// With fewer file descriptors than `PATCHBAY_MAX_CONNECTIONS` allows for, patchbay says so at
+/// start-up and lowers the limit: handshakes past it get 503 `too_many_connections` while
+/// probes still answer; and when descriptors do run out, a waiting connection is answered 503
+/// at once instead of hanging in the listen backlog.
+#[tokio::test]
+async fn at_the_file_descriptor_limit_handshakes_and_probes_answer_instead_of_hanging() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = patchbay(&[
+        ("PATCHBAY_ACTIONS", dir.path().to_str().unwrap()),
+        ("PATCHBAY_LISTEN", "127.0.0.1:0"),
+    ]);
+    // 64 descriptors, soft and hard: patchbay cannot raise them.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let lines = first_line(&mut child, |l| Some(l.to_string()));
+    let mut warned = false;
+    let addr = loop {
+        let line = lines.recv_timeout(WAIT).expect("it starts");
+        warned |= line.contains("open-file limit is 64: at most 32 connections");
+        if let Some(addr) = line.split("listening on ").nth(1) {
+            break addr.trim().to_string();
+        }
+    };
+    assert!(warned, "the lowered limit is logged at start-up");
+    // 40 handshakes: 32 sessions, then 503 — every one answered.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..40 {
+        let url = format!("ws://{addr}/ws");
+        match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url.as_str()))
+            .await
+            .expect("a handshake is answered, never left hanging")
+        {
+            Ok((ws, _)) => held.push(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status(), 503);
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((held.len(), refused), (32, 8));
+    let (status, _) = tokio::time::timeout(WAIT, http_get(&format!("http://{addr}/healthz")))
+        .await
+        .expect("/healthz answers at the connection limit");
+    assert_eq!(status, 200);
+    // Now use up the descriptors with connections that send nothing: the next request is
+    // still answered, with 503, in well under the 10 s header timeout that would free them.
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let started = std::time::Instant::now();
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(5),
+        http_get(&format!("http://{addr}/healthz")),
+    )
+    .await
+    .expect("answered while out of descriptors");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "too_many_connections");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let _ = child.kill();
+    let _ = child.wait();
+}

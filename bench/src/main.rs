@@ -38,6 +38,9 @@ commands:
               --rate 50/s) arriving as socket.io emitter messages vs as JSON on the room's
               channel; then 8,000 hostile emitter messages: CPU per message, memory before
               and after
+  redis-tls   one instance's bus on a redis-server's plain port, then on its TLS port
+              (rediss://, a CA made with openssl): the fan-out's latency and CPU per
+              delivery (--clients 2000, --rate 20/s, POST /publish)
   storm       a reconnect storm on Redis: --clients (10000) each recover three history rooms
               (shared, per 100, own) holding --messages (10) actions each, within --seconds
               (5): SUBSCRIBE-to-last-replay latency, history reads, patchbay's CPU
@@ -82,6 +85,7 @@ enum Scenario {
     Storm,
     Sse,
     Emitter,
+    RedisTls,
 }
 
 #[derive(Debug, Default)]
@@ -180,6 +184,7 @@ fn main() -> ExitCode {
         "storm" => (vec![Scenario::Storm], false),
         "sse" => (vec![Scenario::Sse], false),
         "emitter" => (vec![Scenario::Emitter], false),
+        "redis-tls" => (vec![Scenario::RedisTls], false),
         "all" => (
             vec![
                 Scenario::Fanout,
@@ -363,7 +368,9 @@ fn params(s: Scenario, o: &Opts, ci: bool) -> Params {
     let seconds = o.seconds.unwrap_or(if q { 5.0 } else { 10.0 });
     let (clients, rate) = match s {
         Scenario::Fanout if ci => (50, 20.0),
-        Scenario::Fanout | Scenario::History => (if q { 500 } else { 2000 }, 20.0),
+        Scenario::Fanout | Scenario::History | Scenario::RedisTls => {
+            (if q { 500 } else { 2000 }, 20.0)
+        }
         Scenario::Idle => (if q { 3000 } else { 15000 }, 0.0),
         // Same deliveries per second as the fan-out, for the p99 comparison.
         Scenario::Targeted => (
@@ -584,6 +591,69 @@ async fn run(
                         );
                     }
                 }
+            }
+            Scenario::RedisTls => {
+                let tls = procs::start_redis_tls(&ctx.work_dir).await;
+                let (_tls_redis, plain, rediss, ca) = match tls {
+                    Ok(t) => t,
+                    Err(e) => {
+                        println!("redis-tls: unavailable: {e}\n");
+                        ok = false;
+                        continue;
+                    }
+                };
+                println!(
+                    "redis-tls: {} clients in room `bench`, {} actions of {} bytes at {}/s with POST /publish, patchbay's bus on one redis-server's plain port, then its TLS port",
+                    p.clients,
+                    p.messages,
+                    scenarios::ACTION_BYTES,
+                    p.rate
+                );
+                println!(
+                    "  {:<10} {:>7} {:>8} {:>8} {:>7} {:>13}",
+                    "bus", "clients", "p50 µs", "p99 µs", "loss", "CPU µs/deliv"
+                );
+                let mut cpu = Vec::new();
+                let ca = ca.display().to_string();
+                for (name, url, extra) in [
+                    ("redis://", plain.as_str(), vec![]),
+                    (
+                        "rediss://",
+                        rediss.as_str(),
+                        vec![("PATCHBAY_REDIS_CA_FILE", ca.as_str())],
+                    ),
+                ] {
+                    eprintln!("  {name} ...");
+                    let run = scenarios::fanout_published_on(
+                        &ctx, p.clients, p.rate, p.messages, url, &extra,
+                    )
+                    .await;
+                    match run {
+                        Ok(r) => {
+                            if r.loss() > 0 || r.failed_connects > 0 {
+                                ok = false;
+                            }
+                            cpu.push(r.cpu_us_per_delivery());
+                            println!(
+                                "  {:<10} {:>7} {:>8} {:>8} {:>7} {:>13.2}",
+                                name,
+                                r.clients,
+                                r.latency.p50,
+                                r.latency.p99,
+                                r.loss(),
+                                r.cpu_us_per_delivery()
+                            );
+                        }
+                        Err(e) => {
+                            ok = false;
+                            println!("  {name:<10} failed: {e}");
+                        }
+                    }
+                }
+                if let [plain, tls] = cpu[..] {
+                    println!("  TLS / plain: {:.2}x the CPU per delivery", tls / plain);
+                }
+                println!();
             }
             Scenario::Sse => {
                 let mut runs = Vec::new();

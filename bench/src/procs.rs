@@ -205,6 +205,117 @@ pub async fn start_redis_under(prefix: &[String]) -> Result<(Proc, String), Stri
     Ok((proc, format!("redis://127.0.0.1:{port}/")))
 }
 
+/// A private redis-server with a TLS port beside its plain one, its certificate made with
+/// `openssl` (a CA, and a server certificate for `localhost`) in `dir/tls`: the server, its
+/// plain URL, its `rediss://localhost` URL, and the CA file.
+pub async fn start_redis_tls(
+    dir: &std::path::Path,
+) -> Result<(Proc, String, String, std::path::PathBuf), String> {
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls).map_err(|e| e.to_string())?;
+    let openssl = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&tls)
+            .output()
+            .map_err(|e| format!("openssl: {e}: install openssl"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=bench ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ])?;
+    std::fs::write(tls.join("san.ext"), "subjectAltName=DNS:localhost\n")
+        .map_err(|e| e.to_string())?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ])?;
+    let (port, tls_port) = (free_port(), free_port());
+    let path = |name: &str| tls.join(name).display().to_string();
+    let argv: Vec<String> = [
+        "redis-server",
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        &path("server.pem"),
+        "--tls-key-file",
+        &path("server.key"),
+        "--tls-ca-cert-file",
+        &path("ca.pem"),
+        "--tls-auth-clients",
+        "no",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut proc = spawn("redis-server", &[], &argv, &[], None, None)
+        .map_err(|e| format!("{e}: install redis-server (apt-get install redis-server)"))?;
+    wait_listening(
+        &mut proc,
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(10),
+    )
+    .await?;
+    Ok((
+        proc,
+        format!("redis://127.0.0.1:{port}/"),
+        format!("rediss://localhost:{tls_port}/"),
+        tls.join("ca.pem"),
+    ))
+}
+
 /// Clock ticks per second of /proc/<pid>/stat times.
 pub fn clock_ticks() -> f64 {
     Command::new("getconf")

@@ -423,13 +423,41 @@ pub async fn fanout_published(
 ) -> Result<DeliveryRun, String> {
     let rooms = if history { "bench" } else { "" };
     let redis = redis.then_some(ctx.redis_url.as_str());
-    let mut server = ctx
-        .start_with(
-            Target::Patchbay,
-            redis,
-            &[("PATCHBAY_HISTORY_ROOMS", rooms)],
-        )
-        .await?;
+    fanout_on(
+        ctx,
+        clients,
+        rate,
+        messages,
+        redis,
+        &[("PATCHBAY_HISTORY_ROOMS", rooms)],
+    )
+    .await
+}
+
+/// [`fanout_published`] without history, the bus on the Redis at `redis_url` with `extra`
+/// settings (a TLS URL and its CA file).
+pub async fn fanout_published_on(
+    ctx: &Ctx,
+    clients: usize,
+    rate: f64,
+    messages: u64,
+    redis_url: &str,
+    extra: &[(&str, &str)],
+) -> Result<DeliveryRun, String> {
+    let mut settings = vec![("PATCHBAY_HISTORY_ROOMS", "")];
+    settings.extend_from_slice(extra);
+    fanout_on(ctx, clients, rate, messages, Some(redis_url), &settings).await
+}
+
+async fn fanout_on(
+    ctx: &Ctx,
+    clients: usize,
+    rate: f64,
+    messages: u64,
+    redis: Option<&str>,
+    settings: &[(&str, &str)],
+) -> Result<DeliveryRun, String> {
+    let mut server = ctx.start_with(Target::Patchbay, redis, settings).await?;
     let crowd = Crowd::connect(&server, clients, |_| "bench".into(), messages as usize).await;
     let expected = messages * crowd.ready as u64;
     let via: Via<fn(u64) -> String> = Via::Http;
