@@ -11,9 +11,37 @@ use hyper::header::{FORWARDED, HOST};
 #[derive(Debug, Clone, Copy)]
 pub struct RemoteAddr(pub std::net::SocketAddr);
 
-/// The proxies whose forwarding headers are believed.
+/// The proxies whose forwarding headers are believed, and which header they write.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TrustedProxies(Vec<Network>);
+pub struct TrustedProxies {
+    networks: Vec<Network>,
+    header: ChainHeader,
+}
+
+/// The header the trusted proxies write the chain of addresses in (`PATCHBAY_PROXY_HEADER`).
+/// Only that one is read: a client could send the other one through a proxy that does not
+/// touch it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ChainHeader {
+    /// `X-Forwarded-For: client, proxy1, …`.
+    #[default]
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy1, …` (RFC 7239).
+    Forwarded,
+}
+
+impl ChainHeader {
+    /// `x-forwarded-for` or `forwarded`.
+    pub fn parse(name: &str) -> Result<ChainHeader, String> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => Ok(ChainHeader::XForwardedFor),
+            "forwarded" => Ok(ChainHeader::Forwarded),
+            other => Err(format!(
+                "`{other}` is neither x-forwarded-for nor forwarded"
+            )),
+        }
+    }
+}
 
 /// An address and how many of its leading bits a match must share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,13 +54,13 @@ impl Network {
     fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.bits)).unwrap_or(0);
+                let shift = 32u32.saturating_sub(u32::from(self.bits));
+                let mask = u32::MAX.checked_shl(shift).unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.bits))
-                    .unwrap_or(0);
+                let shift = 128u32.saturating_sub(u32::from(self.bits));
+                let mask = u128::MAX.checked_shl(shift).unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -41,7 +69,16 @@ impl Network {
 }
 
 impl TrustedProxies {
-    /// `10.0.0.0/8, 192.168.1.5, ::1`: addresses and networks, comma-separated.
+    /// `10.0.0.0/8, 192.168.1.5, ::1`: addresses and networks, comma-separated; their chain
+    /// of addresses in `header`.
+    pub fn new(list: &str, header: ChainHeader) -> Result<TrustedProxies, String> {
+        Ok(TrustedProxies {
+            networks: Self::parse(list)?.networks,
+            header,
+        })
+    }
+
+    /// [`TrustedProxies::new`] with `X-Forwarded-For`.
     pub fn parse(list: &str) -> Result<TrustedProxies, String> {
         let mut networks = Vec::new();
         for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -61,35 +98,47 @@ impl TrustedProxies {
                     .filter(|b| *b <= max)
                     .ok_or(format!("`{item}`: the prefix length must be 0 to {max}"))?,
             };
+            // An IPv4-mapped IPv6 entry (`::ffff:10.0.0.1`) is the IPv4 one; its prefix counts
+            // the 96 bits of the mapping, which must all be there.
+            let canonical = addr.to_canonical();
+            let bits = match (addr, canonical) {
+                (IpAddr::V6(_), IpAddr::V4(_)) => bits.checked_sub(96).ok_or(format!(
+                    "`{item}`: a prefix of an IPv4-mapped address must be 96 to 128"
+                ))?,
+                _ => bits,
+            };
             networks.push(Network {
-                addr: addr.to_canonical(),
+                addr: canonical,
                 bits,
             });
         }
-        Ok(TrustedProxies(networks))
+        Ok(TrustedProxies {
+            networks,
+            header: ChainHeader::default(),
+        })
     }
 
     /// Whether no proxy is trusted.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.networks.is_empty()
     }
 
     fn trusts(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
-        self.0.iter().any(|n| n.contains(ip))
+        self.networks.iter().any(|n| n.contains(ip))
     }
 
     /// The client's address. The peer itself, unless it is a trusted proxy: then the
-    /// forwarding chain is read from its end, each trusted proxy passing on to the address
-    /// before it, until one that is not trusted — the client. `X-Forwarded-For` first, else
-    /// `Forwarded: for=`. An entry that is not an address (`unknown`, an obfuscated name)
-    /// ends the walk at the last address known.
+    /// forwarding chain (in the configured header) is read from its end, each trusted proxy
+    /// passing on to the address before it, until one that is not trusted — the client. An
+    /// entry that is not an address (`unknown`, an obfuscated name) ends the walk at the last
+    /// address known.
     pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let mut client = peer.to_canonical();
         if !self.trusts(client) {
             return client;
         }
-        let chain = forwarded_for(headers);
+        let chain = forwarded_for(headers, self.header);
         for hop in chain.iter().rev() {
             let Some(ip) = parse_hop(hop) else {
                 return client;
@@ -123,8 +172,8 @@ impl TrustedProxies {
     }
 }
 
-/// The addresses the forwarding headers list, first (the original client) to last.
-fn forwarded_for(headers: &HeaderMap) -> Vec<String> {
+/// The addresses `header` lists, first (the original client) to last.
+fn forwarded_for(headers: &HeaderMap, header: ChainHeader) -> Vec<String> {
     let values = |name| {
         headers
             .get_all(name)
@@ -135,9 +184,8 @@ fn forwarded_for(headers: &HeaderMap) -> Vec<String> {
             .filter(|s| !s.is_empty())
             .collect::<Vec<_>>()
     };
-    let xff = values(hyper::header::HeaderName::from_static("x-forwarded-for"));
-    if !xff.is_empty() {
-        return xff;
+    if header == ChainHeader::XForwardedFor {
+        return values(hyper::header::HeaderName::from_static("x-forwarded-for"));
     }
     values(FORWARDED)
         .into_iter()
@@ -199,7 +247,19 @@ mod tests {
                 .unwrap()
                 .trusts(ip("8.8.8.8"))
         );
-        for bad in ["10.0.0.0/33", "nginx", "10.0.0.1/x", "::1/129"] {
+        // IPv4-mapped entries are their IPv4 addresses, never every address.
+        let mapped = TrustedProxies::parse("::ffff:10.0.0.1, ::ffff:192.168.0.0/112").unwrap();
+        assert!(mapped.trusts(ip("10.0.0.1")));
+        assert!(mapped.trusts(ip("192.168.7.7")));
+        assert!(!mapped.trusts(ip("10.0.0.2")));
+        assert!(!mapped.trusts(ip("8.8.8.8")));
+        for bad in [
+            "10.0.0.0/33",
+            "nginx",
+            "10.0.0.1/x",
+            "::1/129",
+            "::ffff:0:0/95",
+        ] {
             let e = TrustedProxies::parse(bad).unwrap_err();
             assert!(e.contains(bad), "{bad}: {e}");
         }
@@ -215,13 +275,21 @@ mod tests {
         // From anyone else the header is ignored.
         assert_eq!(t.client(ip("198.51.100.1"), &xff), ip("198.51.100.1"));
         assert_eq!(t.client(ip("10.0.0.1"), &HeaderMap::new()), ip("10.0.0.1"));
-        let forwarded = headers(&[(
-            "forwarded",
-            r#"for=192.0.2.60;proto=http, for="[2001:db8::1]:4711";by=10.0.0.1"#,
-        )]);
-        assert_eq!(t.client(ip("10.0.0.1"), &forwarded), ip("2001:db8::1"));
+        // Only the configured header counts: a client's Forwarded passed through an
+        // X-Forwarded-For proxy untouched is not believed, and the other way round.
+        let forwarded = headers(&[
+            (
+                "forwarded",
+                r#"for=192.0.2.60;proto=http, for="[2001:db8::1]:4711";by=10.0.0.1"#,
+            ),
+            ("x-forwarded-for", "6.6.6.6"),
+        ]);
+        assert_eq!(t.client(ip("10.0.0.1"), &forwarded), ip("6.6.6.6"));
+        let f = TrustedProxies::new("10.0.0.0/8", ChainHeader::Forwarded).unwrap();
+        assert_eq!(f.client(ip("10.0.0.1"), &forwarded), ip("2001:db8::1"));
         let unknown = headers(&[("forwarded", "for=unknown, for=10.0.0.3")]);
-        assert_eq!(t.client(ip("10.0.0.1"), &unknown), ip("10.0.0.3"));
+        assert_eq!(f.client(ip("10.0.0.1"), &unknown), ip("10.0.0.3"));
+        assert!(ChainHeader::parse("X-Real-IP").is_err());
         let two_lines = headers(&[
             ("x-forwarded-for", "192.0.2.9"),
             ("x-forwarded-for", "10.0.0.5:80"),

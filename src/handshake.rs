@@ -107,7 +107,7 @@ async fn check(
     }
     let identity = app
         .authenticator
-        .authenticate(headers, query, &forwarded)
+        .authenticate(headers, query, &forwarded, client)
         .await
         .map_err(|reject| Refusal {
             status: reject.status(),

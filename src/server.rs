@@ -120,22 +120,46 @@ impl Spare {
         }
     }
 
-    /// Whether `e` was the lack of descriptors and a waiting connection was answered.
+    /// Whether `e` was the lack of descriptors and was dealt with: the waiting connection
+    /// answered, or none waiting (Linux reports the lack even with an empty backlog, as it
+    /// takes the descriptor before it looks).
     fn shed(&mut self, listener: &TcpListener, e: &io::Error) -> bool {
         const EMFILE: i32 = 24;
         const ENFILE: i32 = 23;
-        if !matches!(e.raw_os_error(), Some(EMFILE | ENFILE)) || self.file.is_none() {
+        if !matches!(e.raw_os_error(), Some(EMFILE | ENFILE)) {
+            return false;
+        }
+        // Lost to another task last time: take one back first.
+        if self.file.is_none() {
+            self.file = std::fs::File::open("/dev/null").ok();
+        }
+        if self.file.is_none() {
             return false;
         }
         self.file = None;
         let answered = match listener.accept().now_or_never() {
             Some(Ok((stream, _))) => {
+                // Read the request first: closing with it unread would reset the connection,
+                // and the client could lose the answer.
+                let mut request = [0u8; 4096];
+                while matches!(stream.try_read(&mut request), Ok(n) if n > 0) {}
                 let _ = stream.try_write(OUT_OF_FDS);
-                true
+                if let Ok(stream) = stream.into_std() {
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                }
+                Some(true)
             }
-            _ => false,
+            // Nobody waiting: the lack was reported for an empty backlog.
+            None => Some(false),
+            // Still out of descriptors (another task took the spare): back off.
+            Some(Err(_)) => None,
         };
         self.file = std::fs::File::open("/dev/null").ok();
+        match answered {
+            Some(true) => {}
+            Some(false) => return true,
+            None => return false,
+        }
         self.shed += 1;
         if self
             .warned
@@ -147,7 +171,7 @@ impl Spare {
                 "out of file descriptors: new connections are answered 503; raise the open-file limit (LimitNOFILE, ulimit -n) or lower PATCHBAY_MAX_CONNECTIONS"
             );
         }
-        answered
+        true
     }
 }
 

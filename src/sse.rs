@@ -325,7 +325,7 @@ pub async fn post(
     }
     let identity = match app
         .authenticator
-        .authenticate(&headers, query.as_deref(), &HeaderMap::new())
+        .authenticate(&headers, query.as_deref(), &HeaderMap::new(), None)
         .await
     {
         Ok(identity) => identity,

@@ -270,15 +270,11 @@ async fn delegated_auth_accepts_mirrors_and_fails_closed() {
         .request("@@patchbay/SUBSCRIBE", json!({"room": "org:8"}))
         .await;
     assert_failure(&r, "@@patchbay/SUBSCRIBE", "forbidden");
-    assert_eq!(
-        upstream
-            .recorded()
-            .iter()
-            .find(|r| r.target == "/auth")
-            .unwrap()
-            .headers["cookie"],
-        "sid=good"
-    );
+    let asked = upstream.recorded();
+    let asked = &asked.iter().find(|r| r.target == "/auth").unwrap().headers;
+    assert_eq!(asked["cookie"], "sid=good");
+    // The auth service learns the client's address too (here the test's own).
+    assert_eq!(asked["x-forwarded-for"], "127.0.0.1");
 
     assert_eq!(
         refused(bridge.connect_with(&[("cookie", "sid=bad")]).await),

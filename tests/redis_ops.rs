@@ -186,6 +186,51 @@ async fn rediss_with_a_private_ca_carries_actions_between_instances() {
 }
 
 #[tokio::test]
+async fn rediss_trusts_the_platforms_store_without_a_ca_file() {
+    // The binary, as an operator runs it, with the test's CA as the platform's trust store
+    // (SSL_CERT_FILE is where the platform's store is read from) and no PATCHBAY_REDIS_CA_FILE.
+    let certs = Certs::make();
+    let (_redis, tls_port) = tls_redis(&certs).await;
+    let actions = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_patchbay"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PATCHBAY_ACTIONS", actions.path())
+        .env("PATCHBAY_LISTEN", "127.0.0.1:0")
+        .env(
+            "PATCHBAY_REDIS_URL",
+            format!("rediss://localhost:{tls_port}"),
+        )
+        .env("SSL_CERT_FILE", certs.path("ca.pem"))
+        .current_dir(actions.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in stdout.lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("listening on ").nth(1) {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(WAIT).expect("it listens");
+    let deadline = Instant::now() + WAIT;
+    let body = loop {
+        let (_, body) = http_get(&format!("http://{addr}/readyz")).await;
+        if body["status"] == "ok" || Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(body, json!({"status": "ok", "bus": "connected"}));
+}
+
+#[tokio::test]
 async fn an_untrusted_redis_certificate_fails_readiness_with_the_reason() {
     let certs = Certs::make();
     let (_redis, tls_port) = tls_redis(&certs).await;

@@ -23,6 +23,9 @@ pub const REFETCH_AFTER: Duration = Duration::from_secs(60);
 pub const REFRESH_EVERY: Duration = Duration::from_secs(3600);
 /// How long one fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How soon a failed fetch may be tried again (a provider that was down is used again
+/// within seconds of coming back, not a minute).
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
 
 /// One usable key.
 pub struct Key {
@@ -48,9 +51,9 @@ pub struct Jwks {
     client: Client,
     url: hyper::Uri,
     keys: RwLock<Vec<std::sync::Arc<Key>>>,
-    /// When the set was last fetched (or tried); `None` before the first time. `tokio` lock:
-    /// one fetch at a time, the others wait for it.
-    fetched: tokio::sync::Mutex<Option<Instant>>,
+    /// When the set was last fetched (or tried) and whether that worked; `None` before the
+    /// first time. `tokio` lock: one fetch at a time, the others wait for it.
+    fetched: tokio::sync::Mutex<Option<(Instant, bool)>>,
     /// Whether any fetch has succeeded.
     loaded: std::sync::atomic::AtomicBool,
     /// [`REFETCH_AFTER`] (tests shorten it).
@@ -100,11 +103,19 @@ impl Jwks {
     /// Fetches the set unless it was fetched (or tried) less than `age` ago.
     pub async fn fetch_if(&self, age: Duration) {
         let mut fetched = self.fetched.lock().await;
-        if fetched.is_some_and(|at| at.elapsed() < age) {
-            return;
+        if let Some((at, worked)) = *fetched {
+            let age = if worked {
+                age
+            } else {
+                age.min(RETRY_AFTER_FAILURE)
+            };
+            if at.elapsed() < age {
+                return;
+            }
         }
-        *fetched = Some(Instant::now());
-        match tokio::time::timeout(FETCH_TIMEOUT, self.fetch()).await {
+        let result = tokio::time::timeout(FETCH_TIMEOUT, self.fetch()).await;
+        *fetched = Some((Instant::now(), matches!(result, Ok(Ok(_)))));
+        match result {
             Ok(Ok(keys)) => {
                 tracing::info!(keys = keys.len(), "fetched the JWKS");
                 *self.keys.write().unwrap() = keys.into_iter().map(std::sync::Arc::new).collect();
@@ -186,9 +197,10 @@ fn pinned(jwk: &Jwk) -> Option<Algorithm> {
                 | Algorithm::PS384
                 | Algorithm::PS512
         ),
-        AlgorithmParameters::EllipticCurve(_) => {
-            matches!(alg, Algorithm::ES256 | Algorithm::ES384)
-        }
+        AlgorithmParameters::EllipticCurve(ec) => matches!(
+            (alg, &ec.curve),
+            (Algorithm::ES256, EllipticCurve::P256) | (Algorithm::ES384, EllipticCurve::P384)
+        ),
         AlgorithmParameters::OctetKeyPair(_) => alg == Algorithm::EdDSA,
         _ => false,
     };
@@ -218,6 +230,7 @@ mod tests {
             {"kty": "oct", "kid": "h", "k": "c2VjcmV0", "alg": "HS256"},
             {"kty": "RSA", "kid": "rh", "alg": "HS256", "n": N, "e": "AQAB"},
             {"kty": "EC", "kid": "er", "alg": "RS256", "crv": "P-256", "x": X, "y": Y},
+            {"kty": "EC", "kid": "e384", "alg": "ES384", "crv": "P-256", "x": X, "y": Y},
             {"kty": "RSA", "kid": "enc", "use": "enc", "n": N, "e": "AQAB"},
         ])));
         let pinned: Vec<(Option<&str>, Algorithm)> =

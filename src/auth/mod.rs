@@ -100,11 +100,13 @@ impl Authenticator {
     /// A JWT, when JWT auth is on, decides alone: valid is in, invalid is 401, never downgraded
     /// to anonymous. Otherwise delegated auth asks the API whenever the handshake carries
     /// credentials. With none at all, the connection is anonymous if that is allowed.
+    /// The auth service also gets `X-Forwarded-For: <client>` when the client is known.
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
         query: Option<&str>,
         forwarded: &HeaderMap,
+        client: Option<std::net::IpAddr>,
     ) -> Result<Identity, Reject> {
         if let Some(jwt) = &self.jwt
             && let Some(token) = presented_token(headers, query)
@@ -123,7 +125,16 @@ impl Authenticator {
         if let Some(delegated) = &self.delegated
             && !forwarded.is_empty()
         {
-            return delegated.check(forwarded).await;
+            let Some(client) = client else {
+                return delegated.check(forwarded).await;
+            };
+            let mut with_client = forwarded.clone();
+            with_client.insert(
+                hyper::header::HeaderName::from_static("x-forwarded-for"),
+                hyper::header::HeaderValue::from_str(&client.to_string())
+                    .expect("an IP address is a header value"),
+            );
+            return delegated.check(&with_client).await;
         }
         if self.allow_anonymous {
             Ok(Identity::default())

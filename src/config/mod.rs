@@ -370,8 +370,12 @@ impl Config {
             listen,
             api_url,
             actions_dir: PathBuf::from(raw.get("actions")),
-            trusted_proxies: crate::client_addr::TrustedProxies::parse(raw.get("trusted_proxies"))
-                .map_err(|e| ConfigError::var("trusted_proxies", e))?,
+            trusted_proxies: crate::client_addr::TrustedProxies::new(
+                raw.get("trusted_proxies"),
+                crate::client_addr::ChainHeader::parse(raw.get("proxy_header"))
+                    .map_err(|e| ConfigError::var("proxy_header", e))?,
+            )
+            .map_err(|e| ConfigError::var("trusted_proxies", e))?,
             redis_url,
             redis_options,
             redis_prefix: raw.get("redis_prefix").to_string(),

@@ -32,7 +32,7 @@ const fn var(name: &'static str, default: &'static str, help: &'static str) -> V
 /// start-up: a misspelt variable must never silently turn a feature off
 /// (`PATCHBAY_JWT_SECERT` would otherwise let everyone in).
 #[rustfmt::skip]
-pub const VARIABLES: [Var; 45] = [
+pub const VARIABLES: [Var; 46] = [
     var("PATCHBAY_LISTEN", "127.0.0.1:8080", "address to bind; port 0 picks a free port"),
     var("PATCHBAY_API_URL", "", "base URL of the REST API that `http` actions call"),
     var("PATCHBAY_ACTIONS", "./actions", "directory of action manifests"),
@@ -52,6 +52,7 @@ pub const VARIABLES: [Var; 45] = [
     var("PATCHBAY_PUBLIC_ROOMS", "", "rooms anyone may join"),
     var("PATCHBAY_ALLOWED_ORIGINS", "", "extra allowed `Origin`s; `*` allows any"),
     var("PATCHBAY_TRUSTED_PROXIES", "", "addresses or networks of reverse proxies whose X-Forwarded-For/Forwarded/X-Forwarded-Host are believed"),
+    var("PATCHBAY_PROXY_HEADER", "x-forwarded-for", "the header the trusted proxies list addresses in: x-forwarded-for or forwarded"),
     var("PATCHBAY_ROOM_SECRET", "", "key of room tokens, at least 16 bytes; empty: random per process"),
     var("PATCHBAY_FORWARD_HEADERS", "cookie,authorization", "handshake headers sent upstream"),
     var("PATCHBAY_PUBLISH_TOKEN", "", "enables `POST /publish`; at least 16 bytes"),
