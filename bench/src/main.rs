@@ -4,6 +4,7 @@
 
 mod client;
 mod emitter_bench;
+mod floor;
 mod procs;
 mod reference;
 mod scenarios;
@@ -59,10 +60,12 @@ commands:
   setup       installs the Socket.IO server's and BullMQ's npm packages
   reference   runs the reference server (--listen ADDR --redis URL [--upstream ADDR]); the
               bench starts it itself
+  floor       runs the floor (--listen ADDR --redis URL): each action framed once and written
+              with one write() to each member's socket, nothing else; the bench starts it
 
 options:
-  --targets LIST   comma list of patchbay,reference,socketio (default: all three; Socket.IO
-                   runs fan-out and idle only)
+  --targets LIST   comma list of floor,patchbay,reference,socketio (default: all; Socket.IO
+                   runs fan-out and idle only, the floor fan-out only)
   --clients N      connections (fanout 2000, idle 15000, targeted 10000, reqresp 100)
   --rate R         fanout/targeted: actions published per second (fanout 20; targeted: the
                    fan-out's deliveries per second, 40000); reqresp: requests per second (2000)
@@ -153,6 +156,7 @@ fn main() -> ExitCode {
     };
     let (plan, ci): (Vec<Scenario>, bool) = match command.as_str() {
         "reference" => return reference::main(rest).map_or_else(fail, |()| ExitCode::SUCCESS),
+        "floor" => return floor::main(rest).map_or_else(fail, |()| ExitCode::SUCCESS),
         "setup" => {
             return match socketio_dir(true).and_then(|s| Ok((s, tasks::bullmq_dir(true)?))) {
                 Ok((socketio, bullmq)) => {
@@ -417,7 +421,12 @@ async fn run(
     let targets = opts.targets.clone().unwrap_or(if ci {
         vec![Target::Patchbay, Target::Reference]
     } else {
-        vec![Target::Patchbay, Target::Reference, Target::SocketIo]
+        vec![
+            Target::Floor,
+            Target::Patchbay,
+            Target::Reference,
+            Target::SocketIo,
+        ]
     });
     let work_dir = std::env::temp_dir().join(format!("patchbay-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work_dir).map_err(|e| e.to_string())?;
@@ -479,7 +488,7 @@ async fn run(
                 let fan = scenario == Scenario::Fanout;
                 let mut runs: Vec<Result<DeliveryRun, (Target, String)>> = Vec::new();
                 for &t in &targets {
-                    if t == Target::SocketIo && !fan {
+                    if (t == Target::SocketIo || t == Target::Floor) && !fan {
                         continue;
                     }
                     if t == Target::SocketIo && ctx.socketio_dir.is_err() {
@@ -799,7 +808,7 @@ async fn run(
             }
             Scenario::Idle => {
                 let mut runs: Vec<Result<IdleRun, (Target, String)>> = Vec::new();
-                for &t in &targets {
+                for &t in targets.iter().filter(|t| **t != Target::Floor) {
                     if t == Target::SocketIo && ctx.socketio_dir.is_err() {
                         runs.push(Err((t, "unavailable".into())));
                         continue;
@@ -1044,6 +1053,23 @@ fn delivery_checks(
     };
     if fan {
         *fanout_p99 = Some((pb.per_sec(), pb.latency.p99));
+        if let Some(floor) = get(Target::Floor) {
+            let f = floor.cpu_us_per_delivery().max(1e-9);
+            let r = pb.cpu_us_per_delivery() / f;
+            checks.push(format!(
+                "fan-out: patchbay CPU per delivery {:.2} µs = {r:.2}x the floor's {:.2} µs (one write() per delivery): target <= 1.25x {}",
+                pb.cpu_us_per_delivery(),
+                floor.cpu_us_per_delivery(),
+                met(r <= 1.25)
+            ));
+            if let Some(rf) = get(Target::Reference) {
+                checks.push(format!(
+                    "fan-out: the reference's CPU per delivery {:.2} µs = {:.2}x the floor's",
+                    rf.cpu_us_per_delivery(),
+                    rf.cpu_us_per_delivery() / f
+                ));
+            }
+        }
         if let Some(rf) = get(Target::Reference) {
             let r = pb.cpu_us_per_delivery() / rf.cpu_us_per_delivery().max(1e-9);
             checks.push(format!(

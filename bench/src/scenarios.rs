@@ -18,6 +18,8 @@ pub enum Target {
     Patchbay,
     Reference,
     SocketIo,
+    /// One `write()` per delivery and nothing else ([`crate::floor`]): fan-out only.
+    Floor,
 }
 
 impl Target {
@@ -26,6 +28,7 @@ impl Target {
             Target::Patchbay => "patchbay",
             Target::Reference => "reference",
             Target::SocketIo => "socketio",
+            Target::Floor => "floor",
         }
     }
 
@@ -34,6 +37,7 @@ impl Target {
             "patchbay" => Some(Target::Patchbay),
             "reference" => Some(Target::Reference),
             "socketio" | "socket.io" => Some(Target::SocketIo),
+            "floor" => Some(Target::Floor),
             _ => None,
         }
     }
@@ -137,6 +141,19 @@ impl Ctx {
                     argv.extend(["--upstream".into(), upstream.to_string()]);
                 }
                 let p = procs::spawn("reference", prefix, &argv, &[], None, Some(&log))?;
+                (p, Proto::Patchbay)
+            }
+            Target::Floor => {
+                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+                let argv = vec![
+                    exe.display().to_string(),
+                    "floor".into(),
+                    "--listen".into(),
+                    addr.to_string(),
+                    "--redis".into(),
+                    self.redis_url.clone(),
+                ];
+                let p = procs::spawn("floor", prefix, &argv, &[], None, Some(&log))?;
                 (p, Proto::Patchbay)
             }
             Target::SocketIo => {
