@@ -210,11 +210,8 @@ impl App {
         };
         let jwks = base("PATCHBAY_JWKS_URL", &config.jwks_url)?
             .map(|url| Arc::new(Jwks::new(client.clone(), url, config.jwks_refetch_after)));
-        let jwt = match (&config.jwt_secret, jwks) {
-            (Some(secret), _) => Some(JwtVerifier::hs256(secret.as_bytes(), checks)),
-            (None, Some(jwks)) => Some(JwtVerifier::jwks(jwks, checks)),
-            (None, None) => None,
-        };
+        let secret = config.jwt_secret.as_deref().map(str::as_bytes);
+        let jwt = JwtVerifier::new(secret, jwks, checks);
         let authenticator = Authenticator::new(
             jwt,
             auth.map(|url| DelegatedAuth::new(client.clone(), url, config.auth_timeout)),

@@ -151,19 +151,29 @@ impl TrustedProxies {
         client
     }
 
-    /// The host the browser asked for, which the Origin rule compares with: the first
-    /// `X-Forwarded-Host` when a trusted proxy sent it, else `Host`.
+    /// The host the browser asked for, which the Origin rule compares with: from a trusted
+    /// proxy the first `X-Forwarded-Host`, else the first `Forwarded: host=`; else `Host`.
     pub fn host(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> Option<String> {
         if let Some(peer) = peer
             && self.trusts(peer)
-            && let Some(host) = headers
+        {
+            let forwarded_host = headers
                 .get("x-forwarded-host")
                 .and_then(|h| h.to_str().ok())
                 .and_then(|h| h.split(',').next())
-                .map(str::trim)
-                .filter(|h| !h.is_empty())
-        {
-            return Some(host.to_string());
+                .map(|h| h.trim().to_string())
+                .or_else(|| {
+                    let first = headers.get(FORWARDED)?.to_str().ok()?.split(',').next()?;
+                    first.split(';').find_map(|pair| {
+                        let (key, value) = pair.trim().split_once('=')?;
+                        key.eq_ignore_ascii_case("host")
+                            .then(|| value.trim().trim_matches('"').to_string())
+                    })
+                })
+                .filter(|h| !h.is_empty());
+            if forwarded_host.is_some() {
+                return forwarded_host;
+            }
         }
         headers
             .get(HOST)
@@ -313,5 +323,20 @@ mod tests {
             Some("patchbay:8080")
         );
         assert_eq!(t.host(None, &h).as_deref(), Some("patchbay:8080"));
+        let f = headers(&[
+            ("host", "patchbay:8080"),
+            (
+                "forwarded",
+                r#"for=1.2.3.4;host="app.example.com:8443";proto=https"#,
+            ),
+        ]);
+        assert_eq!(
+            t.host(Some(ip("10.0.0.1")), &f).as_deref(),
+            Some("app.example.com:8443")
+        );
+        assert_eq!(
+            t.host(Some(ip("10.0.0.2")), &f).as_deref(),
+            Some("patchbay:8080")
+        );
     }
 }

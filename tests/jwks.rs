@@ -368,3 +368,38 @@ async fn an_unreachable_provider_is_503_not_401() {
     let key = TestKey::make(Algorithm::RS256, "r", true);
     assert_eq!(handshake(&bridge, &key.sign(&claims("42"))).await, Err(503));
 }
+
+#[tokio::test]
+async fn with_both_methods_a_token_is_checked_by_the_one_its_header_names() {
+    let rsa = TestKey::make(Algorithm::RS256, "r", true);
+    let provider = Provider::start(&[&rsa]).await;
+    let bridge = Bridge::start("{}", None, |c| {
+        c.jwks_url = Some(provider.url());
+        c.jwt_secret = Some(SECRET.into());
+        c.allow_anonymous = false;
+    })
+    .await;
+    fetched(&provider, 1).await;
+    assert_eq!(
+        handshake(&bridge, &rsa.sign(&claims("42"))).await,
+        Ok("42".into())
+    );
+    assert_eq!(
+        handshake(&bridge, &jwt(claims("43"))).await,
+        Ok("43".into()),
+        "HS256 by the secret"
+    );
+    let mut hs = Header::new(Algorithm::HS256);
+    hs.kid = Some("r".into());
+    let confused = jsonwebtoken::encode(
+        &hs,
+        &claims("44"),
+        &EncodingKey::from_secret(&rsa.public_pem),
+    )
+    .unwrap();
+    assert_eq!(
+        handshake(&bridge, &confused).await,
+        Err(401),
+        "HS256 is the secret's, never a key's"
+    );
+}

@@ -45,14 +45,12 @@ pub struct Checks {
     pub audience: Option<String>,
 }
 
-enum Keys {
-    Secret(DecodingKey),
-    Set(Arc<Jwks>),
-}
-
-/// Verifies tokens signed with `PATCHBAY_JWT_SECRET` or by a key of `PATCHBAY_JWKS_URL`.
+/// Verifies tokens signed with `PATCHBAY_JWT_SECRET` or by a key of `PATCHBAY_JWKS_URL`
+/// (with both, by the method the token's header names: HS256 the secret, anything else the
+/// key set).
 pub struct JwtVerifier {
-    keys: Keys,
+    secret: Option<DecodingKey>,
+    set: Option<Arc<Jwks>>,
     checks: Checks,
 }
 
@@ -60,25 +58,33 @@ impl JwtVerifier {
     /// HS256 tokens signed with `secret`.
     pub fn hs256(secret: &[u8], checks: Checks) -> JwtVerifier {
         JwtVerifier {
-            keys: Keys::Secret(DecodingKey::from_secret(secret)),
+            secret: Some(DecodingKey::from_secret(secret)),
+            set: None,
             checks,
         }
+    }
+
+    /// The verifier of the configured methods; `None` when neither is.
+    pub fn new(secret: Option<&[u8]>, set: Option<Arc<Jwks>>, checks: Checks) -> Option<Self> {
+        (secret.is_some() || set.is_some()).then(|| JwtVerifier {
+            secret: secret.map(DecodingKey::from_secret),
+            set,
+            checks,
+        })
     }
 
     /// Tokens signed by a key of `jwks`.
     pub fn jwks(jwks: Arc<Jwks>, checks: Checks) -> JwtVerifier {
         JwtVerifier {
-            keys: Keys::Set(jwks),
+            secret: None,
+            set: Some(jwks),
             checks,
         }
     }
 
     /// The key set, when tokens are checked against one (kept fresh in the background).
     pub fn key_set(&self) -> Option<&Arc<Jwks>> {
-        match &self.keys {
-            Keys::Set(jwks) => Some(jwks),
-            Keys::Secret(_) => None,
-        }
+        self.set.as_ref()
     }
 
     fn validation(&self, alg: Algorithm) -> Validation {
@@ -106,14 +112,19 @@ impl JwtVerifier {
     /// The identity in `token`, or why it is refused.
     pub async fn verify(&self, token: &str) -> Result<Identity, JwtError> {
         let invalid = |e: &dyn std::fmt::Display| JwtError::Invalid(e.to_string());
-        let claims = match &self.keys {
-            Keys::Secret(key) => {
-                jsonwebtoken::decode::<Claims>(token, key, &self.validation(Algorithm::HS256))
-                    .map_err(|e| invalid(&e))?
-                    .claims
-            }
-            Keys::Set(jwks) => {
+        let hs256 = |key: &DecodingKey| {
+            jsonwebtoken::decode::<Claims>(token, key, &self.validation(Algorithm::HS256))
+                .map(|t| t.claims)
+                .map_err(|e| invalid(&e))
+        };
+        let claims = match (&self.secret, &self.set) {
+            (Some(key), None) => hs256(key)?,
+            (None, None) => return Err(JwtError::Invalid("no JWT method is set".into())),
+            (secret, Some(jwks)) => {
                 let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(&e))?;
+                if let (Algorithm::HS256, Some(key)) = (header.alg, secret) {
+                    return self.identity(hs256(key)?);
+                }
                 let key = match jwks.key(header.kid.as_deref()).await {
                     Ok(key) => key,
                     Err(Lookup::Unavailable) => return Err(JwtError::Unavailable),
@@ -135,6 +146,11 @@ impl JwtVerifier {
                     .claims
             }
         };
+        self.identity(claims)
+    }
+
+    /// The identity `claims` name, or why they are refused.
+    fn identity(&self, claims: Claims) -> Result<Identity, JwtError> {
         if claims.sub.is_empty() {
             return Err(JwtError::Invalid("`sub` is empty".into()));
         }

@@ -203,12 +203,6 @@ impl Config {
             .opt("jwks_url")
             .map(|u| parse_url("jwks_url", &u))
             .transpose()?;
-        if jwt_secret.is_some() && jwks_url.is_some() {
-            return Err(ConfigError::var(
-                "jwks_url",
-                "and PATCHBAY_JWT_SECRET are both set: tokens are checked against one or the other; unset one",
-            ));
-        }
         let (jwt_issuer, jwt_audience) = (raw.opt("jwt_issuer"), raw.opt("jwt_audience"));
         if jwt_secret.is_none() && jwks_url.is_none() {
             for name in ["jwt_issuer", "jwt_audience"] {
