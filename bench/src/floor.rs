@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
-const CHANNEL_PREFIX: &str = "patchbay:room:";
+use crate::reference::CHANNEL_PREFIX;
 
 type RoomMap = Arc<Mutex<HashMap<String, Vec<std::net::TcpStream>>>>;
 
@@ -66,13 +66,7 @@ fn frame(payload: &[u8]) -> Vec<u8> {
 async fn serve(listen: SocketAddr, redis_url: String) -> Result<(), String> {
     let rooms: RoomMap = Arc::default();
     let dropped = Arc::new(AtomicU64::new(0));
-    let client = redis::Client::open(redis_url.as_str()).map_err(|e| e.to_string())?;
-    let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
-    pubsub
-        .psubscribe(format!("{CHANNEL_PREFIX}*"))
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut messages = pubsub.into_on_message();
+    let mut messages = Box::pin(crate::reference::room_messages(&redis_url).await?);
     let fanout = rooms.clone();
     tokio::spawn(async move {
         while let Some(msg) = messages.next().await {

@@ -179,8 +179,16 @@ pub async fn start_redis() -> Result<(Proc, String), String> {
 
 /// [`start_redis`], run under `prefix` (a profiler, for example).
 pub async fn start_redis_under(prefix: &[String]) -> Result<(Proc, String), String> {
-    let port = free_port();
-    let argv: Vec<String> = [
+    start_redis_with(prefix, free_port(), &[]).await
+}
+
+/// A private redis-server on `port`, under `prefix`, with `extra` arguments.
+async fn start_redis_with(
+    prefix: &[String],
+    port: u16,
+    extra: &[String],
+) -> Result<(Proc, String), String> {
+    let mut argv: Vec<String> = [
         "redis-server",
         "--port",
         &port.to_string(),
@@ -194,6 +202,7 @@ pub async fn start_redis_under(prefix: &[String]) -> Result<(Proc, String), Stri
     .iter()
     .map(|s| s.to_string())
     .collect();
+    argv.extend_from_slice(extra);
     let mut proc = spawn("redis-server", prefix, &argv, &[], None, None)
         .map_err(|e| format!("{e}: install redis-server (apt-get install redis-server)"))?;
     wait_listening(
@@ -274,18 +283,9 @@ pub async fn start_redis_tls(
         "-out",
         "server.pem",
     ])?;
-    let (port, tls_port) = (free_port(), free_port());
+    let tls_port = free_port();
     let path = |name: &str| tls.join(name).display().to_string();
-    let argv: Vec<String> = [
-        "redis-server",
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
+    let extra: Vec<String> = [
         "--tls-port",
         &tls_port.to_string(),
         "--tls-cert-file",
@@ -300,17 +300,10 @@ pub async fn start_redis_tls(
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut proc = spawn("redis-server", &[], &argv, &[], None, None)
-        .map_err(|e| format!("{e}: install redis-server (apt-get install redis-server)"))?;
-    wait_listening(
-        &mut proc,
-        SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_secs(10),
-    )
-    .await?;
+    let (proc, plain) = start_redis_with(&[], free_port(), &extra).await?;
     Ok((
         proc,
-        format!("redis://127.0.0.1:{port}/"),
+        plain,
         format!("rediss://localhost:{tls_port}/"),
         tls.join("ca.pem"),
     ))

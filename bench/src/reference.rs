@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-const CHANNEL_PREFIX: &str = "patchbay:room:";
+pub const CHANNEL_PREFIX: &str = "patchbay:room:";
 /// Frames queued per connection, as patchbay's default.
 const QUEUE: usize = 1024;
 /// Most frames written between two flushes, as patchbay's writer.
@@ -77,13 +77,7 @@ async fn serve(
     upstream: Option<SocketAddr>,
 ) -> Result<(), String> {
     let rooms: RoomMap = Arc::default();
-    let client = redis::Client::open(redis_url.as_str()).map_err(|e| e.to_string())?;
-    let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
-    pubsub
-        .psubscribe(format!("{CHANNEL_PREFIX}*"))
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut messages = pubsub.into_on_message();
+    let mut messages = room_messages(&redis_url).await?;
     let fanout = rooms.clone();
     tokio::spawn(async move {
         while let Some(msg) = messages.next().await {
@@ -122,6 +116,19 @@ async fn serve(
         let id = ids.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(connection(stream, id, rooms.clone(), upstream));
     }
+}
+
+/// The messages published on every room's channel (`patchbay:room:*`).
+pub async fn room_messages(
+    redis_url: &str,
+) -> Result<impl futures_util::Stream<Item = redis::Msg> + use<>, String> {
+    let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
+    let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
+    pubsub
+        .psubscribe(format!("{CHANNEL_PREFIX}*"))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(pubsub.into_on_message())
 }
 
 fn config() -> WebSocketConfig {
