@@ -264,16 +264,12 @@ impl App {
             let (jwks, stop) = (jwks.clone(), stop());
             self.lifecycle.workers.spawn(async move {
                 let mut every = tokio::time::interval(crate::auth::jwks::REFRESH_EVERY);
-                let mut first = true;
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = every.tick() => {
-                            // A fetch within the last minute (an unknown `kid`) is fresh enough.
-                            let age = if first { std::time::Duration::ZERO } else { crate::auth::jwks::REFETCH_AFTER };
-                            first = false;
-                            jwks.fetch_if(age).await;
-                        }
+                        // The first tick fetches (nothing was fetched yet); later ones skip a
+                        // set an unknown `kid` fetched within the last minute.
+                        _ = every.tick() => jwks.fetch_if(crate::auth::jwks::REFETCH_AFTER).await,
                     }
                 }
             });

@@ -182,6 +182,14 @@ impl TrustedProxies {
     }
 }
 
+/// Tells the service behind patchbay who the client is, as any proxy does: `X-Forwarded-For`
+/// set to `client` (replacing whatever the client sent).
+pub fn set_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
+    let value = hyper::header::HeaderValue::from_str(&client.to_string())
+        .expect("an IP address is a header value");
+    headers.insert("x-forwarded-for", value);
+}
+
 /// The addresses `header` lists, first (the original client) to last.
 fn forwarded_for(headers: &HeaderMap, header: ChainHeader) -> Vec<String> {
     let values = |name| {

@@ -116,9 +116,7 @@ async fn check(
         })?;
     // The API behind patchbay learns who the client is, as from any proxy.
     if let Some(client) = client {
-        let value = hyper::header::HeaderValue::from_str(&client.to_string())
-            .expect("an IP address is a header value");
-        forwarded.insert("x-forwarded-for", value);
+        crate::client_addr::set_forwarded_for(&mut forwarded, client);
     }
     let conn_id = app.next_conn_id();
     Ok(Admitted {

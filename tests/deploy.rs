@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use common::*;
 
@@ -102,18 +100,7 @@ async fn the_image_runs_patchbay_unprivileged_on_every_interface() {
         std::os::unix::process::CommandExt::gid(&mut cmd, uid);
     }
     let mut child = cmd.spawn().unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("listening on ").nth(1) {
-                let _ = tx.send(addr.trim().to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("it listens");
+    let addr = listening_addr(&mut child);
     assert!(addr.starts_with("0.0.0.0:"), "{addr}");
     let port = addr.rsplit(':').next().unwrap();
     let (status, body) = http_get(&format!("http://127.0.0.1:{port}/healthz")).await;

@@ -244,7 +244,6 @@ async fn a_dropped_user_back_on_another_instance_within_the_grace_never_left() {
 
 /// The patchbay binary on `redis`, with presence in `doc:*`.
 fn spawn_instance(redis: &RedisServer) -> (Child, String) {
-    use std::io::{BufRead, BufReader};
     let mut child = Command::new(env!("CARGO_BIN_EXE_patchbay"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -260,15 +259,7 @@ fn spawn_instance(redis: &RedisServer) -> (Child, String) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines.next().expect("the binary logs its address").unwrap();
-        if let Some(addr) = line.split("listening on ").nth(1) {
-            break addr.trim().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let addr = listening_addr(&mut child);
     (child, addr)
 }
 

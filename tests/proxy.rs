@@ -29,11 +29,7 @@ struct Nginx {
 impl Nginx {
     async fn start(backends: &[SocketAddr]) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let documented =
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nginx.conf"))
                 .unwrap();

@@ -733,23 +733,6 @@ async fn the_pubsub_connection_survives_its_health_checks() {
     assert_eq!(wait_ready_status(&bridge, "ok").await["bus"], "connected");
 }
 
-/// Polls `/readyz` until `accept` holds for its status code and body, or `limit` passes.
-async fn readyz_until(
-    bridge: &Bridge,
-    limit: Duration,
-    accept: impl Fn(u16, &Value) -> bool,
-) -> (u16, Value) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let (code, body) = http_get(&bridge.http_url("/readyz")).await;
-        if accept(code, &body) {
-            return (code, body);
-        }
-        assert!(Instant::now() < deadline, "readyz stayed {code} {body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Redis closes idle connections by itself (`timeout`) and operators kill them: the command
 /// connection must come back by itself, and the publish after it must not fail.
 #[tokio::test]

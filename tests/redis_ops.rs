@@ -92,15 +92,6 @@ impl Certs {
     }
 }
 
-/// A free port (for a second listener of a server).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Redis with a TLS port beside its plain one (the test's own connection uses the plain one).
 async fn tls_redis(certs: &Certs) -> (RedisServer, u16) {
     let tls_port = free_port().to_string();
@@ -148,16 +139,9 @@ async fn join_lobby(client: &mut Client) {
 
 /// Polls `/readyz` until its `status` is `failed`; the body.
 async fn readiness_failure(bridge: &Bridge) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (code, body) = http_get(&bridge.http_url("/readyz")).await;
-        if body["status"] == "failed" {
-            assert_eq!(code, 503, "{body}");
-            return body;
-        }
-        assert!(Instant::now() < deadline, "readyz stayed {code} {body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (code, body) = readyz_until(bridge, WAIT, |_, b| b["status"] == "failed").await;
+    assert_eq!(code, 503, "{body}");
+    body
 }
 
 #[tokio::test]
@@ -206,17 +190,7 @@ async fn rediss_trusts_the_platforms_store_without_a_ca_file() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in stdout.lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("listening on ").nth(1) {
-                let _ = tx.send(addr.trim().to_string());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(WAIT).expect("it listens");
+    let addr = listening_addr(&mut child);
     let deadline = Instant::now() + WAIT;
     let body = loop {
         let (_, body) = http_get(&format!("http://{addr}/readyz")).await;

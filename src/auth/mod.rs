@@ -125,16 +125,11 @@ impl Authenticator {
         if let Some(delegated) = &self.delegated
             && !forwarded.is_empty()
         {
-            let Some(client) = client else {
-                return delegated.check(forwarded).await;
-            };
-            let mut with_client = forwarded.clone();
-            with_client.insert(
-                hyper::header::HeaderName::from_static("x-forwarded-for"),
-                hyper::header::HeaderValue::from_str(&client.to_string())
-                    .expect("an IP address is a header value"),
-            );
-            return delegated.check(&with_client).await;
+            let mut asked = forwarded.clone();
+            if let Some(client) = client {
+                crate::client_addr::set_forwarded_for(&mut asked, client);
+            }
+            return delegated.check(&asked).await;
         }
         if self.allow_anonymous {
             Ok(Identity::default())

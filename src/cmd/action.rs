@@ -11,7 +11,6 @@ use super::{Applied, Outcome};
 use crate::app::App;
 use crate::dispatch::{CallContext, Success};
 use crate::protocol;
-use crate::recovery::{Standing, send_all};
 use crate::registry::ActionSpec;
 use crate::rooms::{ConnId, valid_room};
 use crate::session::Peer;
@@ -114,39 +113,8 @@ async fn succeed(
     if !held {
         return reply(spec, &request_id, success, Some(room));
     }
-    // Where this instance stands in the room; its last state from there when it keeps one.
-    let at = match &app.history {
-        Some(history) if history.keeps(&room) => {
-            crate::recovery::read_all(history, &[(room.as_str(), None)]).await
-        }
-        _ => Vec::new(),
-    };
-    let last = match at.into_iter().next() {
-        Some(Standing::Position(Some(position))) => {
-            super::room::from_last_state(app, &room, &position).await
-        }
-        _ => None,
-    };
     let success = protocol::success(&spec.name, &request_id, &success.payload, success.meta);
-    if let Some(last) = last {
-        send_all(app, conn, success, vec![(room.clone(), last)], Vec::new()).await;
-        return granted(room);
-    }
-    let snapshot = super::room::snapshot(app, &room, user).await;
-    send_all(
-        app,
-        conn,
-        success,
-        Vec::new(),
-        snapshot.into_iter().collect(),
-    )
-    .await;
-    crate::recovery::release_held(app, conn, &room).await;
-    granted(room)
-}
-
-/// The outcome of a success written already, which granted `room`.
-fn granted(room: String) -> Outcome {
+    super::room::send_with_task_state(app, conn, user, &room, success).await;
     Outcome {
         reply: String::new(),
         then: None,

@@ -477,7 +477,7 @@ pub fn has_snapshot(app: &App, room: &str) -> bool {
 /// room) is at most that old, and is dropped instead of undoing a newer snapshot. `None`
 /// when the room's last action is not a task's state (or it keeps none now): the task's
 /// own snapshot then.
-pub async fn from_last_state(app: &App, room: &str, position: &Position) -> Option<Recovery> {
+async fn from_last_state(app: &App, room: &str, position: &Position) -> Option<Recovery> {
     let history = app.history.as_ref()?;
     let since = Position {
         epoch: position.epoch.clone(),
@@ -495,6 +495,32 @@ pub async fn from_last_state(app: &App, room: &str, position: &Position) -> Opti
         }
         _ => None,
     }
+}
+
+/// Queues `reply` for a connection that just joined task room `room` with its live actions
+/// held back, then the task's state — its last stored state when the room keeps history
+/// ([`from_last_state`]), else its snapshot — then what was held back.
+pub async fn send_with_task_state(
+    app: &App,
+    conn: ConnId,
+    user: Option<&str>,
+    room: &str,
+    reply: String,
+) {
+    let at = match &app.history {
+        Some(history) if history.keeps(room) => {
+            crate::recovery::read_all(history, &[(room, None)]).await
+        }
+        _ => Vec::new(),
+    };
+    if let Some(Standing::Position(Some(position))) = at.into_iter().next()
+        && let Some(last) = from_last_state(app, room, &position).await
+    {
+        return send_all(app, conn, reply, vec![(room.to_string(), last)], Vec::new()).await;
+    }
+    let snapshot = snapshot(app, room, user).await;
+    send_all(app, conn, reply, Vec::new(), snapshot.into_iter().collect()).await;
+    crate::recovery::release_held(app, conn, room).await;
 }
 
 /// The state of the task whose room `room` is, as the `TASK_PROGRESS` a connection gets

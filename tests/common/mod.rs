@@ -672,3 +672,47 @@ pub fn with_jwt(c: &mut Config) {
     c.jwt_secret = Some(SECRET.into());
     c.allow_anonymous = false;
 }
+
+/// Polls `/readyz` until `accept` holds for its status code and body, or `limit` passes.
+pub async fn readyz_until(
+    bridge: &Bridge,
+    limit: Duration,
+    accept: impl Fn(u16, &Value) -> bool,
+) -> (u16, Value) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let (code, body) = http_get(&bridge.http_url("/readyz")).await;
+        if accept(code, &body) {
+            return (code, body);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz stayed {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (for a listener the test does not start itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The address a spawned `patchbay` (stdout piped) logs as `listening on <addr>`; the rest of
+/// its output is drained in the background.
+pub fn listening_addr(child: &mut std::process::Child) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+    let addr = loop {
+        let line = lines.next().expect("the binary logs its address").unwrap();
+        if let Some(addr) = line.split("listening on ").nth(1) {
+            break addr.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    addr
+}
