@@ -1,10 +1,15 @@
-//! The way into one connection: a queue of frames bounded in count *and* bytes, drained by the
-//! connection's writer task, and a one-shot close signal.
+//! The way into one connection: a queue of frames bounded in count *and* bytes, and a one-shot
+//! close signal.
 //!
-//! Everything written to the connection counts against the one byte bound, the pongs that the
-//! websocket layer writes by itself included: the reader charges each pong
-//! ([`Outbox::charge_control`]) and the writer releases the charge once a flush has put it on
-//! the wire, so a client that pings and never reads is closed with 4008 like any slow reader.
+//! Two ways out of the queue. A websocket gives the queue its socket (a [`Wire`]): a frame
+//! queued while nothing is waiting is written straight into the socket by whichever thread
+//! queues it, one `write()` and no task wake-up, and frames wait in the queue only while the
+//! socket would block, for the connection's writer task to write once it is writable. A
+//! transport without a wire (SSE) has its writer drain the queue ([`Inbox::recv`]).
+//!
+//! Everything written to the connection goes through the one queue and counts against the
+//! one byte bound, the pongs that the websocket layer writes by itself included, so a client
+//! that pings and never reads is closed with 4008 like any slow reader.
 //!
 //! Publishers never wait on a client: [`Outbox::push`] never blocks, and a full queue closes
 //! the connection with 4008 instead of slowing anyone else down. The byte bound matters as much
@@ -12,8 +17,8 @@
 //! reads pin a gigabyte.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use std::task::Poll;
 
@@ -47,6 +52,11 @@ impl Text {
     }
 
     /// The bytes, guaranteed UTF-8.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The bytes, guaranteed UTF-8.
     pub fn into_bytes(self) -> Bytes {
         self.0
     }
@@ -69,6 +79,36 @@ impl From<&'static str> for Text {
     fn from(s: &'static str) -> Self {
         Text(Bytes::from_static(s.as_bytes()))
     }
+}
+
+/// What a connection's queue holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A message, framed by the transport when it is written.
+    Text(Text),
+    /// Bytes already in the transport's own framing (a websocket ping, pong or close frame),
+    /// written as they are. Only a queue with a [`Wire`] takes them.
+    Raw(Bytes),
+}
+
+impl Item {
+    /// The bytes it counts against the queue's bound.
+    fn len(&self) -> usize {
+        match self {
+            Item::Text(text) => text.len(),
+            Item::Raw(raw) => raw.len(),
+        }
+    }
+}
+
+/// A socket the queue writes into without waiting: the websocket's.
+pub trait Wire: Send + Sync + std::fmt::Debug {
+    /// Bytes `item` takes on the wire.
+    fn encoded_len(&self, item: &Item) -> usize;
+
+    /// Writes what the socket takes now of `first` then `then`, beginning `skip` bytes into the
+    /// encoding of the first item; returns the bytes written, 0 when the socket would block.
+    fn try_write(&self, first: &[Item], then: &[Item], skip: usize) -> io::Result<usize>;
 }
 
 /// A one-shot "close this connection" signal; the first reason wins.
@@ -105,35 +145,35 @@ impl Closer {
 pub struct QueueLimits {
     /// Most frames queued.
     pub frames: usize,
-    /// Most bytes queued (text frames' lengths).
+    /// Most bytes queued (the messages' lengths).
     pub bytes: usize,
 }
 
 /// The queue shared by a connection's outboxes and its inbox.
 #[derive(Debug)]
 struct Queue {
-    /// `std` lock: held only to push or pop, never across an `.await`.
+    /// `std` lock: held only to queue, take or write without waiting, never across an
+    /// `.await`. Every write into the wire happens under it, so bytes never interleave.
     state: Mutex<State>,
-    /// The writer's waker: one atomic swap per push, cheaper than a `Notify`'s waiter list.
+    /// The writer's waker: one atomic swap per wake, cheaper than a `Notify`'s waiter list.
     ready: AtomicWaker,
     limits: QueueLimits,
     /// Shared by every outbox and by the connection's reader and writer.
     closer: Arc<Closer>,
-    /// Bytes of control frames (pongs) the websocket layer queued by itself and no flush has
-    /// yet been seen to write; they count against the byte bound with the frames. Added under
-    /// the state lock (so the bound holds); an atomic so the writer's per-batch read and
-    /// release take no lock while it is zero.
-    control: AtomicUsize,
+    /// The socket frames are written into straight from [`Outbox::push`], if the transport
+    /// has one.
+    wire: Option<Arc<dyn Wire>>,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    /// Empty until the first frame: an idle connection's queue allocates nothing (a channel
+    /// Empty until a frame has to wait: an idle connection's queue allocates nothing (a channel
     /// would allocate a block of slots up front, the largest part of an idle connection).
-    frames: VecDeque<Text>,
+    /// With a wire, frames are here only while the socket would block.
+    frames: VecDeque<Item>,
     bytes: usize,
-    /// A pong was charged since the writer last flushed: flush even without frames.
-    flush_wanted: bool,
+    /// Bytes of the first frame's encoding already written (with a wire).
+    skip: usize,
     /// Live [`Outbox`] handles; at zero the writer sees the end of the queue.
     senders: usize,
     /// The inbox refuses further frames.
@@ -142,6 +182,110 @@ struct State {
 
 /// Frames of capacity kept when the queue drains: a burst's buffer is not held forever.
 const KEEP_CAPACITY: usize = 16;
+
+/// Why a frame was not queued.
+enum Refused {
+    /// The connection is closing (or its socket failed).
+    Closing,
+    /// No room for it now.
+    Full(Item),
+}
+
+impl Queue {
+    /// Queues `item`, or with a wire and nothing waiting, writes it now.
+    fn offer(&self, item: Item) -> Result<(), Refused> {
+        let mut state = self.state.lock().unwrap();
+        if state.closed || self.closer.reason().is_some() {
+            return Err(Refused::Closing);
+        }
+        if state.frames.len() >= self.limits.frames || state.bytes + item.len() > self.limits.bytes
+        {
+            return Err(Refused::Full(item));
+        }
+        let Some(wire) = &self.wire else {
+            state.bytes += item.len();
+            state.frames.push_back(item);
+            drop(state);
+            self.ready.wake();
+            return Ok(());
+        };
+        if !state.frames.is_empty() {
+            // The socket would block and the writer waits for it: in line behind the others.
+            state.bytes += item.len();
+            state.frames.push_back(item);
+            return Ok(());
+        }
+        match wire.try_write(std::slice::from_ref(&item), &[], 0) {
+            Ok(n) if n == wire.encoded_len(&item) => Ok(()),
+            Ok(n) => {
+                // The socket took part of it, or nothing: the writer finishes once it can.
+                state.skip = n;
+                state.bytes += item.len();
+                state.frames.push_back(item);
+                drop(state);
+                self.ready.wake();
+                Ok(())
+            }
+            Err(e) => {
+                self.failed(state, &e);
+                Err(Refused::Closing)
+            }
+        }
+    }
+
+    /// Writes what the wire takes now of the queued frames; `Ok(true)` once none is left.
+    fn flush(&self) -> io::Result<bool> {
+        let Some(wire) = &self.wire else {
+            return Ok(true);
+        };
+        let mut state = self.state.lock().unwrap();
+        while !state.frames.is_empty() {
+            let (first, then) = state.frames.as_slices();
+            let written = match wire.try_write(first, then, state.skip) {
+                Ok(0) => return Ok(false),
+                Ok(n) => n,
+                Err(e) => {
+                    self.failed(state, &e);
+                    return Err(e);
+                }
+            };
+            let mut left = state.skip + written;
+            state.skip = 0;
+            while let Some(front) = state.frames.front() {
+                let len = wire.encoded_len(front);
+                if left < len {
+                    state.skip = left;
+                    break;
+                }
+                left -= len;
+                let taken = front.len();
+                state.bytes -= taken;
+                state.frames.pop_front();
+            }
+        }
+        shrink(&mut state.frames);
+        Ok(true)
+    }
+
+    /// The socket failed (the client is gone): nothing more is queued or written, and the
+    /// writer sees the end.
+    fn failed(&self, mut state: MutexGuard<'_, State>, error: &io::Error) {
+        tracing::debug!(%error, "write failed");
+        state.closed = true;
+        state.frames.clear();
+        state.bytes = 0;
+        state.skip = 0;
+        drop(state);
+        self.ready.wake();
+    }
+}
+
+/// Lets a drained queue's buffer go, but for a few slots.
+fn shrink(frames: &mut VecDeque<Item>) {
+    if frames.is_empty() && frames.capacity() > KEEP_CAPACITY {
+        frames.shrink_to(KEEP_CAPACITY);
+    }
+}
 
 /// A cloneable handle that queues frames for one connection.
 #[derive(Debug)]
@@ -180,6 +324,16 @@ pub struct Inbox {
 impl Outbox {
     /// A new outbox, and the inbox its writer drains.
     pub fn new(limits: QueueLimits) -> (Outbox, Inbox) {
+        Self::make(limits, None)
+    }
+
+    /// A new outbox that writes into `wire` itself while the socket takes bytes; its writer
+    /// task writes what had to wait ([`Inbox::wait`], [`Inbox::flush`]).
+    pub fn with_wire(limits: QueueLimits, wire: Arc<dyn Wire>) -> (Outbox, Inbox) {
+        Self::make(limits, Some(wire))
+    }
+
+    fn make(limits: QueueLimits, wire: Option<Arc<dyn Wire>>) -> (Outbox, Inbox) {
         let queue = Arc::new(Queue {
             state: Mutex::new(State {
                 senders: 1,
@@ -188,7 +342,7 @@ impl Outbox {
             ready: AtomicWaker::new(),
             limits,
             closer: Arc::new(Closer::default()),
-            control: AtomicUsize::new(0),
+            wire,
         });
         (
             Outbox {
@@ -202,66 +356,26 @@ impl Outbox {
     /// closed with 4008 and `false` returned; a connection that is already closing also
     /// returns `false`.
     pub fn push(&self, text: Text) -> bool {
-        match self.try_push(text) {
-            Ok(()) => true,
-            Err(None) => false,
-            Err(Some(_)) => {
-                let q = &self.queue;
-                if q.closer.reason().is_none() {
-                    tracing::warn!("outbound queue full: closing slow client with 4008");
-                }
-                q.closer.close(Disconnect::Slow);
-                false
-            }
-        }
+        self.queue.push(Item::Text(text))
+    }
+
+    /// Queues bytes already in the transport's framing (a pong the websocket layer wrote by
+    /// itself), like [`Outbox::push`]. Only for a queue with a wire.
+    pub fn push_raw(&self, raw: Bytes) -> bool {
+        debug_assert!(self.queue.wire.is_some(), "raw frames need a wire");
+        self.queue.push(Item::Raw(raw))
     }
 
     /// Queues a text frame if there is room for it now. Unlike [`Outbox::push`] a full queue
     /// does not close the connection: the frame comes back (`Err(Some)`) for a later try.
     /// `Err(None)`: the connection is closing.
     pub fn try_push(&self, text: Text) -> Result<(), Option<Text>> {
-        let q = &self.queue;
-        let mut state = q.state.lock().unwrap();
-        if state.closed || q.closer.reason().is_some() {
-            return Err(None);
+        match self.queue.offer(Item::Text(text)) {
+            Ok(()) => Ok(()),
+            Err(Refused::Closing) => Err(None),
+            Err(Refused::Full(Item::Text(text))) => Err(Some(text)),
+            Err(Refused::Full(Item::Raw(_))) => unreachable!("a text was offered"),
         }
-        if state.frames.len() < q.limits.frames
-            && state.bytes + q.control.load(Ordering::Relaxed) + text.len() <= q.limits.bytes
-        {
-            state.bytes += text.len();
-            state.frames.push_back(text);
-            drop(state);
-            q.ready.wake();
-            return Ok(());
-        }
-        Err(Some(text))
-    }
-
-    /// Counts `len` bytes of a control frame the websocket layer queued by itself (the pong to
-    /// a client's ping) against the byte bound, and asks the writer to flush it. Over the
-    /// bound the connection is closed with 4008 and `false` returned.
-    pub fn charge_control(&self, len: usize) -> bool {
-        let q = &self.queue;
-        {
-            let mut state = q.state.lock().unwrap();
-            if state.closed {
-                return false;
-            }
-            if state.bytes + q.control.load(Ordering::Relaxed) + len <= q.limits.bytes {
-                q.control.fetch_add(len, Ordering::Relaxed);
-                state.flush_wanted = true;
-                drop(state);
-                q.ready.wake();
-                return true;
-            }
-        }
-        if q.closer.reason().is_none() {
-            tracing::warn!(
-                "pongs to a client that does not read filled its queue: closing with 4008"
-            );
-        }
-        q.closer.close(Disconnect::Slow);
-        false
     }
 
     /// Whether a frame of `len` bytes could ever be queued: one larger than the whole byte
@@ -276,93 +390,133 @@ impl Outbox {
     }
 }
 
-/// What the writer should do next.
-#[derive(Debug, PartialEq)]
-pub enum Next {
-    /// Write this message.
-    Frame(Text),
-    /// Nothing queued, but pongs were charged: flush so they are written and released.
-    Flush,
+impl Queue {
+    /// [`Queue::offer`], closing the connection with 4008 when there is no room.
+    fn push(&self, item: Item) -> bool {
+        match self.offer(item) {
+            Ok(()) => true,
+            Err(Refused::Closing) => false,
+            Err(Refused::Full(_)) => {
+                if self.closer.reason().is_none() {
+                    tracing::warn!("outbound queue full: closing slow client with 4008");
+                }
+                self.closer.close(Disconnect::Slow);
+                false
+            }
+        }
+    }
+}
+
+/// What a wire's writer has to do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Waiting {
+    /// Frames wait for the socket: write them once it is writable ([`Inbox::flush`]).
+    Frames,
+    /// The queue has ended (every outbox dropped, closed, or the socket failed) and is empty.
+    End,
 }
 
 impl Inbox {
-    /// The next frame if one is queued, else (when `flush` allows) a flush if one is wanted;
-    /// `Err(())` once the queue has ended (every outbox dropped, or closed) and is empty.
-    fn take(&self, flush: bool) -> Result<Option<Next>, ()> {
+    /// The next frame if one is queued; `Err(())` once the queue has ended (every outbox
+    /// dropped, or closed) and is empty.
+    fn take(&self) -> Result<Option<Text>, ()> {
         let mut state = self.queue.state.lock().unwrap();
-        match state.frames.pop_front() {
-            Some(text) => {
-                state.bytes -= text.len();
-                if state.frames.is_empty() && state.frames.capacity() > KEEP_CAPACITY {
-                    state.frames.shrink_to(KEEP_CAPACITY);
+        loop {
+            match state.frames.pop_front() {
+                Some(item) => {
+                    state.bytes -= item.len();
+                    shrink(&mut state.frames);
+                    match item {
+                        Item::Text(text) => return Ok(Some(text)),
+                        // Never queued without a wire, and a wire's frames are not taken.
+                        Item::Raw(_) => continue,
+                    }
                 }
-                Ok(Some(Next::Frame(text)))
+                None if state.senders == 0 || state.closed => return Err(()),
+                None => return Ok(None),
             }
-            None if state.senders == 0 || state.closed => Err(()),
-            None if flush && state.flush_wanted => {
-                state.flush_wanted = false;
-                Ok(Some(Next::Flush))
-            }
-            None => Ok(None),
         }
     }
 
-    /// Control bytes charged and not yet released. Read it right *before* a flush and pass it
-    /// to [`Inbox::release_control`] after the flush succeeded: what was charged before the
-    /// flush was queued before it too, so the flush wrote it.
-    pub fn control(&self) -> usize {
-        self.queue.control.load(Ordering::Relaxed)
-    }
-
-    /// Releases `len` control bytes that a successful flush wrote.
-    pub fn release_control(&self, len: usize) {
-        if len > 0 {
-            // Only this writer releases, and charges only add: `len` is never more than what
-            // is there.
-            self.queue.control.fetch_sub(len, Ordering::Relaxed);
-        }
-    }
-
-    /// The next frame or flush; `None` once every [`Outbox`] is dropped and the queue is empty.
-    pub async fn next(&mut self) -> Option<Next> {
+    /// Polls `check` until it is ready, registering the writer's waker in between so that a
+    /// push between the two is not missed.
+    async fn until<T>(&self, check: impl Fn(&Self) -> Poll<T>) -> T {
         std::future::poll_fn(|cx| {
-            let poll = |inbox: &Self| match inbox.take(true) {
-                Ok(Some(msg)) => Poll::Ready(Some(msg)),
-                Err(()) => Poll::Ready(None),
-                Ok(None) => Poll::Pending,
-            };
-            if let Poll::Ready(next) = poll(self) {
-                return Poll::Ready(next);
+            if let Poll::Ready(t) = check(self) {
+                return Poll::Ready(t);
             }
-            // Register, then look again: a push between the two is not missed.
             self.queue.ready.register(cx.waker());
-            poll(self)
+            check(self)
         })
         .await
     }
 
-    /// The next frame; `None` once every [`Outbox`] is dropped and the queue is empty. A
-    /// wanted flush is skipped.
+    /// The next frame; `None` once every [`Outbox`] is dropped and the queue is empty.
     pub async fn recv(&mut self) -> Option<Text> {
-        loop {
-            match self.next().await? {
-                Next::Frame(msg) => return Some(msg),
-                Next::Flush => continue,
-            }
-        }
+        self.until(|inbox| match inbox.take() {
+            Ok(Some(text)) => Poll::Ready(Some(text)),
+            Err(()) => Poll::Ready(None),
+            Ok(None) => Poll::Pending,
+        })
+        .await
     }
 
-    /// The next frame if one is queued. Leaves a wanted flush to [`Inbox::next`].
+    /// The next frame if one is queued.
     pub fn try_recv(&mut self) -> Option<Text> {
-        match self.take(false).ok().flatten()? {
-            Next::Frame(msg) => Some(msg),
-            Next::Flush => None,
-        }
+        self.take().ok().flatten()
     }
 
     /// Refuses further frames; queued ones can still be taken.
     pub fn close(&mut self) {
         self.queue.state.lock().unwrap().closed = true;
+    }
+
+    /// With a wire: resolves when frames wait for the socket, or at the end of the queue.
+    pub async fn wait(&self) -> Waiting {
+        self.until(|inbox| {
+            let state = inbox.queue.state.lock().unwrap();
+            if !state.frames.is_empty() {
+                Poll::Ready(Waiting::Frames)
+            } else if state.senders == 0 || state.closed {
+                Poll::Ready(Waiting::End)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// With a wire: writes what the socket takes now; `Ok(true)` once nothing waits.
+    pub fn flush(&self) -> io::Result<bool> {
+        self.queue.flush()
+    }
+
+    /// Queues (or writes) bytes already in the transport's framing, the writer's own pings;
+    /// a full queue closes the connection with 4008.
+    pub fn push_raw(&self, raw: Bytes) -> bool {
+        self.queue.push(Item::Raw(raw))
+    }
+
+    /// Drops every queued frame but one already partly written (it must be finished before
+    /// anything else can be framed after it); what a slow client's close does.
+    pub fn drop_unwritten(&self) {
+        let mut state = self.queue.state.lock().unwrap();
+        let keep = usize::from(state.skip > 0);
+        state.frames.truncate(keep);
+        state.bytes = state.frames.iter().map(Item::len).sum();
+    }
+
+    /// Refuses further frames and queues `last` (the close frame) after what is queued,
+    /// beyond the bounds.
+    pub fn close_with(&self, last: Bytes) {
+        let mut state = self.queue.state.lock().unwrap();
+        if state.closed {
+            // The socket failed: nothing more can be written.
+            return;
+        }
+        state.closed = true;
+        state.bytes += last.len();
+        state.frames.push_back(Item::Raw(last));
     }
 }
 
@@ -434,37 +588,154 @@ mod tests {
         assert!(inbox.queue.state.lock().unwrap().frames.capacity() <= KEEP_CAPACITY);
     }
 
+    /// A socket in memory: each item is encoded as `|` and its bytes; it takes at most `room`
+    /// more bytes, or fails once `broken`.
+    #[derive(Debug, Default)]
+    struct FakeWire {
+        written: Mutex<Vec<u8>>,
+        room: Mutex<usize>,
+        broken: std::sync::atomic::AtomicBool,
+    }
+
+    impl FakeWire {
+        fn with_room(room: usize) -> Arc<FakeWire> {
+            let wire = FakeWire::default();
+            *wire.room.lock().unwrap() = room;
+            Arc::new(wire)
+        }
+
+        fn make_room(&self, room: usize) {
+            *self.room.lock().unwrap() += room;
+        }
+
+        fn written(&self) -> String {
+            String::from_utf8(self.written.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    impl Wire for FakeWire {
+        fn encoded_len(&self, item: &Item) -> usize {
+            item.len() + 1
+        }
+
+        fn try_write(&self, first: &[Item], then: &[Item], skip: usize) -> io::Result<usize> {
+            if self.broken.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            let mut encoded = Vec::new();
+            for item in first.iter().chain(then) {
+                encoded.push(b'|');
+                encoded.extend_from_slice(match item {
+                    Item::Text(text) => text.as_bytes(),
+                    Item::Raw(raw) => raw,
+                });
+            }
+            let mut room = self.room.lock().unwrap();
+            let n = (encoded.len() - skip).min(*room);
+            *room -= n;
+            self.written
+                .lock()
+                .unwrap()
+                .extend_from_slice(&encoded[skip..skip + n]);
+            Ok(n)
+        }
+    }
+
+    const WIDE: QueueLimits = QueueLimits {
+        frames: 100,
+        bytes: 1 << 20,
+    };
+
     #[tokio::test]
-    async fn pongs_count_against_the_byte_bound_until_a_flush_releases_them() {
-        let (out, mut inbox) = Outbox::new(QueueLimits {
-            frames: 100,
-            bytes: 10,
-        });
-        assert!(out.charge_control(4));
+    async fn with_room_in_the_socket_a_push_is_written_at_once_and_nothing_is_queued() {
+        let wire = FakeWire::with_room(1000);
+        let (out, inbox) = Outbox::with_wire(WIDE, wire.clone());
+        assert!(out.push("hello".into()));
+        assert!(out.push("again".into()));
+        assert_eq!(wire.written(), "|hello|again");
+        let state = inbox.queue.state.lock().unwrap();
+        assert_eq!((state.frames.capacity(), state.bytes), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn what_the_socket_cannot_take_waits_in_order_for_the_writer() {
+        let wire = FakeWire::with_room(4);
+        let (out, inbox) = Outbox::with_wire(WIDE, wire.clone());
+        assert!(out.push("first".into()), "partly written");
+        assert!(out.push("second".into()), "queued behind it");
+        assert!(out.push_raw(Bytes::from_static(b"P")));
+        assert_eq!(wire.written(), "|fir");
+        assert_eq!(inbox.wait().await, Waiting::Frames);
+        assert!(!inbox.flush().unwrap(), "still no room");
+        wire.make_room(6);
+        assert!(!inbox.flush().unwrap());
         assert_eq!(
-            inbox.next().await,
-            Some(Next::Flush),
-            "the writer is asked to flush"
+            wire.written(),
+            "|first|sec",
+            "the rest of the first, then more"
+        );
+        wire.make_room(100);
+        assert!(inbox.flush().unwrap());
+        assert_eq!(wire.written(), "|first|second|P");
+        assert!(out.push("third".into()), "straight in again");
+        assert_eq!(wire.written(), "|first|second|P|third");
+        assert_eq!(inbox.queue.state.lock().unwrap().bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn a_slow_close_finishes_the_frame_in_progress_then_writes_the_close_frame_last() {
+        let wire = FakeWire::with_room(3);
+        let (out, inbox) = Outbox::with_wire(WIDE, wire.clone());
+        assert!(out.push("started".into()));
+        assert!(out.push("never".into()));
+        inbox.drop_unwritten();
+        inbox.close_with(Bytes::from_static(b"CLOSE"));
+        assert!(!out.push("after".into()), "nothing after the close frame");
+        wire.make_room(100);
+        assert!(inbox.flush().unwrap());
+        assert_eq!(wire.written(), "|started|CLOSE");
+        drop(out);
+        assert_eq!(inbox.wait().await, Waiting::End);
+    }
+
+    #[tokio::test]
+    async fn a_failed_socket_refuses_further_frames_and_ends_the_writer() {
+        let wire = FakeWire::with_room(0);
+        let (out, inbox) = Outbox::with_wire(WIDE, wire.clone());
+        assert!(out.push("queued".into()));
+        wire.broken
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(inbox.flush().is_err());
+        assert!(!out.push("more".into()));
+        assert_eq!(
+            inbox.wait().await,
+            Waiting::End,
+            "while an outbox still lives"
+        );
+        assert_eq!(
+            out.closer().reason(),
+            None,
+            "the reader sees the client gone"
+        );
+    }
+
+    #[tokio::test]
+    async fn pongs_to_a_client_that_never_reads_count_against_the_byte_bound() {
+        let wire = FakeWire::with_room(0);
+        let (out, _inbox) = Outbox::with_wire(
+            QueueLimits {
+                frames: 100,
+                bytes: 10,
+            },
+            wire,
         );
         assert!(out.push("123456".into()));
-        assert!(!out.push("1".into()), "4 + 6 bytes fill the bound");
-        assert_eq!(out.closer().reason(), Some(Disconnect::Slow));
-
-        let (out, mut inbox) = Outbox::new(QueueLimits {
-            frames: 100,
-            bytes: 10,
-        });
-        assert!(out.charge_control(6));
-        let before_flush = inbox.control();
-        assert!(out.charge_control(4), "charged while the flush runs");
-        inbox.release_control(before_flush);
-        assert_eq!(inbox.control(), 4, "only what the flush wrote is released");
+        assert!(out.push_raw(Bytes::from_static(b"pong")));
         assert!(
-            !out.charge_control(7),
-            "a client that never reads is closed"
+            !out.push_raw(Bytes::from_static(b"p")),
+            "4 + 6 bytes fill the bound"
         );
         assert_eq!(out.closer().reason(), Some(Disconnect::Slow));
-        assert_eq!(inbox.try_recv(), None);
     }
 
     #[tokio::test]

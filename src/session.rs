@@ -87,9 +87,8 @@ pub enum Inbound {
     Text(Text),
     /// A binary message: refused, the protocol is JSON text.
     Binary,
-    /// A keepalive the transport answered itself, with this many bytes (they count against
-    /// the send queue like everything written).
-    Ping(usize),
+    /// A keepalive the transport answered itself.
+    Ping,
     /// The answer to one of our own keepalives (not rate-limited).
     Pong,
     /// The client closed the session.
@@ -309,10 +308,7 @@ impl Session {
                     match event {
                         Some(Inbound::Text(text)) => self.on_text(text.as_str(), verdict == Verdict::Limit),
                         Some(Inbound::Binary) => self.send(protocol::frame_error(&FrameError::binary())),
-                        Some(Inbound::Ping(bytes)) => if !self.outbox.charge_control(bytes) {
-                            return;
-                        },
-                        Some(Inbound::Pong) => {}
+                        Some(Inbound::Ping | Inbound::Pong) => {}
                         Some(Inbound::Close) => {
                             self.closed_by_client = true;
                             return;

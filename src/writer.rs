@@ -1,130 +1,291 @@
-//! The websocket writer of one connection: drains its [`Inbox`] into the socket, batching every
-//! queued message with `feed` and one `flush` (one syscall for many frames under load), sends
-//! websocket pings, and writes the close frame when the connection's [`Closer`] fires. With
-//! the reader in [`crate::ws`], the only place that knows websocket frames.
+//! The websocket's way out: [`WsWire`], the socket that a connection's queue writes frames into
+//! straight from the thread that delivers them (framing them on the way: a server's frames are
+//! not masked, so a fan-out's text is framed by a header of at most 10 bytes and written with
+//! its payload in one `writev`), and the connection's writer task, which writes only what had
+//! to wait for the socket, sends websocket pings, and writes the close frame when the
+//! connection's [`Closer`] fires. With the reader in [`crate::ws`], the only place that knows
+//! websocket frames.
 
+use std::io::{self, IoSlice};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{Sink, SinkExt};
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::error::Disconnect;
-use crate::outbox::{Closer, Inbox, Next, Text};
+use crate::outbox::{Closer, Inbox, Item, Waiting, Wire};
 
 /// How long closing may take in all (queued frames, then the close frame) before the socket
 /// is dropped.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most frames written between two flushes.
+/// Most frames written by one `writev`.
 const MAX_BATCH: usize = 64;
+/// The longest frame header: 2 bytes and a 64-bit length.
+const MAX_HEADER: usize = 10;
+/// The largest text copied behind its header for one `send` rather than written with `writev`.
+const COPY_LIMIT: usize = 1024;
+/// A ping with no payload.
+const PING: &[u8] = &[0x89, 0x00];
 
-/// Runs until every outbox of the connection is dropped or its closer fires; returns the sink
-/// so the session can close the socket cleanly.
-pub async fn write_loop<K>(
-    mut sink: K,
-    mut inbox: Inbox,
-    closer: std::sync::Arc<Closer>,
+/// The write half of a websocket's TCP socket.
+#[derive(Debug)]
+pub struct WsWire {
+    socket: OwnedWriteHalf,
+}
+
+impl WsWire {
+    /// The wire over a connection's write half.
+    pub fn new(socket: OwnedWriteHalf) -> WsWire {
+        WsWire { socket }
+    }
+
+    /// Ends our side of the TCP connection (FIN), after the close frame.
+    fn shutdown(&self) {
+        let _ = socket2::SockRef::from(self.socket.as_ref()).shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Writes the header of an unmasked final text frame of `len` bytes; returns its length.
+fn text_header(len: usize, out: &mut [u8; MAX_HEADER]) -> usize {
+    out[0] = 0x81;
+    if len < 126 {
+        out[1] = len as u8;
+        2
+    } else if let Ok(len) = u16::try_from(len) {
+        out[1] = 126;
+        out[2..4].copy_from_slice(&len.to_be_bytes());
+        4
+    } else {
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
+
+/// The length of a text frame's header.
+fn text_header_len(len: usize) -> usize {
+    match len {
+        0..126 => 2,
+        126..=0xFFFF => 4,
+        _ => 10,
+    }
+}
+
+impl Wire for WsWire {
+    fn encoded_len(&self, item: &Item) -> usize {
+        match item {
+            Item::Text(text) => text_header_len(text.len()) + text.len(),
+            Item::Raw(raw) => raw.len(),
+        }
+    }
+
+    fn try_write(&self, first: &[Item], then: &[Item], skip: usize) -> io::Result<usize> {
+        let written = match (first, then) {
+            // One small frame, the fan-out's case: copied whole behind its header and written
+            // with one `send`, cheaper in the kernel than a `writev` of two pieces.
+            ([Item::Text(text)], []) if text.len() <= COPY_LIMIT => {
+                let mut frame = [0u8; MAX_HEADER + COPY_LIMIT];
+                let mut header = [0u8; MAX_HEADER];
+                let n = text_header(text.len(), &mut header);
+                frame[..n].copy_from_slice(&header[..n]);
+                frame[n..n + text.len()].copy_from_slice(text.as_bytes());
+                self.socket.try_write(&frame[skip..n + text.len()])
+            }
+            _ => self.write_vectored(first, then, skip),
+        };
+        match written {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl WsWire {
+    /// Writes up to [`MAX_BATCH`] frames with one `writev`, each as its header and its text.
+    fn write_vectored(&self, first: &[Item], then: &[Item], skip: usize) -> io::Result<usize> {
+        let items = first.iter().chain(then).take(MAX_BATCH);
+        let mut headers = [[0u8; MAX_HEADER]; MAX_BATCH];
+        let mut header_lens = [0usize; MAX_BATCH];
+        for ((item, header), len) in items.clone().zip(&mut headers).zip(&mut header_lens) {
+            if let Item::Text(text) = item {
+                *len = text_header(text.len(), header);
+            }
+        }
+        let mut slices = [IoSlice::new(&[]); 2 * MAX_BATCH];
+        let mut used = 0;
+        for ((item, header), len) in items.zip(&headers).zip(header_lens) {
+            match item {
+                Item::Text(text) => {
+                    slices[used] = IoSlice::new(&header[..len]);
+                    slices[used + 1] = IoSlice::new(text.as_bytes());
+                    used += 2;
+                }
+                Item::Raw(raw) => {
+                    slices[used] = IoSlice::new(raw);
+                    used += 1;
+                }
+            }
+        }
+        let mut slices = &mut slices[..used];
+        IoSlice::advance_slices(&mut slices, skip);
+        self.socket.try_write_vectored(slices)
+    }
+}
+
+/// The close frame for `reason`.
+fn close_frame(reason: Disconnect) -> Bytes {
+    let text = reason.reason().as_bytes();
+    let mut frame = BytesMut::with_capacity(4 + text.len());
+    // Every reason is far shorter than a control frame's 125 bytes.
+    frame.put_u8(0x88);
+    frame.put_u8((2 + text.len()) as u8);
+    frame.put_u16(reason.code());
+    frame.put_slice(text);
+    frame.freeze()
+}
+
+/// Writes what waits until nothing does; `Err` when the socket failed.
+async fn drain(wire: &WsWire, inbox: &Inbox) -> io::Result<()> {
+    while !inbox.flush()? {
+        wire.socket.writable().await?;
+    }
+    Ok(())
+}
+
+/// Runs until the queue ends (every outbox dropped, or the socket failed) or the connection's
+/// closer fires; then writes the close frame, if there is a reason, and shuts our side down.
+pub async fn write_loop(
+    wire: Arc<WsWire>,
+    inbox: Inbox,
+    closer: Arc<Closer>,
     ping_every: Duration,
-) -> K
-where
-    K: Sink<Message, Error = WsError> + Unpin,
-{
+) {
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // One waiter for the whole loop: registering a new one at every wake-up showed up in
     // profiles of fan-out.
     let mut fired = std::pin::pin!(closer.fired());
-    let mut closing: Option<Disconnect> = None;
     let reason = loop {
-        if closing.is_some() {
-            break closing;
-        }
-        let first = tokio::select! {
+        let waiting = tokio::select! {
             biased;
             _ = &mut fired => break closer.reason(),
-            // Before the queue: a steady stream of pushes must not starve keepalive pings
-            // (the tick is ready at most once per interval, so it cannot starve the data).
-            _ = ping.tick() => Some(Message::Ping(Default::default())),
-            next = inbox.next() => match next {
-                Some(Next::Frame(text)) => Some(frame(text)),
-                // Pongs were charged: a flush writes them and lets their bytes go.
-                Some(Next::Flush) => None,
-                None => break None,
+            // Written like any frame: at once if nothing waits, else in line.
+            _ = ping.tick() => {
+                inbox.push_raw(Bytes::from_static(PING));
+                continue;
+            }
+            waiting = inbox.wait() => waiting,
+        };
+        if waiting == Waiting::End {
+            break None;
+        }
+        tokio::select! {
+            biased;
+            _ = &mut fired => break closer.reason(),
+            writable = wire.socket.writable() => if writable.is_err() || inbox.flush().is_err() {
+                break None;
             },
-        };
-        let written = {
-            let mut batch = std::pin::pin!(async {
-                if let Some(first) = first {
-                    sink.feed(first).await?;
-                    for _ in 1..MAX_BATCH {
-                        match inbox.try_recv() {
-                            Some(text) => sink.feed(frame(text)).await?,
-                            None => break,
-                        }
-                    }
-                }
-                // Pongs charged so far were queued in the sink before this flush, so it
-                // writes them: their bytes are released once it succeeds.
-                let control = inbox.control();
-                sink.flush().await.map(|()| control)
-            });
-            tokio::select! {
-                biased;
-                _ = &mut fired => {
-                    let reason = closer.reason();
-                    closing = reason;
-                    // A slow client is closed at once; any other close lets this batch finish.
-                    if reason.is_some_and(|r| !r.drains_queue()) {
-                        break reason;
-                    }
-                    batch.await
-                }
-                res = &mut batch => res,
-            }
-        };
-        match written {
-            Ok(control) => inbox.release_control(control),
-            // The websocket layer's own buffer is full of pongs: as slow as a full queue.
-            Err(WsError::WriteBufferFull(_)) => {
-                closer.close(Disconnect::Slow);
-                break closer.reason();
-            }
-            Err(_) => break closing,
         }
     };
-    let deadline = Instant::now() + CLOSE_TIMEOUT;
     if let Some(reason) = reason {
+        let deadline = Instant::now() + CLOSE_TIMEOUT;
         if reason.drains_queue() {
             // Replies already queued (e.g. answers to requests finished during shutdown) are
             // still written, but only for half the budget: the close frame must get its turn.
-            inbox.close();
-            let drain = async {
-                while let Some(text) = inbox.try_recv() {
-                    sink.feed(frame(text)).await?;
-                }
-                sink.flush().await
-            };
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT / 2, drain).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT / 2, drain(&wire, &inbox)).await;
+        } else {
+            // A slow client is closed at once: its queue is the problem.
+            inbox.drop_unwritten();
         }
-        let _ = tokio::time::timeout_at(deadline, sink.send(close_frame(reason))).await;
+        // What is left of an unfinished frame goes first: the close frame must not land in
+        // the middle of it.
+        inbox.close_with(close_frame(reason));
+        let _ = tokio::time::timeout_at(deadline, drain(&wire, &inbox)).await;
     }
-    let _ = tokio::time::timeout_at(deadline, sink.close()).await;
-    sink
+    wire.shutdown();
 }
 
-/// The close frame for `reason`.
-fn close_frame(reason: Disconnect) -> Message {
-    Message::Close(Some(CloseFrame {
-        code: CloseCode::from(reason.code()),
-        reason: reason.reason().into(),
-    }))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The text frame carrying `text`.
-fn frame(text: Text) -> Message {
-    // SAFETY: a `Text` is only ever built from a `String` or a `&str`, so its bytes are UTF-8;
-    // checking them again for every recipient of a fan-out would cost a scan per delivery.
-    Message::Text(unsafe { Utf8Bytes::from_bytes_unchecked(text.into_bytes()) })
+    #[test]
+    fn text_headers_take_the_shortest_length_that_fits() {
+        let mut header = [0u8; MAX_HEADER];
+        for (len, want) in [
+            (0, &[0x81, 0][..]),
+            (125, &[0x81, 125]),
+            (126, &[0x81, 126, 0, 126]),
+            (65535, &[0x81, 126, 0xFF, 0xFF]),
+            (65536, &[0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]),
+        ] {
+            let n = text_header(len, &mut header);
+            assert_eq!(&header[..n], want, "length {len}");
+            assert_eq!(text_header_len(len), n);
+        }
+    }
+
+    /// What the wire writes into a real socket, cut anywhere, reads back as the frames.
+    #[tokio::test]
+    async fn frames_written_from_any_offset_arrive_whole() {
+        use crate::outbox::Text;
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (_read, write) = server.into_split();
+        let wire = WsWire::new(write);
+        let small = Item::Text(Text::from("small"));
+        let large = Item::Text(Text::from("y".repeat(70_000)));
+        let raw = Item::Raw(Bytes::from_static(PING));
+        let mut expected = vec![0x81, 5];
+        expected.extend_from_slice(b"small");
+        expected.extend_from_slice(&[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+        expected.extend(std::iter::repeat_n(b'y', 70_000));
+        expected.extend_from_slice(PING);
+        assert_eq!(
+            [&small, &large, &raw]
+                .map(|i| wire.encoded_len(i))
+                .iter()
+                .sum::<usize>(),
+            expected.len()
+        );
+        // The small frame alone, from its third byte on (as after a partial write of two).
+        let n = wire
+            .try_write(std::slice::from_ref(&small), &[], 2)
+            .unwrap();
+        assert_eq!(n, 5);
+        // Then the rest in batches, split across the queue's two slices, from any offset.
+        let (first, then) = ([large], [raw]);
+        let total = expected.len() - 7;
+        let mut done = 0;
+        let mut received = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        while done < total {
+            match wire.try_write(&first, &then, done).unwrap() {
+                0 => wire.socket.writable().await.unwrap(),
+                n => done += n,
+            }
+            while received.len() < 5 + done {
+                let n = client.read(&mut buf).await.unwrap();
+                received.extend_from_slice(&buf[..n]);
+            }
+        }
+        assert_eq!(&received[..], &expected[2..]);
+    }
+
+    #[test]
+    fn close_frames_carry_the_code_and_the_reason() {
+        let frame = close_frame(Disconnect::Slow);
+        let reason = Disconnect::Slow.reason().as_bytes();
+        assert_eq!(frame[0], 0x88);
+        assert_eq!(usize::from(frame[1]), 2 + reason.len());
+        assert_eq!(u16::from_be_bytes([frame[2], frame[3]]), 4008);
+        assert_eq!(&frame[4..], reason);
+    }
 }

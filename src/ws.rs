@@ -10,8 +10,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use futures_util::StreamExt;
-use futures_util::stream::{SplitSink, SplitStream};
 use hyper::body::Incoming;
 use hyper::header::{
     CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION,
@@ -19,8 +21,9 @@ use hyper::header::{
 };
 use hyper::{HeaderMap, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -33,25 +36,24 @@ use crate::handshake::{self, Admitted, Refusal};
 use crate::http::{Response, error_response};
 use crate::outbox::{Outbox, QueueLimits, Text};
 use crate::session::{self, Inbound, Peer};
-use crate::writer::{CLOSE_TIMEOUT, write_loop};
+use crate::writer::{CLOSE_TIMEOUT, WsWire, write_loop};
 
 /// Bytes read from the socket at a time, allocated for every connection for its whole life.
 /// Client actions are small: 1 KiB holds a typical one in one read, and idle connections stay
 /// small (tungstenite's default of 128 KiB would dominate a server's memory). A larger frame
 /// grows the buffer to its size while it is read.
 const READ_BUFFER: usize = 1024;
-/// Frames are written to the socket once this many bytes are buffered, or on flush.
-const WRITE_BUFFER: usize = 16 * 1024;
+/// Bytes of frames the websocket layer may hold before writing them: none. It writes only
+/// the pongs and the answer to a close, each at once into the connection's queue, which
+/// bounds them (frames patchbay sends do not pass through it).
+const WRITE_BUFFER: usize = 0;
 
-/// The websocket settings of every connection. `max_queue_bytes` is the send queue's byte
-/// bound: no frame is larger, so the websocket layer's own buffer never needs more than that
-/// and one batch. Bounding it matters: the pongs it writes by itself would otherwise pile up
-/// without limit for a client that pings and never reads.
-pub fn ws_config(max_message: usize, max_queue_bytes: usize) -> WebSocketConfig {
+/// The websocket settings of every connection.
+fn ws_config(max_message: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(WRITE_BUFFER + max_queue_bytes)
+        .max_write_buffer_size(READ_BUFFER)
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message))
 }
@@ -127,7 +129,6 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response {
         Err(refusal) => return refuse(refusal),
     };
     let span = peer.span("websocket");
-    let config = ws_config(app.config.max_frame_bytes, app.config.send_queue_bytes);
     let tasks = app.lifecycle.sessions().clone();
     tasks.spawn(
         async move {
@@ -137,33 +138,15 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response {
                 Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
             };
             tracing::info!("connected");
-            // Our accept loop serves plain TCP, so the upgraded IO is the TcpStream itself:
-            // unwrap it and skip a layer of indirection on every read and write.
-            match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(parts) => {
-                    // Copy what hyper read past the handshake, then let its 8 KiB read buffer
-                    // go: kept alive for the session, it would double an idle connection's size.
-                    let early = parts.read_buf.to_vec();
-                    drop(parts.read_buf);
-                    let ws = WebSocketStream::from_partially_read(
-                        parts.io.into_inner(),
-                        early,
-                        Role::Server,
-                        Some(config),
-                    )
-                    .await;
-                    serve(ws, app, peer).await;
-                }
-                Err(upgraded) => {
-                    let ws = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
-                        Role::Server,
-                        Some(config),
-                    )
-                    .await;
-                    serve(ws, app, peer).await;
-                }
-            }
+            // Our accept loop serves plain TCP, so the upgraded IO is the TcpStream itself.
+            let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+                return tracing::error!("a websocket on something other than a TCP socket");
+            };
+            // Copy what hyper read past the handshake, then let its 8 KiB read buffer go:
+            // kept alive for the session, it would double an idle connection's size.
+            let early = parts.read_buf.to_vec();
+            drop(parts.read_buf);
+            serve(parts.io.into_inner(), early, app, peer).await;
         }
         .instrument(span),
     );
@@ -179,30 +162,87 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response {
     resp
 }
 
-/// Runs a session over an open websocket: the writer task drains the session's outbox, the
-/// reader turns frames into [`Inbound`] events, and the socket is closed cleanly at the end.
-pub async fn serve<T>(ws: WebSocketStream<T>, app: Arc<App>, peer: Peer)
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// Runs a session over a socket that has just become a websocket (`early`: the bytes read
+/// past the handshake): the queue writes frames into the socket itself, the writer task writes
+/// what had to wait, the reader turns frames into [`Inbound`] events, and the socket is closed
+/// cleanly at the end.
+pub async fn serve(socket: TcpStream, early: Vec<u8>, app: Arc<App>, peer: Peer) {
     let opened = std::time::Instant::now();
-    let (sink, mut stream) = ws.split();
-    let (outbox, inbox) = Outbox::new(QueueLimits {
-        frames: app.config.send_queue,
-        bytes: app.config.send_queue_bytes,
-    });
-    let closer = outbox.closer().clone();
-    let writer = tokio::spawn(
-        write_loop(sink, inbox, closer.clone(), app.config.ping_interval).in_current_span(),
+    let (read, write) = socket.into_split();
+    let wire = Arc::new(WsWire::new(write));
+    let (outbox, inbox) = Outbox::with_wire(
+        QueueLimits {
+            frames: app.config.send_queue,
+            bytes: app.config.send_queue_bytes,
+        },
+        wire.clone(),
     );
-    session::run((&mut stream).map(inbound), outbox, app.clone(), peer).await;
+    let closer = outbox.closer().clone();
+    let io = Socket {
+        read,
+        queue: Some(outbox.clone()),
+    };
+    let config = ws_config(app.config.max_frame_bytes);
+    let mut stream =
+        WebSocketStream::from_partially_read(io, early, Role::Server, Some(config)).await;
+    let writer = tokio::spawn(
+        write_loop(wire, inbox, closer.clone(), app.config.ping_interval).in_current_span(),
+    );
+    let mut client_closed = false;
+    let events = (&mut stream).map(|message| {
+        client_closed |= matches!(message, Ok(Message::Close(_)));
+        inbound(message)
+    });
+    session::run(events, outbox, app.clone(), peer).await;
     // Boxed: the closing steps' timers and buffer would otherwise be part of the future of
     // every idle session, for the whole of its life.
-    Box::pin(close_socket(writer, stream)).await;
+    Box::pin(close_socket(writer, stream, client_closed)).await;
     if let Some(reason) = closer.reason() {
         app.metrics.disconnect(reason);
     }
     session::log_end(closer.reason(), opened);
+}
+
+/// The socket as the websocket layer sees it: it reads the client's frames, and what it
+/// writes by itself (pongs, the answer to a client's close) joins the connection's queue like
+/// every frame, counted against the same bound.
+struct Socket {
+    read: OwnedReadHalf,
+    /// Let go once the session is over, so that the writer sees the end of the queue.
+    queue: Option<Outbox>,
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        // The websocket layer writes whole frames in one call. Past the bound the connection
+        // closes with 4008, like any client that does not read.
+        if let Some(queue) = &self.queue {
+            queue.push_raw(bytes::Bytes::copy_from_slice(buf));
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// A websocket message as the session sees it.
@@ -211,7 +251,7 @@ fn inbound(message: Result<Message, WsError>) -> Inbound {
         Ok(Message::Text(text)) => Inbound::Text(Text::from_validated(text.into())),
         Ok(Message::Binary(_)) => Inbound::Binary,
         // The websocket layer queued the pong itself: 2 bytes of header and the payload.
-        Ok(Message::Ping(data)) => Inbound::Ping(data.len() + 2),
+        Ok(Message::Ping(_)) => Inbound::Ping,
         Ok(Message::Pong(_) | Message::Frame(_)) => Inbound::Pong,
         Ok(Message::Close(_)) => Inbound::Close,
         Err(e) => {
@@ -240,44 +280,39 @@ fn read_error_disconnect(e: &WsError) -> Option<Disconnect> {
 /// Longest wait for the client to close its side after our close frame.
 pub const LINGER: Duration = Duration::from_secs(2);
 
-/// Waits for the writer to finish (it writes the close frame), then lingers.
-async fn close_socket<T>(
-    mut writer: tokio::task::JoinHandle<SplitSink<WebSocketStream<T>, Message>>,
-    stream: SplitStream<WebSocketStream<T>>,
-) where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
+/// Answers a client's close (the websocket layer writes the answer when read once more),
+/// lets the writer finish (it writes the close frame and ends our side), then lingers.
+async fn close_socket(
+    mut writer: tokio::task::JoinHandle<()>,
+    mut stream: WebSocketStream<Socket>,
+    client_closed: bool,
+) {
+    if client_closed {
+        let _ = tokio::time::timeout(LINGER, stream.next()).await;
+    }
+    // The last outbox: the writer sees the end of the queue once what is queued is written.
+    stream.get_mut().queue = None;
     match tokio::time::timeout(CLOSE_TIMEOUT + Duration::from_secs(1), &mut writer).await {
-        Ok(Ok(sink)) => {
-            if let Ok(ws) = sink.reunite(stream) {
-                linger(ws).await;
-            }
-        }
-        Ok(Err(_)) => {}
+        Ok(_) => linger(&mut stream.get_mut().read).await,
         Err(_) => writer.abort(),
     }
 }
 
-/// Closes the socket so that the client reads our close frame rather than a reset: shut down
-/// our side (the close frame is already written), then read and discard what the client still
-/// sends until it closes too, for at most [`LINGER`]. Closing a socket with unread bytes makes
-/// the kernel send a reset, which can destroy the close frame in the client's buffers.
-async fn linger<T>(mut ws: WebSocketStream<T>)
-where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
-    let io = ws.get_mut();
+/// Reads and discards what the client still sends until it closes too, for at most
+/// [`LINGER`], our side already shut down after the close frame: closing a socket with unread
+/// bytes makes the kernel send a reset, which can destroy the close frame in the client's
+/// buffers.
+async fn linger(read: &mut OwnedReadHalf) {
     let _ = tokio::time::timeout(LINGER, async {
-        let _ = io.shutdown().await;
         let mut scratch = [0u8; 512];
-        while let Ok(1..) = io.read(&mut scratch).await {}
+        while let Ok(1..) = read.read(&mut scratch).await {}
     })
     .await;
 }
 
 #[cfg(test)]
 mod tests {
-    //! Sessions driven in-process over an in-memory duplex pipe: no TCP, virtual time.
+    //! Sessions driven in-process over a loopback TCP connection.
 
     use super::*;
     use crate::auth::Identity;
@@ -287,15 +322,15 @@ mod tests {
     use serde_json::{Value, json};
     use tokio::time::Instant;
 
-    async fn pair(
-        config: Config,
-    ) -> (
-        WebSocketStream<tokio::io::DuplexStream>,
-        tokio::task::JoinHandle<()>,
-    ) {
+    type Client = WebSocketStream<TcpStream>;
+
+    async fn pair(config: Config) -> (Client, tokio::task::JoinHandle<()>) {
         let app = App::new(config, Registry::default()).unwrap();
-        let (server_io, client_io) = tokio::io::duplex(64 * 1024);
-        let server = WebSocketStream::from_raw_socket(server_io, Role::Server, None).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client_io = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server_io, _) = listener.accept().await.unwrap();
         let client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
         let peer = Peer {
             conn_id: 1,
@@ -305,10 +340,13 @@ mod tests {
             since: None,
             client: None,
         };
-        (client, tokio::spawn(serve(server, app, peer)))
+        (
+            client,
+            tokio::spawn(serve(server_io, Vec::new(), app, peer)),
+        )
     }
 
-    async fn next_json(ws: &mut WebSocketStream<tokio::io::DuplexStream>) -> Value {
+    async fn next_json(ws: &mut Client) -> Value {
         loop {
             match ws.next().await.expect("open").expect("no error") {
                 Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),

@@ -537,6 +537,63 @@ async fn a_slow_reader_is_closed_with_4008_and_the_others_get_everything() {
     );
 }
 
+/// Deliveries are written straight into the socket while it takes them; once it blocks they
+/// wait in the queue (a frame cut in the middle included) for the writer. A client that stops
+/// reading and then reads again must see every frame whole, in order, with the pong to a ping
+/// it sent meanwhile in its place between them.
+#[tokio::test]
+async fn a_reader_that_pauses_gets_every_frame_whole_and_in_order_afterwards() {
+    let bridge = Bridge::start("{}", None, |cfg| {
+        cfg.public_rooms = public(&["lobby"]);
+    })
+    .await;
+    let mut paused = slow_client(&bridge).await;
+    join(&mut paused, "lobby").await;
+
+    const TOTAL: u64 = 300;
+    let filler = "x".repeat(4000);
+    let publish = |seq: u64| {
+        let action = object(json!({"type": "TICK", "payload": {"seq": seq, "filler": filler}}));
+        bridge.app.hub.publish(vec!["lobby".into()], action)
+    };
+    for seq in 0..TOTAL / 2 {
+        publish(seq).await.unwrap();
+    }
+    // The socket's buffers are far smaller than what is queued by now: the pong to this ping
+    // waits behind the frames, then the rest of the frames behind it.
+    paused.send_raw(Message::Ping(b"mid".to_vec().into())).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for seq in TOTAL / 2..TOTAL {
+        publish(seq).await.unwrap();
+    }
+    let mut pong_after = None;
+    let mut seq = 0;
+    while seq < TOTAL {
+        let msg = tokio::time::timeout(Duration::from_secs(10), paused.ws.next())
+            .await
+            .expect("everything arrives in time");
+        match msg {
+            Some(Ok(Message::Text(t))) => {
+                let got: Value = serde_json::from_str(t.as_str()).expect("whole frames");
+                assert_eq!(got["payload"]["seq"], seq, "in order, none missing");
+                seq += 1;
+            }
+            Some(Ok(Message::Pong(data))) => {
+                assert_eq!(&data[..], b"mid");
+                pong_after = Some(seq);
+            }
+            Some(Ok(Message::Ping(_))) => {}
+            other => panic!("expected the deliveries, got {other:?}"),
+        }
+    }
+    let pong_after = pong_after.expect("the ping was answered");
+    assert!(
+        (1..TOTAL).contains(&pong_after),
+        "the pong came between the deliveries, after {pong_after}"
+    );
+    assert_answers_ping(&mut paused).await;
+}
+
 #[tokio::test]
 async fn many_connections_in_one_room_each_get_one_copy() {
     let upstream = Upstream::start().await;
