@@ -16,8 +16,9 @@ use crate::session::Peer;
 /// An admitted session: who it is, and its place under `PATCHBAY_MAX_CONNECTIONS` (held for
 /// the session's life).
 pub struct Admitted {
-    /// Who is on the other end.
-    pub peer: Peer,
+    /// Who is on the other end (boxed: it is handed down through the session's futures,
+    /// each of which would otherwise keep a copy of it for the connection's whole life).
+    pub peer: Box<Peer>,
     /// Released when dropped.
     pub slot: ConnectionSlot,
 }
@@ -99,7 +100,15 @@ async fn check(
             message: "this instance is at its connection limit",
         });
     };
-    let mut forwarded = HeaderMap::new();
+    // Sized to what it will hold: kept for the connection's life, a map grown by inserting
+    // would keep room for 32 headers (600 bytes) for every connection.
+    let count = app
+        .config
+        .forward_headers
+        .iter()
+        .map(|name| headers.get_all(name).iter().count())
+        .sum::<usize>();
+    let mut forwarded = HeaderMap::with_capacity(count);
     for name in &app.config.forward_headers {
         for value in headers.get_all(name) {
             forwarded.append(name.clone(), value.clone());
@@ -114,22 +123,28 @@ async fn check(
             code: reject.code(),
             message: reject.message(),
         })?;
-    // The API behind patchbay learns who the client is, as from any proxy.
-    if let Some(client) = client {
-        crate::client_addr::set_forwarded_for(&mut forwarded, client);
-    }
     let conn_id = app.next_conn_id();
     Ok(Admitted {
-        peer: Peer {
+        peer: Box::new(Peer {
             conn_id,
             connection_id: app.hub.connection_id(conn_id),
             identity,
-            forwarded: Arc::new(forwarded),
+            forwarded: shared_headers(forwarded),
             since: since_of(query),
             client,
-        },
+        }),
         slot,
     })
+}
+
+/// The headers as kept for the connection's life: no headers (the usual case) are one map
+/// shared by every connection, not an allocation each.
+fn shared_headers(headers: HeaderMap) -> Arc<HeaderMap> {
+    static NONE: std::sync::LazyLock<Arc<HeaderMap>> = std::sync::LazyLock::new(Arc::default);
+    match headers.is_empty() {
+        true => NONE.clone(),
+        false => Arc::new(headers),
+    }
 }
 
 /// `?since=<epoch>:<offset>` of a handshake. A value that is no position still asks for a

@@ -4,8 +4,10 @@
 //! Two ways out of the queue. A websocket gives the queue its socket (a [`Wire`]): a frame
 //! queued while nothing is waiting is written straight into the socket by whichever thread
 //! queues it, one `write()` and no task wake-up, and frames wait in the queue only while the
-//! socket would block, for the connection's writer task to write once it is writable. A
-//! transport without a wire (SSE) has its writer drain the queue ([`Inbox::recv`]).
+//! socket would block: then the wire starts a task that writes them once the socket is
+//! writable and ends when they are written ([`Wire::blocked`]), so an idle connection has no
+//! writer task at all. A transport without a wire (SSE) has its writer drain the queue
+//! ([`Inbox::recv`]).
 //!
 //! Everything written to the connection goes through the one queue and counts against the
 //! one byte bound, the pongs that the websocket layer writes by itself included, so a client
@@ -109,6 +111,14 @@ pub trait Wire: Send + Sync + std::fmt::Debug {
     /// Writes what the socket takes now of `first` then `then`, beginning `skip` bytes into the
     /// encoding of the first item; returns the bytes written, 0 when the socket would block.
     fn try_write(&self, first: &[Item], then: &[Item], skip: usize) -> io::Result<usize>;
+
+    /// Frames had to wait: write them with `flush` once the socket is writable, until
+    /// [`Flush::flush`] says none is left or [`Flush::finished`] resolves. Called once per
+    /// stretch of waiting, from the thread that queued.
+    fn blocked(self: Arc<Self>, flush: Flush);
+
+    /// The transport's keepalive frame.
+    fn ping(&self) -> Bytes;
 }
 
 /// A one-shot "close this connection" signal; the first reason wins.
@@ -178,6 +188,8 @@ struct State {
     senders: usize,
     /// The inbox refuses further frames.
     closed: bool,
+    /// With a wire: a [`Flush`] task writes the waiting frames.
+    flushing: bool,
 }
 
 /// Frames of capacity kept when the queue drains: a burst's buffer is not held forever.
@@ -193,7 +205,7 @@ enum Refused {
 
 impl Queue {
     /// Queues `item`, or with a wire and nothing waiting, writes it now.
-    fn offer(&self, item: Item) -> Result<(), Refused> {
+    fn offer(self: &Arc<Self>, item: Item) -> Result<(), Refused> {
         let mut state = self.state.lock().unwrap();
         if state.closed || self.closer.reason().is_some() {
             return Err(Refused::Closing);
@@ -218,12 +230,17 @@ impl Queue {
         match wire.try_write(std::slice::from_ref(&item), &[], 0) {
             Ok(n) if n == wire.encoded_len(&item) => Ok(()),
             Ok(n) => {
-                // The socket took part of it, or nothing: the writer finishes once it can.
+                // The socket took part of it, or nothing: the rest waits for it to drain.
                 state.skip = n;
                 state.bytes += item.len();
                 state.frames.push_back(item);
+                let start = !std::mem::replace(&mut state.flushing, true);
                 drop(state);
-                self.ready.wake();
+                if start {
+                    wire.clone().blocked(Flush {
+                        queue: self.clone(),
+                    });
+                }
                 Ok(())
             }
             Err(e) => {
@@ -233,8 +250,9 @@ impl Queue {
         }
     }
 
-    /// Writes what the wire takes now of the queued frames; `Ok(true)` once none is left.
-    fn flush(&self) -> io::Result<bool> {
+    /// Writes what the wire takes now of the queued frames; `Ok(true)` once none is left
+    /// (then, for the flush task (`task`), its stretch of waiting is over).
+    fn flush(&self, task: bool) -> io::Result<bool> {
         let Some(wire) = &self.wire else {
             return Ok(true);
         };
@@ -264,13 +282,20 @@ impl Queue {
             }
         }
         shrink(&mut state.frames);
+        if task {
+            state.flushing = false;
+        }
         Ok(true)
     }
 
-    /// The socket failed (the client is gone): nothing more is queued or written, and the
-    /// writer sees the end.
-    fn failed(&self, mut state: MutexGuard<'_, State>, error: &io::Error) {
+    /// The socket failed (the client is gone): nothing more is queued or written.
+    fn failed(&self, state: MutexGuard<'_, State>, error: &io::Error) {
         tracing::debug!(%error, "write failed");
+        self.finish(state);
+    }
+
+    /// Refuses and drops everything, and ends a flush task.
+    fn finish(&self, mut state: MutexGuard<'_, State>) {
         state.closed = true;
         state.frames.clear();
         state.bytes = 0;
@@ -284,6 +309,36 @@ impl Queue {
 fn shrink(frames: &mut VecDeque<Item>) {
     if frames.is_empty() && frames.capacity() > KEEP_CAPACITY {
         frames.shrink_to(KEEP_CAPACITY);
+    }
+}
+
+/// The handle of the task that writes a wire's waiting frames ([`Wire::blocked`]).
+#[derive(Debug)]
+pub struct Flush {
+    queue: Arc<Queue>,
+}
+
+impl Flush {
+    /// Writes what the socket takes now; `Ok(true)`: nothing waits any more, the task ends.
+    pub fn flush(&self) -> io::Result<bool> {
+        self.queue.flush(true)
+    }
+
+    /// Resolves once the connection is over (or its socket failed): the task ends.
+    pub async fn finished(&self) {
+        std::future::poll_fn(|cx| {
+            let over = || self.queue.state.lock().unwrap().closed;
+            if over() {
+                return Poll::Ready(());
+            }
+            self.queue.ready.register(cx.waker());
+            if over() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 }
 
@@ -327,8 +382,9 @@ impl Outbox {
         Self::make(limits, None)
     }
 
-    /// A new outbox that writes into `wire` itself while the socket takes bytes; its writer
-    /// task writes what had to wait ([`Inbox::wait`], [`Inbox::flush`]).
+    /// A new outbox that writes into `wire` itself while the socket takes bytes (what had to
+    /// wait is the wire's to write: [`Wire::blocked`]). The inbox closes the connection's
+    /// queue ([`Inbox::close_with`], [`Inbox::flush`]) and ends it when dropped.
     pub fn with_wire(limits: QueueLimits, wire: Arc<dyn Wire>) -> (Outbox, Inbox) {
         Self::make(limits, Some(wire))
     }
@@ -366,6 +422,18 @@ impl Outbox {
         self.queue.push(Item::Raw(raw))
     }
 
+    /// Whether the transport has keepalives of its own to send ([`Outbox::ping`]).
+    pub fn pings(&self) -> bool {
+        self.queue.wire.is_some()
+    }
+
+    /// Queues the transport's keepalive like any frame (a full queue closes with 4008).
+    pub fn ping(&self) {
+        if let Some(wire) = &self.queue.wire {
+            self.queue.push(Item::Raw(wire.ping()));
+        }
+    }
+
     /// Queues a text frame if there is room for it now. Unlike [`Outbox::push`] a full queue
     /// does not close the connection: the frame comes back (`Err(Some)`) for a later try.
     /// `Err(None)`: the connection is closing.
@@ -392,7 +460,7 @@ impl Outbox {
 
 impl Queue {
     /// [`Queue::offer`], closing the connection with 4008 when there is no room.
-    fn push(&self, item: Item) -> bool {
+    fn push(self: &Arc<Self>, item: Item) -> bool {
         match self.offer(item) {
             Ok(()) => true,
             Err(Refused::Closing) => false,
@@ -405,15 +473,6 @@ impl Queue {
             }
         }
     }
-}
-
-/// What a wire's writer has to do.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Waiting {
-    /// Frames wait for the socket: write them once it is writable ([`Inbox::flush`]).
-    Frames,
-    /// The queue has ended (every outbox dropped, closed, or the socket failed) and is empty.
-    End,
 }
 
 impl Inbox {
@@ -471,30 +530,9 @@ impl Inbox {
         self.queue.state.lock().unwrap().closed = true;
     }
 
-    /// With a wire: resolves when frames wait for the socket, or at the end of the queue.
-    pub async fn wait(&self) -> Waiting {
-        self.until(|inbox| {
-            let state = inbox.queue.state.lock().unwrap();
-            if !state.frames.is_empty() {
-                Poll::Ready(Waiting::Frames)
-            } else if state.senders == 0 || state.closed {
-                Poll::Ready(Waiting::End)
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
-    }
-
     /// With a wire: writes what the socket takes now; `Ok(true)` once nothing waits.
     pub fn flush(&self) -> io::Result<bool> {
-        self.queue.flush()
-    }
-
-    /// Queues (or writes) bytes already in the transport's framing, the writer's own pings;
-    /// a full queue closes the connection with 4008.
-    pub fn push_raw(&self, raw: Bytes) -> bool {
-        self.queue.push(Item::Raw(raw))
+        self.queue.flush(false)
     }
 
     /// Drops every queued frame but one already partly written (it must be finished before
@@ -517,6 +555,13 @@ impl Inbox {
         state.closed = true;
         state.bytes += last.len();
         state.frames.push_back(Item::Raw(last));
+    }
+}
+
+impl Drop for Inbox {
+    /// The connection is over: nothing more is queued or written, and a flush task ends.
+    fn drop(&mut self) {
+        self.queue.finish(self.queue.state.lock().unwrap());
     }
 }
 
@@ -595,6 +640,8 @@ mod tests {
         written: Mutex<Vec<u8>>,
         room: Mutex<usize>,
         broken: std::sync::atomic::AtomicBool,
+        /// The flush handles it was given, one per stretch of waiting.
+        flushes: Mutex<Vec<Flush>>,
     }
 
     impl FakeWire {
@@ -610,6 +657,15 @@ mod tests {
 
         fn written(&self) -> String {
             String::from_utf8(self.written.lock().unwrap().clone()).unwrap()
+        }
+
+        fn flushes(&self) -> usize {
+            self.flushes.lock().unwrap().len()
+        }
+
+        /// Flushes with the latest handle, as its task would.
+        fn flush(&self) -> io::Result<bool> {
+            self.flushes.lock().unwrap().last().unwrap().flush()
         }
     }
 
@@ -639,6 +695,14 @@ mod tests {
                 .extend_from_slice(&encoded[skip..skip + n]);
             Ok(n)
         }
+
+        fn blocked(self: Arc<Self>, flush: Flush) {
+            self.flushes.lock().unwrap().push(flush);
+        }
+
+        fn ping(&self) -> Bytes {
+            Bytes::from_static(b"P")
+        }
     }
 
     const WIDE: QueueLimits = QueueLimits {
@@ -652,34 +716,39 @@ mod tests {
         let (out, inbox) = Outbox::with_wire(WIDE, wire.clone());
         assert!(out.push("hello".into()));
         assert!(out.push("again".into()));
-        assert_eq!(wire.written(), "|hello|again");
+        out.ping();
+        assert_eq!(wire.written(), "|hello|again|P");
+        assert_eq!(wire.flushes(), 0, "no task");
         let state = inbox.queue.state.lock().unwrap();
         assert_eq!((state.frames.capacity(), state.bytes), (0, 0));
     }
 
     #[tokio::test]
-    async fn what_the_socket_cannot_take_waits_in_order_for_the_writer() {
+    async fn what_the_socket_cannot_take_waits_in_order_for_one_flush_task() {
         let wire = FakeWire::with_room(4);
         let (out, inbox) = Outbox::with_wire(WIDE, wire.clone());
         assert!(out.push("first".into()), "partly written");
         assert!(out.push("second".into()), "queued behind it");
-        assert!(out.push_raw(Bytes::from_static(b"P")));
+        out.ping();
         assert_eq!(wire.written(), "|fir");
-        assert_eq!(inbox.wait().await, Waiting::Frames);
-        assert!(!inbox.flush().unwrap(), "still no room");
+        assert_eq!(wire.flushes(), 1, "one task for the stretch of waiting");
+        assert!(!wire.flush().unwrap(), "still no room");
         wire.make_room(6);
-        assert!(!inbox.flush().unwrap());
+        assert!(!wire.flush().unwrap());
         assert_eq!(
             wire.written(),
             "|first|sec",
             "the rest of the first, then more"
         );
         wire.make_room(100);
-        assert!(inbox.flush().unwrap());
+        assert!(wire.flush().unwrap());
         assert_eq!(wire.written(), "|first|second|P");
         assert!(out.push("third".into()), "straight in again");
         assert_eq!(wire.written(), "|first|second|P|third");
         assert_eq!(inbox.queue.state.lock().unwrap().bytes, 0);
+        *wire.room.lock().unwrap() = 0;
+        assert!(out.push("fourth".into()));
+        assert_eq!(wire.flushes(), 2, "a new stretch of waiting, a new task");
     }
 
     #[tokio::test]
@@ -694,12 +763,13 @@ mod tests {
         wire.make_room(100);
         assert!(inbox.flush().unwrap());
         assert_eq!(wire.written(), "|started|CLOSE");
-        drop(out);
-        assert_eq!(inbox.wait().await, Waiting::End);
+        drop(inbox);
+        let flush = wire.flushes.lock().unwrap().pop().unwrap();
+        flush.finished().await;
     }
 
     #[tokio::test]
-    async fn a_failed_socket_refuses_further_frames_and_ends_the_writer() {
+    async fn a_failed_socket_refuses_further_frames_and_ends_the_flush_task() {
         let wire = FakeWire::with_room(0);
         let (out, inbox) = Outbox::with_wire(WIDE, wire.clone());
         assert!(out.push("queued".into()));
@@ -707,11 +777,8 @@ mod tests {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(inbox.flush().is_err());
         assert!(!out.push("more".into()));
-        assert_eq!(
-            inbox.wait().await,
-            Waiting::End,
-            "while an outbox still lives"
-        );
+        let flush = wire.flushes.lock().unwrap().pop().unwrap();
+        flush.finished().await;
         assert_eq!(
             out.closer().reason(),
             None,

@@ -98,7 +98,7 @@ pub enum Inbound {
 }
 
 /// Runs one session until it closes, writing to `outbox`. Never panics on client input.
-pub async fn run<S>(inbound: S, outbox: Outbox, app: Arc<App>, peer: Peer)
+pub async fn run<S>(inbound: S, outbox: Outbox, app: Arc<App>, peer: Box<Peer>)
 where
     S: Stream<Item = Inbound> + Unpin,
 {
@@ -121,11 +121,13 @@ where
         peer,
         outbox,
         grants: HashSet::new(),
-        pending: FuturesUnordered::new(),
+        pending: None,
         actions_in_flight: 0,
         closed_by_client: false,
     };
-    if session.start().await {
+    // Boxed: greeting (and recovering) runs once, and its state inline would be part of the
+    // future of every idle session for the whole of its life.
+    if Box::pin(session.start()).await {
         session.read_loop(inbound).await;
     }
     // Cleanup, once: leave every room (the outbox the hub held goes with it).
@@ -162,12 +164,14 @@ impl Drop for Registration {
 
 struct Session {
     app: Arc<App>,
-    peer: Peer,
+    peer: Box<Peer>,
     outbox: Outbox,
     /// Rooms granted on this connection by a successful action's `subscribe`.
     grants: HashSet<String>,
     /// Requests in flight, polled by the read loop.
-    pending: FuturesUnordered<BoxFuture<'static, Outcome>>,
+    /// Made by the first request and let go when the last finishes: its set allocates, and
+    /// most connections are idle most of the time.
+    pending: Option<FuturesUnordered<BoxFuture<'static, Outcome>>>,
     /// Manifest actions among `pending` (built-ins do not count towards the cap).
     actions_in_flight: usize,
     /// Every client message counts against it.
@@ -255,9 +259,22 @@ impl Session {
         S: Stream<Item = Inbound> + Unpin,
     {
         let closer = self.outbox.closer().clone();
+        // One timer for the two things that happen with time on a quiet connection: the
+        // transport's keepalive (a websocket ping every `ping_interval`) and the idle timeout
+        // (no message from the client for `idle_timeout`). A message only moves `heard`; the
+        // timer finds out when it fires.
         let idle_timeout = self.app.config.idle_timeout;
-        let idle = sleep(idle_timeout);
-        tokio::pin!(idle);
+        let ping_every = self.app.config.ping_interval;
+        let pings = self.outbox.pings();
+        let mut heard = Instant::now();
+        let mut next_ping = heard + ping_every;
+        let due = |heard: Instant, next_ping: Instant, draining: bool| match (pings, draining) {
+            (true, true) => next_ping,
+            (true, false) => next_ping.min(heard + idle_timeout),
+            (false, _) => heard + idle_timeout,
+        };
+        let timer = sleep_until(due(heard, next_ping, false));
+        tokio::pin!(timer);
         // Every waiter and timer is created once for the whole loop, not at every iteration:
         // this loop runs for every message and every finished request. The two timers most
         // connections never need (credentials that expire, the shutdown grace) live on the
@@ -278,9 +295,14 @@ impl Session {
                     draining = true;
                     grace = Some(Box::pin(sleep(app.config.shutdown_grace)));
                 }
-                Some(done) = self.pending.next(), if !self.pending.is_empty() => self.finish(done),
+                Some(done) = next_done(&mut self.pending), if self.pending.is_some() => {
+                    self.finish(done);
+                    if self.pending.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                        self.pending = None;
+                    }
+                }
                 _ = fire(&mut grace), if grace.is_some() => {
-                    tracing::warn!(abandoned = self.pending.len(), "shutdown grace ran out with requests in flight");
+                    tracing::warn!(abandoned = self.pending.as_ref().map_or(0, FuturesUnordered::len), "shutdown grace ran out with requests in flight");
                     break;
                 }
                 _ = fire(&mut expired), if expired.is_some() => {
@@ -288,13 +310,21 @@ impl Session {
                     closer.close(Disconnect::Expired);
                     return;
                 }
-                _ = &mut idle, if !draining => {
-                    closer.close(Disconnect::Idle);
-                    return;
+                _ = &mut timer, if pings || !draining => {
+                    let now = Instant::now();
+                    if !draining && now >= heard + idle_timeout {
+                        closer.close(Disconnect::Idle);
+                        return;
+                    }
+                    if pings && now >= next_ping {
+                        self.outbox.ping();
+                        next_ping = now + ping_every;
+                    }
+                    timer.as_mut().reset(due(heard, next_ping, draining));
                 }
                 event = inbound.next(), if !draining => {
                     let now = Instant::now();
-                    idle.as_mut().reset(now + idle_timeout);
+                    heard = now;
                     let verdict = match &event {
                         // Answers to our own keepalives, and failures, are not the client's rate.
                         Some(Inbound::Pong | Inbound::Failed(_)) | None => Verdict::Allow,
@@ -323,7 +353,7 @@ impl Session {
                     }
                 }
             }
-            if draining && self.pending.is_empty() {
+            if draining && self.pending.is_none() {
                 break;
             }
         }
@@ -398,7 +428,7 @@ impl Session {
         }
         match parsed.apply(&self.app, self.peer.conn_id, &self.peer) {
             Applied::Now(reply) => self.send(reply),
-            Applied::Later(future) => self.pending.push(future),
+            Applied::Later(future) => self.pending.get_or_insert_default().push(future),
             Applied::Nothing => {}
         }
     }
@@ -431,6 +461,13 @@ fn leave_presence(app: &App, conn: ConnId, user: Option<&str>, how: Leave) {
             presence.leave(&room, user, conn, how);
         }
     }
+}
+
+/// The next finished request, if there are requests.
+async fn next_done(
+    pending: &mut Option<FuturesUnordered<BoxFuture<'static, Outcome>>>,
+) -> Option<Outcome> {
+    pending.as_mut()?.next().await
 }
 
 /// Waits for an optional timer; never resolves without one.

@@ -1,10 +1,10 @@
 //! The websocket's way out: [`WsWire`], the socket that a connection's queue writes frames into
 //! straight from the thread that delivers them (framing them on the way: a server's frames are
 //! not masked, so a fan-out's text is framed by a header of at most 10 bytes and written with
-//! its payload in one `writev`), and the connection's writer task, which writes only what had
-//! to wait for the socket, sends websocket pings, and writes the close frame when the
-//! connection's [`Closer`] fires. With the reader in [`crate::ws`], the only place that knows
-//! websocket frames.
+//! its payload in one `send`), the task that writes what had to wait once the socket is
+//! writable (it exists only while something waits), and the closing of the connection: what
+//! is queued, the close frame, the end of our side. With the reader in [`crate::ws`], the only
+//! place that knows websocket frames.
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
@@ -13,9 +13,10 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::error::Disconnect;
-use crate::outbox::{Closer, Inbox, Item, Waiting, Wire};
+use crate::outbox::{Flush, Inbox, Item, Wire};
 
 /// How long closing may take in all (queued frames, then the close frame) before the socket
 /// is dropped.
@@ -33,12 +34,17 @@ const PING: &[u8] = &[0x89, 0x00];
 #[derive(Debug)]
 pub struct WsWire {
     socket: OwnedWriteHalf,
+    /// Where flush tasks run: frames can be queued from any thread.
+    runtime: tokio::runtime::Handle,
 }
 
 impl WsWire {
-    /// The wire over a connection's write half.
+    /// The wire over a connection's write half. Call it inside the runtime.
     pub fn new(socket: OwnedWriteHalf) -> WsWire {
-        WsWire { socket }
+        WsWire {
+            socket,
+            runtime: tokio::runtime::Handle::current(),
+        }
     }
 
     /// Ends our side of the TCP connection (FIN), after the close frame.
@@ -101,6 +107,31 @@ impl Wire for WsWire {
             Err(e) => Err(e),
         }
     }
+
+    fn blocked(self: Arc<Self>, flush: Flush) {
+        let runtime = self.runtime.clone();
+        runtime.spawn(flush_when_writable(self, flush).in_current_span());
+    }
+
+    fn ping(&self) -> Bytes {
+        Bytes::from_static(PING)
+    }
+}
+
+/// Writes the waiting frames each time the socket becomes writable, until none is left or the
+/// connection is over. (If waiting for the socket fails, the frames stay: the connection ends
+/// through its reader, or closes with 4008 once its queue is full.)
+async fn flush_when_writable(wire: Arc<WsWire>, flush: Flush) {
+    loop {
+        tokio::select! {
+            biased;
+            () = flush.finished() => return,
+            writable = wire.socket.writable() => match writable.map(|()| flush.flush()) {
+                Ok(Ok(false)) => {}
+                _ => return,
+            },
+        }
+    }
 }
 
 impl WsWire {
@@ -155,56 +186,26 @@ async fn drain(wire: &WsWire, inbox: &Inbox) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs until the queue ends (every outbox dropped, or the socket failed) or the connection's
-/// closer fires; then writes the close frame, if there is a reason, and shuts our side down.
-pub async fn write_loop(
-    wire: Arc<WsWire>,
-    inbox: Inbox,
-    closer: Arc<Closer>,
-    ping_every: Duration,
-) {
-    let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // One waiter for the whole loop: registering a new one at every wake-up showed up in
-    // profiles of fan-out.
-    let mut fired = std::pin::pin!(closer.fired());
-    let reason = loop {
-        let waiting = tokio::select! {
-            biased;
-            _ = &mut fired => break closer.reason(),
-            // Written like any frame: at once if nothing waits, else in line.
-            _ = ping.tick() => {
-                inbox.push_raw(Bytes::from_static(PING));
-                continue;
-            }
-            waiting = inbox.wait() => waiting,
-        };
-        if waiting == Waiting::End {
-            break None;
+/// Closes the connection's way out, after its session: what is queued is written (for half
+/// the budget; a slow client's is dropped), then the close frame if there is a `reason`, then
+/// our side of the TCP connection ends. Nothing is queued or written afterwards.
+pub async fn close(wire: &WsWire, inbox: Inbox, reason: Option<Disconnect>) {
+    let deadline = Instant::now() + CLOSE_TIMEOUT;
+    match reason {
+        // A slow client is closed at once: its queue is the problem.
+        Some(reason) if !reason.drains_queue() => inbox.drop_unwritten(),
+        // Replies already queued (answers to requests finished during shutdown, the answer to
+        // a client's close) are still written, but the close frame must get its turn.
+        _ => {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT / 2, drain(wire, &inbox)).await;
         }
-        tokio::select! {
-            biased;
-            _ = &mut fired => break closer.reason(),
-            writable = wire.socket.writable() => if writable.is_err() || inbox.flush().is_err() {
-                break None;
-            },
-        }
-    };
-    if let Some(reason) = reason {
-        let deadline = Instant::now() + CLOSE_TIMEOUT;
-        if reason.drains_queue() {
-            // Replies already queued (e.g. answers to requests finished during shutdown) are
-            // still written, but only for half the budget: the close frame must get its turn.
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT / 2, drain(&wire, &inbox)).await;
-        } else {
-            // A slow client is closed at once: its queue is the problem.
-            inbox.drop_unwritten();
-        }
-        // What is left of an unfinished frame goes first: the close frame must not land in
-        // the middle of it.
-        inbox.close_with(close_frame(reason));
-        let _ = tokio::time::timeout_at(deadline, drain(&wire, &inbox)).await;
     }
+    if let Some(reason) = reason {
+        // After what is left of an unfinished frame: never in the middle of one.
+        inbox.close_with(close_frame(reason));
+        let _ = tokio::time::timeout_at(deadline, drain(wire, &inbox)).await;
+    }
+    drop(inbox);
     wire.shutdown();
 }
 

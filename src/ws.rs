@@ -13,7 +13,7 @@ use std::time::Duration;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use hyper::body::Incoming;
 use hyper::header::{
     CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION,
@@ -34,26 +34,30 @@ use crate::app::App;
 use crate::error::Disconnect;
 use crate::handshake::{self, Admitted, Refusal};
 use crate::http::{Response, error_response};
-use crate::outbox::{Outbox, QueueLimits, Text};
+use crate::outbox::{Inbox, Outbox, QueueLimits, Text};
 use crate::session::{self, Inbound, Peer};
-use crate::writer::{CLOSE_TIMEOUT, WsWire, write_loop};
+use crate::writer::{self, WsWire};
 
 /// Bytes read from the socket at a time, allocated for every connection for its whole life.
-/// Client actions are small: 1 KiB holds a typical one in one read, and idle connections stay
-/// small (tungstenite's default of 128 KiB would dominate a server's memory). A larger frame
-/// grows the buffer to its size while it is read.
-const READ_BUFFER: usize = 1024;
+/// Client actions are small: 256 bytes hold a typical one in one read, and idle connections
+/// stay small (tungstenite's default of 128 KiB would dominate a server's memory; 1 KiB was a
+/// seventh of an idle connection). A larger frame grows the buffer to its size once its
+/// header is read.
+const READ_BUFFER: usize = 256;
 /// Bytes of frames the websocket layer may hold before writing them: none. It writes only
 /// the pongs and the answer to a close, each at once into the connection's queue, which
 /// bounds them (frames patchbay sends do not pass through it).
 const WRITE_BUFFER: usize = 0;
+/// Room for the largest control frame and then some.
+const CONTROL_FRAME_MAX: usize = 256;
 
 /// The websocket settings of every connection.
 fn ws_config(max_message: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(READ_BUFFER)
+        // It only ever holds one control frame: at most 127 bytes.
+        .max_write_buffer_size(CONTROL_FRAME_MAX)
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message))
 }
@@ -79,7 +83,7 @@ fn valid_key(key: &HeaderValue) -> bool {
 
 /// Handles `GET /ws`: the websocket's own checks, then [`handshake::admit`], then 101 and the
 /// session on the upgraded socket.
-pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response {
+pub async fn upgrade(mut req: Request<Incoming>, app: Arc<App>) -> Response {
     let refuse = |r: Refusal| error_response(r.status, r.code, r.message);
     if app.lifecycle.is_draining() {
         app.metrics.handshake_refused(handshake::DRAINING.code);
@@ -129,11 +133,14 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response {
         Err(refusal) => return refuse(refusal),
     };
     let span = peer.span("websocket");
+    // Only the upgrade's handle goes into the session's task: the request, kept there, would
+    // be part of every idle connection.
+    let on_upgrade = hyper::upgrade::on(&mut req);
     let tasks = app.lifecycle.sessions().clone();
     tasks.spawn(
         async move {
             let _slot = slot;
-            let upgraded = match hyper::upgrade::on(req).await {
+            let upgraded = match on_upgrade.await {
                 Ok(u) => u,
                 Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
             };
@@ -166,7 +173,7 @@ pub async fn upgrade(req: Request<Incoming>, app: Arc<App>) -> Response {
 /// past the handshake): the queue writes frames into the socket itself, the writer task writes
 /// what had to wait, the reader turns frames into [`Inbound`] events, and the socket is closed
 /// cleanly at the end.
-pub async fn serve(socket: TcpStream, early: Vec<u8>, app: Arc<App>, peer: Peer) {
+pub async fn serve(socket: TcpStream, early: Vec<u8>, app: Arc<App>, peer: Box<Peer>) {
     let opened = std::time::Instant::now();
     let (read, write) = socket.into_split();
     let wire = Arc::new(WsWire::new(write));
@@ -185,18 +192,31 @@ pub async fn serve(socket: TcpStream, early: Vec<u8>, app: Arc<App>, peer: Peer)
     let config = ws_config(app.config.max_frame_bytes);
     let mut stream =
         WebSocketStream::from_partially_read(io, early, Role::Server, Some(config)).await;
-    let writer = tokio::spawn(
-        write_loop(wire, inbox, closer.clone(), app.config.ping_interval).in_current_span(),
-    );
     let mut client_closed = false;
     let events = (&mut stream).map(|message| {
         client_closed |= matches!(message, Ok(Message::Close(_)));
         inbound(message)
     });
-    session::run(events, outbox, app.clone(), peer).await;
-    // Boxed: the closing steps' timers and buffer would otherwise be part of the future of
-    // every idle session, for the whole of its life.
-    Box::pin(close_socket(writer, stream, client_closed)).await;
+    let session = session::run(events, outbox, app.clone(), peer);
+    // A panicking session has left its rooms and set 1011 (its guard): the client still gets
+    // the close frame.
+    if std::panic::AssertUnwindSafe(session)
+        .catch_unwind()
+        .await
+        .is_err()
+    {
+        tracing::error!("the session panicked: closed with 1011");
+    }
+    // Boxed: the closing steps' timers would otherwise be part of the future of every idle
+    // session, for the whole of its life.
+    Box::pin(close_socket(
+        &wire,
+        inbox,
+        stream,
+        client_closed,
+        closer.reason(),
+    ))
+    .await;
     if let Some(reason) = closer.reason() {
         app.metrics.disconnect(reason);
     }
@@ -281,21 +301,20 @@ fn read_error_disconnect(e: &WsError) -> Option<Disconnect> {
 pub const LINGER: Duration = Duration::from_secs(2);
 
 /// Answers a client's close (the websocket layer writes the answer when read once more),
-/// lets the writer finish (it writes the close frame and ends our side), then lingers.
+/// closes the way out (what is queued, the close frame, the end of our side), then lingers.
 async fn close_socket(
-    mut writer: tokio::task::JoinHandle<()>,
+    wire: &WsWire,
+    inbox: Inbox,
     mut stream: WebSocketStream<Socket>,
     client_closed: bool,
+    reason: Option<Disconnect>,
 ) {
     if client_closed {
         let _ = tokio::time::timeout(LINGER, stream.next()).await;
     }
-    // The last outbox: the writer sees the end of the queue once what is queued is written.
     stream.get_mut().queue = None;
-    match tokio::time::timeout(CLOSE_TIMEOUT + Duration::from_secs(1), &mut writer).await {
-        Ok(_) => linger(&mut stream.get_mut().read).await,
-        Err(_) => writer.abort(),
-    }
+    writer::close(wire, inbox, reason).await;
+    linger(&mut stream.get_mut().read).await;
 }
 
 /// Reads and discards what the client still sends until it closes too, for at most
@@ -342,7 +361,7 @@ mod tests {
         };
         (
             client,
-            tokio::spawn(serve(server_io, Vec::new(), app, peer)),
+            tokio::spawn(serve(server_io, Vec::new(), app, Box::new(peer))),
         )
     }
 

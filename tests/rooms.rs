@@ -481,6 +481,12 @@ async fn a_slow_reader_is_closed_with_4008_and_the_others_get_everything() {
         cfg.send_queue = 8;
     })
     .await;
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = tasks();
     let mut slow = slow_client(&bridge).await;
     join(&mut slow, "lobby").await;
     let mut fast = bridge.connect().await;
@@ -535,6 +541,19 @@ async fn a_slow_reader_is_closed_with_4008_and_the_others_get_everything() {
         received < TOTAL,
         "the slow client cannot have received everything"
     );
+
+    // Nothing of the closed connection stays behind: its session, and the task that was
+    // waiting for its socket to take the frames, are gone.
+    drop((slow, fast));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tasks() > before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} tasks alive after both clients left, {before} before they came",
+            tasks()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Deliveries are written straight into the socket while it takes them; once it blocks they

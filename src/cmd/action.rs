@@ -32,6 +32,7 @@ pub fn run(
         connection_id: peer.connection_id.clone(),
         request_id,
         forwarded: peer.forwarded.clone(),
+        client: peer.client,
     };
     let span = tracing::info_span!("request", action = %spec.name, request_id = %ctx.request_id);
     Applied::Later(Box::pin(

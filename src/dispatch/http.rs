@@ -65,10 +65,14 @@ impl HttpDispatcher {
         *req.method_mut() = action.method.as_http();
         *req.uri_mut() = uri;
         let headers = req.headers_mut();
-        headers.reserve(ctx.forwarded.len() + 4);
+        headers.reserve(ctx.forwarded.len() + 5);
         headers.insert(ACCEPT, JSON);
         for (name, value) in ctx.forwarded.iter() {
             headers.append(name, value.clone());
+        }
+        // The API behind patchbay learns who the client is, as from any proxy.
+        if let Some(client) = ctx.client {
+            crate::client_addr::set_forwarded_for(headers, client);
         }
         if action.method != Method::Get {
             headers.insert(IDEMPOTENCY_KEY, request_id.clone());

@@ -37,6 +37,8 @@ pub struct CallContext {
     pub request_id: String,
     /// The handshake headers named in `PATCHBAY_FORWARD_HEADERS`.
     pub forwarded: Arc<HeaderMap>,
+    /// The client's address: sent upstream as `X-Forwarded-For`.
+    pub client: Option<std::net::IpAddr>,
 }
 
 /// Runs actions of every handler kind.
