@@ -360,7 +360,12 @@ impl Clone for Outbox {
 impl Drop for Outbox {
     fn drop(&mut self) {
         let last = {
-            let mut state = self.queue.state.lock().unwrap();
+            // Never a second panic while unwinding from a first.
+            let mut state = self
+                .queue
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             state.senders -= 1;
             state.senders == 0
         };
@@ -561,7 +566,13 @@ impl Inbox {
 impl Drop for Inbox {
     /// The connection is over: nothing more is queued or written, and a flush task ends.
     fn drop(&mut self) {
-        self.queue.finish(self.queue.state.lock().unwrap());
+        // Never a second panic while unwinding from a first.
+        let state = self
+            .queue
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.queue.finish(state);
     }
 }
 

@@ -36,14 +36,19 @@ pub struct WsWire {
     socket: OwnedWriteHalf,
     /// Where flush tasks run: frames can be queued from any thread.
     runtime: tokio::runtime::Handle,
+    /// The connection's span, for the flush task's log lines (it is started on whichever
+    /// thread queued, inside another span, or none).
+    span: tracing::Span,
 }
 
 impl WsWire {
-    /// The wire over a connection's write half. Call it inside the runtime.
+    /// The wire over a connection's write half. Call it inside the runtime, in the
+    /// connection's span.
     pub fn new(socket: OwnedWriteHalf) -> WsWire {
         WsWire {
             socket,
             runtime: tokio::runtime::Handle::current(),
+            span: tracing::Span::current(),
         }
     }
 
@@ -109,8 +114,8 @@ impl Wire for WsWire {
     }
 
     fn blocked(self: Arc<Self>, flush: Flush) {
-        let runtime = self.runtime.clone();
-        runtime.spawn(flush_when_writable(self, flush).in_current_span());
+        let (runtime, span) = (self.runtime.clone(), self.span.clone());
+        runtime.spawn(flush_when_writable(self, flush).instrument(span));
     }
 
     fn ping(&self) -> Bytes {

@@ -34,15 +34,16 @@ use crate::app::App;
 use crate::error::Disconnect;
 use crate::handshake::{self, Admitted, Refusal};
 use crate::http::{Response, error_response};
-use crate::outbox::{Inbox, Outbox, QueueLimits, Text};
+use crate::outbox::{Closer, Inbox, Outbox, QueueLimits, Text};
 use crate::session::{self, Inbound, Peer};
 use crate::writer::{self, WsWire};
 
 /// Bytes read from the socket at a time, allocated for every connection for its whole life.
 /// Client actions are small: 256 bytes hold a typical one in one read, and idle connections
 /// stay small (tungstenite's default of 128 KiB would dominate a server's memory; 1 KiB was a
-/// seventh of an idle connection). A larger frame grows the buffer to its size once its
-/// header is read.
+/// seventh of an idle connection). A larger frame makes room for itself once its header is
+/// read, but is still read 256 bytes per `read()`: a 1 MiB message costs 4,096 reads, the
+/// price of small idle connections, paid only by large messages.
 const READ_BUFFER: usize = 256;
 /// Bytes of frames the websocket layer may hold before writing them: none. It writes only
 /// the pongs and the answer to a close, each at once into the connection's queue, which
@@ -209,14 +210,7 @@ pub async fn serve(socket: TcpStream, early: Vec<u8>, app: Arc<App>, peer: Box<P
     }
     // Boxed: the closing steps' timers would otherwise be part of the future of every idle
     // session, for the whole of its life.
-    Box::pin(close_socket(
-        &wire,
-        inbox,
-        stream,
-        client_closed,
-        closer.reason(),
-    ))
-    .await;
+    Box::pin(close_socket(&wire, inbox, stream, client_closed, &closer)).await;
     if let Some(reason) = closer.reason() {
         app.metrics.disconnect(reason);
     }
@@ -300,20 +294,22 @@ fn read_error_disconnect(e: &WsError) -> Option<Disconnect> {
 /// Longest wait for the client to close its side after our close frame.
 pub const LINGER: Duration = Duration::from_secs(2);
 
-/// Answers a client's close (the websocket layer writes the answer when read once more),
-/// closes the way out (what is queued, the close frame, the end of our side), then lingers.
+/// Answers a client's close (the websocket layer writes its answer when flushed; it never
+/// waits: the socket's writes go into the queue), closes the way out (what is queued, the
+/// close frame, the end of our side, at once), then lingers.
 async fn close_socket(
     wire: &WsWire,
     inbox: Inbox,
     mut stream: WebSocketStream<Socket>,
     client_closed: bool,
-    reason: Option<Disconnect>,
+    closer: &Closer,
 ) {
     if client_closed {
-        let _ = tokio::time::timeout(LINGER, stream.next()).await;
+        let _ = futures_util::SinkExt::flush(&mut stream).await;
     }
     stream.get_mut().queue = None;
-    writer::close(wire, inbox, reason).await;
+    // Read after the answer was queued: had the queue no room for it, the reason is 4008.
+    writer::close(wire, inbox, closer.reason()).await;
     linger(&mut stream.get_mut().read).await;
 }
 

@@ -316,6 +316,20 @@ async fn a_client_close_is_answered_with_a_close() {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1000),
         other => panic!("expected the close to be echoed, got {other:?}"),
     }
+    // Then the server ends the TCP connection itself (RFC 6455 7.1.1), without waiting for
+    // the client to go first: well within the 2 s it would otherwise linger.
+    let mut rest = [0u8; 64];
+    let end = tokio::time::timeout(
+        Duration::from_millis(1500),
+        tokio::io::AsyncReadExt::read(client.ws.get_mut(), &mut rest),
+    )
+    .await
+    .expect("the server closes the connection after its answer");
+    assert_eq!(
+        end.ok(),
+        Some(0),
+        "the end of the stream, nothing after the close"
+    );
 }
 
 #[tokio::test]
