@@ -126,7 +126,7 @@ pub trait Wire: Send + Sync + std::fmt::Debug {
 pub struct Closer {
     /// Set once, before `fired` is cancelled, so a woken waiter always finds it.
     reason: OnceLock<Disconnect>,
-    /// Wakes the reader loop and the writer task, which both select on it.
+    /// Wakes whoever selects on it: the session's loop, SSE's event stream.
     fired: CancellationToken,
 }
 
@@ -165,7 +165,8 @@ struct Queue {
     /// `std` lock: held only to queue, take or write without waiting, never across an
     /// `.await`. Every write into the wire happens under it, so bytes never interleave.
     state: Mutex<State>,
-    /// The writer's waker: one atomic swap per wake, cheaper than a `Notify`'s waiter list.
+    /// The waker of the queue's one waiter ([`Queue::until`]): one atomic swap per wake,
+    /// cheaper than a `Notify`'s waiter list.
     ready: AtomicWaker,
     limits: QueueLimits,
     /// Shared by every outbox and by the connection's reader and writer.
@@ -184,12 +185,20 @@ struct State {
     bytes: usize,
     /// Bytes of the first frame's encoding already written (with a wire).
     skip: usize,
-    /// Live [`Outbox`] handles; at zero the writer sees the end of the queue.
+    /// Live [`Outbox`] handles; at zero a draining reader ([`Inbox::recv`]) sees the end.
     senders: usize,
     /// The inbox refuses further frames.
     closed: bool,
     /// With a wire: a [`Flush`] task writes the waiting frames.
     flushing: bool,
+}
+
+impl State {
+    /// Puts `item` at the end of the queue, counting its bytes.
+    fn enqueue(&mut self, item: Item) {
+        self.bytes += item.len();
+        self.frames.push_back(item);
+    }
 }
 
 /// Frames of capacity kept when the queue drains: a burst's buffer is not held forever.
@@ -215,16 +224,14 @@ impl Queue {
             return Err(Refused::Full(item));
         }
         let Some(wire) = &self.wire else {
-            state.bytes += item.len();
-            state.frames.push_back(item);
+            state.enqueue(item);
             drop(state);
             self.ready.wake();
             return Ok(());
         };
         if !state.frames.is_empty() {
-            // The socket would block and the writer waits for it: in line behind the others.
-            state.bytes += item.len();
-            state.frames.push_back(item);
+            // The socket would block and a flush task waits for it: in line behind the others.
+            state.enqueue(item);
             return Ok(());
         }
         match wire.try_write(std::slice::from_ref(&item), &[], 0) {
@@ -232,8 +239,7 @@ impl Queue {
             Ok(n) => {
                 // The socket took part of it, or nothing: the rest waits for it to drain.
                 state.skip = n;
-                state.bytes += item.len();
-                state.frames.push_back(item);
+                state.enqueue(item);
                 let start = !std::mem::replace(&mut state.flushing, true);
                 drop(state);
                 if start {
@@ -305,6 +311,22 @@ impl Queue {
     }
 }
 
+impl Queue {
+    /// Resolves with `check`'s answer once it has one, registering the queue's waker between
+    /// two looks so that a change in between is not missed. One waiter at a time: the inbox's
+    /// reader (SSE), or a wire's flush task.
+    async fn until<T>(&self, mut check: impl FnMut(&mut State) -> Option<T>) -> T {
+        std::future::poll_fn(|cx| {
+            if let Some(t) = check(&mut self.state.lock().unwrap()) {
+                return Poll::Ready(t);
+            }
+            self.ready.register(cx.waker());
+            check(&mut self.state.lock().unwrap()).map_or(Poll::Pending, Poll::Ready)
+        })
+        .await
+    }
+}
+
 /// Lets a drained queue's buffer go, but for a few slots.
 fn shrink(frames: &mut VecDeque<Item>) {
     if frames.is_empty() && frames.capacity() > KEEP_CAPACITY {
@@ -326,19 +348,7 @@ impl Flush {
 
     /// Resolves once the connection is over (or its socket failed): the task ends.
     pub async fn finished(&self) {
-        std::future::poll_fn(|cx| {
-            let over = || self.queue.state.lock().unwrap().closed;
-            if over() {
-                return Poll::Ready(());
-            }
-            self.queue.ready.register(cx.waker());
-            if over() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
+        self.queue.until(|state| state.closed.then_some(())).await
     }
 }
 
@@ -482,9 +492,8 @@ impl Queue {
 
 impl Inbox {
     /// The next frame if one is queued; `Err(())` once the queue has ended (every outbox
-    /// dropped, or closed) and is empty.
-    fn take(&self) -> Result<Option<Text>, ()> {
-        let mut state = self.queue.state.lock().unwrap();
+    /// dropped) and is empty.
+    fn take(state: &mut State) -> Result<Option<Text>, ()> {
         loop {
             match state.frames.pop_front() {
                 Some(item) => {
@@ -502,37 +511,22 @@ impl Inbox {
         }
     }
 
-    /// Polls `check` until it is ready, registering the writer's waker in between so that a
-    /// push between the two is not missed.
-    async fn until<T>(&self, check: impl Fn(&Self) -> Poll<T>) -> T {
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(t) = check(self) {
-                return Poll::Ready(t);
-            }
-            self.queue.ready.register(cx.waker());
-            check(self)
-        })
-        .await
-    }
-
     /// The next frame; `None` once every [`Outbox`] is dropped and the queue is empty.
     pub async fn recv(&mut self) -> Option<Text> {
-        self.until(|inbox| match inbox.take() {
-            Ok(Some(text)) => Poll::Ready(Some(text)),
-            Err(()) => Poll::Ready(None),
-            Ok(None) => Poll::Pending,
-        })
-        .await
+        self.queue
+            .until(|state| match Self::take(state) {
+                Ok(Some(text)) => Some(Some(text)),
+                Err(()) => Some(None),
+                Ok(None) => None,
+            })
+            .await
     }
 
     /// The next frame if one is queued.
     pub fn try_recv(&mut self) -> Option<Text> {
-        self.take().ok().flatten()
-    }
-
-    /// Refuses further frames; queued ones can still be taken.
-    pub fn close(&mut self) {
-        self.queue.state.lock().unwrap().closed = true;
+        Self::take(&mut self.queue.state.lock().unwrap())
+            .ok()
+            .flatten()
     }
 
     /// With a wire: writes what the socket takes now; `Ok(true)` once nothing waits.
@@ -558,8 +552,7 @@ impl Inbox {
             return;
         }
         state.closed = true;
-        state.bytes += last.len();
-        state.frames.push_back(Item::Raw(last));
+        state.enqueue(Item::Raw(last));
     }
 }
 

@@ -59,20 +59,21 @@ impl WsWire {
 }
 
 /// Writes the header of an unmasked final text frame of `len` bytes; returns its length.
-fn text_header(len: usize, out: &mut [u8; MAX_HEADER]) -> usize {
+fn text_header(len: usize, out: &mut [u8]) -> usize {
     out[0] = 0x81;
-    if len < 126 {
-        out[1] = len as u8;
-        2
-    } else if let Ok(len) = u16::try_from(len) {
-        out[1] = 126;
-        out[2..4].copy_from_slice(&len.to_be_bytes());
-        4
-    } else {
-        out[1] = 127;
-        out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-        10
+    let n = text_header_len(len);
+    match n {
+        2 => out[1] = len as u8,
+        4 => {
+            out[1] = 126;
+            out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            out[1] = 127;
+            out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        }
     }
+    n
 }
 
 /// The length of a text frame's header.
@@ -98,9 +99,7 @@ impl Wire for WsWire {
             // with one `send`, cheaper in the kernel than a `writev` of two pieces.
             ([Item::Text(text)], []) if text.len() <= COPY_LIMIT => {
                 let mut frame = [0u8; MAX_HEADER + COPY_LIMIT];
-                let mut header = [0u8; MAX_HEADER];
-                let n = text_header(text.len(), &mut header);
-                frame[..n].copy_from_slice(&header[..n]);
+                let n = text_header(text.len(), &mut frame);
                 frame[n..n + text.len()].copy_from_slice(text.as_bytes());
                 self.socket.try_write(&frame[skip..n + text.len()])
             }

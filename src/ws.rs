@@ -171,9 +171,9 @@ pub async fn upgrade(mut req: Request<Incoming>, app: Arc<App>) -> Response {
 }
 
 /// Runs a session over a socket that has just become a websocket (`early`: the bytes read
-/// past the handshake): the queue writes frames into the socket itself, the writer task writes
-/// what had to wait, the reader turns frames into [`Inbound`] events, and the socket is closed
-/// cleanly at the end.
+/// past the handshake): the queue writes frames into the socket itself (a flush task writes
+/// what had to wait), the reader turns frames into [`Inbound`] events, and the socket is
+/// closed cleanly at the end.
 pub async fn serve(socket: TcpStream, early: Vec<u8>, app: Arc<App>, peer: Box<Peer>) {
     let opened = std::time::Instant::now();
     let (read, write) = socket.into_split();
@@ -188,7 +188,7 @@ pub async fn serve(socket: TcpStream, early: Vec<u8>, app: Arc<App>, peer: Box<P
     let closer = outbox.closer().clone();
     let io = Socket {
         read,
-        queue: Some(outbox.clone()),
+        queue: outbox.clone(),
     };
     let config = ws_config(app.config.max_frame_bytes);
     let mut stream =
@@ -222,8 +222,8 @@ pub async fn serve(socket: TcpStream, early: Vec<u8>, app: Arc<App>, peer: Box<P
 /// every frame, counted against the same bound.
 struct Socket {
     read: OwnedReadHalf,
-    /// Let go once the session is over, so that the writer sees the end of the queue.
-    queue: Option<Outbox>,
+    /// What it writes goes here (and is refused once the close frame is queued).
+    queue: Outbox,
 }
 
 impl AsyncRead for Socket {
@@ -244,9 +244,7 @@ impl AsyncWrite for Socket {
     ) -> Poll<std::io::Result<usize>> {
         // The websocket layer writes whole frames in one call. Past the bound the connection
         // closes with 4008, like any client that does not read.
-        if let Some(queue) = &self.queue {
-            queue.push_raw(bytes::Bytes::copy_from_slice(buf));
-        }
+        self.queue.push_raw(bytes::Bytes::copy_from_slice(buf));
         Poll::Ready(Ok(buf.len()))
     }
 
@@ -307,7 +305,6 @@ async fn close_socket(
     if client_closed {
         let _ = futures_util::SinkExt::flush(&mut stream).await;
     }
-    stream.get_mut().queue = None;
     // Read after the answer was queued: had the queue no room for it, the reason is 4008.
     writer::close(wire, inbox, closer.reason()).await;
     linger(&mut stream.get_mut().read).await;
