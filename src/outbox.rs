@@ -150,6 +150,18 @@ impl Closer {
     }
 }
 
+/// A connection's [`Closer`], held apart from its outbox ([`Outbox::close_signal`]).
+#[derive(Debug, Clone)]
+pub struct CloseSignal(Arc<Queue>);
+
+impl std::ops::Deref for CloseSignal {
+    type Target = Closer;
+
+    fn deref(&self) -> &Closer {
+        &self.0.closer
+    }
+}
+
 /// Limits of one connection's queue.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueLimits {
@@ -169,8 +181,9 @@ struct Queue {
     /// cheaper than a `Notify`'s waiter list.
     ready: AtomicWaker,
     limits: QueueLimits,
-    /// Shared by every outbox and by the connection's reader and writer.
-    closer: Arc<Closer>,
+    /// Shared by every outbox and by the connection's reader and writer ([`CloseSignal`]);
+    /// inline, as [`Queue::offer`] reads it for every frame.
+    closer: Closer,
     /// The socket frames are written into straight from [`Outbox::push`], if the transport
     /// has one.
     wire: Option<Arc<dyn Wire>>,
@@ -412,7 +425,7 @@ impl Outbox {
             }),
             ready: AtomicWaker::new(),
             limits,
-            closer: Arc::new(Closer::default()),
+            closer: Closer::default(),
             wire,
         });
         (
@@ -468,8 +481,14 @@ impl Outbox {
     }
 
     /// The connection's close signal.
-    pub fn closer(&self) -> &Arc<Closer> {
+    pub fn closer(&self) -> &Closer {
         &self.queue.closer
+    }
+
+    /// The connection's close signal, to keep: unlike an outbox it is not a sender, so holding
+    /// it does not keep a draining reader waiting.
+    pub fn close_signal(&self) -> CloseSignal {
+        CloseSignal(self.queue.clone())
     }
 }
 

@@ -615,7 +615,7 @@ mod tests {
         let rooms = Rooms::default();
         let (slow, _rs) = Outbox::new(limits(1));
         let (fast, mut rf) = Outbox::new(limits(8));
-        let slow_closer = slow.closer().clone();
+        let slow_closer = slow.close_signal();
         rooms.register(1, slow);
         rooms.register(2, fast);
         rooms.join(1, "r", 10).unwrap();
@@ -642,7 +642,7 @@ mod tests {
             frames: 8,
             bytes: 100,
         });
-        let closer = small.closer().clone();
+        let closer = small.close_signal();
         rooms.register(1, small);
         rooms.join(1, "r", 10).unwrap();
         let big = json!({"type": "A", "payload": "x".repeat(200)});

@@ -22,7 +22,7 @@ use crate::app::App;
 use crate::auth::Identity;
 use crate::cmd::{Allowed, Applied, Command, Outcome, Parsed};
 use crate::error::{ActionError, Code, Disconnect};
-use crate::outbox::{Closer, Outbox, Text};
+use crate::outbox::{CloseSignal, Outbox, Text};
 use crate::presence::Leave;
 use crate::protocol::{self, FrameError, Request};
 use crate::ratelimit::{RateLimiter, Verdict};
@@ -102,7 +102,7 @@ pub async fn run<S>(inbound: S, outbox: Outbox, app: Arc<App>, peer: Box<Peer>)
 where
     S: Stream<Item = Inbound> + Unpin,
 {
-    let closer = outbox.closer().clone();
+    let closer = outbox.close_signal();
     app.hub
         .register(peer.conn_id, &peer.connection_id, outbox.clone());
     let registration = Registration {
@@ -146,7 +146,7 @@ where
 struct Registration {
     app: Arc<App>,
     conn_id: ConnId,
-    closer: Arc<Closer>,
+    closer: CloseSignal,
     user: Option<String>,
 }
 
@@ -258,7 +258,7 @@ impl Session {
     where
         S: Stream<Item = Inbound> + Unpin,
     {
-        let closer = self.outbox.closer().clone();
+        let closer = self.outbox.close_signal();
         // One timer for the two things that happen with time on a quiet connection: the
         // transport's keepalive (a websocket ping every `ping_interval`) and the idle timeout
         // (no message from the client for `idle_timeout`). A message only moves `heard`; the

@@ -23,7 +23,7 @@ use crate::app::App;
 use crate::error::Disconnect;
 use crate::handshake::{self, Admitted, Refusal};
 use crate::http::{Response, error_response, json_response};
-use crate::outbox::{Closer, Inbox, Outbox, QueueLimits, Text};
+use crate::outbox::{CloseSignal, Inbox, Outbox, QueueLimits, Text};
 use crate::session::{self, Inbound};
 
 /// Client actions waiting for their session, per stream: a client that posts faster than its
@@ -140,7 +140,7 @@ pub async fn open(
         .bus()
         .sse_register(&id, peer.identity.user_id.as_deref())
         .await;
-    let closer = outbox.closer().clone();
+    let closer = outbox.close_signal();
     let span = peer.span("sse");
     let (session_app, session_closer) = (app.clone(), closer.clone());
     app.lifecycle.sessions().spawn(
@@ -181,7 +181,7 @@ enum Phase {
 /// the connection, `@@patchbay/CLOSED {"code","reason"}` and the end of the stream.
 fn events(
     inbox: Inbox,
-    closer: Arc<Closer>,
+    closer: CloseSignal,
     registered: Registered,
 ) -> impl futures_util::Stream<Item = Result<warp::sse::Event, std::convert::Infallible>> + Send {
     futures_util::stream::unfold(

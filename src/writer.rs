@@ -7,10 +7,12 @@
 //! place that knows websocket frames.
 
 use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::Interest;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -31,8 +33,17 @@ const COPY_LIMIT: usize = 1024;
 const PING: &[u8] = &[0x89, 0x00];
 
 /// The write half of a websocket's TCP socket.
+///
+/// Frames are written with `send` on the descriptor itself, not through tokio's
+/// `try_write`: tokio's readiness flag lives in an allocation of its own, one more cache miss
+/// per recipient of a fan-out, and a send that would block needs no bookkeeping there. Only
+/// the flush task, which waits for the socket, goes through tokio ([`WsWire::flush_ready`]),
+/// so the readiness it waits on is cleared when a send would block.
 #[derive(Debug)]
 pub struct WsWire {
+    /// `socket`'s descriptor, valid as long as `socket` lives (it closes when both halves
+    /// are dropped, and this one is dropped with the wire).
+    fd: RawFd,
     socket: OwnedWriteHalf,
     /// Where flush tasks run: frames can be queued from any thread.
     runtime: tokio::runtime::Handle,
@@ -46,6 +57,7 @@ impl WsWire {
     /// connection's span.
     pub fn new(socket: OwnedWriteHalf) -> WsWire {
         WsWire {
+            fd: socket.as_ref().as_raw_fd(),
             socket,
             runtime: tokio::runtime::Handle::current(),
             span: tracing::Span::current(),
@@ -55,6 +67,31 @@ impl WsWire {
     /// Ends our side of the TCP connection (FIN), after the close frame.
     fn shutdown(&self) {
         let _ = socket2::SockRef::from(self.socket.as_ref()).shutdown(std::net::Shutdown::Write);
+    }
+
+    /// The socket, without going through tokio's registration.
+    fn raw(&self) -> BorrowedFd<'_> {
+        // SAFETY: `fd` belongs to `socket`, which `self` owns: it stays open while `self`
+        // (and so the returned borrow) lives.
+        unsafe { BorrowedFd::borrow_raw(self.fd) }
+    }
+
+    /// Waits until the socket is writable, then runs `flush` (`Ok(false)`: the socket would
+    /// block again) through tokio, so that a send that would block clears the readiness
+    /// waited on and the next wait is for the socket, not for a stale flag.
+    async fn flush_ready(&self, flush: impl Fn() -> io::Result<bool>) -> io::Result<bool> {
+        self.socket.writable().await?;
+        let flushed = self
+            .socket
+            .as_ref()
+            .try_io(Interest::WRITABLE, || match flush() {
+                Ok(false) => Err(io::ErrorKind::WouldBlock.into()),
+                done => done,
+            });
+        match flushed {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            done => done,
+        }
     }
 }
 
@@ -101,7 +138,7 @@ impl Wire for WsWire {
                 let mut frame = [0u8; MAX_HEADER + COPY_LIMIT];
                 let n = text_header(text.len(), &mut frame);
                 frame[n..n + text.len()].copy_from_slice(text.as_bytes());
-                self.socket.try_write(&frame[skip..n + text.len()])
+                socket2::SockRef::from(&self.raw()).send(&frame[skip..n + text.len()])
             }
             _ => self.write_vectored(first, then, skip),
         };
@@ -130,8 +167,8 @@ async fn flush_when_writable(wire: Arc<WsWire>, flush: Flush) {
         tokio::select! {
             biased;
             () = flush.finished() => return,
-            writable = wire.socket.writable() => match writable.map(|()| flush.flush()) {
-                Ok(Ok(false)) => {}
+            flushed = wire.flush_ready(|| flush.flush()) => match flushed {
+                Ok(false) => {}
                 _ => return,
             },
         }
@@ -166,7 +203,7 @@ impl WsWire {
         }
         let mut slices = &mut slices[..used];
         IoSlice::advance_slices(&mut slices, skip);
-        self.socket.try_write_vectored(slices)
+        socket2::SockRef::from(&self.raw()).send_vectored(slices)
     }
 }
 
@@ -184,9 +221,10 @@ fn close_frame(reason: Disconnect) -> Bytes {
 
 /// Writes what waits until nothing does; `Err` when the socket failed.
 async fn drain(wire: &WsWire, inbox: &Inbox) -> io::Result<()> {
-    while !inbox.flush()? {
-        wire.socket.writable().await?;
+    if inbox.flush()? {
+        return Ok(());
     }
+    while !wire.flush_ready(|| inbox.flush()).await? {}
     Ok(())
 }
 
@@ -273,7 +311,8 @@ mod tests {
         let mut buf = vec![0u8; 1 << 16];
         while done < total {
             match wire.try_write(&first, &then, done).unwrap() {
-                0 => wire.socket.writable().await.unwrap(),
+                // Everything written was read: the socket frees its buffer in a moment.
+                0 => tokio::time::sleep(Duration::from_millis(1)).await,
                 n => done += n,
             }
             while received.len() < 5 + done {
@@ -282,6 +321,89 @@ mod tests {
             }
         }
         assert_eq!(&received[..], &expected[2..]);
+    }
+
+    /// The CPU time (user and system) of this process's threads named `name`.
+    fn threads_cpu(name: &str) -> Duration {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let mut ticks = 0;
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim_end() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            let Some(end) = stat.rfind(')') else { continue };
+            let fields: Vec<u64> = stat[end + 1..]
+                .split_whitespace()
+                .map(|f| f.parse().unwrap_or(0))
+                .collect();
+            ticks += fields[11] + fields[12];
+        }
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+
+    /// Frames are written from the queuing thread without tokio's bookkeeping, so the flush
+    /// task may find a stale "writable": it must then wait for the socket, not spin on it.
+    /// The flush task runs on a runtime of its own, whose thread's CPU time is watched while
+    /// the client does not read (a spinning task would also stop that runtime's timers, so
+    /// the test itself only sleeps and reads with std).
+    #[test]
+    fn a_blocked_socket_is_waited_on_not_polled_and_resumed_when_read() {
+        use crate::outbox::{Outbox, QueueLimits, Text};
+        use std::io::Read;
+        const THREAD: &str = "wire-flush-test";
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(THREAD)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let (out, inbox) = {
+            let _inside = runtime.enter();
+            let (_read, write) = tokio::net::TcpStream::from_std(server)
+                .unwrap()
+                .into_split();
+            let limits = QueueLimits {
+                frames: 1000,
+                bytes: 64 << 20,
+            };
+            Outbox::with_wire(limits, Arc::new(WsWire::new(write)))
+        };
+        // Far more than loopback's socket buffers hold, with nobody reading.
+        let frame = "z".repeat(60_000);
+        for _ in 0..400 {
+            assert!(out.push(Text::from(frame.clone())));
+        }
+        let before = threads_cpu(THREAD);
+        std::thread::sleep(Duration::from_millis(500));
+        let spent = threads_cpu(THREAD) - before;
+        if spent >= Duration::from_millis(150) {
+            // A spinning task would keep the runtime's drop waiting forever.
+            runtime.shutdown_background();
+            panic!("{spent:?} of CPU in 500 ms while the socket was full");
+        }
+        // Once the client reads, the flush task writes the rest: every byte arrives.
+        let expected = 400 * (4 + 60_000);
+        let mut received = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        while received < expected {
+            let n = client
+                .read(&mut buf)
+                .expect("the flush task resumes when the socket is writable");
+            assert!(n > 0);
+            received += n;
+        }
+        assert_eq!(received, expected);
+        drop((out, inbox));
     }
 
     #[test]

@@ -185,7 +185,7 @@ pub async fn serve(socket: TcpStream, early: Vec<u8>, app: Arc<App>, peer: Box<P
         },
         wire.clone(),
     );
-    let closer = outbox.closer().clone();
+    let closer = outbox.close_signal();
     let io = Socket {
         read,
         queue: outbox.clone(),

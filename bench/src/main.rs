@@ -23,7 +23,8 @@ usage: patchbay-bench <command> [options]
 
 commands:
   fanout      clients in one room, 100-byte actions at a fixed rate
-  idle        connected, subscribed, silent clients: server RSS per connection
+  idle        connected, subscribed, silent clients: server RSS per connection, and the
+              kernel's memory per socket (slab and TCP buffers, machine-wide: an estimate)
   targeted    clients each in its own dm:<i> room, actions to random rooms
   reqresp     request/response through patchbay and the reference vs calling the upstream
               directly
@@ -74,6 +75,9 @@ options:
   --quick          smaller defaults, for a first look
   --patchbay PATH  the patchbay binary (default: next to this one, target/<profile>/patchbay)
   --no-pin         do not pin the server to core 0 and the load to core 1
+  --repeat N       fanout/targeted: run the targets N times in turn and judge the targets by
+                   the median of each round's ratios (this machine's CPU per delivery moves
+                   from run to run; a ratio taken within one round moves less)
 
 Build first: cargo build --release && cargo build --release -p patchbay-bench";
 
@@ -101,6 +105,7 @@ struct Opts {
     quick: bool,
     patchbay: Option<PathBuf>,
     no_pin: bool,
+    repeat: usize,
 }
 
 fn parse_opts(args: &[String]) -> Result<Opts, String> {
@@ -136,6 +141,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
             "--quick" => o.quick = true,
             "--patchbay" => o.patchbay = Some(PathBuf::from(value(a)?)),
             "--no-pin" => o.no_pin = true,
+            "--repeat" => o.repeat = number(a, value(a)?)? as usize,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option `{other}`")),
         }
@@ -486,58 +492,75 @@ async fn run(
         match scenario {
             Scenario::Fanout | Scenario::Targeted => {
                 let fan = scenario == Scenario::Fanout;
-                let mut runs: Vec<Result<DeliveryRun, (Target, String)>> = Vec::new();
-                for &t in &targets {
-                    if (t == Target::SocketIo || t == Target::Floor) && !fan {
-                        continue;
-                    }
-                    if t == Target::SocketIo && ctx.socketio_dir.is_err() {
-                        runs.push(Err((t, "unavailable".into())));
-                        continue;
-                    }
-                    eprintln!(
-                        "  {} {} ...",
-                        if fan { "fan-out" } else { "targeted" },
-                        t.name()
-                    );
-                    let r = if fan {
-                        scenarios::fanout(&ctx, t, p.clients, p.rate, p.messages).await
-                    } else {
-                        scenarios::targeted(&ctx, t, p.clients, p.rate, p.messages).await
-                    };
-                    runs.push(r.map_err(|e| (t, e)));
-                }
-                let title = if fan {
-                    format!(
-                        "fan-out: {} clients in room `bench`, {} actions of {} bytes at {}/s ({} deliveries/s offered)",
-                        p.clients,
-                        p.messages,
-                        scenarios::ACTION_BYTES,
-                        p.rate,
-                        p.rate * p.clients as f64
-                    )
-                } else {
-                    format!(
-                        "targeted: {} clients each in dm:<i>, {} actions of {} bytes to random rooms at {}/s",
-                        p.clients,
-                        p.messages,
-                        scenarios::ACTION_BYTES,
-                        p.rate
-                    )
-                };
-                println!("{}", delivery_table(&title, &runs));
-                for r in &runs {
-                    match r {
-                        Ok(run) => {
-                            if run.loss() > 0 || run.failed_connects > 0 || run.duplicates > 0 {
-                                ok = false;
-                            }
+                let repeat = opts.repeat.max(1);
+                let mut rounds = Vec::new();
+                for round in 1..=repeat {
+                    let mut runs: Vec<Result<DeliveryRun, (Target, String)>> = Vec::new();
+                    for &t in &targets {
+                        if (t == Target::SocketIo || t == Target::Floor) && !fan {
+                            continue;
                         }
-                        Err((t, _)) if *t != Target::SocketIo => ok = false,
-                        Err(_) => {}
+                        if t == Target::SocketIo && ctx.socketio_dir.is_err() {
+                            runs.push(Err((t, "unavailable".into())));
+                            continue;
+                        }
+                        eprintln!(
+                            "  {} {} ...",
+                            if fan { "fan-out" } else { "targeted" },
+                            t.name()
+                        );
+                        let r = if fan {
+                            scenarios::fanout(&ctx, t, p.clients, p.rate, p.messages).await
+                        } else {
+                            scenarios::targeted(&ctx, t, p.clients, p.rate, p.messages).await
+                        };
+                        runs.push(r.map_err(|e| (t, e)));
                     }
+                    let round_note = if repeat > 1 {
+                        format!(" — round {round} of {repeat}")
+                    } else {
+                        String::new()
+                    };
+                    let title = if fan {
+                        format!(
+                            "fan-out: {} clients in room `bench`, {} actions of {} bytes at {}/s ({} deliveries/s offered)",
+                            p.clients,
+                            p.messages,
+                            scenarios::ACTION_BYTES,
+                            p.rate,
+                            p.rate * p.clients as f64
+                        )
+                    } else {
+                        format!(
+                            "targeted: {} clients each in dm:<i>, {} actions of {} bytes to random rooms at {}/s",
+                            p.clients,
+                            p.messages,
+                            scenarios::ACTION_BYTES,
+                            p.rate
+                        )
+                    };
+                    println!("{}", delivery_table(&format!("{title}{round_note}"), &runs));
+                    for r in &runs {
+                        match r {
+                            Ok(run) => {
+                                if run.loss() > 0 || run.failed_connects > 0 || run.duplicates > 0 {
+                                    ok = false;
+                                }
+                            }
+                            Err((t, _)) if *t != Target::SocketIo => ok = false,
+                            Err(_) => {}
+                        }
+                    }
+                    if repeat == 1 {
+                        checks.extend(delivery_checks(fan, &runs, &mut fanout_p99));
+                    }
+                    rounds.push(runs);
                 }
-                checks.extend(delivery_checks(fan, &runs, &mut fanout_p99));
+                if repeat > 1 {
+                    let (summary, round_checks) = rounds_summary(fan, &rounds);
+                    println!("{summary}");
+                    checks.extend(round_checks);
+                }
             }
             Scenario::History => {
                 let mut rows = Vec::new();
@@ -1036,6 +1059,133 @@ fn delivery_table(title: &str, runs: &[Result<DeliveryRun, (Target, String)>]) -
     out
 }
 
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Several rounds of the same targets: each target's median CPU per delivery and p99, and
+/// patchbay's ratios to the floor and to the reference as the median of each round's ratio
+/// (both ran minutes apart at most, under the same conditions); the checks judged on those.
+fn rounds_summary(
+    fan: bool,
+    rounds: &[Vec<Result<DeliveryRun, (Target, String)>>],
+) -> (String, Vec<String>) {
+    let of = |runs: &[Result<DeliveryRun, (Target, String)>], t: Target| {
+        runs.iter().find_map(|r| match r {
+            Ok(run) if run.target == t => Some(run.clone()),
+            _ => None,
+        })
+    };
+    let mut out = format!(
+        "over {} rounds (medians; a ratio is the median of the rounds' ratios)\n",
+        rounds.len()
+    );
+    let _ = writeln!(
+        out,
+        "  {:<10} {:>5} {:>13} {:>15} {:>8} {:>10}",
+        "target", "runs", "CPU µs/deliv", "(min - max)", "p99 µs", "loss (all)"
+    );
+    let targets: Vec<Target> = rounds
+        .first()
+        .map(|runs| {
+            runs.iter()
+                .map(|r| match r {
+                    Ok(run) => run.target,
+                    Err((t, _)) => *t,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for &t in &targets {
+        let runs: Vec<DeliveryRun> = rounds.iter().filter_map(|r| of(r, t)).collect();
+        if runs.is_empty() {
+            let _ = writeln!(out, "  {:<10} {:>5}", t.name(), 0);
+            continue;
+        }
+        let cpu: Vec<f64> = runs.iter().map(DeliveryRun::cpu_us_per_delivery).collect();
+        let (lo, hi) = cpu
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), c| (lo.min(*c), hi.max(*c)));
+        let _ = writeln!(
+            out,
+            "  {:<10} {:>5} {:>13.2} {:>15} {:>8.0} {:>10}",
+            t.name(),
+            runs.len(),
+            median(cpu),
+            format!("({lo:.2} - {hi:.2})"),
+            median(runs.iter().map(|r| f64::from(r.latency.p99)).collect()),
+            runs.iter().map(DeliveryRun::loss).sum::<u64>()
+        );
+    }
+    let mut checks = Vec::new();
+    let ratios = |other: Target, value: fn(&DeliveryRun) -> f64| -> Vec<f64> {
+        rounds
+            .iter()
+            .filter_map(|r| {
+                Some(value(&of(r, Target::Patchbay)?) / value(&of(r, other)?).max(1e-9))
+            })
+            .collect()
+    };
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{r:.2}x"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let cpu = DeliveryRun::cpu_us_per_delivery;
+    let p99 = |r: &DeliveryRun| f64::from(r.latency.p99);
+    let mut judge = |what: &str, other: &str, v: Vec<f64>, target: f64| {
+        if v.is_empty() {
+            return;
+        }
+        let m = median(v.clone());
+        let kind = if fan { "fan-out" } else { "targeted" };
+        checks.push(format!(
+            "{kind}: patchbay {what} = {m:.2}x the {other}'s, median of {} rounds ({}): target <= {target}x {}",
+            v.len(),
+            list(&v),
+            met(m <= target)
+        ));
+    };
+    if fan {
+        judge(
+            "CPU per delivery",
+            "floor",
+            ratios(Target::Floor, cpu),
+            1.25,
+        );
+        judge(
+            "CPU per delivery",
+            "reference",
+            ratios(Target::Reference, cpu),
+            1.1,
+        );
+    } else {
+        judge("p99", "reference", ratios(Target::Reference, p99), 1.2);
+    }
+    let pb: Vec<DeliveryRun> = rounds
+        .iter()
+        .filter_map(|r| of(r, Target::Patchbay))
+        .collect();
+    if !pb.is_empty() {
+        let loss: u64 = pb.iter().map(DeliveryRun::loss).sum();
+        let expected: u64 = pb.iter().map(|r| r.expected).sum();
+        checks.push(format!(
+            "{}: patchbay loss {loss} of {expected} over {} rounds: zero loss {}",
+            if fan { "fan-out" } else { "targeted" },
+            pb.len(),
+            met(loss == 0)
+        ));
+    }
+    (out, checks)
+}
+
 fn delivery_checks(
     fan: bool,
     runs: &[Result<DeliveryRun, (Target, String)>],
@@ -1124,24 +1274,33 @@ fn idle_table(clients: usize, runs: &[Result<IdleRun, (Target, String)>]) -> Str
         Ok(run) if run.target == Target::Reference => Some(run.per_connection_kib()),
         _ => None,
     });
-    let mut out = format!("idle memory: {clients} connected, subscribed, silent connections\n");
+    let mut out = format!(
+        "idle memory: {clients} connected, subscribed, silent connections (kernel: the machine's slab and TCP buffer memory, half its growth per connection: one end's share)\n"
+    );
     let _ = writeln!(
         out,
-        "  {:<10} {:>11} {:>13} {:>11} {:>13} {:>10}",
-        "target", "connections", "baseline MiB", "loaded MiB", "KiB per conn", "vs ref"
+        "  {:<10} {:>11} {:>13} {:>11} {:>13} {:>10} {:>16}",
+        "target",
+        "connections",
+        "baseline MiB",
+        "loaded MiB",
+        "KiB per conn",
+        "vs ref",
+        "kernel KiB/conn"
     );
     for r in runs {
         match r {
             Ok(run) => {
                 let _ = writeln!(
                     out,
-                    "  {:<10} {:>11} {:>13.1} {:>11.1} {:>13.2} {:>10}",
+                    "  {:<10} {:>11} {:>13.1} {:>11.1} {:>13.2} {:>10} {:>16.2}",
                     run.target.name(),
                     run.connections,
                     run.baseline_kib as f64 / 1024.0,
                     run.loaded_kib as f64 / 1024.0,
                     run.per_connection_kib(),
-                    reference.map_or("-".into(), |rf| ratio(run.per_connection_kib(), rf))
+                    reference.map_or("-".into(), |rf| ratio(run.per_connection_kib(), rf)),
+                    run.kernel_per_connection_kib()
                 );
                 if run.failed_connects > 0 {
                     let _ = writeln!(

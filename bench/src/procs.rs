@@ -341,6 +341,31 @@ pub fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS:")
 }
 
+/// The kernel's memory that sockets take, machine-wide, in KiB: the slab caches (socket
+/// structures, their files and epoll entries) and the pages of socket buffers (`mem` of TCP
+/// in /proc/net/sockstat). 0 where unreadable.
+pub fn kernel_socket_kib() -> u64 {
+    let slab = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Slab:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let buffer_pages = std::fs::read_to_string("/proc/net/sockstat")
+        .ok()
+        .and_then(|s| {
+            let tcp = s.lines().find(|l| l.starts_with("TCP:"))?.to_owned();
+            let mut words = tcp.split_whitespace();
+            words.find(|w| *w == "mem")?;
+            words.next()?.parse::<u64>().ok()
+        })
+        .unwrap_or(0);
+    slab + buffer_pages * 4
+}
+
 /// The peak resident set size of `pid` so far, in KiB.
 pub fn peak_rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmHWM:")

@@ -619,11 +619,23 @@ pub struct IdleRun {
     pub failed_connects: usize,
     pub baseline_kib: u64,
     pub loaded_kib: u64,
+    /// The kernel's socket memory, machine-wide, before and after connecting
+    /// ([`procs::kernel_socket_kib`]): both ends of every connection are on this machine.
+    pub kernel_before_kib: u64,
+    pub kernel_after_kib: u64,
 }
 
 impl IdleRun {
     pub fn per_connection_kib(&self) -> f64 {
         self.loaded_kib.saturating_sub(self.baseline_kib) as f64 / self.connections.max(1) as f64
+    }
+
+    /// The kernel's memory per connection for one end (the server's): half the growth, as the
+    /// clients' ends are the same kind of idle TCP socket. Machine-wide, so only an estimate.
+    pub fn kernel_per_connection_kib(&self) -> f64 {
+        self.kernel_after_kib.saturating_sub(self.kernel_before_kib) as f64
+            / 2.0
+            / self.connections.max(1) as f64
     }
 }
 
@@ -633,6 +645,7 @@ pub async fn idle(ctx: &Ctx, target: Target, clients: usize) -> Result<IdleRun, 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = server.proc.pid();
     let baseline = procs::rss_kib(pid);
+    let kernel_before = procs::kernel_socket_kib();
     let crowd = Crowd::connect(&server, clients, |_| "bench".into(), 0).await;
     if let Some(e) = &crowd.first_error {
         eprintln!(
@@ -641,6 +654,7 @@ pub async fn idle(ctx: &Ctx, target: Target, clients: usize) -> Result<IdleRun, 
         );
     }
     let loaded = settled_rss_kib(pid).await;
+    let kernel_after = procs::kernel_socket_kib();
     server.proc.check_alive()?;
     let (ready, failed) = (crowd.ready, crowd.failed);
     drop(server);
@@ -652,6 +666,8 @@ pub async fn idle(ctx: &Ctx, target: Target, clients: usize) -> Result<IdleRun, 
         failed_connects: failed,
         baseline_kib: baseline,
         loaded_kib: loaded,
+        kernel_before_kib: kernel_before,
+        kernel_after_kib: kernel_after,
     })
 }
 
