@@ -984,3 +984,36 @@ async fn running_tasks_of_the_previous_function_library_renew_fail_retry_and_are
     assert_eq!(listed[0]["status"], "cancelled");
     assert_eq!(listed[0]["params"], json!({}));
 }
+
+/// The function library reads `P:history` at most once a second for the task steps (a read
+/// per publish was a measurable part of a job's cost): a change of what is kept, as an
+/// instance writes it at start-up, still takes effect for the steps after that second.
+#[tokio::test]
+async fn a_change_of_what_history_keeps_reaches_the_task_steps_within_a_second() {
+    let redis = RedisServer::start().await;
+    let q = queue_on(&redis).await;
+    let _: i64 = redis_cmd(&redis, &["HSET", "patchbay:history", "rooms", ""]).await;
+    let a = enqueue(&q, "a").await;
+    let kept: i64 = redis_cmd(&redis, &["XLEN", &format!("patchbay:h:task:{a}")]).await;
+    assert_eq!(kept, 0, "nothing is kept yet");
+    let _: i64 = redis_cmd(
+        &redis,
+        &[
+            "HSET",
+            "patchbay:history",
+            "rooms",
+            "task:*",
+            "size",
+            "10",
+            "ttl",
+            "60",
+            "keep",
+            "86400",
+        ],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let b = enqueue(&q, "b").await;
+    let kept: i64 = redis_cmd(&redis, &["XLEN", &format!("patchbay:h:task:{b}")]).await;
+    assert_eq!(kept, 1, "the queued state is kept in task:{b}");
+}

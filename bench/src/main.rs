@@ -315,9 +315,9 @@ fn run_tasks_instructions(o: &Opts) -> Result<(), String> {
         "tasks-instructions: {jobs} no-op jobs, {concurrency} worker slots, Redis under callgrind"
     );
     for (name, per_job) in &counts {
-        println!("  {name:<10} {per_job:>12.0} instructions per job");
+        println!("  {name:<20} {per_job:>12.0} instructions per job");
     }
-    if let [(_, pb), (_, bull)] = counts.as_slice() {
+    if let [(_, pb), _, (_, bull)] = counts.as_slice() {
         println!(
             "  patchbay / BullMQ: {:.2}x the instructions per job",
             pb / bull

@@ -112,6 +112,14 @@ pub async fn instructions(
     let pb = counted(Side::Patchbay, jobs, concurrency).await?;
     let pb_empty = counted(Side::Patchbay, 0, concurrency).await?;
     out.push(("patchbay", (pb - pb_empty) as f64 / jobs as f64));
+    // The same with patchbay's default history settings written, as an instance does: each
+    // step's TASK_PROGRESS is also appended to the task's room (reported apart: the issue's
+    // target is for the queue's own commands).
+    let history = counted(Side::PatchbayHistory, jobs, concurrency).await?;
+    out.push((
+        "patchbay, history on",
+        (history - pb_empty) as f64 / jobs as f64,
+    ));
     if let Some(dir) = bullmq_dir {
         let bull = counted(Side::Bullmq(dir), jobs, concurrency).await?;
         let empty = counted(Side::Bullmq(dir), 0, concurrency).await?;
@@ -122,6 +130,8 @@ pub async fn instructions(
 
 enum Side<'a> {
     Patchbay,
+    /// With `task:* user:*` kept in history.
+    PatchbayHistory,
     Bullmq(&'a Path),
 }
 
@@ -144,7 +154,21 @@ async fn counted(side: Side<'_>, jobs: u64, concurrency: usize) -> Result<u64, S
         .await
         .map_err(|e| format!("{e} (this needs valgrind: apt-get install valgrind)"))?;
     let conn = connect(&url).await?;
-    if let Side::Patchbay = side {
+    if let Side::PatchbayHistory = side {
+        let mut config = redis::cmd("HSET");
+        config.arg("patchbay:history").arg(&[
+            "rooms",
+            "task:* user:*",
+            "size",
+            "100",
+            "ttl",
+            "300",
+            "keep",
+            "86400",
+        ]);
+        cmd(&conn, &mut config).await?;
+    }
+    if let Side::Patchbay | Side::PatchbayHistory = side {
         load_functions(&conn).await?;
         patchbay_side(&url, jobs, concurrency, None).await?;
     } else if let Side::Bullmq(dir) = side

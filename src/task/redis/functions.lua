@@ -43,9 +43,22 @@ local FINAL = { succeeded = true, failed = true, cancelled = true, lost = true }
 -- Each step reads only the fields it needs (HMGET) and writes only those it changes: the Lua
 -- around the Redis calls, not the calls, is most of what a step costs.
 
+-- An integer as a string. Lua's own number-to-string conversion (`..`, tostring, a number
+-- passed to redis.call) formats a double with `%.14g`, several times the instructions of an
+-- integer's `%d`: the hot steps pass integers as strings made here.
+local function int(n)
+  return string.format('%d', n)
+end
+
+-- The time the running call last read (ms), nil until it reads it: every entry point below
+-- starts with `entered`, which forgets the last call's.
+local call_ms = nil
+
 local function now()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), tonumber(t[2])
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  call_ms = ms
+  return ms, tonumber(t[2])
 end
 
 -- The last second formatted, kept between calls: most steps fall in the same second.
@@ -175,10 +188,12 @@ local function server_run()
 end
 
 local cached_rooms, cached_patterns = nil, {}
--- What P:history says: the patterns, size, ttl and keep; nil when nothing keeps history.
-local function history_config(P)
-  local c = redis.call('HMGET', P .. ':history', 'rooms', 'size', 'ttl', 'keep')
-  if not c[1] or c[1] == '' then return nil end
+-- P -> { at = ms, cfg = config or false }: what history_config read last for P.
+local config_cache = {}
+
+-- The config in P:history's fields (rooms, size, ttl, keep), its patterns parsed once per
+-- change.
+local function history_parse(c)
   if c[1] ~= cached_rooms then
     local patterns = {}
     for p in string.gmatch(c[1], '%S+') do
@@ -194,6 +209,24 @@ local function history_config(P)
     ttl = tonumber(c[3]) or 300, keep = tonumber(c[4]) or 86400 }
 end
 
+-- What P:history says: the patterns, size, ttl and keep; nil when nothing keeps history.
+-- A call that has read the time (every task step, before it publishes) reuses what was read
+-- less than a second before: patchbay writes P:history at start-up and again every few
+-- seconds, and reading it for each publish was about 4% of the instructions of a job.
+local function history_config(P)
+  local cached = call_ms and config_cache[P]
+  if cached and call_ms >= cached.at and call_ms - cached.at < 1000 then
+    return cached.cfg or nil
+  end
+  local cfg = nil
+  local c = redis.call('HMGET', P .. ':history', 'rooms', 'size', 'ttl', 'keep')
+  if c[1] and c[1] ~= '' then
+    cfg = history_parse(c)
+  end
+  if call_ms then config_cache[P] = { at = call_ms, cfg = cfg or false } end
+  return cfg
+end
+
 local function keeps(cfg, room)
   for _, p in ipairs(cfg.patterns) do
     if p.prefix then
@@ -205,28 +238,35 @@ local function keeps(cfg, room)
   return false
 end
 
--- Where room R stands, its meta made (or renewed, on another server) when needed:
--- epoch, top, and the keys.
-local function room_position(P, room, cfg)
+-- Where room R stands: epoch, top, the keys, and `true` when the room is new on this Redis
+-- server (a new epoch; its old stream, if any, dropped). A new room's meta is written here
+-- when `write_new`, else by the caller with its first append (one write, not two).
+local function room_position(P, room, cfg, write_new)
   local mk, sk = P .. ':hm:' .. room, P .. ':h:' .. room
   local m = redis.call('HMGET', mk, 'epoch', 'top', 'run')
   local run = server_run()
   if m[1] and m[3] == run then return m[1], tonumber(m[2]) or 0, mk, sk end
-  local epoch = string.sub(run, 1, 12) .. '-' .. redis.call('INCR', P .. ':hseq')
+  local epoch = string.sub(run, 1, 12) .. '-' .. int(redis.call('INCR', P .. ':hseq'))
   redis.call('DEL', sk)
-  redis.call('HSET', mk, 'epoch', epoch, 'top', 0, 'run', run)
-  redis.call('EXPIRE', mk, cfg.keep)
-  return epoch, 0, mk, sk
+  if write_new then
+    redis.call('HSET', mk, 'epoch', epoch, 'top', '0', 'run', run)
+    redis.call('EXPIRE', mk, int(cfg.keep))
+  end
+  return epoch, 0, mk, sk, true
 end
 
 -- Stores `action` (with meta.id `id`) in `room`: its epoch and offset.
 local function append(P, room, id, action, cfg)
-  local epoch, top, mk, sk = room_position(P, room, cfg)
+  local epoch, top, mk, sk, new = room_position(P, room, cfg, false)
   top = top + 1
-  redis.call('XADD', sk, 'MAXLEN', cfg.size, top .. '-0', 'i', id, 'a', action)
-  redis.call('EXPIRE', sk, cfg.ttl)
-  redis.call('HSET', mk, 'top', top)
-  redis.call('EXPIRE', mk, cfg.keep)
+  redis.call('XADD', sk, 'MAXLEN', int(cfg.size), int(top) .. '-0', 'i', id, 'a', action)
+  redis.call('EXPIRE', sk, int(cfg.ttl))
+  if new then
+    redis.call('HSET', mk, 'epoch', epoch, 'top', int(top), 'run', server_run())
+  else
+    redis.call('HSET', mk, 'top', int(top))
+  end
+  redis.call('EXPIRE', mk, int(cfg.keep))
   return epoch, top
 end
 
@@ -237,14 +277,18 @@ local FINAL_JSON = { succeeded = true, failed = true, cancelled = true, lost = t
 -- publishes the envelope on every room's channel. A `user:` room keeps only a task's final
 -- state: its progress is kept in `task:<id>`. `except` (a JSON array of rooms, or nil): the
 -- members of those rooms do not get it (in the envelope; history keeps the action only).
-local function publish_stored(P, id, action, rooms, decoded, except)
+-- `task_status`: a task step's TASK_PROGRESS, with the task's status (nothing to decode).
+local function publish_stored(P, id, action, rooms, decoded, except, task_status)
   local cfg = history_config(P)
-  local positions = {}
+  local positions = ''
   if cfg then
+    local stored = {}
     for _, room in ipairs(rooms) do
       if keeps(cfg, room) then
         local stores = true
-        if string.sub(room, 1, 5) == 'user:' and string.find(action, 'TASK_PROGRESS', 1, true) then
+        if task_status then
+          stores = string.sub(room, 1, 5) ~= 'user:' or FINAL_JSON[task_status] == true
+        elseif string.sub(room, 1, 5) == 'user:' and string.find(action, 'TASK_PROGRESS', 1, true) then
           decoded = decoded or cjson.decode(action)
           if decoded.type == 'TASK_PROGRESS' then
             local status = type(decoded.payload) == 'table' and decoded.payload.status
@@ -253,20 +297,24 @@ local function publish_stored(P, id, action, rooms, decoded, except)
         end
         if stores then
           local epoch, offset = append(P, room, id, action, cfg)
-          positions[#positions + 1] = cjson.encode(room) .. ':"' .. epoch .. ':' .. offset .. '"'
+          stored[#stored + 1] = cjson.encode(room) .. ':"' .. epoch .. ':' .. int(offset) .. '"'
         end
       end
     end
+    positions = table.concat(stored, ',')
   end
-  local names = {}
-  for i, room in ipairs(rooms) do names[i] = cjson.encode(room) end
-  local envelope = '{"id":' .. cjson.encode(id) .. ',"rooms":[' .. table.concat(names, ',') ..
-    '],"action":' .. action .. ',"positions":{' .. table.concat(positions, ',') .. '}' ..
-    (except and (',"except":' .. except) or '') .. '}'
+  local names = cjson.encode(rooms[1])
+  if #rooms > 1 then
+    local quoted = {}
+    for i, room in ipairs(rooms) do quoted[i] = cjson.encode(room) end
+    names = table.concat(quoted, ',')
+  end
+  local envelope = '{"id":' .. cjson.encode(id) .. ',"rooms":[' .. names .. '],"action":' .. action ..
+    ',"positions":{' .. positions .. '}' .. (except and (',"except":' .. except) or '') .. '}'
   for _, room in ipairs(rooms) do
     redis.call('PUBLISH', P .. ':room:' .. room, envelope)
   end
-  return '{' .. table.concat(positions, ',') .. '}'
+  return '{' .. positions .. '}'
 end
 
 -- publish: KEYS[1] = P:history; ARGV = dedupe, id, action, room, [room...]. Publishes a
@@ -327,7 +375,7 @@ local function read_fn(keys, args)
   local P = string.sub(keys[1], 1, -9)
   local cfg = history_config(P) or { keep = 86400 }
   local room, after, limit = args[1], tonumber(args[2]) or 0, tonumber(args[3]) or 0
-  local epoch, top, _, sk = room_position(P, room, cfg)
+  local epoch, top, _, sk = room_position(P, room, cfg, true)
   local first = redis.call('XRANGE', sk, '-', '+', 'COUNT', 1)
   local oldest = top + 1
   if #first > 0 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
@@ -351,10 +399,10 @@ end
 -- delivers it once per connection), stored in the rooms that keep history.
 local function publish(P, key, id, owner, json, status)
   local action = '{"type":"TASK_PROGRESS","payload":' .. json .. '}'
-  local v = redis.call('HINCRBY', key, 'v', 1)
+  local v = int(redis.call('HINCRBY', key, 'v', '1'))
   local rooms = { 'task:' .. id }
   if owner ~= '' then rooms[2] = 'user:' .. owner end
-  publish_stored(P, 'task/' .. id .. '/' .. v, action, rooms, { type = 'TASK_PROGRESS', payload = { status = status } })
+  publish_stored(P, 'task/' .. id .. '/' .. v, action, rooms, nil, nil, status)
 end
 
 -- Creates the stream and its group when the stream does not exist (a fresh queue, or Redis
@@ -379,7 +427,7 @@ end
 local function finalize(P, key, id, queue, scope, req, status, retention)
   redis.call('SREM', P .. ':active:' .. queue .. ':' .. scope, id)
   redis.call('ZREM', P .. ':leases:' .. queue, id)
-  redis.call('HINCRBY', P .. ':stats:' .. queue, status, 1)
+  redis.call('HINCRBY', P .. ':stats:' .. queue, status, '1')
   redis.call('EXPIRE', key, retention)
   if req then redis.call('EXPIRE', req, retention) end
 end
@@ -441,8 +489,8 @@ local function enqueue(keys, args)
       if redis.call('EXISTS', P .. ':task:' .. old) == 0 then redis.call('ZREM', list, old) end
     end
   end
-  redis.call('ZADD', list, seq, id)
-  redis.call('EXPIRE', list, tonumber(args[11]) + 86400)
+  redis.call('ZADD', list, int(seq), id)
+  redis.call('EXPIRE', list, int(tonumber(args[11]) + 86400))
   redis.call('HSET', key, 'head', head,
     'cfg', args[7] .. ' ' .. args[8] .. ' ' .. args[9] .. ' ' .. args[10] .. ' ' .. args[11],
     'owner', owner, 'queue', queue, 'scope', scope, 'req', req,
@@ -468,10 +516,10 @@ local function start(keys, args)
   local ms = now()
   local timeout, lease = string.match(f[5], '^%d+ (%d+) (%d+)')
   lease = tonumber(lease)
-  local attempts = tostring(tonumber(f[6]) + 1)
+  local attempts = int(tonumber(f[6]) + 1)
   local updated = rfc3339(ms)
-  local token = tostring(redis.call('INCR', P .. ':seq'))
-  local lease_end = tostring(ms + lease)
+  local token = int(redis.call('INCR', P .. ':seq'))
+  local lease_end = int(ms + lease)
   redis.call('ZADD', P .. ':leases:' .. f[4], lease_end, id)
   redis.call('HSET', keys[1], 'status', 'running', 'attempts', attempts, 'updated', updated,
     'token', token, 'until', lease_end, 'consumer', args[2])
@@ -485,7 +533,7 @@ local function renew(keys, args)
   local P = prefix_of(keys[1], 'task')
   local f, err = held(keys[1], args[1], { 'head', 'status', 'token', 'queue', 'cfg', 'cancel' })
   if not f then return err end
-  local lease_end = tostring(now() + lease_of(f[5]))
+  local lease_end = int(now() + lease_of(f[5]))
   redis.call('HSET', keys[1], 'until', lease_end)
   redis.call('ZADD', P .. ':leases:' .. f[4], lease_end, id_of(P, keys[1]))
   return f[6] == '1' and 1 or 0
@@ -597,7 +645,7 @@ local function handback(keys, args)
   if f[13] == '1' then
     return end_attempt(P, keys[1], f, ms, usec, 'cancelled', f[12], f[11])
   end
-  local attempts = tostring(math.max(tonumber(f[12]) - 1, 0))
+  local attempts = int(math.max(tonumber(f[12]) - 1, 0))
   return end_attempt(P, keys[1], f, ms, usec, 'queued', attempts, f[11])
 end
 
@@ -966,32 +1014,40 @@ end
 
 -- The library's version: patchbay loads it only over an older one. Raise it (and
 -- FUNCTIONS_VERSION in mod.rs) with every change.
-local function version() return 7 end
+local function version() return 8 end
 
-redis.register_function('patchbay_enqueue', enqueue)
-redis.register_function('patchbay_start', start)
-redis.register_function('patchbay_renew', renew)
-redis.register_function('patchbay_progress', progress)
-redis.register_function('patchbay_succeed', succeed)
-redis.register_function('patchbay_fail', fail)
-redis.register_function('patchbay_handback', handback)
-redis.register_function{ function_name = 'patchbay_get', callback = get, flags = { 'no-writes' } }
-redis.register_function('patchbay_cancel', cancel)
-redis.register_function{ function_name = 'patchbay_list', callback = list, flags = { 'no-writes' } }
-redis.register_function('patchbay_promote', promote)
-redis.register_function('patchbay_reap', reap)
-redis.register_function('patchbay_reclaim', reclaim)
-redis.register_function('patchbay_sweep', sweep)
-redis.register_function('patchbay_trim', trim)
-redis.register_function('patchbay_retire', retire)
-redis.register_function{ function_name = 'patchbay_stats', callback = stats, flags = { 'no-writes' } }
-redis.register_function('patchbay_version', version)
-redis.register_function('patchbay_publish', publish_fn)
-redis.register_function('patchbay_publish_except', publish_except_fn)
-redis.register_function('patchbay_read', read_fn)
-redis.register_function('patchbay_presence_join', presence_join)
-redis.register_function('patchbay_presence_leave', presence_leave)
-redis.register_function('patchbay_presence_set', presence_set)
-redis.register_function{ function_name = 'patchbay_presence_get', callback = presence_get, flags = { 'no-writes' } }
-redis.register_function('patchbay_presence_renew', presence_renew)
-redis.register_function('patchbay_presence_sweep', presence_sweep)
+-- Every entry point: the time read by the previous call is forgotten.
+local function entry(fn)
+  return function(keys, args)
+    call_ms = nil
+    return fn(keys, args)
+  end
+end
+
+redis.register_function('patchbay_enqueue', entry(enqueue))
+redis.register_function('patchbay_start', entry(start))
+redis.register_function('patchbay_renew', entry(renew))
+redis.register_function('patchbay_progress', entry(progress))
+redis.register_function('patchbay_succeed', entry(succeed))
+redis.register_function('patchbay_fail', entry(fail))
+redis.register_function('patchbay_handback', entry(handback))
+redis.register_function{ function_name = 'patchbay_get', callback = entry(get), flags = { 'no-writes' } }
+redis.register_function('patchbay_cancel', entry(cancel))
+redis.register_function{ function_name = 'patchbay_list', callback = entry(list), flags = { 'no-writes' } }
+redis.register_function('patchbay_promote', entry(promote))
+redis.register_function('patchbay_reap', entry(reap))
+redis.register_function('patchbay_reclaim', entry(reclaim))
+redis.register_function('patchbay_sweep', entry(sweep))
+redis.register_function('patchbay_trim', entry(trim))
+redis.register_function('patchbay_retire', entry(retire))
+redis.register_function{ function_name = 'patchbay_stats', callback = entry(stats), flags = { 'no-writes' } }
+redis.register_function('patchbay_version', entry(version))
+redis.register_function('patchbay_publish', entry(publish_fn))
+redis.register_function('patchbay_publish_except', entry(publish_except_fn))
+redis.register_function('patchbay_read', entry(read_fn))
+redis.register_function('patchbay_presence_join', entry(presence_join))
+redis.register_function('patchbay_presence_leave', entry(presence_leave))
+redis.register_function('patchbay_presence_set', entry(presence_set))
+redis.register_function{ function_name = 'patchbay_presence_get', callback = entry(presence_get), flags = { 'no-writes' } }
+redis.register_function('patchbay_presence_renew', entry(presence_renew))
+redis.register_function('patchbay_presence_sweep', entry(presence_sweep))
