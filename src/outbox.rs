@@ -151,8 +151,14 @@ impl Closer {
 }
 
 /// A connection's [`Closer`], held apart from its outbox ([`Outbox::close_signal`]).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CloseSignal(Arc<Queue>);
+
+impl std::fmt::Debug for CloseSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CloseSignal").field(&self.0.closer).finish()
+    }
+}
 
 impl std::ops::Deref for CloseSignal {
     type Target = Closer;

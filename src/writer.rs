@@ -23,20 +23,23 @@ use crate::outbox::{Flush, Inbox, Item, Wire};
 /// How long closing may take in all (queued frames, then the close frame) before the socket
 /// is dropped.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most frames written by one `writev`.
+/// Most frames written by one `sendmsg`.
 const MAX_BATCH: usize = 64;
 /// The longest frame header: 2 bytes and a 64-bit length.
 const MAX_HEADER: usize = 10;
-/// The largest text copied behind its header for one `send` rather than written with `writev`.
+/// The largest text copied behind its header for one `send` rather than written as two pieces
+/// with `sendmsg`.
 const COPY_LIMIT: usize = 1024;
 /// A ping with no payload.
 const PING: &[u8] = &[0x89, 0x00];
 
 /// The write half of a websocket's TCP socket.
 ///
-/// Frames are written with `send` on the descriptor itself, not through tokio's
-/// `try_write`: tokio's readiness flag lives in an allocation of its own, one more cache miss
-/// per recipient of a fan-out, and a send that would block needs no bookkeeping there. Only
+/// Frames are written with `send` on the descriptor itself, not through tokio's `try_write`:
+/// tokio's readiness flag lives in an allocation of its own, one more cache miss per
+/// recipient of a fan-out, and a send that would block needs no bookkeeping there (with
+/// `MSG_NOSIGNAL`: a client's reset is an error, never a SIGPIPE, whatever the embedding
+/// program does with that signal). Only
 /// the flush task, which waits for the socket, goes through tokio ([`WsWire::flush_ready`]),
 /// so the readiness it waits on is cleared when a send would block.
 #[derive(Debug)]
@@ -133,12 +136,13 @@ impl Wire for WsWire {
     fn try_write(&self, first: &[Item], then: &[Item], skip: usize) -> io::Result<usize> {
         let written = match (first, then) {
             // One small frame, the fan-out's case: copied whole behind its header and written
-            // with one `send`, cheaper in the kernel than a `writev` of two pieces.
+            // with one `send`, cheaper in the kernel than a `sendmsg` of two pieces.
             ([Item::Text(text)], []) if text.len() <= COPY_LIMIT => {
                 let mut frame = [0u8; MAX_HEADER + COPY_LIMIT];
                 let n = text_header(text.len(), &mut frame);
                 frame[n..n + text.len()].copy_from_slice(text.as_bytes());
-                socket2::SockRef::from(&self.raw()).send(&frame[skip..n + text.len()])
+                socket2::SockRef::from(&self.raw())
+                    .send_with_flags(&frame[skip..n + text.len()], libc::MSG_NOSIGNAL)
             }
             _ => self.write_vectored(first, then, skip),
         };
@@ -176,7 +180,7 @@ async fn flush_when_writable(wire: Arc<WsWire>, flush: Flush) {
 }
 
 impl WsWire {
-    /// Writes up to [`MAX_BATCH`] frames with one `writev`, each as its header and its text.
+    /// Writes up to [`MAX_BATCH`] frames with one `sendmsg`, each as its header and its text.
     fn write_vectored(&self, first: &[Item], then: &[Item], skip: usize) -> io::Result<usize> {
         let items = first.iter().chain(then).take(MAX_BATCH);
         let mut headers = [[0u8; MAX_HEADER]; MAX_BATCH];
@@ -203,7 +207,7 @@ impl WsWire {
         }
         let mut slices = &mut slices[..used];
         IoSlice::advance_slices(&mut slices, skip);
-        socket2::SockRef::from(&self.raw()).send_vectored(slices)
+        socket2::SockRef::from(&self.raw()).send_vectored_with_flags(slices, libc::MSG_NOSIGNAL)
     }
 }
 

@@ -557,7 +557,7 @@ async fn run(
                     rounds.push(runs);
                 }
                 if repeat > 1 {
-                    let (summary, round_checks) = rounds_summary(fan, &rounds);
+                    let (summary, round_checks) = rounds_summary(fan, &rounds, &mut fanout_p99);
                     println!("{summary}");
                     checks.extend(round_checks);
                 }
@@ -1075,6 +1075,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn rounds_summary(
     fan: bool,
     rounds: &[Vec<Result<DeliveryRun, (Target, String)>>],
+    fanout_p99: &mut Option<(f64, u32)>,
 ) -> (String, Vec<String>) {
     let of = |runs: &[Result<DeliveryRun, (Target, String)>], t: Target| {
         runs.iter().find_map(|r| match r {
@@ -1174,6 +1175,14 @@ fn rounds_summary(
         .filter_map(|r| of(r, Target::Patchbay))
         .collect();
     if !pb.is_empty() {
+        // The rounds' medians stand for the scenario in the check that compares the two.
+        let rate = median(pb.iter().map(DeliveryRun::per_sec).collect());
+        let p99 = median(pb.iter().map(|r| f64::from(r.latency.p99)).collect()) as u32;
+        if fan {
+            *fanout_p99 = Some((rate, p99));
+        } else {
+            checks.push(targeted_against_fanout(p99, rate, *fanout_p99));
+        }
         let loss: u64 = pb.iter().map(DeliveryRun::loss).sum();
         let expected: u64 = pb.iter().map(|r| r.expected).sum();
         checks.push(format!(
@@ -1184,6 +1193,23 @@ fn rounds_summary(
         ));
     }
     (out, checks)
+}
+
+/// Targeted delivery's p99 (`p99` µs at `rate` deliveries/s) against the fan-out's, when the
+/// fan-out ran in the same invocation.
+fn targeted_against_fanout(p99: u32, rate: f64, fanout: Option<(f64, u32)>) -> String {
+    match fanout {
+        Some((fan_rate, fan_p99)) => {
+            let r = f64::from(p99) / f64::from(fan_p99.max(1));
+            format!(
+                "targeted: patchbay p99 {p99} µs at {rate:.0} deliveries/s = {r:.2}x the fan-out's {fan_p99} µs at {fan_rate:.0}/s: target <= 2x {}",
+                met(r <= 2.0)
+            )
+        }
+        None => format!(
+            "targeted: patchbay p99 {p99} µs at {rate:.0} deliveries/s (run `all` to compare it with the fan-out's)"
+        ),
+    }
 }
 
 fn delivery_checks(
@@ -1243,21 +1269,19 @@ fn delivery_checks(
             met(pb.loss() == 0)
         ));
     } else {
-        match fanout_p99 {
-            Some((rate, p99)) => {
-                let r = pb.latency.p99 as f64 / (*p99).max(1) as f64;
-                checks.push(format!(
-                    "targeted: patchbay p99 {} µs at {:.0} deliveries/s = {r:.2}x the fan-out's {p99} µs at {rate:.0}/s: target <= 2x {}",
-                    pb.latency.p99,
-                    pb.per_sec(),
-                    met(r <= 2.0)
-                ));
-            }
-            None => checks.push(format!(
-                "targeted: patchbay p99 {} µs at {:.0} deliveries/s (run `all` to compare it with the fan-out's)",
+        checks.push(targeted_against_fanout(
+            pb.latency.p99,
+            pb.per_sec(),
+            *fanout_p99,
+        ));
+        if let Some(rf) = get(Target::Reference) {
+            let r = f64::from(pb.latency.p99) / f64::from(rf.latency.p99.max(1));
+            checks.push(format!(
+                "targeted: patchbay p99 {} µs = {r:.2}x the reference's {} µs: target <= 1.2x {}",
                 pb.latency.p99,
-                pb.per_sec()
-            )),
+                rf.latency.p99,
+                met(r <= 1.2)
+            ));
         }
         checks.push(format!(
             "targeted: patchbay loss {} of {}: zero loss {}",

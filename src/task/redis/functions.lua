@@ -51,7 +51,7 @@ local function int(n)
 end
 
 -- The time the running call last read (ms), nil until it reads it: every entry point below
--- starts with `entered`, which forgets the last call's.
+-- is wrapped by `entry`, which forgets the last call's.
 local call_ms = nil
 
 local function now()
@@ -188,7 +188,8 @@ local function server_run()
 end
 
 local cached_rooms, cached_patterns = nil, {}
--- P -> { at = ms, cfg = config or false }: what history_config read last for P.
+-- P -> { at = ms, cfg = config or false }: what history_config read last for P. The Lua
+-- state is the server's, not a database's: one prefix belongs to one deployment per server.
 local config_cache = {}
 
 -- The config in P:history's fields (rooms, size, ttl, keep), its patterns parsed once per
