@@ -413,6 +413,20 @@ impl Metrics {
     }
 }
 
+/// The fields of a `/proc/<pid>/stat` (or `/proc/<pid>/task/<tid>/stat`) line after the
+/// command name, which may hold spaces, in parentheses: proc(5)'s field n is at n - 3.
+pub(crate) fn stat_fields(stat: &str) -> Vec<&str> {
+    stat.rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default()
+}
+
+/// Clock ticks per second: the unit of the CPU times in a `stat` line.
+pub(crate) fn clock_ticks() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
 /// The process's resident memory, CPU time, file descriptors and start time, read from
 /// `/proc` at scrape time (nothing is reported where there is no `/proc`).
 #[derive(Debug)]
@@ -423,15 +437,10 @@ impl Collector for Process {
         let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
             return Ok(());
         };
-        // Fields after the command name, which may hold spaces, in parentheses.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
+        let fields = stat_fields(&stat);
         let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+        let ticks = clock_ticks();
         // SAFETY: sysconf only reads a configuration value.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        // SAFETY: as above.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
         if let (Some(utime), Some(stime)) = (field(14), field(15)) {
             let cpu = ConstCounter::new((utime + stime) as f64 / ticks);

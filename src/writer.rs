@@ -39,13 +39,14 @@ const PING: &[u8] = &[0x89, 0x00];
 /// tokio's readiness flag lives in an allocation of its own, one more cache miss per
 /// recipient of a fan-out, and a send that would block needs no bookkeeping there (with
 /// `MSG_NOSIGNAL`: a client's reset is an error, never a SIGPIPE, whatever the embedding
-/// program does with that signal). Only
-/// the flush task, which waits for the socket, goes through tokio ([`WsWire::flush_ready`]),
-/// so the readiness it waits on is cleared when a send would block.
+/// program does with that signal). Only the flush task, which waits for the socket, goes
+/// through tokio ([`WsWire::flush_ready`]), so the readiness it waits on is cleared when a
+/// send would block.
 #[derive(Debug)]
 pub struct WsWire {
     /// `socket`'s descriptor, valid as long as `socket` lives (it closes when both halves
-    /// are dropped, and this one is dropped with the wire).
+    /// are dropped, and this one is dropped with the wire). Kept here, next to the rest of
+    /// the wire: reading it through `socket` is one more pointer to follow per send.
     fd: RawFd,
     socket: OwnedWriteHalf,
     /// Where flush tasks run: frames can be queued from any thread.
@@ -329,8 +330,6 @@ mod tests {
 
     /// The CPU time (user and system) of this process's threads named `name`.
     fn threads_cpu(name: &str) -> Duration {
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
         let mut ticks = 0;
         for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
@@ -338,14 +337,16 @@ mod tests {
                 continue;
             }
             let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-            let Some(end) = stat.rfind(')') else { continue };
-            let fields: Vec<u64> = stat[end + 1..]
-                .split_whitespace()
-                .map(|f| f.parse().unwrap_or(0))
-                .collect();
-            ticks += fields[11] + fields[12];
+            let fields = crate::metrics::stat_fields(&stat);
+            // utime and stime, proc(5)'s fields 14 and 15.
+            for n in [14, 15] {
+                ticks += fields
+                    .get(n - 3)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
         }
-        Duration::from_millis(ticks * 1000 / hz)
+        Duration::from_secs_f64(ticks as f64 / crate::metrics::clock_ticks())
     }
 
     /// Frames are written from the queuing thread without tokio's bookkeeping, so the flush

@@ -978,11 +978,14 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
+/// Target `t`'s run among `runs`, if it ran.
+fn run_of(runs: &[Result<DeliveryRun, (Target, String)>], t: Target) -> Option<&DeliveryRun> {
+    runs.iter()
+        .find_map(|r| r.as_ref().ok().filter(|run| run.target == t))
+}
+
 fn delivery_table(title: &str, runs: &[Result<DeliveryRun, (Target, String)>]) -> String {
-    let reference = runs.iter().find_map(|r| match r {
-        Ok(run) if run.target == Target::Reference => Some(run.clone()),
-        _ => None,
-    });
+    let reference = run_of(runs, Target::Reference);
     let mut out = format!("{title}\n");
     let _ = writeln!(
         out,
@@ -1077,12 +1080,6 @@ fn rounds_summary(
     rounds: &[Vec<Result<DeliveryRun, (Target, String)>>],
     fanout_p99: &mut Option<(f64, u32)>,
 ) -> (String, Vec<String>) {
-    let of = |runs: &[Result<DeliveryRun, (Target, String)>], t: Target| {
-        runs.iter().find_map(|r| match r {
-            Ok(run) if run.target == t => Some(run.clone()),
-            _ => None,
-        })
-    };
     let mut out = format!(
         "over {} rounds (medians; a ratio is the median of the rounds' ratios)\n",
         rounds.len()
@@ -1104,12 +1101,16 @@ fn rounds_summary(
         })
         .unwrap_or_default();
     for &t in &targets {
-        let runs: Vec<DeliveryRun> = rounds.iter().filter_map(|r| of(r, t)).collect();
+        let runs: Vec<&DeliveryRun> = rounds.iter().filter_map(|r| run_of(r, t)).collect();
         if runs.is_empty() {
             let _ = writeln!(out, "  {:<10} {:>5}", t.name(), 0);
             continue;
         }
-        let cpu: Vec<f64> = runs.iter().map(DeliveryRun::cpu_us_per_delivery).collect();
+        let cpu: Vec<f64> = runs
+            .iter()
+            .copied()
+            .map(DeliveryRun::cpu_us_per_delivery)
+            .collect();
         let (lo, hi) = cpu
             .iter()
             .fold((f64::MAX, f64::MIN), |(lo, hi), c| (lo.min(*c), hi.max(*c)));
@@ -1121,7 +1122,7 @@ fn rounds_summary(
             median(cpu),
             format!("({lo:.2} - {hi:.2})"),
             median(runs.iter().map(|r| f64::from(r.latency.p99)).collect()),
-            runs.iter().map(DeliveryRun::loss).sum::<u64>()
+            runs.iter().copied().map(DeliveryRun::loss).sum::<u64>()
         );
     }
     let mut checks = Vec::new();
@@ -1129,7 +1130,7 @@ fn rounds_summary(
         rounds
             .iter()
             .filter_map(|r| {
-                Some(value(&of(r, Target::Patchbay)?) / value(&of(r, other)?).max(1e-9))
+                Some(value(run_of(r, Target::Patchbay)?) / value(run_of(r, other)?).max(1e-9))
             })
             .collect()
     };
@@ -1170,20 +1171,20 @@ fn rounds_summary(
     } else {
         judge("p99", "reference", ratios(Target::Reference, p99), 1.2);
     }
-    let pb: Vec<DeliveryRun> = rounds
+    let pb: Vec<&DeliveryRun> = rounds
         .iter()
-        .filter_map(|r| of(r, Target::Patchbay))
+        .filter_map(|r| run_of(r, Target::Patchbay))
         .collect();
     if !pb.is_empty() {
         // The rounds' medians stand for the scenario in the check that compares the two.
-        let rate = median(pb.iter().map(DeliveryRun::per_sec).collect());
+        let rate = median(pb.iter().copied().map(DeliveryRun::per_sec).collect());
         let p99 = median(pb.iter().map(|r| f64::from(r.latency.p99)).collect()) as u32;
         if fan {
             *fanout_p99 = Some((rate, p99));
         } else {
             checks.push(targeted_against_fanout(p99, rate, *fanout_p99));
         }
-        let loss: u64 = pb.iter().map(DeliveryRun::loss).sum();
+        let loss: u64 = pb.iter().copied().map(DeliveryRun::loss).sum();
         let expected: u64 = pb.iter().map(|r| r.expected).sum();
         checks.push(format!(
             "{}: patchbay loss {loss} of {expected} over {} rounds: zero loss {}",
@@ -1217,12 +1218,7 @@ fn delivery_checks(
     runs: &[Result<DeliveryRun, (Target, String)>],
     fanout_p99: &mut Option<(f64, u32)>,
 ) -> Vec<String> {
-    let get = |t: Target| {
-        runs.iter().find_map(|r| match r {
-            Ok(run) if run.target == t => Some(run),
-            _ => None,
-        })
-    };
+    let get = |t: Target| run_of(runs, t);
     let mut checks = Vec::new();
     let Some(pb) = get(Target::Patchbay) else {
         return checks;

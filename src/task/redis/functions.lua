@@ -271,32 +271,20 @@ local function append(P, room, id, action, cfg)
   return epoch, top
 end
 
-local FINAL_JSON = { succeeded = true, failed = true, cancelled = true, lost = true }
-
--- Appends `action` (already checked: an object with a string `type`; `decoded` is it
--- decoded, or nil to decode when needed) to the rooms among `rooms` that store it, and
--- publishes the envelope on every room's channel. A `user:` room keeps only a task's final
+-- Appends `action` (already checked: an object with a string `type`) to the rooms among
+-- `rooms` that store it, and publishes the envelope on every room's channel. A `user:` room keeps only a task's final
 -- state: its progress is kept in `task:<id>`. `except` (a JSON array of rooms, or nil): the
 -- members of those rooms do not get it (in the envelope; history keeps the action only).
--- `task_status`: a task step's TASK_PROGRESS, with the task's status (nothing to decode).
-local function publish_stored(P, id, action, rooms, decoded, except, task_status)
+-- `progress`: for a TASK_PROGRESS, its task's status (false when it names none); nil for any
+-- other action.
+local function publish_stored(P, id, action, rooms, except, progress)
   local cfg = history_config(P)
   local positions = ''
   if cfg then
     local stored = {}
     for _, room in ipairs(rooms) do
       if keeps(cfg, room) then
-        local stores = true
-        if task_status then
-          stores = string.sub(room, 1, 5) ~= 'user:' or FINAL_JSON[task_status] == true
-        elseif string.sub(room, 1, 5) == 'user:' and string.find(action, 'TASK_PROGRESS', 1, true) then
-          decoded = decoded or cjson.decode(action)
-          if decoded.type == 'TASK_PROGRESS' then
-            local status = type(decoded.payload) == 'table' and decoded.payload.status
-            stores = FINAL_JSON[status] == true
-          end
-        end
-        if stores then
+        if progress == nil or string.sub(room, 1, 5) ~= 'user:' or FINAL[progress] == true then
           local epoch, offset = append(P, room, id, action, cfg)
           stored[#stored + 1] = cjson.encode(room) .. ':"' .. epoch .. ':' .. int(offset) .. '"'
         end
@@ -346,7 +334,11 @@ local function publish_rooms(keys, args, except)
     if not redis.call('SET', key, '1', 'NX', 'EX', 60) then return nil end
   end
   if id == '' then id = string.sub(server_run(), 1, 12) .. '-' .. redis.call('INCR', P .. ':hseq') end
-  return publish_stored(P, id, action, rooms, decoded, except)
+  local progress = nil
+  if decoded.type == 'TASK_PROGRESS' then
+    progress = type(decoded.payload) == 'table' and decoded.payload.status or false
+  end
+  return publish_stored(P, id, action, rooms, except, progress)
 end
 
 local function publish_fn(keys, args)
@@ -403,7 +395,7 @@ local function publish(P, key, id, owner, json, status)
   local v = int(redis.call('HINCRBY', key, 'v', '1'))
   local rooms = { 'task:' .. id }
   if owner ~= '' then rooms[2] = 'user:' .. owner end
-  publish_stored(P, 'task/' .. id .. '/' .. v, action, rooms, nil, nil, status)
+  publish_stored(P, 'task/' .. id .. '/' .. v, action, rooms, nil, status)
 end
 
 -- Creates the stream and its group when the stream does not exist (a fresh queue, or Redis
@@ -1015,40 +1007,50 @@ end
 
 -- The library's version: patchbay loads it only over an older one. Raise it (and
 -- FUNCTIONS_VERSION in mod.rs) with every change.
-local function version() return 8 end
+local function version() return 9 end
 
--- Every entry point: the time read by the previous call is forgotten.
-local function entry(fn)
-  return function(keys, args)
-    call_ms = nil
-    return fn(keys, args)
-  end
+-- Every entry point, with its flag when it only reads. Each is registered wrapped: the time
+-- read by the previous call is forgotten.
+local ENTRY_POINTS = {
+  { 'patchbay_enqueue', enqueue },
+  { 'patchbay_start', start },
+  { 'patchbay_renew', renew },
+  { 'patchbay_progress', progress },
+  { 'patchbay_succeed', succeed },
+  { 'patchbay_fail', fail },
+  { 'patchbay_handback', handback },
+  { 'patchbay_get', get, 'no-writes' },
+  { 'patchbay_cancel', cancel },
+  { 'patchbay_list', list, 'no-writes' },
+  { 'patchbay_promote', promote },
+  { 'patchbay_reap', reap },
+  { 'patchbay_reclaim', reclaim },
+  { 'patchbay_sweep', sweep },
+  { 'patchbay_trim', trim },
+  { 'patchbay_retire', retire },
+  { 'patchbay_stats', stats, 'no-writes' },
+  { 'patchbay_version', version },
+  { 'patchbay_publish', publish_fn },
+  { 'patchbay_publish_except', publish_except_fn },
+  { 'patchbay_read', read_fn },
+  { 'patchbay_presence_join', presence_join },
+  { 'patchbay_presence_leave', presence_leave },
+  { 'patchbay_presence_set', presence_set },
+  { 'patchbay_presence_get', presence_get, 'no-writes' },
+  { 'patchbay_presence_renew', presence_renew },
+  { 'patchbay_presence_sweep', presence_sweep },
+}
+
+-- (At load time only `redis` is there: no `ipairs`.)
+for i = 1, #ENTRY_POINTS do
+  local e = ENTRY_POINTS[i]
+  local fn = e[2]
+  redis.register_function{
+    function_name = e[1],
+    callback = function(keys, args)
+      call_ms = nil
+      return fn(keys, args)
+    end,
+    flags = e[3] and { e[3] } or {},
+  }
 end
-
-redis.register_function('patchbay_enqueue', entry(enqueue))
-redis.register_function('patchbay_start', entry(start))
-redis.register_function('patchbay_renew', entry(renew))
-redis.register_function('patchbay_progress', entry(progress))
-redis.register_function('patchbay_succeed', entry(succeed))
-redis.register_function('patchbay_fail', entry(fail))
-redis.register_function('patchbay_handback', entry(handback))
-redis.register_function{ function_name = 'patchbay_get', callback = entry(get), flags = { 'no-writes' } }
-redis.register_function('patchbay_cancel', entry(cancel))
-redis.register_function{ function_name = 'patchbay_list', callback = entry(list), flags = { 'no-writes' } }
-redis.register_function('patchbay_promote', entry(promote))
-redis.register_function('patchbay_reap', entry(reap))
-redis.register_function('patchbay_reclaim', entry(reclaim))
-redis.register_function('patchbay_sweep', entry(sweep))
-redis.register_function('patchbay_trim', entry(trim))
-redis.register_function('patchbay_retire', entry(retire))
-redis.register_function{ function_name = 'patchbay_stats', callback = entry(stats), flags = { 'no-writes' } }
-redis.register_function('patchbay_version', entry(version))
-redis.register_function('patchbay_publish', entry(publish_fn))
-redis.register_function('patchbay_publish_except', entry(publish_except_fn))
-redis.register_function('patchbay_read', entry(read_fn))
-redis.register_function('patchbay_presence_join', entry(presence_join))
-redis.register_function('patchbay_presence_leave', entry(presence_leave))
-redis.register_function('patchbay_presence_set', entry(presence_set))
-redis.register_function{ function_name = 'patchbay_presence_get', callback = entry(presence_get), flags = { 'no-writes' } }
-redis.register_function('patchbay_presence_renew', entry(presence_renew))
-redis.register_function('patchbay_presence_sweep', entry(presence_sweep))

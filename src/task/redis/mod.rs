@@ -29,7 +29,7 @@ use crate::bus::{Commands, RedisTarget, connection_config};
 /// The function library, loaded by patchbay at start-up and whenever Redis has lost it.
 pub const FUNCTIONS: &str = include_str!("functions.lua");
 /// The version `patchbay_version` returns; raise it with every change of [`FUNCTIONS`].
-const FUNCTIONS_VERSION: i64 = 8;
+const FUNCTIONS_VERSION: i64 = 9;
 /// The consumer group every worker reads a queue's stream through.
 pub const GROUP: &str = "workers";
 
